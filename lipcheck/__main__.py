@@ -1,0 +1,5 @@
+"""``python -m lipcheck``."""
+
+from lipcheck.cli import main
+
+main()

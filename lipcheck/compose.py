@@ -1,0 +1,149 @@
+"""Composition: walk the graph like an interpreter, carrying Lipschitz constants instead of tensors.
+
+Every value gets L(value) = a bound on its Lipschitz constant as a function of the network's inputs
+(taken together). Network inputs have L = 1, constants L = 0; a node's outputs get what its rule
+says (AutoLip, Virmaux & Scaman 2018). The network bound is sqrt(sum of L^2) over its outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from lipcheck.errors import UnsupportedOpsError
+from lipcheck.graph import Graph, Node, Shape
+from lipcheck.rules import LocalBound, RuleContext, UnsupportedVariant, get_rule
+
+
+@dataclass
+class LayerResult:
+    """One node's line in the report."""
+
+    name: str
+    op: str
+    input_shape: Shape | None  # of the first input that depends on the network input
+    output_shape: Shape | None
+    lipschitz: float  # the local constant (inf when not globally Lipschitz)
+    method: str
+    certified: bool
+    exact: bool
+    running: float  # L of the node's output w.r.t. the network input
+    folded: list[str] = field(default_factory=list)
+    reason: str | None = None
+    assumed: bool = False
+
+
+@dataclass
+class UnboundedReason:
+    node: str
+    op: str
+    reason: str
+
+
+@dataclass
+class Composition:
+    upper_bound: float | None  # None when some node is not globally Lipschitz
+    layers: list[LayerResult]
+    unbounded: list[UnboundedReason]
+    assumptions: dict[str, float]
+
+    @property
+    def bounded(self) -> bool:
+        return self.upper_bound is not None
+
+    @property
+    def certified(self) -> bool:
+        return self.bounded and all(layer.certified for layer in self.layers)
+
+
+def compose(
+    graph: Graph,
+    assume: dict[str, float] | None = None,
+    device: torch.device | str = "cpu",
+) -> Composition:
+    """Bound every node and the whole network. Raises UnsupportedOpsError listing all unknown ops."""
+    assume = dict(assume or {})
+    device = torch.device(device)
+    lipschitz: dict[str, float] = {name: 1.0 for name in graph.inputs}
+    missing: dict[str, list[str]] = {}
+    layers: list[LayerResult] = []
+    reasons: list[UnboundedReason] = []
+    used_assumptions: dict[str, float] = {}
+    for node in graph.nodes:
+        inputs_l = [lipschitz.get(v, 0.0) if v else 0.0 for v in node.inputs]
+        if all(value == 0.0 for value in inputs_l):
+            for out in node.outputs:
+                lipschitz[out] = 0.0  # depends on weights only
+            continue
+        local = _bound_node(node, graph, inputs_l, device, assume, missing)
+        if local is None:
+            for out in node.outputs:
+                lipschitz[out] = math.inf
+            continue
+        if node.op in assume:
+            used_assumptions[node.op] = assume[node.op]
+        if local.output_lipschitz is not None:
+            out_l = local.output_lipschitz
+        else:
+            # the local constant is w.r.t. the variable inputs taken together
+            variables = [value for value in inputs_l if value > 0]
+            together = variables[0] if len(variables) == 1 else math.sqrt(sum(v * v for v in variables))
+            out_l = local.value * together
+        if not local.bounded:
+            out_l = math.inf
+            reasons.append(UnboundedReason(node.name, node.op, local.reason or local.method))
+        if math.isnan(out_l):  # 0 * inf: an unbounded op on a constant-scaled-to-zero branch
+            out_l = math.inf
+        for out in node.outputs:
+            if out:
+                lipschitz[out] = out_l
+        first_variable = next(v for v, lip in zip(node.inputs, inputs_l, strict=True) if lip > 0)
+        layers.append(
+            LayerResult(
+                name=node.name,
+                op=str(node.attrs.get("activation", node.op)) if node.op == "Recognised" else node.op,
+                input_shape=graph.shape(first_variable),
+                output_shape=graph.shape(node.outputs[0]) if node.outputs else None,
+                lipschitz=local.value,
+                method=local.method,
+                certified=local.certified,
+                exact=local.exact,
+                running=out_l,
+                folded=list(node.folded),
+                reason=local.reason,
+                assumed=node.op in assume,
+            )
+        )
+    if missing:
+        raise UnsupportedOpsError(missing)
+    outputs_l = [lipschitz.get(o, 0.0) for o in graph.outputs]
+    total = math.sqrt(sum(v * v for v in outputs_l)) if len(outputs_l) > 1 else (outputs_l[0] if outputs_l else 0.0)
+    return Composition(
+        upper_bound=None if reasons or not math.isfinite(total) else total,
+        layers=layers,
+        unbounded=reasons,
+        assumptions=used_assumptions,
+    )
+
+
+def _bound_node(
+    node: Node,
+    graph: Graph,
+    inputs_l: list[float],
+    device: torch.device,
+    assume: dict[str, float],
+    missing: dict[str, list[str]],
+) -> LocalBound | None:
+    if node.op in assume:
+        return LocalBound(assume[node.op], "assumed (--assume)", certified=False)
+    registered = get_rule(node.op)
+    if registered is None:
+        missing.setdefault(node.op, []).append(node.name)
+        return None
+    try:
+        return registered.function(RuleContext(node, graph, inputs_l, device))
+    except UnsupportedVariant as exc:
+        missing.setdefault(exc.label, []).append(node.name)
+        return None

@@ -1,0 +1,29 @@
+"""Errors lipcheck reports to users: one line each, exit code 2 from the CLI."""
+
+from __future__ import annotations
+
+
+class LipcheckError(Exception):
+    """Base class: the message is a complete, one-line explanation for the user."""
+
+
+class ModelLoadError(LipcheckError):
+    """The file is missing, unreadable, or not a model lipcheck can read."""
+
+
+class InputShapeError(LipcheckError):
+    """``--input-shape`` is malformed or does not fit the model."""
+
+
+class UnsupportedOpsError(LipcheckError):
+    """The graph holds ops without a rule; all of them are listed at once."""
+
+    def __init__(self, ops: dict[str, list[str]]):
+        self.ops = ops  # op type -> node names
+        listed = "; ".join(
+            f"{op} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" for op, names in sorted(ops.items())
+        )
+        super().__init__(
+            f"no Lipschitz rule for {len(ops)} op type(s): {listed}. "
+            "Supply a constant with --assume OP=VALUE if you know one (it is reported as an assumption)."
+        )

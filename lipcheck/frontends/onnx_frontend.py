@@ -1,0 +1,407 @@
+"""ONNX frontend: ModelProto -> lipcheck Graph.
+
+Done once here so rules stay short: local functions are inlined, subgraphs that depend only on
+weights are folded to constants (weights behind Transpose, Reshape, Cast, DequantizeLinear, Constant
+nodes...), attribute defaults are filled from the operator schema, attributes that became inputs in
+later opsets are turned back into attributes, and shapes come from ONNX shape inference after the
+input shapes are fixed (batch axis set to 1 unless the user says otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference
+
+from lipcheck.errors import InputShapeError, ModelLoadError
+from lipcheck.graph import Graph, Node, Shape, unique_name
+
+# Ops whose output never depends on the values of their inputs (only on shapes or on nothing).
+VALUE_INDEPENDENT_OPS = {"Shape", "Size", "ConstantOfShape", "EyeLike", "RandomNormalLike", "RandomUniformLike"}
+# Ops that are never folded even when all inputs are constant (random, or not reproducible).
+NEVER_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def load_onnx_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Read an ONNX file (with external data next to it), with one-line errors for bad files."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory, expected an .onnx file")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelLoadError(f"{path}: file is empty")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, and others on truncated files
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({_short(exc)})") from None
+    if not model.graph.node and not model.graph.output:
+        raise ModelLoadError(f"{path}: not an ONNX model (no graph found in {size} bytes)")
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except FileNotFoundError as exc:
+        raise ModelLoadError(
+            f"{path}: external data file missing ({_short(exc)}); keep it next to the model"
+        ) from None
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot read external data ({_short(exc)})") from None
+    return model
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def parse_input_shapes(specs: Sequence[str], input_names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """``["1,3,32,32"]`` or ``["input=1,3,32,32", "mask=1,8"]`` -> {name: shape}."""
+    result: dict[str, tuple[int, ...]] = {}
+    for i, spec in enumerate(specs):
+        name, _, dims = spec.rpartition("=")
+        if not name:
+            if i >= len(input_names):
+                raise InputShapeError(f"--input-shape {spec!r}: the model has only {len(input_names)} input(s)")
+            name = input_names[i]
+        elif name not in input_names:
+            raise InputShapeError(f"--input-shape {spec!r}: no input named {name!r} (inputs: {', '.join(input_names)})")
+        try:
+            shape = tuple(int(d) for d in dims.replace("x", ",").split(","))
+        except ValueError:
+            raise InputShapeError(f"--input-shape {spec!r}: expected comma-separated integers like 1,3,224,224") from None
+        if any(d <= 0 for d in shape):
+            raise InputShapeError(f"--input-shape {spec!r}: dimensions must be positive")
+        result[name] = shape
+    return result
+
+
+def _fix_input_shapes(model: onnx.ModelProto, inputs: list[onnx.ValueInfoProto], given: dict[str, tuple[int, ...]]) -> dict[str, Shape]:
+    """Write fixed input shapes into the model; returns the shape used for each input."""
+    used: dict[str, Shape] = {}
+    for value in inputs:
+        tensor_type = value.type.tensor_type
+        dims = list(tensor_type.shape.dim) if tensor_type.HasField("shape") else []
+        if value.name in given:
+            shape = given[value.name]
+            if dims and len(dims) != len(shape):
+                raise InputShapeError(
+                    f"--input-shape for {value.name!r} has {len(shape)} dims, the model's input has {len(dims)}"
+                )
+            for dim, wanted in zip(dims, shape, strict=False):
+                if dim.HasField("dim_value") and dim.dim_value not in (0, wanted):
+                    raise InputShapeError(
+                        f"--input-shape for {value.name!r}: dimension {dim.dim_value} of the model cannot be {wanted}"
+                    )
+            del tensor_type.shape.dim[:]
+            for d in shape:
+                tensor_type.shape.dim.add().dim_value = d
+            used[value.name] = tuple(shape)
+            continue
+        shape_list: list[int | None] = []
+        for axis, dim in enumerate(dims):
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                shape_list.append(dim.dim_value)
+            elif axis == 0:  # the batch axis: samples do not interact, so 1 gives the same constant
+                dim.Clear()
+                dim.dim_value = 1
+                shape_list.append(1)
+            else:
+                shape_list.append(None)
+        used[value.name] = tuple(shape_list)
+    return used
+
+
+def _shape_of(value: onnx.ValueInfoProto) -> Shape | None:
+    tensor_type = value.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor_type.shape.dim)
+
+
+def _schema_defaults(op: str, domain: str, opset: int) -> dict[str, Any]:
+    try:
+        schema = onnx.defs.get_schema(op, opset, domain)
+    except Exception:
+        return {}
+    defaults = {}
+    for name, attr in schema.attributes.items():
+        if attr.default_value.name:
+            defaults[name] = _decode(helper.get_attribute_value(attr.default_value))
+    return defaults
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, onnx.TensorProto):
+        return numpy_helper.to_array(value)
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+class _Folder:
+    """Evaluates nodes whose inputs are all known, with the ONNX reference implementation."""
+
+    def __init__(self, opsets: dict[str, int]):
+        self.opsets = opsets
+
+    def run(self, node: onnx.NodeProto, values: list[np.ndarray | None]) -> list[np.ndarray] | None:
+        from onnx.reference import ReferenceEvaluator
+
+        inputs = []
+        feeds = {}
+        for name, value in zip(node.input, values, strict=True):
+            if not name:
+                continue
+            assert value is not None
+            inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape))
+            feeds[name] = value
+        outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output if o]
+        graph = helper.make_graph([node], "fold", inputs, outputs)
+        opset_imports = [helper.make_opsetid(domain, version) for domain, version in self.opsets.items()]
+        model = helper.make_model(graph, opset_imports=opset_imports)
+        try:
+            results = ReferenceEvaluator(model).run(None, feeds)
+        except Exception:
+            return None
+        return [np.asarray(r) for r in results]
+
+
+def onnx_to_graph(model: onnx.ModelProto, input_shapes: Sequence[str] = (), name: str = "") -> Graph:
+    """Convert a loaded ONNX model to lipcheck's Graph (see module docstring)."""
+    try:
+        model = onnx.inliner.inline_local_functions(model)
+    except Exception:
+        pass
+    opsets = {op.domain or "": op.version for op in model.opset_import}
+    opset = opsets.get("", opsets.get("ai.onnx", 21))
+    g = model.graph
+    constants: dict[str, np.ndarray] = {}
+    for init in g.initializer:
+        try:
+            constants[init.name] = numpy_helper.to_array(init)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot read initializer {init.name!r} ({_short(exc)})") from None
+    for sparse in g.sparse_initializer:
+        constants[sparse.values.name] = _sparse_to_dense(sparse)
+    inputs = [v for v in g.input if v.name not in constants]
+    input_names = [v.name for v in inputs]
+    given = parse_input_shapes(list(input_shapes), input_names)
+    _fix_input_shapes(model, list(inputs), given)
+
+    shapes: dict[str, Shape] = {}
+    try:
+        inferred = shape_inference.infer_shapes(_without_weights(model), data_prop=True)
+        for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+            shape = _shape_of(value)
+            if shape is not None:
+                shapes[value.name] = shape
+    except Exception:
+        for value in [*g.input, *g.output, *g.value_info]:
+            shape = _shape_of(value)
+            if shape is not None:
+                shapes[value.name] = shape
+    for name_, shape in ((v.name, _shape_of(v)) for v in inputs):
+        if shape is not None:
+            shapes[name_] = shape
+
+    folder = _Folder(opsets)
+    nodes: list[Node] = []
+    taken: set[str] = set()
+    for proto in _topological(g):
+        domain = proto.domain if proto.domain not in ("", "ai.onnx") else ""
+        op = proto.op_type if not domain else f"{domain}:{proto.op_type}"
+        attrs = _schema_defaults(proto.op_type, domain, opsets.get(domain, opset))
+        for attr in proto.attribute:
+            attrs[attr.name] = _decode(helper.get_attribute_value(attr))
+        known = [constants.get(i) if i else None for i in proto.input]
+        if _foldable(proto, known):
+            folded = _fold_constant(proto, attrs, known, folder)
+            if folded is not None:
+                for out, value in zip(proto.output, folded, strict=False):
+                    if out:
+                        constants[out] = value
+                continue
+        if op == "Shape" or op == "Size":
+            value = _shape_value(op, attrs, shapes.get(proto.input[0]))
+            if value is not None:
+                constants[proto.output[0]] = value
+                continue
+        node_name = unique_name(taken, proto.name or proto.output[0] or op)
+        taken.add(node_name)
+        node = Node(node_name, op, list(proto.input), list(proto.output), attrs)
+        _normalise(node, opset, constants, shapes)
+        nodes.append(node)
+    graph = Graph(
+        nodes=nodes,
+        inputs=input_names,
+        outputs=[o.name for o in g.output],
+        constants=constants,
+        shapes=shapes,
+        name=name or g.name,
+    )
+    graph.prune()
+    used = {v for node in graph.nodes for v in node.inputs} | set(graph.outputs)
+    graph.constants = {k: v for k, v in constants.items() if k in used}
+    return graph
+
+
+def _sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
+    values = numpy_helper.to_array(sparse.values)
+    indices = numpy_helper.to_array(sparse.indices)
+    dense = np.zeros(tuple(sparse.dims), dtype=values.dtype)
+    flat = dense.reshape(-1)
+    if indices.ndim == 2:
+        indices = np.ravel_multi_index(tuple(indices.T), dense.shape)
+    flat[indices] = values
+    return dense
+
+
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference needs initializers' shapes, not their bytes: keep large ones out (2 GiB limit)."""
+    if model.ByteSize() < 1_500_000_000:
+        return model
+    slim = onnx.ModelProto()
+    slim.CopyFrom(model)
+    kept = []
+    for init in slim.graph.initializer:
+        if math.prod(init.dims) > 64:
+            slim.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            kept.append(init)
+    del slim.graph.initializer[:]
+    slim.graph.initializer.extend(kept)
+    return slim
+
+
+def _topological(g: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """ONNX requires topological order, but not every writer obeys; sort defensively."""
+    available = {v.name for v in g.input} | {i.name for i in g.initializer} | {""}
+    available |= {s.values.name for s in g.sparse_initializer}
+    pending = list(g.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        progress = []
+        rest = []
+        for node in pending:
+            (progress if all(i in available for i in node.input) else rest).append(node)
+        if not progress:  # a cycle or a dangling input: keep the file's order for the rest
+            ordered.extend(rest)
+            break
+        for node in progress:
+            available.update(node.output)
+        ordered.extend(progress)
+        pending = rest
+    return ordered
+
+
+def _foldable(proto: onnx.NodeProto, known: list[np.ndarray | None]) -> bool:
+    if proto.op_type in NEVER_FOLD or proto.op_type in ("If", "Loop", "Scan"):
+        return False
+    return all(k is not None for k, name in zip(known, proto.input, strict=True) if name)
+
+
+def _fold_constant(proto, attrs, known, folder: _Folder) -> list[np.ndarray] | None:
+    if proto.op_type == "Constant" and not proto.input:
+        for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
+            if key in attrs:
+                return [np.asarray(attrs[key])]
+    if proto.op_type in ("Identity", "Dropout") and known[0] is not None:
+        return [known[0]]
+    return folder.run(proto, known)
+
+
+def _shape_value(op: str, attrs: dict[str, Any], shape: Shape | None) -> np.ndarray | None:
+    if shape is None or any(d is None for d in shape):
+        return None
+    if op == "Size":
+        return np.asarray(math.prod(shape), dtype=np.int64)
+    start = attrs.get("start", 0) or 0
+    end = attrs.get("end")
+    return np.asarray(shape[start:end], dtype=np.int64)
+
+
+def _const_list(constants: dict[str, np.ndarray], node: Node, index: int) -> list | None:
+    if len(node.inputs) > index and node.inputs[index] and node.inputs[index] in constants:
+        return np.asarray(constants[node.inputs[index]]).reshape(-1).tolist()
+    return None
+
+
+def _normalise(node: Node, opset: int, constants: dict[str, np.ndarray], shapes: dict[str, Shape]) -> None:
+    """Fill op-specific attributes so rules never look at opsets (see module docstring)."""
+    op, a = node.op, node.attrs
+    in_shape = shapes.get(node.inputs[0]) if node.inputs and node.inputs[0] else None
+    if op in ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool"):
+        if op in ("Conv", "ConvTranspose"):
+            w = constants.get(node.inputs[1]) if len(node.inputs) > 1 else None
+            if not a.get("kernel_shape") and w is not None:
+                a["kernel_shape"] = list(w.shape[2:])
+        k = list(a.get("kernel_shape") or [])
+        d = len(k) if k else (len(in_shape) - 2 if in_shape else 0)
+        a["strides"] = list(a.get("strides") or [1] * d)
+        a["dilations"] = list(a.get("dilations") or [1] * d)
+        a["group"] = int(a.get("group", 1) or 1)
+        pads = list(a.get("pads") or [0] * (2 * d))
+        auto_pad = a.get("auto_pad", "NOTSET") or "NOTSET"
+        spatial = in_shape[2:] if in_shape and len(in_shape) == d + 2 else None
+        if auto_pad == "VALID":
+            pads = [0] * (2 * d)
+        elif auto_pad in ("SAME_UPPER", "SAME_LOWER") and op != "ConvTranspose":
+            if spatial is None or any(n is None for n in spatial):
+                pads = None  # unknown until the input size is known
+            else:
+                pads = [0] * (2 * d)
+                for i, (n, s, kk, dl) in enumerate(zip(spatial, a["strides"], k, a["dilations"], strict=True)):
+                    total = max((math.ceil(n / s) - 1) * s + (kk - 1) * dl + 1 - n, 0)
+                    small, large = total // 2, total - total // 2
+                    pads[i], pads[i + d] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
+        a["pads"] = pads
+        a["spatial_dims"] = d
+    elif op in ("Softmax", "LogSoftmax", "Hardmax"):
+        if "axis" not in a or a["axis"] is None:
+            a["axis"] = -1 if opset >= 13 else 1
+        a["coerce_2d"] = opset < 13
+    elif op == "Pad":
+        pads = _const_list(constants, node, 1) if opset >= 11 else a.get("pads")
+        a["pads"] = pads
+        axes = _const_list(constants, node, 3)
+        if axes is not None and pads is not None and in_shape is not None:
+            full = [0] * (2 * len(in_shape))
+            rank = len(in_shape)
+            for j, axis in enumerate(axes):
+                axis = axis % rank
+                full[axis], full[axis + rank] = pads[j], pads[j + len(axes)]
+            a["pads"] = full
+        a["mode"] = a.get("mode", "constant") or "constant"
+    elif op in ("Resize", "Upsample"):
+        scales = None
+        if op == "Upsample" and opset < 9:
+            scales = a.get("scales")
+        else:
+            idx = 1 if op == "Upsample" else (2 if opset >= 11 else 1)
+            scales = _const_list(constants, node, idx)
+            if not scales and op == "Resize" and opset >= 11:
+                sizes = _const_list(constants, node, 3)
+                out_shape = shapes.get(node.outputs[0])
+                if sizes and in_shape and len(sizes) == len(in_shape) and all(in_shape):
+                    scales = [s / n for s, n in zip(sizes, in_shape, strict=True)]
+                elif out_shape and in_shape and all(out_shape) and all(in_shape):
+                    scales = [o / n for o, n in zip(out_shape, in_shape, strict=True)]
+        node.op = "Resize"
+        a["scales"] = scales
+        a["mode"] = a.get("mode", "nearest") or "nearest"
+    elif op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2"):
+        if "axes" not in a or a.get("axes") is None:
+            axes = _const_list(constants, node, 1)
+            a["axes"] = axes
+        a["keepdims"] = int(a.get("keepdims", 1))
+        a["noop_with_empty_axes"] = int(a.get("noop_with_empty_axes", 0) or 0)
+    elif op == "BatchNormalization" and int(a.get("training_mode", 0) or 0):
+        a["training_mode"] = 1

@@ -1,0 +1,95 @@
+"""Presentation of a Report: the Rich table with its verdict line, and JSON text."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from lipcheck.graph import Shape
+from lipcheck.report import Report
+
+
+def format_number(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "unbounded"
+    return f"{value:.6g}"
+
+
+def format_shape(shape: Shape | None) -> str:
+    if shape is None:
+        return "?"
+    return "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def verdict(report: Report) -> Text:
+    if not report.bounded:
+        names = ", ".join(f"{r.node} ({r.op}: {r.reason})" for r in report.unbounded_reasons)
+        return Text.assemble(("Not globally Lipschitz", "bold red"), f": {names}")
+    text = Text.assemble(
+        (
+            "Certified upper bound" if report.certified else "Upper bound",
+            "bold green" if report.certified else "bold yellow",
+        ),
+        " on the l2 Lipschitz constant: ",
+        (format_number(report.upper_bound), "bold"),
+    )
+    if report.assumptions:
+        listed = ", ".join(f"{op}={value:g}" for op, value in report.assumptions.items())
+        text.append(f" (not certified: assumes {listed})", style="yellow")
+    return text
+
+
+def build_table(report: Report) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("layer", overflow="fold")
+    table.add_column("op")
+    table.add_column("in -> out")
+    table.add_column("local L", justify="right")
+    table.add_column("method", overflow="fold")
+    table.add_column("cert.", justify="center")
+    table.add_column("running L", justify="right")
+    for i, layer in enumerate(report.layers, 1):
+        if layer.assumed:
+            cert = Text("assumed", style="yellow")
+        elif not math.isfinite(layer.lipschitz):
+            cert = Text("-", style="red")
+        else:
+            cert = Text("exact" if layer.exact else "yes", style="green")
+        table.add_row(
+            str(i),
+            layer.name,
+            layer.op,
+            f"{format_shape(layer.input_shape)} -> {format_shape(layer.output_shape)}",
+            format_number(layer.lipschitz),
+            layer.method if not layer.reason else layer.reason,
+            cert,
+            format_number(layer.running),
+        )
+    return table
+
+
+def print_report(report: Report, console: Console) -> None:
+    shapes = ", ".join(f"{name} {format_shape(shape)}" for name, shape in report.input_shapes.items())
+    console.print(
+        Text.assemble(("lipcheck report ", "bold"), report.model, f"  (input: {shapes}; device: {report.device})")
+    )
+    console.print(build_table(report))
+    console.print(verdict(report))
+
+
+def report_as_text(report: Report, width: int = 160) -> str:
+    """The table and verdict as plain text (for --output files)."""
+    buffer = io.StringIO()
+    print_report(report, Console(file=buffer, width=width, no_color=True, color_system=None, highlight=False))
+    return buffer.getvalue()
+
+
+def report_as_json(report: Report) -> str:
+    return json.dumps(report.to_dict(), indent=2) + "\n"

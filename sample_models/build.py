@@ -1,0 +1,399 @@
+"""Build the small sample ONNX models used by lipcheck's tests and examples.
+
+Run ``python sample_models/build.py`` from anywhere; every file is (re)written
+next to this script. Weights come from ``torch.manual_seed`` and the build is
+deterministic: running it twice yields byte-identical files (the script checks
+its own outputs against the torch modules and with ``onnx.checker``).
+
+Models (all in eval mode, input "input", output "output", dim 0 = "batch"):
+
+* mlp.onnx            Linear-ReLU-Linear-Tanh-Linear, TorchScript exporter, opset 17
+* cnn_bn.onnx         Conv/BN/ReLU/MaxPool/Conv/BN/SiLU/grouped Conv/ReLU/GAP/Linear,
+                      TorchScript exporter, opset 13 (SiLU -> Sigmoid + Mul)
+* resnet_small.onnx   stem + 2 basic blocks (identity, then stride-2 projection),
+                      inception-style concat, exact (erf) GELU, GAP, Linear;
+                      TorchScript exporter, opset 17
+* gated.onnx          LayerNorm -> a * sigmoid(b) -> Linear on [batch, 8, 16];
+                      TorchScript exporter, opset 17 (not globally Lipschitz)
+* mlp_dynamo.onnx     network of mlp.onnx, dynamo exporter, opset 18
+* cnn_dynamo.onnx     network of cnn_bn.onnx, dynamo exporter, opset 18
+* cnn_external.onnx   cnn_bn.onnx with every initializer in cnn_external.onnx.data
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+OUT_DIR = Path(__file__).resolve().parent
+SEED = 1234
+ATOL = 1e-5
+RTOL = 1e-5
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _randomize_norms(module: nn.Module, gen: torch.Generator) -> None:
+    """Give BatchNorm / LayerNorm layers non-trivial seeded statistics and affine params."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(0.5 * torch.randn(c, generator=gen))
+                m.running_var.copy_(0.25 + 1.5 * torch.rand(c, generator=gen))
+                m.weight.copy_(1.0 + 0.5 * torch.randn(c, generator=gen))
+                m.bias.copy_(0.2 * torch.randn(c, generator=gen))
+            elif isinstance(m, nn.LayerNorm):
+                shape = m.normalized_shape
+                m.weight.copy_(1.0 + 0.3 * torch.randn(shape, generator=gen))
+                m.bias.copy_(0.1 * torch.randn(shape, generator=gen))
+
+
+def make_mlp() -> nn.Module:
+    torch.manual_seed(SEED + 1)
+    return nn.Sequential(
+        nn.Linear(16, 32),
+        nn.ReLU(),
+        nn.Linear(32, 32),
+        nn.Tanh(),
+        nn.Linear(32, 10),
+    ).eval()
+
+
+def make_cnn_bn() -> nn.Module:
+    torch.manual_seed(SEED + 2)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.BatchNorm2d(16),
+        nn.SiLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+    gen = torch.Generator().manual_seed(SEED + 102)
+    _randomize_norms(model, gen)
+    return model.eval()
+
+
+class BasicBlock(nn.Module):
+    """conv-bn-relu-conv-bn + shortcut (identity, or 1x1 conv + BN projection), then ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        if stride != 1 or cin != cout:
+            self.shortcut: nn.Module = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(cout),
+            )
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return self.relu(y + self.shortcut(x))
+
+
+class ResNetSmall(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+        )
+        self.block1 = BasicBlock(8, 8, stride=1)
+        self.block2 = BasicBlock(8, 16, stride=2)
+        # Inception-like part: two branches concatenated on channels.
+        self.branch1x1 = nn.Conv2d(16, 8, 1)
+        self.branch3x3 = nn.Conv2d(16, 8, 3, padding=1)
+        self.gelu = nn.GELU()  # exact (erf) GELU
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.block1(x)
+        x = self.block2(x)
+        x = torch.cat([self.branch1x1(x), self.branch3x3(x)], dim=1)
+        x = self.gelu(x)
+        x = self.pool(x)
+        x = torch.flatten(x, 1)
+        return self.fc(x)
+
+
+def make_resnet_small() -> nn.Module:
+    torch.manual_seed(SEED + 3)
+    model = ResNetSmall()
+    gen = torch.Generator().manual_seed(SEED + 103)
+    _randomize_norms(model, gen)
+    return model.eval()
+
+
+class Gated(nn.Module):
+    """LayerNorm -> a * sigmoid(b) (a, b both linear in x) -> Linear. Not globally Lipschitz."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.lin_a = nn.Linear(16, 16)
+        self.lin_b = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        a = self.lin_a(x)
+        b = self.lin_b(x)
+        return self.out(a * torch.sigmoid(b))
+
+
+def make_gated() -> nn.Module:
+    torch.manual_seed(SEED + 4)
+    model = Gated()
+    gen = torch.Generator().manual_seed(SEED + 104)
+    _randomize_norms(model, gen)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- export
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence exporter progress prints, warnings and log chatter."""
+    buf_out, buf_err = io.StringIO(), io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch", "torch.onnx", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with contextlib.redirect_stdout(buf_out), contextlib.redirect_stderr(buf_err):
+                yield
+    except BaseException:
+        sys.stdout.write(buf_out.getvalue())
+        sys.stderr.write(buf_err.getvalue())
+        raise
+    finally:
+        for lg, lvl in zip(loggers, levels, strict=True):
+            lg.setLevel(lvl)
+
+
+def _normalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Strip fields that may vary between runs or machines (doc strings, metadata)."""
+    model.doc_string = ""
+    del model.metadata_props[:]
+    model.graph.doc_string = ""
+
+    def clean_graph(g: onnx.GraphProto) -> None:
+        g.doc_string = ""
+        for node in g.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    clean_graph(attr.g)
+                for sub in attr.graphs:
+                    clean_graph(sub)
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            vi.doc_string = ""
+            del vi.metadata_props[:]
+        for init in g.initializer:
+            init.doc_string = ""
+            del init.metadata_props[:]
+        del g.metadata_props[:]
+
+    clean_graph(model.graph)
+    for fn in model.functions:
+        fn.doc_string = ""
+        del fn.metadata_props[:]
+        for node in fn.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+    return model
+
+
+def export_torchscript(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+    # training=PRESERVE (the modules are in eval mode, so BN is exported in inference form):
+    # with the default TrainingMode.EVAL the exporter's eval peephole pass folds every
+    # BatchNorm into the preceding Conv, and no BatchNormalization node would be left.
+    assert not model.training
+    buf = io.BytesIO()
+    with _quiet(), torch.no_grad():
+        torch.onnx.export(
+            model,
+            (example,),
+            buf,
+            dynamo=False,
+            opset_version=opset,
+            training=torch.onnx.TrainingMode.PRESERVE,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            do_constant_folding=True,
+        )
+    return _normalize(onnx.load_from_string(buf.getvalue()))
+
+
+def export_dynamo(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+    # Default optimize=True, as users get it: the onnxscript optimizer folds BatchNorm into
+    # Conv and removes the shape arithmetic around flatten (optimize=False keeps
+    # BatchNormalization plus Shape/Concat/Reshape/Squeeze nodes).
+    # The example batch is 2, not 1, so torch.export does not specialise the batch dim.
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with _quiet(), torch.no_grad():
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_shapes=({0: batch},),
+            optimize=True,
+            verbose=False,
+        )
+    assert program is not None
+    return _normalize(program.model_proto)
+
+
+def save(model: onnx.ModelProto, name: str, external: bool = False) -> list[Path]:
+    path = OUT_DIR / name
+    if external:
+        data_name = name + ".data"
+        data_path = OUT_DIR / data_name
+        if data_path.exists():
+            data_path.unlink()  # onnx appends to an existing data file
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=0,
+            convert_attribute=False,
+        )
+        os.chmod(data_path, 0o644)  # onnx creates it 0600
+        return [path, data_path]
+    onnx.save_model(model, str(path))
+    return [path]
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _fixed_input(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen)
+
+
+def verify(path: Path, model: nn.Module, feature_shape: tuple[int, ...]) -> float:
+    """Check the file with onnx.checker and compare ORT to torch at batch 1 and 3.
+
+    Returns the largest absolute difference seen.
+    """
+    import onnxruntime as ort
+
+    onnx.checker.check_model(str(path), full_check=True)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input"], path
+    assert [o.name for o in sess.get_outputs()] == ["output"], path
+    worst = 0.0
+    for batch in (1, 3):
+        x = _fixed_input((batch, *feature_shape), seed=SEED + 1000 + batch)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = sess.run(["output"], {"input": x.numpy()})[0]
+        if got.shape != ref.shape or not np.allclose(got, ref, atol=ATOL, rtol=RTOL):
+            err = float(np.max(np.abs(got - ref))) if got.shape == ref.shape else float("nan")
+            raise AssertionError(f"{path.name}: batch {batch} mismatch (max abs err {err})")
+        worst = max(worst, float(np.max(np.abs(got - ref))))
+    return worst
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build() -> dict[str, tuple[str, float | None]]:
+    """Export, save and verify every model; map file name -> (sha256, max ORT-vs-torch error)."""
+    torch.use_deterministic_algorithms(True)
+    mlp = make_mlp()
+    cnn = make_cnn_bn()
+    resnet = make_resnet_small()
+    gated = make_gated()
+
+    x_vec = _fixed_input((2, 16), SEED + 11)
+    x_img = _fixed_input((2, 3, 16, 16), SEED + 12)
+    x_seq = _fixed_input((2, 8, 16), SEED + 13)
+
+    jobs = [
+        ("mlp.onnx", mlp, (16,), lambda: export_torchscript(mlp, x_vec, 17), False),
+        ("cnn_bn.onnx", cnn, (3, 16, 16), lambda: export_torchscript(cnn, x_img, 13), False),
+        (
+            "resnet_small.onnx",
+            resnet,
+            (3, 16, 16),
+            lambda: export_torchscript(resnet, x_img, 17),
+            False,
+        ),
+        ("gated.onnx", gated, (8, 16), lambda: export_torchscript(gated, x_seq, 17), False),
+        ("mlp_dynamo.onnx", mlp, (16,), lambda: export_dynamo(mlp, x_vec, 18), False),
+        ("cnn_dynamo.onnx", cnn, (3, 16, 16), lambda: export_dynamo(cnn, x_img, 18), False),
+        ("cnn_external.onnx", cnn, (3, 16, 16), lambda: export_torchscript(cnn, x_img, 13), True),
+    ]
+
+    results: dict[str, tuple[str, float | None]] = {}
+    for name, module, feat, exporter, external in jobs:
+        proto = exporter()
+        files = save(proto, name, external=external)
+        err = verify(files[0], module, feat)
+        for f in files:
+            digest = hashlib.sha256(f.read_bytes()).hexdigest()
+            results[f.name] = (digest, err if f == files[0] else None)
+    return results
+
+
+def main() -> int:
+    os.chdir(OUT_DIR)
+    results = build()
+    total = 0
+    for name, (digest, err) in results.items():
+        size = (OUT_DIR / name).stat().st_size
+        total += size
+        err_s = f"max|ort-torch| {err:.1e}" if err is not None else ""
+        print(f"{name:26s} {size:8d} B  sha256 {digest[:16]}  {err_s}")
+    print(
+        f"{'total':26s} {total:8d} B  (all checked: onnx.checker + onnxruntime vs torch, "
+        f"batch 1 and 3, atol {ATOL})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

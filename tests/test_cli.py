@@ -1,0 +1,144 @@
+"""The command line as a user runs it: golden outputs, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, SAMPLES
+
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE = bool(os.environ.get("LIPCHECK_UPDATE_GOLDEN"))
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "160", "NO_COLOR": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("LIPCHECK_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "lipcheck", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if UPDATE:
+        path.write_text(text)
+    assert text == path.read_text()
+
+
+def assert_close_json(actual, expected, path: str = "") -> None:
+    """Same structure and strings; numbers equal to 1e-9 relative (BLAS rounding differs by machine)."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys(), path
+        for key in expected:
+            assert_close_json(actual[key], expected[key], f"{path}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), path
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_close_json(a, e, f"{path}[{i}]")
+    elif isinstance(expected, float) and not isinstance(expected, bool):
+        assert isinstance(actual, (int, float)) and math.isclose(actual, expected, rel_tol=1e-9), path
+    else:
+        assert actual == expected, path
+
+
+@pytest.mark.parametrize("model", ["cnn_bn.onnx", "gated.onnx"])
+def test_table_golden(model: str) -> None:
+    result = run("report", str(SAMPLES / model), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    check_golden(model.replace(".onnx", ".table.txt"), result.stdout)
+
+
+@pytest.mark.parametrize("model", ["cnn_bn.onnx", "resnet_small.onnx", "gated.onnx"])
+def test_json_golden(model: str) -> None:
+    result = run("report", str(SAMPLES / model), "--format", "json", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    golden = GOLDEN / model.replace(".onnx", ".json")
+    if UPDATE:
+        golden.write_text(result.stdout)
+    expected = json.loads(golden.read_text())
+    data["lipcheck_version"] = expected["lipcheck_version"]
+    assert_close_json(data, expected)
+    required = {"schema", "lipcheck_version", "model", "upper_bound", "bounded", "unbounded_reasons",
+                "lower_bound", "layers"}
+    assert required <= data.keys()
+    for layer in data["layers"]:
+        assert {"name", "op", "lipschitz", "method", "certified"} <= layer.keys()
+
+
+def test_json_of_unbounded_model_has_null_bound() -> None:
+    data = json.loads(run("report", str(SAMPLES / "gated.onnx"), "-f", "json").stdout)
+    assert data["upper_bound"] is None and data["bounded"] is False
+    assert {r["node"] for r in data["unbounded_reasons"]} == {"/norm/LayerNormalization", "/Mul"}
+
+
+def test_output_file_is_written_and_never_silently_replaced(tmp_path: Path) -> None:
+    target = tmp_path / "report.json"
+    first = run("report", str(SAMPLES / "mlp.onnx"), "-f", "json", "-o", str(target))
+    assert first.returncode == 0 and first.stdout == ""
+    assert json.loads(target.read_text())["model"] == "mlp.onnx"
+    target.write_text("mine")
+    refused = run("report", str(SAMPLES / "mlp.onnx"), "-f", "json", "-o", str(target))
+    assert refused.returncode == 2 and "--force" in refused.stderr
+    assert target.read_text() == "mine"
+    forced = run("report", str(SAMPLES / "mlp.onnx"), "-o", str(target), "--force")
+    assert forced.returncode == 0
+    assert "Certified upper bound" in target.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temporary files left
+
+
+def _bad_files(tmp_path: Path) -> dict[str, Path]:
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not a model\n")
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes((SAMPLES / "resnet_small.onnx").read_bytes()[:5000])
+    return {"missing": tmp_path / "missing.onnx", "text": text, "empty": empty, "truncated": truncated,
+            "directory": tmp_path}
+
+
+@pytest.mark.parametrize("kind", ["missing", "text", "empty", "truncated", "directory"])
+def test_bad_input_gives_one_line_and_exit_2(tmp_path: Path, kind: str) -> None:
+    path = _bad_files(tmp_path)[kind]
+    result = run("report", str(path))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lipcheck: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_options_exit_2() -> None:
+    assert run("report", str(SAMPLES / "mlp.onnx"), "--assume", "Relu").returncode == 2
+    assert run("report", str(SAMPLES / "mlp.onnx"), "--input-shape", "1,x").returncode == 2
+    assert run("report", str(SAMPLES / "mlp.onnx"), "--format", "xml").returncode == 2
+    assert run("report").returncode == 2
+
+
+def test_version_help_and_rules() -> None:
+    from lipcheck import __version__
+
+    version = run("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"lipcheck {__version__}"
+    assert "report" in run("--help").stdout
+    assert "--input-shape" in run("report", "--help").stdout
+    rules = run("rules")
+    assert rules.returncode == 0
+    for op in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Softmax", "LayerNormalization"):
+        assert f"\n{op} " in rules.stdout
+
+
+def test_console_script_is_installed() -> None:
+    exe = Path(sys.executable).parent / "lipcheck"
+    if not exe.exists():
+        pytest.skip("package not installed as a console script in this environment")
+    result = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
