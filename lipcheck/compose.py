@@ -77,13 +77,13 @@ def compose(
             for out in node.outputs:
                 lipschitz[out] = 0.0  # depends on weights only
             continue
-        local = _bound_node(node, graph, inputs_l, device, assume, missing)
+        local, assumed_key = _bound_node(node, graph, inputs_l, device, assume, missing)
         if local is None:
             for out in node.outputs:
                 lipschitz[out] = math.inf
             continue
-        if node.op in assume:
-            used_assumptions[node.op] = assume[node.op]
+        if assumed_key is not None:
+            used_assumptions[assumed_key] = assume[assumed_key]
         if local.output_lipschitz is not None:
             out_l = local.output_lipschitz
         else:
@@ -113,7 +113,7 @@ def compose(
                 running=out_l,
                 folded=list(node.folded),
                 reason=local.reason,
-                assumed=node.op in assume,
+                assumed=assumed_key is not None,
             )
         )
     if missing:
@@ -135,15 +135,18 @@ def _bound_node(
     device: torch.device,
     assume: dict[str, float],
     missing: dict[str, list[str]],
-) -> LocalBound | None:
+) -> tuple[LocalBound | None, str | None]:
+    """The rule's answer (None for an op without rule) and the --assume key used, if any."""
     if node.op in assume:
-        return LocalBound(assume[node.op], "assumed (--assume)", certified=False)
+        return LocalBound(assume[node.op], "assumed (--assume)", certified=False), node.op
     registered = get_rule(node.op)
     if registered is None:
         missing.setdefault(node.op, []).append(node.name)
-        return None
+        return None, None
     try:
-        return registered.function(RuleContext(node, graph, inputs_l, device))
+        return registered.function(RuleContext(node, graph, inputs_l, device)), None
     except UnsupportedVariant as exc:
+        if exc.label in assume:  # e.g. --assume "Resize(mode=linear)=1.5"
+            return LocalBound(assume[exc.label], "assumed (--assume)", certified=False), exc.label
         missing.setdefault(exc.label, []).append(node.name)
-        return None
+        return None, None

@@ -306,7 +306,10 @@ def recognise_activations(graph: Graph) -> None:
         producers = graph.producers()
         variable_inputs = [v for v in product.inputs if v and v not in graph.constants]
         if len(variable_inputs) < 2 and product.op == "Mul":
-            continue
+            # a constant times a product, as in 0.5 * (x * (1 + erf(x / sqrt2))) = GELU: try it whole
+            inner = producers.get(variable_inputs[0]) if variable_inputs else None
+            if inner is None or inner.op not in ("Mul", "Div"):
+                continue
         for source in _candidate_sources(product, producers, graph):
             nodes = _region(graph, product, source, producers)
             if nodes is None:

@@ -51,8 +51,24 @@ def load_onnx_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
             f"{path}: external data file missing ({_short(exc)}); keep it next to the model"
         ) from None
     except Exception as exc:
+        missing = _missing_external_files(model, path.parent)
+        if missing:  # onnx reports a missing file as a ValueError ("not regular file")
+            raise ModelLoadError(
+                f"{path}: external data file missing ({', '.join(missing)}); keep it next to the model"
+            ) from None
         raise ModelLoadError(f"{path}: cannot read external data ({_short(exc)})") from None
     return model
+
+
+def _missing_external_files(model: onnx.ModelProto, base: Path) -> list[str]:
+    """External data locations named by the model's tensors that are not files under ``base``."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    try:
+        locations = {ExternalDataInfo(t).location for t in _get_all_tensors(model) if uses_external_data(t)}
+    except Exception:
+        return []
+    return sorted(loc for loc in locations if not (base / loc).is_file())
 
 
 def _short(exc: BaseException) -> str:
@@ -213,27 +229,18 @@ def onnx_to_graph(model: onnx.ModelProto, input_shapes: Sequence[str] = (), name
             shapes[name_] = shape
 
     folder = _Folder(opsets)
+    kept = _fold_pass(_topological(g), constants, shapes, folder, opsets, opset)
+    for _ in range(2):  # folded subgraphs often compute shapes (Pad amounts, Expand targets): infer again
+        if not _refine_shapes(model, kept, constants, inputs, shapes):
+            break
+        before = len(kept)
+        kept = _fold_pass(kept, constants, shapes, folder, opsets, opset)
+        if len(kept) == before:
+            break
     nodes: list[Node] = []
     taken: set[str] = set()
-    for proto in _topological(g):
-        domain = proto.domain if proto.domain not in ("", "ai.onnx") else ""
-        op = proto.op_type if not domain else f"{domain}:{proto.op_type}"
-        attrs = _schema_defaults(proto.op_type, domain, opsets.get(domain, opset))
-        for attr in proto.attribute:
-            attrs[attr.name] = _decode(helper.get_attribute_value(attr))
-        known = [constants.get(i) if i else None for i in proto.input]
-        if _foldable(proto, known):
-            folded = _fold_constant(proto, attrs, known, folder)
-            if folded is not None:
-                for out, value in zip(proto.output, folded, strict=False):
-                    if out:
-                        constants[out] = value
-                continue
-        if op == "Shape" or op == "Size":
-            value = _shape_value(op, attrs, shapes.get(proto.input[0]))
-            if value is not None:
-                constants[proto.output[0]] = value
-                continue
+    for proto in kept:
+        op, attrs = _proto_attrs(proto, opsets, opset)
         node_name = unique_name(taken, proto.name or proto.output[0] or op)
         taken.add(node_name)
         node = Node(node_name, op, list(proto.input), list(proto.output), attrs)
@@ -251,6 +258,78 @@ def onnx_to_graph(model: onnx.ModelProto, input_shapes: Sequence[str] = (), name
     used = {v for node in graph.nodes for v in node.inputs} | set(graph.outputs)
     graph.constants = {k: v for k, v in constants.items() if k in used}
     return graph
+
+
+def _proto_attrs(proto: onnx.NodeProto, opsets: dict[str, int], opset: int) -> tuple[str, dict[str, Any]]:
+    """lipcheck's op name ('domain:Op' outside the default domain) and attributes with defaults."""
+    domain = proto.domain if proto.domain not in ("", "ai.onnx") else ""
+    op = proto.op_type if not domain else f"{domain}:{proto.op_type}"
+    attrs = _schema_defaults(proto.op_type, domain, opsets.get(domain, opset))
+    for attr in proto.attribute:
+        attrs[attr.name] = _decode(helper.get_attribute_value(attr))
+    return op, attrs
+
+
+def _fold_pass(protos: list[onnx.NodeProto], constants: dict[str, np.ndarray], shapes: dict[str, Shape],
+               folder: _Folder, opsets: dict[str, int], opset: int) -> list[onnx.NodeProto]:
+    """Evaluate nodes whose inputs are all known (and Shape/Size of known shapes); return the others."""
+    kept = []
+    for proto in protos:
+        op, attrs = _proto_attrs(proto, opsets, opset)
+        known = [constants.get(i) if i else None for i in proto.input]
+        if _foldable(proto, known):
+            folded = _fold_constant(proto, attrs, known, folder)
+            if folded is not None:
+                for out, value in zip(proto.output, folded, strict=False):
+                    if out:
+                        constants[out] = value
+                continue
+        if op == "Shape" or op == "Size":
+            value = _shape_value(op, attrs, shapes.get(proto.input[0]))
+            if value is not None:
+                constants[proto.output[0]] = value
+                continue
+        kept.append(proto)
+    return kept
+
+
+_SHAPE_VALUE_LIMIT = 4096  # constants up to this many entries reach shape inference with their values
+
+
+def _refine_shapes(model: onnx.ModelProto, kept: list[onnx.NodeProto], constants: dict[str, np.ndarray],
+                   inputs: list[onnx.ValueInfoProto], shapes: dict[str, Shape]) -> bool:
+    """Shape inference on the remaining nodes with the folded constants as initializers.
+
+    The first inference sees constant subgraphs, not their values, so shapes that depend on them
+    (Pad amounts, Expand targets, Resize sizes computed at export time) stay unknown. Large constants
+    (weights) go in as typed inputs: only their shapes matter. True when some shape gained a dim.
+    """
+    needed = {i for proto in kept for i in proto.input if i in constants}
+    values, typed = [], []
+    try:
+        for value_name in sorted(needed):
+            value = np.asarray(constants[value_name])
+            if value.size <= _SHAPE_VALUE_LIMIT:
+                values.append(numpy_helper.from_array(value, value_name))
+            else:
+                dtype = helper.np_dtype_to_tensor_dtype(value.dtype)
+                typed.append(helper.make_tensor_value_info(value_name, dtype, list(value.shape)))
+        graph = helper.make_graph(kept, "refine", [*inputs, *typed], list(model.graph.output), initializer=values)
+        refined = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+        inferred = shape_inference.infer_shapes(refined, data_prop=True)
+    except Exception:
+        return False
+    gained = False
+    for info in [*inferred.graph.value_info, *inferred.graph.output]:
+        new = _shape_of(info)
+        old = shapes.get(info.name)
+        if new is None or (old is not None and len(old) != len(new)):
+            continue
+        merged = new if old is None else tuple(o if o is not None else n for o, n in zip(old, new, strict=True))
+        if merged != old:
+            shapes[info.name] = merged
+            gained = True
+    return gained
 
 
 def _sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
@@ -315,7 +394,26 @@ def _fold_constant(proto, attrs, known, folder: _Folder) -> list[np.ndarray] | N
                 return [np.asarray(attrs[key])]
     if proto.op_type in ("Identity", "Dropout") and known[0] is not None:
         return [known[0]]
-    return folder.run(proto, known)
+    result = folder.run(proto, known)
+    if result is None and proto.op_type == "DequantizeLinear":
+        # the ONNX reference evaluator implements DequantizeLinear only from opset 19
+        result = _dequantize_linear(attrs, known)
+    return result
+
+
+def _dequantize_linear(attrs: dict[str, Any], known: list[np.ndarray | None]) -> list[np.ndarray] | None:
+    """(x - zero_point) * scale for integer x with a scalar or per-axis scale (opsets 10 to 18)."""
+    x, scale = np.asarray(known[0]), np.asarray(known[1])
+    zero = np.asarray(known[2]) if len(known) > 2 and known[2] is not None else None
+    if x.dtype.kind not in "iu" or scale.ndim > 1 or int(attrs.get("block_size", 0) or 0):
+        return None
+    shape = [1] * x.ndim
+    if scale.ndim == 1 and x.ndim:
+        shape[int(attrs.get("axis", 1)) % x.ndim] = -1
+    dx = x.astype(np.float32)
+    if zero is not None:
+        dx = dx - zero.astype(np.float32).reshape(shape if zero.ndim == 1 and x.ndim else zero.shape)
+    return [(dx * scale.reshape(shape if scale.ndim == 1 and x.ndim else scale.shape)).astype(scale.dtype)]
 
 
 def _shape_value(op: str, attrs: dict[str, Any], shape: Shape | None) -> np.ndarray | None:

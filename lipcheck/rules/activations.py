@@ -23,10 +23,26 @@ def _exact(value: float, method: str) -> LocalBound:
     return LocalBound(value, method, exact=True)
 
 
-@rule("Relu", "Tanh", "Softsign", "Softplus", "Clip", "Sin", "Cos", "Atan", "Celu")
+@rule("Relu", "Tanh", "Softsign", "Softplus", "Sin", "Cos", "Atan", "Celu")
 def one_lipschitz(ctx: RuleContext) -> LocalBound:
-    """Slope never above 1: Relu, Tanh, Softsign, Softplus, Clip, Sin, Cos, Atan, Celu."""
+    """Slope never above 1: Relu, Tanh, Softsign, Softplus, Sin, Cos, Atan, Celu."""
     return _exact(1.0, "max |f'| = 1")
+
+
+@rule("Clip")
+def clip(ctx: RuleContext) -> LocalBound:
+    """Clamp to constant bounds: 1. Bounds computed from the input move every entry they clamp."""
+    if not (ctx.is_variable(1) or ctx.is_variable(2)):
+        return _exact(1.0, "max |f'| = 1")
+    # |dy_j| <= max(|dx_j|, |dmin|, |dmax|): sum the squares, a scalar bound counted once per entry
+    terms = []
+    for index in ctx.variable_inputs():
+        copies = ctx.broadcast_factor(index)
+        if copies is None:
+            return unbounded("clip bound broadcast to an unknown size; give --input-shape", "unknown shape")
+        terms.append(copies * ctx.input_lipschitz[index])
+    return LocalBound(1.0, "clamp with variable bounds: sqrt(sum L_i^2 copies_i)",
+                      output_lipschitz=math.sqrt(sum(t * t for t in terms)))
 
 
 @rule("Sigmoid")
@@ -111,7 +127,11 @@ def softmax(ctx: RuleContext) -> LocalBound:
 
 @rule("LogSoftmax")
 def log_softmax(ctx: RuleContext) -> LocalBound:
-    """1 + sqrt(n): the Jacobian I - 1 p^T has norm <= 1 + ||1|| ||p||_2 <= 1 + sqrt(n)."""
+    """sqrt(n): the Jacobian maps v to v - (p.v) 1, and p.v lies between v's extreme entries.
+
+    ||v - c 1||^2 is convex in c, so its max over that interval is at an extreme entry v_k, and
+    sum_{i != k} (v_i - v_k)^2 <= n for a unit v (Cauchy-Schwarz). Attained as p -> e_k.
+    """
     shape = ctx.shape(0)
     axis = int(ctx.attrs.get("axis", -1))
     if shape is None:
@@ -121,7 +141,7 @@ def log_softmax(ctx: RuleContext) -> LocalBound:
     if any(d is None for d in dims):
         return unbounded("LogSoftmax over an axis of unknown size; give --input-shape", "unknown shape")
     n = math.prod(dims)
-    return LocalBound(1.0 + math.sqrt(n), f"1 + sqrt({n})")
+    return LocalBound(math.sqrt(n) * (1 + 1e-15), f"Jacobian norm <= sqrt({n})")
 
 
 @rule("Recognised")

@@ -109,8 +109,7 @@ def conv(ctx: RuleContext) -> LocalBound:
         return unbounded("convolution weight is not a known constant", "unknown weight")
     weight = ctx.tensor(1)
     found = conv_operator_norm(weight, _conv_geometry(ctx, weight))
-    exact = weight.shape[2:].numel() == 1 and all(s == 1 for s in ctx.attrs["strides"])
-    return LocalBound(found.value, found.method + _folded_note(ctx), exact=exact)
+    return _with_variable_bias(ctx, LocalBound(found.value, found.method + _folded_note(ctx), exact=found.exact))
 
 
 @rule("ConvTranspose")
@@ -122,7 +121,21 @@ def conv_transpose(ctx: RuleContext) -> LocalBound:
         return unbounded("weight is not a known constant", "unknown weight")
     weight = ctx.tensor(1)
     found = conv_transpose_operator_norm(weight, _conv_geometry(ctx, weight))
-    return LocalBound(found.value, "adjoint conv: " + found.method + _folded_note(ctx))
+    return _with_variable_bias(ctx, LocalBound(found.value, "adjoint conv: " + found.method + _folded_note(ctx)))
+
+
+def _with_variable_bias(ctx: RuleContext, local: LocalBound) -> LocalBound:
+    """conv(x) + b(x): each bias entry is added at every position of its output channel."""
+    if not ctx.is_variable(2):
+        return local
+    out = ctx.output_shape()
+    if out is None or len(out) < 2 or any(d is None for d in out):
+        return unbounded("bias computed from the input, added over an unknown size; give --input-shape",
+                         "unknown shape")
+    copies = math.prod(out) // max(1, int(out[1]))
+    total = local.value * ctx.input_lipschitz[0] + math.sqrt(copies) * ctx.input_lipschitz[2]
+    return LocalBound(local.value, local.method + " + variable bias", certified=local.certified,
+                      output_lipschitz=total)
 
 
 def batchnorm_scale(ctx: RuleContext) -> np.ndarray | None:

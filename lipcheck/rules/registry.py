@@ -131,9 +131,12 @@ def rule(*ops: str) -> Callable[[RuleFunction], RuleFunction]:
 
     def register(function: RuleFunction) -> RuleFunction:
         summary = (function.__doc__ or "").strip().splitlines()[0] if function.__doc__ else ""
-        for op in ops:
+        for op in ops:  # check them all first: a refused registration leaves the registry as it was
             if op in _RULES:
                 raise ValueError(f"duplicate rule for op {op!r}: {_RULES[op].function.__qualname__}")
+        if len(set(ops)) != len(ops):
+            raise ValueError(f"op listed twice in one registration: {ops}")
+        for op in ops:
             _RULES[op] = RegisteredRule(op, function, summary)
         return function
 

@@ -34,6 +34,12 @@ def rearrangement(ctx: RuleContext) -> LocalBound:
     return LocalBound(1.0, "isometry", exact=True)
 
 
+@rule("Shape", "Size")
+def shape_only(ctx: RuleContext) -> LocalBound:
+    """Depends on the input's shape, never on its values: 0 (left when a dimension is unknown)."""
+    return LocalBound(0.0, "depends only on the shape", exact=True)
+
+
 @rule("Cast", "CastLike")
 def cast(ctx: RuleContext) -> LocalBound:
     """Float-to-float casts: 1. Casts to integer or bool types round, which is not continuous."""
@@ -106,7 +112,17 @@ def max_pool(ctx: RuleContext) -> LocalBound:
     k, s, d = ctx.attrs["kernel_shape"], ctx.attrs["strides"], ctx.attrs["dilations"]
     overlap = math.prod(_window_overlap(kk, ss, dd) for kk, ss, dd in zip(k, s, d, strict=True))
     exact = overlap == 1
-    return LocalBound(math.sqrt(overlap), f"sqrt({overlap}) overlapping windows", exact=exact)
+    value, method = math.sqrt(overlap), f"sqrt({overlap}) overlapping windows"
+    if ctx.node.op == "LpPool":
+        # | ||a||_p - ||b||_p | <= ||a - b||_p <= taps^(1/p - 1/2) ||a - b||_2 for 1 <= p < 2
+        factor = _lp_to_l2(float(ctx.attrs.get("p", 2)), math.prod(k))
+        value, method = value * factor, method + (f" x {factor:.6g} (l_p vs l_2 norm)" if factor != 1 else "")
+    return LocalBound(value, method, exact=exact)
+
+
+def _lp_to_l2(p: float, count: int) -> float:
+    """max ||v||_p / ||v||_2 over vectors with ``count`` entries (1 for p >= 2)."""
+    return count ** (1.0 / p - 0.5) * (1 + 1e-15) if p < 2 else 1.0
 
 
 def _avgpool_matrix(n: int, k: int, s: int, dl: int, pad_begin: int, pad_end: int,
@@ -122,10 +138,8 @@ def _avgpool_matrix(n: int, k: int, s: int, dl: int, pad_begin: int, pad_end: in
         start = j * s - pad_begin
         taps = [start + i * dl for i in range(k)]
         valid = [p for p in taps if 0 <= p < n]
-        if include_pad:
-            divisor = sum(1 for p in taps if -pad_begin <= p < n + pad_end)
-        else:
-            divisor = len(valid)
+        # runtimes divide by the taps inside the padded input (count_include_pad) or by the valid ones
+        divisor = sum(1 for p in taps if -pad_begin <= p < n + pad_end) if include_pad else len(valid)
         divisor = max(1, min(divisor, len(taps)), len(valid)) if valid else 1
         for p in valid:
             matrix[j, p] += 1.0 / divisor
@@ -174,10 +188,26 @@ def global_average_pool(ctx: RuleContext) -> LocalBound:
     return LocalBound(1.0 / math.sqrt(count), f"mean of {count}: 1/sqrt({count})", exact=True)
 
 
-@rule("GlobalMaxPool", "ReduceMax", "ReduceMin", "ReduceL2", "GlobalLpPool")
+@rule("GlobalMaxPool", "ReduceMax", "ReduceMin", "ReduceL2")
 def max_reduce(ctx: RuleContext) -> LocalBound:
     """Max (or l2 norm) over disjoint groups: 1."""
     return LocalBound(1.0, "max over disjoint groups")
+
+
+@rule("GlobalLpPool")
+def global_lp_pool(ctx: RuleContext) -> LocalBound:
+    """l_p norm over H*W entries: 1 for p >= 2, (H*W)^(1/p - 1/2) for 1 <= p < 2."""
+    p = float(ctx.attrs.get("p", 2))
+    if p < 1:
+        return unbounded("GlobalLpPool with p < 1 is not Lipschitz")
+    if p >= 2:
+        return LocalBound(1.0, "l_p norm over disjoint groups (p >= 2)", exact=True)
+    shape = ctx.shape(0)
+    count = _spatial_count(shape, range(2, len(shape))) if shape is not None else None
+    if count is None:
+        return unbounded("l_p norm (p < 2) over an unknown number of entries; give --input-shape",
+                         "unknown shape")
+    return LocalBound(_lp_to_l2(p, count), f"l_p norm of {count} entries: {count}^(1/p - 1/2)", exact=True)
 
 
 def _reduced_axes(ctx: RuleContext) -> list[int] | None:
@@ -252,9 +282,29 @@ def resize(ctx: RuleContext) -> LocalBound:
     if not scales:
         return unbounded("resize scale unknown before running; give --input-shape", "unknown scale")
     effective = list(scales)
-    if str(ctx.attrs.get("coordinate_transformation_mode", "")) == "align_corners":
+    transform = str(ctx.attrs.get("coordinate_transformation_mode", ""))
+    exact = True
+    if transform in ("align_corners", "tf_crop_and_resize"):
+        # input coordinate = start + o * step: an input is read by at most ceil(1 / step) outputs
         if in_shape is None or out_shape is None or None in in_shape or None in out_shape:
-            return unbounded("align_corners resize of unknown size; give --input-shape", "unknown shape")
-        effective = [(o - 1) / max(i - 1, 1) for i, o in zip(in_shape, out_shape, strict=True)]
+            return unbounded(f"{transform} resize of unknown size; give --input-shape", "unknown shape")
+        spans = [1.0] * len(in_shape)
+        if transform == "tf_crop_and_resize":
+            exact = False
+            roi = ctx.const(1)
+            axes = ctx.attrs.get("axes") or list(range(len(in_shape)))
+            if roi is None or np.asarray(roi).size != 2 * len(axes):
+                return unbounded("crop region (roi) unknown before running", "unknown roi")
+            roi = np.asarray(roi, dtype=np.float64).reshape(-1)
+            for j, axis in enumerate(axes):
+                spans[int(axis) % len(in_shape)] = abs(float(roi[j + len(axes)] - roi[j]))
+        effective = []
+        for i, o, span in zip(in_shape, out_shape, spans, strict=True):
+            if o <= 1:
+                effective.append(1.0)
+            elif span * (i - 1) == 0:  # every output reads the same input (e.g. a size-1 axis)
+                effective.append(float(o))
+            else:
+                effective.append(min(float(o), (o - 1) / (span * (i - 1))))
     copies = math.prod(max(1, math.ceil(float(x) - 1e-12)) for x in effective)
-    return LocalBound(math.sqrt(copies), f"nearest resize: sqrt({copies}) copies", exact=True)
+    return LocalBound(math.sqrt(copies), f"nearest resize: sqrt({copies}) copies", exact=exact)

@@ -157,6 +157,11 @@ def conv_norm_known_size(weight: torch.Tensor, geometry: ConvGeometry) -> Spectr
     padded_len = [n + geometry.pads[i] + geometry.pads[i + d] for i, n in enumerate(geometry.input_size)]
     grid = [math.ceil(p / s) for p, s in zip(padded_len, geometry.stride, strict=True)]
     poly = _padded_polyphase(weight, geometry)
+    if math.prod(poly.shape[3:]) == 1:
+        # one tap after the polyphase rewrite (1x1 kernels, stride >= kernel): K_hat(w) is the same
+        # matrix at every frequency, so the norm is that matrix's
+        value = float(batched_sigma_max_upper(poly.flatten(2)).max())
+        return SpectralBound(value, "single tap: exact SVD (float64, rounding margin)", exact=True)
     freqs = _grid_frequencies(grid, weight.device)
     value = float(_frequency_sigma_max(poly, freqs).max())
     shape = "x".join(map(str, grid))

@@ -44,6 +44,16 @@ def batched_sigma_max_upper(matrices: torch.Tensor) -> torch.Tensor:
     m, n = a.shape[-2], a.shape[-1]
     if m == 0 or n == 0:
         return torch.zeros(a.shape[:-2], dtype=torch.float64, device=a.device)
+    # scale each matrix by an exact power of two so its largest entry is in [0.5, 1): no overflow
+    # or underflow in the Gram matrix (undone exactly at the end)
+    peak = a.abs().amax(dim=(-2, -1))
+    _, exp = torch.frexp(torch.where(peak > 0, peak, torch.ones_like(peak)))
+    scale = torch.ldexp(torch.ones_like(peak), exp.to(torch.float64))
+    return _sigma_unit(a / scale[..., None, None]) * scale
+
+
+def _sigma_unit(a: torch.Tensor) -> torch.Tensor:
+    m, n = a.shape[-2], a.shape[-1]
     gram = a.mH @ a if m >= n else a @ a.mH
     inner, rank = max(m, n), min(m, n)
     top = torch.linalg.eigvalsh(gram)[..., -1].real.clamp_min(0.0)
@@ -75,6 +85,11 @@ def gram_iteration_bound(matrix: torch.Tensor, iterations: int = 12) -> Spectral
     g = to_float64(matrix)
     if g.shape[-2] < g.shape[-1]:
         g = g.mH
+    peak = float(g.abs().max()) if g.numel() else 0.0
+    if peak == 0.0:
+        return SpectralBound(0.0, f"Gram iteration ({iterations} steps)")
+    shift = math.frexp(peak)[1]
+    g = torch.ldexp(g, torch.tensor(-shift, dtype=torch.float64))
     inner, rank = g.shape[-2], g.shape[-1]
     log_scale = 0.0
     for _ in range(iterations):
@@ -87,5 +102,10 @@ def gram_iteration_bound(matrix: torch.Tensor, iterations: int = 12) -> Spectral
     fro = float(torch.linalg.matrix_norm(g, ord="fro"))
     exponent = 2.0**-iterations
     value = fro**exponent * math.exp(log_scale * exponent)
+    # log/exp/pow rounding: relative error <= (iterations + 4) u (1 + |log_scale| 2^-t)
     value *= 1.0 + 4.0 * inner * rank * UNIT_ROUNDOFF
+    value *= 1.0 + (iterations + 8) * UNIT_ROUNDOFF * (
+        1.0 + abs(log_scale) * exponent + abs(math.log(fro)) * exponent if fro > 0 else 1.0
+    )
+    value = math.ldexp(value, shift)
     return SpectralBound(value, f"Gram iteration ({iterations} steps)")
