@@ -89,8 +89,11 @@ def _fold_after(graph: Graph, producer: Node, bn: Node, multiplier: np.ndarray, 
     else:
         b = np.zeros(channels) if old_bias is None else np.asarray(old_bias, dtype=np.float64)
         new_bias = b * multiplier + shift
-    producer.inputs = [producer.inputs[0], _add_constant(graph, f"{producer.name}.folded_weight", new_w),
-                       _add_constant(graph, f"{producer.name}.folded_bias", new_bias)]
+    producer.inputs = [
+        producer.inputs[0],
+        _add_constant(graph, f"{producer.name}.folded_weight", new_w),
+        _add_constant(graph, f"{producer.name}.folded_bias", new_bias),
+    ]
     producer.outputs = list(bn.outputs[:1])
     producer.folded.append(bn.name)
     return True
@@ -135,8 +138,11 @@ def _fold_before(graph: Graph, bn: Node, consumer: Node, multiplier: np.ndarray,
         consumer.attrs["beta"] = 1.0
     else:
         return False
-    consumer.inputs = [bn.inputs[0], _add_constant(graph, f"{consumer.name}.folded_weight", new_w),
-                       _add_constant(graph, f"{consumer.name}.folded_bias", np.asarray(bias))]
+    consumer.inputs = [
+        bn.inputs[0],
+        _add_constant(graph, f"{consumer.name}.folded_weight", new_w),
+        _add_constant(graph, f"{consumer.name}.folded_bias", np.asarray(bias)),
+    ]
     consumer.folded.insert(0, bn.name)
     return True
 
@@ -155,16 +161,25 @@ def fold_batchnorm(graph: Graph) -> None:
                 continue
             x = bn.inputs[0]
             producer = producers.get(x)
-            if (producer is not None and producer.op in ("Conv", "ConvTranspose", "Gemm")
-                    and len(consumers.get(x, [])) == 1 and x not in graph.outputs
-                    and _fold_after(graph, producer, bn, *affine)):
+            if (
+                producer is not None
+                and producer.op in ("Conv", "ConvTranspose", "Gemm")
+                and len(consumers.get(x, [])) == 1
+                and x not in graph.outputs
+                and _fold_after(graph, producer, bn, *affine)
+            ):
                 graph.nodes.remove(bn)
                 changed = True
                 break
             y = bn.outputs[0]
             users = consumers.get(y, [])
-            if (len(users) == 1 and y not in graph.outputs and users[0].op in ("Conv", "Gemm")
-                    and users[0].inputs[0] == y and _fold_before(graph, bn, users[0], *affine)):
+            if (
+                len(users) == 1
+                and y not in graph.outputs
+                and users[0].op in ("Conv", "Gemm")
+                and users[0].inputs[0] == y
+                and _fold_before(graph, bn, users[0], *affine)
+            ):
                 graph.nodes.remove(bn)
                 changed = True
                 break
@@ -203,14 +218,21 @@ def _sigmoid_like(alpha: float) -> Callable[[torch.Tensor], torch.Tensor]:
 KNOWN_ACTIVATIONS: list[tuple[str, Callable[[torch.Tensor], torch.Tensor], float]] = [
     ("SiLU", lambda t: t * torch.sigmoid(t), SILU_MAX_SLOPE),
     ("GELU", lambda t: 0.5 * t * (1 + torch.erf(t / math.sqrt(2))), GELU_MAX_SLOPE),
-    ("GELU (tanh)", lambda t: 0.5 * t * (1 + torch.tanh(math.sqrt(2 / math.pi) * (t + 0.044715 * t**3))),
-     GELU_TANH_MAX_SLOPE),
+    (
+        "GELU (tanh)",
+        lambda t: 0.5 * t * (1 + torch.tanh(math.sqrt(2 / math.pi) * (t + 0.044715 * t**3))),
+        GELU_TANH_MAX_SLOPE,
+    ),
     ("Mish", lambda t: t * torch.tanh(torch.nn.functional.softplus(t)), MISH_MAX_SLOPE),
     ("HardSwish", _sigmoid_like(1 / 6), 1.5),
     ("HardSwish (alpha 0.2)", _sigmoid_like(0.2), 1.5),
 ]
-_GRID = torch.cat([torch.linspace(-40, 40, 16001, dtype=torch.float64),
-                   torch.tensor([-1e4, -1e3, -100.0, 100.0, 1e3, 1e4], dtype=torch.float64)])
+_GRID = torch.cat(
+    [
+        torch.linspace(-40, 40, 16001, dtype=torch.float64),
+        torch.tensor([-1e4, -1e3, -100.0, 100.0, 1e3, 1e4], dtype=torch.float64),
+    ]
+)
 _MATCH_TOLERANCE = 2e-6  # relative to max(1, |f|): float32 constants such as 1.4142135 pass
 
 
@@ -326,8 +348,12 @@ def recognise_activations(graph: Graph) -> None:
                 op="Recognised",
                 inputs=[source],
                 outputs=list(product.outputs),
-                attrs={"activation": name, "scale": scale, "lipschitz": slope,
-                       "method": f"recognised {name}{scale_note} from {len(nodes) + 1} ops: max |f'|"},
+                attrs={
+                    "activation": name,
+                    "scale": scale,
+                    "lipschitz": slope,
+                    "method": f"recognised {name}{scale_note} from {len(nodes) + 1} ops: max |f'|",
+                },
                 folded=[n.name for n in nodes],
             )
             graph.prune()

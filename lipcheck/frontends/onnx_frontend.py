@@ -9,6 +9,7 @@ input shapes are fixed (batch axis set to 1 unless the user says otherwise).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -47,9 +48,7 @@ def load_onnx_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     except FileNotFoundError as exc:
-        raise ModelLoadError(
-            f"{path}: external data file missing ({_short(exc)}); keep it next to the model"
-        ) from None
+        raise ModelLoadError(f"{path}: external data file missing ({_short(exc)}); keep it next to the model") from None
     except Exception as exc:
         missing = _missing_external_files(model, path.parent)
         if missing:  # onnx reports a missing file as a ValueError ("not regular file")
@@ -90,14 +89,18 @@ def parse_input_shapes(specs: Sequence[str], input_names: Sequence[str]) -> dict
         try:
             shape = tuple(int(d) for d in dims.replace("x", ",").split(","))
         except ValueError:
-            raise InputShapeError(f"--input-shape {spec!r}: expected comma-separated integers like 1,3,224,224") from None
+            raise InputShapeError(
+                f"--input-shape {spec!r}: expected comma-separated integers like 1,3,224,224"
+            ) from None
         if any(d <= 0 for d in shape):
             raise InputShapeError(f"--input-shape {spec!r}: dimensions must be positive")
         result[name] = shape
     return result
 
 
-def _fix_input_shapes(model: onnx.ModelProto, inputs: list[onnx.ValueInfoProto], given: dict[str, tuple[int, ...]]) -> dict[str, Shape]:
+def _fix_input_shapes(
+    model: onnx.ModelProto, inputs: list[onnx.ValueInfoProto], given: dict[str, tuple[int, ...]]
+) -> dict[str, Shape]:
     """Write fixed input shapes into the model; returns the shape used for each input."""
     used: dict[str, Shape] = {}
     for value in inputs:
@@ -177,7 +180,9 @@ class _Folder:
             if not name:
                 continue
             assert value is not None
-            inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape))
+            inputs.append(
+                helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape)
+            )
             feeds[name] = value
         outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output if o]
         graph = helper.make_graph([node], "fold", inputs, outputs)
@@ -192,10 +197,8 @@ class _Folder:
 
 def onnx_to_graph(model: onnx.ModelProto, input_shapes: Sequence[str] = (), name: str = "") -> Graph:
     """Convert a loaded ONNX model to lipcheck's Graph (see module docstring)."""
-    try:
+    with contextlib.suppress(Exception):  # ops of functions that cannot be inlined are reported as unknown
         model = onnx.inliner.inline_local_functions(model)
-    except Exception:
-        pass
     opsets = {op.domain or "": op.version for op in model.opset_import}
     opset = opsets.get("", opsets.get("ai.onnx", 21))
     g = model.graph
@@ -270,8 +273,14 @@ def _proto_attrs(proto: onnx.NodeProto, opsets: dict[str, int], opset: int) -> t
     return op, attrs
 
 
-def _fold_pass(protos: list[onnx.NodeProto], constants: dict[str, np.ndarray], shapes: dict[str, Shape],
-               folder: _Folder, opsets: dict[str, int], opset: int) -> list[onnx.NodeProto]:
+def _fold_pass(
+    protos: list[onnx.NodeProto],
+    constants: dict[str, np.ndarray],
+    shapes: dict[str, Shape],
+    folder: _Folder,
+    opsets: dict[str, int],
+    opset: int,
+) -> list[onnx.NodeProto]:
     """Evaluate nodes whose inputs are all known (and Shape/Size of known shapes); return the others."""
     kept = []
     for proto in protos:
@@ -296,8 +305,13 @@ def _fold_pass(protos: list[onnx.NodeProto], constants: dict[str, np.ndarray], s
 _SHAPE_VALUE_LIMIT = 4096  # constants up to this many entries reach shape inference with their values
 
 
-def _refine_shapes(model: onnx.ModelProto, kept: list[onnx.NodeProto], constants: dict[str, np.ndarray],
-                   inputs: list[onnx.ValueInfoProto], shapes: dict[str, Shape]) -> bool:
+def _refine_shapes(
+    model: onnx.ModelProto,
+    kept: list[onnx.NodeProto],
+    constants: dict[str, np.ndarray],
+    inputs: list[onnx.ValueInfoProto],
+    shapes: dict[str, Shape],
+) -> bool:
     """Shape inference on the remaining nodes with the folded constants as initializers.
 
     The first inference sees constant subgraphs, not their values, so shapes that depend on them

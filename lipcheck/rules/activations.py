@@ -41,8 +41,11 @@ def clip(ctx: RuleContext) -> LocalBound:
         if copies is None:
             return unbounded("clip bound broadcast to an unknown size; give --input-shape", "unknown shape")
         terms.append(copies * ctx.input_lipschitz[index])
-    return LocalBound(1.0, "clamp with variable bounds: sqrt(sum L_i^2 copies_i)",
-                      output_lipschitz=math.sqrt(sum(t * t for t in terms)))
+    return LocalBound(
+        1.0,
+        "clamp with variable bounds: sqrt(sum L_i^2 copies_i)",
+        output_lipschitz=math.sqrt(sum(t * t for t in terms)),
+    )
 
 
 @rule("Sigmoid")

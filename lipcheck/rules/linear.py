@@ -54,8 +54,12 @@ def gemm(ctx: RuleContext) -> LocalBound:
         factor = ctx.broadcast_factor(2)
         if factor is None:
             return unbounded("bias broadcast to an unknown size; give --input-shape", "unknown shape")
-        return LocalBound(local.value, local.method + " + variable C", exact=False,
-                          output_lipschitz=base + abs(beta) * factor * ctx.input_lipschitz[2])
+        return LocalBound(
+            local.value,
+            local.method + " + variable C",
+            exact=False,
+            output_lipschitz=base + abs(beta) * factor * ctx.input_lipschitz[2],
+        )
     return local
 
 
@@ -71,7 +75,7 @@ def matmul(ctx: RuleContext) -> LocalBound:
     w = ctx.tensor(weight_index)
     var_shape = ctx.shape(1 - weight_index)
     batch = tuple(w.shape[:-2])
-    if batch and (var_shape is None or tuple(var_shape[:-2])[-len(batch):] != batch):
+    if batch and (var_shape is None or tuple(var_shape[:-2])[-len(batch) :] != batch):
         # the activation may be broadcast against a batch of weights, each copy going to a new
         # output block: bound the concatenated operator [W_1 ... W_B] (or its stacked form)
         if weight_index == 1:
@@ -130,12 +134,12 @@ def _with_variable_bias(ctx: RuleContext, local: LocalBound) -> LocalBound:
         return local
     out = ctx.output_shape()
     if out is None or len(out) < 2 or any(d is None for d in out):
-        return unbounded("bias computed from the input, added over an unknown size; give --input-shape",
-                         "unknown shape")
+        return unbounded(
+            "bias computed from the input, added over an unknown size; give --input-shape", "unknown shape"
+        )
     copies = math.prod(out) // max(1, int(out[1]))
     total = local.value * ctx.input_lipschitz[0] + math.sqrt(copies) * ctx.input_lipschitz[2]
-    return LocalBound(local.value, local.method + " + variable bias", certified=local.certified,
-                      output_lipschitz=total)
+    return LocalBound(local.value, local.method + " + variable bias", certified=local.certified, output_lipschitz=total)
 
 
 def batchnorm_scale(ctx: RuleContext) -> np.ndarray | None:

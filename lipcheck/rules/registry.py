@@ -36,9 +36,7 @@ class LocalBound:
 
     @property
     def bounded(self) -> bool:
-        return math.isfinite(self.value) and (
-            self.output_lipschitz is None or math.isfinite(self.output_lipschitz)
-        )
+        return math.isfinite(self.value) and (self.output_lipschitz is None or math.isfinite(self.output_lipschitz))
 
 
 def unbounded(reason: str, method: str = "not globally Lipschitz") -> LocalBound:

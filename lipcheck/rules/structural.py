@@ -27,8 +27,7 @@ class UnsupportedVariant(Exception):
 FLOAT_TYPES = {1, 10, 11, 16, 17, 18, 19, 20, 21, 22, 23}
 
 
-@rule("Identity", "Dropout", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose",
-      "DepthToSpace", "SpaceToDepth")
+@rule("Identity", "Dropout", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "DepthToSpace", "SpaceToDepth")
 def rearrangement(ctx: RuleContext) -> LocalBound:
     """Rearranges entries without copying: an isometry (1)."""
     return LocalBound(1.0, "isometry", exact=True)
@@ -81,8 +80,9 @@ def gather(ctx: RuleContext) -> LocalBound:
     elif (flat < 0).any() and (flat >= 0).any():
         return unbounded("negative gather indices on an axis of unknown size", "unknown shape")
     copies = int(np.bincount(flat - flat.min()).max()) if flat.size else 0
-    return LocalBound(math.sqrt(copies), f"selection, {copies} cop{'y' if copies == 1 else 'ies'} max",
-                      exact=copies <= 1)
+    return LocalBound(
+        math.sqrt(copies), f"selection, {copies} cop{'y' if copies == 1 else 'ies'} max", exact=copies <= 1
+    )
 
 
 @rule("Expand", "Tile")
@@ -125,8 +125,9 @@ def _lp_to_l2(p: float, count: int) -> float:
     return count ** (1.0 / p - 0.5) * (1 + 1e-15) if p < 2 else 1.0
 
 
-def _avgpool_matrix(n: int, k: int, s: int, dl: int, pad_begin: int, pad_end: int,
-                    ceil_mode: bool, include_pad: bool) -> np.ndarray:
+def _avgpool_matrix(
+    n: int, k: int, s: int, dl: int, pad_begin: int, pad_end: int, ceil_mode: bool, include_pad: bool
+) -> np.ndarray:
     """The 1-D average-pooling matrix, with each entry at least its true value."""
     span = (k - 1) * dl + 1
     length = n + pad_begin + pad_end - span
@@ -205,8 +206,7 @@ def global_lp_pool(ctx: RuleContext) -> LocalBound:
     shape = ctx.shape(0)
     count = _spatial_count(shape, range(2, len(shape))) if shape is not None else None
     if count is None:
-        return unbounded("l_p norm (p < 2) over an unknown number of entries; give --input-shape",
-                         "unknown shape")
+        return unbounded("l_p norm (p < 2) over an unknown number of entries; give --input-shape", "unknown shape")
     return LocalBound(_lp_to_l2(p, count), f"l_p norm of {count} entries: {count}^(1/p - 1/2)", exact=True)
 
 
