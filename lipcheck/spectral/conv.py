@@ -143,7 +143,13 @@ def _padded_polyphase(weight: torch.Tensor, geometry: ConvGeometry) -> torch.Ten
     g, cog = grouped.shape[:2]
     flat = grouped.reshape(g * cog, *grouped.shape[2:])
     poly = polyphase_kernel(flat, geometry.stride, geometry.dilation)
-    return poly.reshape(g, cog, *poly.shape[1:])
+    poly = poly.reshape(g, cog, *poly.shape[1:])
+    # input phases that no tap reaches (stride > kernel) are zero columns: dropping them leaves
+    # every singular value unchanged and shrinks the per-frequency matrices
+    used = poly.abs().sum(dim=[0, 1, *range(3, poly.dim())]) > 0
+    if not bool(used.all()) and bool(used.any()):
+        poly = poly[:, :, used]
+    return poly
 
 
 def conv_norm_known_size(weight: torch.Tensor, geometry: ConvGeometry) -> SpectralBound:
