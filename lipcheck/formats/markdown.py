@@ -1,0 +1,147 @@
+"""``--format markdown``: a GitHub-flavoured Markdown summary for pull-request comments and job summaries."""
+
+from __future__ import annotations
+
+import math
+
+from lipcheck.formats import annotations
+from lipcheck.gate import REL_TOLERANCE, GateResult, ModelRun, format_number, format_percent
+
+ICONS = {"pass": "✅", "fail": "❌", "error": "❗", "ok": "ℹ️"}
+_ESCAPED = set("\\`*_{}[]<|~#")
+
+
+def text(value: str) -> str:
+    """Plain text safe in a table cell: Markdown punctuation backslash-escaped, line breaks as <br>."""
+    escaped = "".join("\\" + c if c in _ESCAPED else c for c in value)
+    return escaped.replace("\r\n", "<br>").replace("\n", "<br>").replace("\r", "<br>")
+
+
+def code(value: str) -> str:
+    """An inline code span that survives a table cell (a pipe must stay escaped even inside code)."""
+    value = value.replace("\r", " ").replace("\n", " ")
+    fence = "`"
+    while fence in value:
+        fence += "`"
+    pad = " " if value.startswith("`") or value.endswith("`") else ""
+    return f"{fence}{pad}{value.replace('|', chr(92) + '|')}{pad}{fence}"
+
+
+def _signed_percent(fraction: float | None) -> str:
+    if fraction is None:
+        return "–"
+    if not math.isfinite(fraction):
+        return "+inf%"
+    if abs(fraction) <= REL_TOLERANCE:  # rounding noise, as the gate sees it
+        return "0%"
+    return ("+" if fraction > 0 else "") + format_percent(fraction)
+
+
+def _gate_sentence(gate: GateResult) -> str:
+    options = gate.options
+    parts = []
+    if options.fail_above is not None:
+        parts.append(f"upper bound ≤ {format_number(options.fail_above)} (fail-above)")
+    if options.layer_fail_above is not None:
+        parts.append(f"every layer ≤ {format_number(options.layer_fail_above)} (layer-fail-above)")
+    if options.baseline is not None:
+        parts.append(f"growth ≤ {format_percent(options.allowed_increase)} against {code(options.baseline.path)} "
+                     "(max-increase)")
+    if options.allow_unbounded:
+        parts.append("unbounded networks accepted (allow-unbounded)")
+    verdict = "**Gate passed**" if gate.passed else "**Gate failed**"
+    return f"{verdict}: " + "; ".join(parts)
+
+
+def _model_section(run: ModelRun, heading: str) -> list[str]:
+    lines = [f"{heading} {ICONS[run.status]} lipcheck: {code(run.path)}", ""]
+    if run.error is not None:
+        lines += [f"**Error**: {text(run.error)}", ""]
+        return lines
+    report = run.report
+    assert report is not None
+    shapes = ", ".join(
+        f"{name} [{','.join('?' if d is None else str(d) for d in shape)}]"
+        for name, shape in report.input_shapes.items()
+    )
+    if report.bounded:
+        label = "Certified upper bound" if report.certified else "Upper bound"
+        line = f"{label} on the l2 Lipschitz constant: **{format_number(report.upper_bound)}** (input {code(shapes)})"
+        if report.assumptions:
+            listed = ", ".join(f"{op}={value:g}" for op, value in report.assumptions.items())
+            line += f"; not certified: assumes {text(listed)}"
+        lines.append(line + ".")
+    else:
+        nodes = ", ".join(f"{code(r.node)} ({text(r.op)}: {text(r.reason)})" for r in report.unbounded_reasons)
+        lines.append(f"**Not globally Lipschitz**: {nodes}.")
+    lines.append("")
+    gate = run.gate
+    if gate is not None and gate.options.active:
+        lines += [_gate_sentence(gate), ""]
+    notes = annotations(run)
+    if notes:
+        lines += [f"- {'❌' if note.level == 'error' else '⚠️'} {text(note.message)}" for note in notes]
+        lines.append("")
+    with_baseline = gate is not None and gate.options.baseline is not None
+    lines += [f"<details><summary>{len(report.layers)} layers</summary>", ""]
+    header = ["#", "layer", "op", "local L"]
+    align = ["--:", "---", "---", "--:"]
+    if with_baseline:
+        header += ["baseline", "change"]
+        align += ["--:", "--:"]
+    header += ["method", "cert.", "running L"]
+    align += ["---", ":-:", "--:"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    for i, layer in enumerate(report.layers, 1):
+        if layer.assumed:
+            cert = "assumed"
+        elif not math.isfinite(layer.lipschitz):
+            cert = "–"
+        else:
+            cert = "exact" if layer.exact else "yes"
+        row = [str(i), code(layer.name), text(layer.op), format_number(layer.lipschitz)]
+        if with_baseline:
+            assert gate is not None
+            comparison = gate.comparison(layer.name)
+            if comparison is None:
+                row += ["–", "new"]
+            else:
+                row += [format_number(comparison.baseline), _signed_percent(comparison.increase)]
+        row += [text(layer.reason or layer.method), cert, format_number(layer.running)]
+        lines.append("| " + " | ".join(row) + " |")
+    if with_baseline and gate is not None and gate.missing_layers:
+        lines += ["", "Baseline layers no longer in the model: " + ", ".join(code(n) for n in gate.missing_layers)]
+    lines += ["", "</details>", ""]
+    return lines
+
+
+def render_markdown(runs: list[ModelRun]) -> str:
+    """One section per model; with several models, a summary table first."""
+    lines: list[str] = []
+    heading = "###"
+    if len(runs) != 1:
+        failed = sum(run.status == "fail" for run in runs)
+        errors = sum(run.status == "error" for run in runs)
+        overall = "error" if errors else "fail" if failed else "pass"
+        counts = f"{len(runs)} model{'s' if len(runs) != 1 else ''}: {failed} failed the gate, {errors} with errors"
+        lines += [f"### {ICONS[overall]} lipcheck: {counts}", ""]
+        lines += ["| | model | upper bound | gate |", "|:-:|---|--:|---|"]
+        for run in runs:
+            if run.error is not None:
+                bound, verdict = "–", "error: " + text(run.error)
+            else:
+                assert run.report is not None
+                bound = format_number(run.report.upper_bound)
+                gate = run.gate
+                if gate is None or not gate.options.active:
+                    verdict = "no gate"
+                elif gate.passed:
+                    verdict = "passed"
+                else:
+                    verdict = f"failed ({len(gate.failures)})"
+            lines.append(f"| {ICONS[run.status]} | {code(run.path)} | {bound} | {verdict} |")
+        lines.append("")
+        heading = "####"
+    for run in runs:
+        lines += _model_section(run, heading)
+    return "\n".join(lines).rstrip("\n") + "\n"
