@@ -1,4 +1,7 @@
-"""Presentation of a Report: the Rich table with its verdict line, and JSON text."""
+"""Presentation of a Report: the Rich table with its verdict line, JSON text, and ``lipcheck check``'s summary lines.
+
+Markdown, GitHub workflow commands and SARIF are in ``lipcheck.formats``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from lipcheck.formats import summary_line
+from lipcheck.gate import ModelRun
 from lipcheck.graph import Shape
 from lipcheck.report import Report
 
@@ -93,3 +98,18 @@ def report_as_text(report: Report, width: int = 160) -> str:
 
 def report_as_json(report: Report) -> str:
     return json.dumps(report.to_dict(), indent=2) + "\n"
+
+
+STATUS_LABELS = {"pass": ("PASS", "bold green"), "fail": ("FAIL", "bold red"), "error": ("ERROR", "bold red"),
+                 "ok": ("OK", "bold")}
+
+
+def summary_text(run: ModelRun, path_width: int = 0) -> Text:
+    """``lipcheck check``'s line for one model: status, path, bound and gate verdict (or the error)."""
+    label, style = STATUS_LABELS[run.status]
+    return Text.assemble((f"{label:<5}", style), "  ", run.path.ljust(path_width), "  ", summary_line(run))
+
+
+def summary_as_text(runs: list[ModelRun]) -> str:
+    width = max((len(run.path) for run in runs), default=0)
+    return "".join(summary_text(run, width).plain + "\n" for run in runs)
