@@ -69,7 +69,9 @@ def run_model(model: ModelConfig, cwd: Path | None = None, update_baseline: bool
             write_new_file(model.baseline, json_text(run.report.to_dict()), force=True)
         return run
     except LipcheckError as exc:
-        return ModelRun(shown, error=str(exc))
+        message = str(exc)
+        # the run is shown with its path: 'missing.onnx: no such file' reads 'missing.onnx  no such file'
+        return ModelRun(shown, error=message.removeprefix(f"{shown}: "))
     except Exception as exc:
         if os.environ.get("LIPCHECK_DEBUG"):
             raise

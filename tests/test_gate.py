@@ -524,7 +524,7 @@ def test_run_model_turns_errors_into_results(tmp_path: Path) -> None:
     path = write_config(tmp_path, '[tool.lipcheck]\n[[tool.lipcheck.models]]\npath = "nope.onnx"\n'
                                   f'[[tool.lipcheck.models]]\npath = "{mlp}"\nbaseline = "b.json"\n')
     missing, no_baseline = (run_model(model, cwd=tmp_path) for model in load_config(path).models)
-    assert missing.status == "error" and missing.path == "nope.onnx" and "no such file" in missing.error
+    assert missing.status == "error" and missing.path == "nope.onnx" and missing.error == "no such file"
     assert no_baseline.status == "error" and "baseline b.json: no such file" in no_baseline.error
     assert "--update-baselines" in no_baseline.error
 
