@@ -47,11 +47,13 @@ SARIF_SUBSET = json.loads((Path(__file__).parent / "schemas" / "sarif-2.1.0-subs
 GATE_FLAGS = ("--fail-above", "1", "--layer-fail-above", "2", "--baseline", "baseline.json", "--max-increase", "5%")
 
 
-def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "COLUMNS": "160", "NO_COLOR": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+def run(*args: str, cwd: Path, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m lipcheck ARGS`` in ``cwd``; ``env`` adds variables (None removes one)."""
+    full_env: dict[str, str | None] = {**os.environ, "COLUMNS": "160", "NO_COLOR": "1", "PYTHONPATH": str(ROOT)}
     full_env.pop("LIPCHECK_DEBUG", None)
-    if env is None:
-        full_env.pop("GITHUB_STEP_SUMMARY", None)
+    full_env.pop("GITHUB_STEP_SUMMARY", None)
+    full_env.update(env or {})
+    full_env = {key: value for key, value in full_env.items() if value is not None}
     return subprocess.run(
         [sys.executable, "-m", "lipcheck", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=300
     )
@@ -305,8 +307,10 @@ def project(tmp_path: Path) -> Path:
 
 
 def test_check_exit_1_with_one_line_per_model(project: Path) -> None:
-    result = run("check", cwd=project / "src")  # the config is found upward; paths are relative to it
+    # the config is found upward; paths are relative to it; output is plain when not a terminal, NO_COLOR or not
+    result = run("check", cwd=project / "src", env={"NO_COLOR": None, "FORCE_COLOR": None, "TERM": "xterm-256color"})
     assert result.returncode == 1, result.stderr
+    assert "\x1b" not in result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 2
     assert lines[0].startswith("FAIL ") and "../" not in lines[0] and "mlp.onnx" in lines[0]
