@@ -20,7 +20,6 @@ from lipcheck.gate import ModelRun
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 SARIF_VERSION = "2.1.0"
-INFORMATION_URI = lipcheck.__url__
 
 
 def artifact_uri(path: str) -> str:
@@ -86,7 +85,6 @@ def sarif_log(runs: list[ModelRun]) -> dict[str, Any]:
                         "name": "lipcheck",
                         "version": lipcheck.__version__,
                         "semanticVersion": lipcheck.__version__,
-                        "informationUri": INFORMATION_URI,
                         "rules": [_rule_descriptor(rule) for rule in RULES],
                     }
                 },
