@@ -80,6 +80,10 @@ def build_table(report: Report) -> Table:
     return table
 
 
+# method texts of bounds used because an input size is unknown
+SIZE_FREE_METHODS = ("size unknown", "size-independent")
+
+
 def print_report(report: Report, console: Console) -> None:
     shapes = ", ".join(f"{name} {format_shape(shape)}" for name, shape in report.input_shapes.items())
     console.print(
@@ -87,6 +91,15 @@ def print_report(report: Report, console: Console) -> None:
     )
     console.print(build_table(report))
     console.print(verdict(report))
+    size_free = sum(1 for layer in report.layers if any(m in layer.method for m in SIZE_FREE_METHODS))
+    if size_free:
+        console.print(
+            Text(
+                f"{size_free} layer(s) have input sizes the model leaves open and got bounds valid for every size; "
+                "--input-shape gives tighter ones.",
+                style="dim",
+            )
+        )
 
 
 def report_as_text(report: Report, width: int = 160) -> str:
