@@ -62,6 +62,13 @@ def main_options(
     """Certified upper bounds on the l2 Lipschitz constant of neural networks."""
 
 
+def stdout_console(no_color: bool, **options) -> Console:
+    """Rich console for data on stdout: piped output is plain and 160 columns wide (not Rich's 80),
+    unless COLUMNS says otherwise."""
+    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(no_color=no_color or None, highlight=False, width=160 if wide else None, **options)
+
+
 def parse_assumptions(items: list[str]) -> dict[str, float]:
     result: dict[str, float] = {}
     for item in items:
@@ -240,7 +247,7 @@ def report(
         else:
             from lipcheck.render import print_report
 
-            print_report(result, Console(no_color=no_color or None, highlight=False))
+            print_report(result, stdout_console(no_color))
     elif output_format is OutputFormat.json:
         _emit(json_text(report_document(run)), output, force)
     else:
@@ -329,7 +336,7 @@ def check(
     from lipcheck.runner import json_text, report_document, run_model
     cwd = Path.cwd()
     width = max(len(display_path(model.path, cwd)) for model in cfg.models)
-    stdout = Console(no_color=no_color or None, highlight=False, soft_wrap=True)
+    stdout = stdout_console(no_color, soft_wrap=True)
     stderr = Console(stderr=True, no_color=no_color or None, highlight=False, soft_wrap=True)
     table_to_stdout = output_format is OutputFormat.table and output is None
     runs = []

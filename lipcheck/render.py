@@ -50,16 +50,22 @@ def verdict(report: Report) -> Text:
     return text
 
 
-def build_table(report: Report) -> Table:
+# below this many columns the shapes column is left out so that the rest stays readable
+SHAPES_MIN_WIDTH = 130
+
+
+def build_table(report: Report, width: int = 160) -> Table:
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    table.add_column("#", justify="right", style="dim")
+    table.add_column("#", justify="right", style="dim", no_wrap=True)
     table.add_column("layer", overflow="fold")
-    table.add_column("op")
-    table.add_column("in -> out")
-    table.add_column("local L", justify="right")
+    table.add_column("op", no_wrap=True)
+    table.add_column("local L", justify="right", no_wrap=True)
+    table.add_column("cert.", justify="center", no_wrap=True)
+    table.add_column("running L", justify="right", no_wrap=True)
+    with_shapes = width >= SHAPES_MIN_WIDTH
+    if with_shapes:
+        table.add_column("in -> out", no_wrap=True)
     table.add_column("method", overflow="fold")
-    table.add_column("cert.", justify="center")
-    table.add_column("running L", justify="right")
     for i, layer in enumerate(report.layers, 1):
         if layer.assumed:
             cert = Text("assumed", style="yellow")
@@ -67,15 +73,16 @@ def build_table(report: Report) -> Table:
             cert = Text("-", style="red")
         else:
             cert = Text("exact" if layer.exact else "yes", style="green")
+        shapes = [f"{format_shape(layer.input_shape)} -> {format_shape(layer.output_shape)}"] if with_shapes else []
         table.add_row(
             str(i),
             layer.name,
             layer.op,
-            f"{format_shape(layer.input_shape)} -> {format_shape(layer.output_shape)}",
             format_number(layer.lipschitz),
-            layer.method if not layer.reason else layer.reason,
             cert,
             format_number(layer.running),
+            *shapes,
+            layer.method if not layer.reason else layer.reason,
         )
     return table
 
@@ -89,7 +96,7 @@ def print_report(report: Report, console: Console) -> None:
     console.print(
         Text.assemble(("lipcheck report ", "bold"), report.model, f"  (input: {shapes}; device: {report.device})")
     )
-    console.print(build_table(report))
+    console.print(build_table(report, console.width))
     console.print(verdict(report))
     size_free = sum(1 for layer in report.layers if any(m in layer.method for m in SIZE_FREE_METHODS))
     if size_free:
