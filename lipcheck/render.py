@@ -15,15 +15,9 @@ from rich.table import Table
 from rich.text import Text
 
 from lipcheck.formats import summary_line
-from lipcheck.gate import ModelRun
+from lipcheck.gate import ModelRun, format_number
 from lipcheck.graph import Shape
 from lipcheck.report import Report
-
-
-def format_number(value: float | None) -> str:
-    if value is None or not math.isfinite(value):
-        return "unbounded"
-    return f"{value:.6g}"
 
 
 def format_shape(shape: Shape | None) -> str:

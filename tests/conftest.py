@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,3 +16,19 @@ SAMPLE_MODELS = sorted(p.name for p in SAMPLES.glob("*.onnx"))
 @pytest.fixture
 def samples() -> Path:
     return SAMPLES
+
+
+def assert_close_json(actual: Any, expected: Any, path: str = "") -> None:
+    """Same structure and strings; numbers equal to 1e-9 relative or 1e-12 absolute (0% changes may be 1e-16)."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys(), path
+        for key in expected:
+            assert_close_json(actual[key], expected[key], f"{path}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), path
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_close_json(a, e, f"{path}[{i}]")
+    elif isinstance(expected, float):
+        assert isinstance(actual, (int, float)) and math.isclose(actual, expected, rel_tol=1e-9, abs_tol=1e-12), path
+    else:
+        assert actual == expected, path

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SAMPLES
+from tests.conftest import ROOT, SAMPLES, assert_close_json
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = bool(os.environ.get("LIPCHECK_UPDATE_GOLDEN"))
@@ -30,22 +29,6 @@ def check_golden(name: str, text: str) -> None:
     if UPDATE:
         path.write_text(text)
     assert text == path.read_text()
-
-
-def assert_close_json(actual, expected, path: str = "") -> None:
-    """Same structure and strings; numbers equal to 1e-9 relative (BLAS rounding differs by machine)."""
-    if isinstance(expected, dict):
-        assert isinstance(actual, dict) and actual.keys() == expected.keys(), path
-        for key in expected:
-            assert_close_json(actual[key], expected[key], f"{path}.{key}")
-    elif isinstance(expected, list):
-        assert isinstance(actual, list) and len(actual) == len(expected), path
-        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-            assert_close_json(a, e, f"{path}[{i}]")
-    elif isinstance(expected, float) and not isinstance(expected, bool):
-        assert isinstance(actual, (int, float)) and math.isclose(actual, expected, rel_tol=1e-9), path
-    else:
-        assert actual == expected, path
 
 
 @pytest.mark.parametrize("model", ["cnn_bn.onnx", "gated.onnx"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import re
 import subprocess
@@ -37,7 +36,7 @@ from lipcheck.gate import (
     parse_limit,
 )
 from lipcheck.schemas import CHECK, REPORT, load_schema
-from tests.conftest import ROOT, SAMPLES
+from tests.conftest import ROOT, SAMPLES, assert_close_json
 from tests.test_cli import GOLDEN, UPDATE, check_golden
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -57,22 +56,6 @@ def run(*args: str, cwd: Path, env: dict[str, str | None] | None = None) -> subp
     return subprocess.run(
         [sys.executable, "-m", "lipcheck", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=300
     )
-
-
-def assert_close_json(actual: Any, expected: Any, path: str = "") -> None:
-    """Same structure and strings; numbers equal to 1e-9 relative or 1e-12 absolute (0% changes may be 1e-16)."""
-    if isinstance(expected, dict):
-        assert isinstance(actual, dict) and actual.keys() == expected.keys(), path
-        for key in expected:
-            assert_close_json(actual[key], expected[key], f"{path}.{key}")
-    elif isinstance(expected, list):
-        assert isinstance(actual, list) and len(actual) == len(expected), path
-        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-            assert_close_json(a, e, f"{path}[{i}]")
-    elif isinstance(expected, float):
-        assert isinstance(actual, (int, float)) and math.isclose(actual, expected, rel_tol=1e-9, abs_tol=1e-12), path
-    else:
-        assert actual == expected, path
 
 
 def validate_report(data: dict[str, Any]) -> None:
