@@ -23,6 +23,7 @@ from lipcheck.rules.activations import (
     MISH_MAX_SLOPE,
     SILU_MAX_SLOPE,
 )
+from lipcheck.rules.linear import batchnorm_affine
 
 
 def prepare(graph: Graph) -> Graph:
@@ -34,18 +35,6 @@ def prepare(graph: Graph) -> Graph:
 
 # ---------------------------------------------------------------------------------------------
 # BatchNorm folding
-
-
-def _bn_affine(graph: Graph, bn: Node) -> tuple[np.ndarray, np.ndarray] | None:
-    """(multiplier, shift) of an inference BatchNorm with constant parameters."""
-    if int(bn.attrs.get("training_mode", 0)):
-        return None
-    params = [graph.constants.get(v) for v in bn.inputs[1:5]]
-    if len(params) < 4 or any(p is None for p in params):
-        return None
-    scale, bias, mean, var = (np.asarray(p, dtype=np.float64) for p in params)
-    multiplier = scale / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
-    return multiplier, bias - mean * multiplier
 
 
 def _add_constant(graph: Graph, base: str, value: np.ndarray) -> str:
@@ -156,7 +145,7 @@ def fold_batchnorm(graph: Graph) -> None:
         for bn in graph.nodes:
             if bn.op != "BatchNormalization" or not bn.inputs:
                 continue
-            affine = _bn_affine(graph, bn)
+            affine = batchnorm_affine(graph, bn)
             if affine is None:
                 continue
             x = bn.inputs[0]

@@ -6,7 +6,6 @@ Markdown, GitHub workflow commands and SARIF are in ``lipcheck.formats``.
 from __future__ import annotations
 
 import io
-import json
 import math
 
 from rich import box
@@ -108,10 +107,6 @@ def report_as_text(report: Report, width: int = 160) -> str:
     buffer = io.StringIO()
     print_report(report, Console(file=buffer, width=width, no_color=True, color_system=None, highlight=False))
     return buffer.getvalue()
-
-
-def report_as_json(report: Report) -> str:
-    return json.dumps(report.to_dict(), indent=2) + "\n"
 
 
 STATUS_LABELS = {"pass": ("PASS", "bold green"), "fail": ("FAIL", "bold red"), "error": ("ERROR", "bold red"),

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import torch
 
+from lipcheck.graph import Graph, Node
 from lipcheck.rules.registry import LocalBound, RuleContext, rule, unbounded
 from lipcheck.spectral import (
     ConvGeometry,
@@ -143,13 +144,19 @@ def _with_variable_bias(ctx: RuleContext, local: LocalBound) -> LocalBound:
     return LocalBound(local.value, local.method + " + variable bias", certified=local.certified, output_lipschitz=total)
 
 
-def batchnorm_scale(ctx: RuleContext) -> np.ndarray | None:
-    """Per-channel multiplier scale / sqrt(var + eps) of an inference-mode BatchNormalization."""
-    values = [ctx.const(i) for i in (1, 3, 4)]
-    if any(v is None for v in values):
+def batchnorm_affine(graph: Graph, bn: Node) -> tuple[np.ndarray, np.ndarray] | None:
+    """(multiplier, shift) of an inference BatchNorm with constant parameters: y = multiplier * x + shift.
+
+    Used by this rule and by the pass that folds BatchNorm into its neighbouring linear op.
+    """
+    if int(bn.attrs.get("training_mode", 0)):
         return None
-    scale, _mean, var = (np.asarray(v, dtype=np.float64) for v in (values[0], ctx.const(3), values[2]))
-    return scale / np.sqrt(var + float(ctx.attrs.get("epsilon", 1e-5)))
+    params = [graph.constants.get(v) for v in bn.inputs[1:5]]
+    if len(params) < 4 or any(p is None for p in params):
+        return None
+    scale, bias, mean, var = (np.asarray(p, dtype=np.float64) for p in params)
+    multiplier = scale / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+    return multiplier, bias - mean * multiplier
 
 
 @rule("BatchNormalization")
@@ -159,10 +166,10 @@ def batch_norm(ctx: RuleContext) -> LocalBound:
         return unbounded("BatchNormalization in training mode uses batch statistics", "training mode")
     if any(ctx.is_variable(i) for i in range(1, 5)):
         return unbounded("BatchNorm parameters computed from the input")
-    multiplier = batchnorm_scale(ctx)
-    if multiplier is None:
+    affine = batchnorm_affine(ctx.graph, ctx.node)
+    if affine is None:
         return unbounded("BatchNorm parameters are not known constants", "unknown weight")
-    return LocalBound(float(np.abs(multiplier).max()) * (1 + 1e-15), "per-channel scale", exact=True)
+    return LocalBound(float(np.abs(affine[0]).max()) * (1 + 1e-15), "per-channel scale", exact=True)
 
 
 @rule("Mul")

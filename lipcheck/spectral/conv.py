@@ -111,11 +111,12 @@ def _frequency_sigma_max(kernel: torch.Tensor, freqs: torch.Tensor) -> torch.Ten
     abs_margin = float((n_taps + 4) * 2 * UNIT_ROUNDOFF * torch.linalg.matrix_norm(abs_sum, ord="fro").max())
     per_freq_entries = g * c_out * c_in
     chunk = max(1, _CHUNK_ENTRIES // max(1, per_freq_entries))
+    taps_complex = flat.to(torch.complex128)  # converted once, not per chunk
     out = []
     for start in range(0, freqs.shape[0], chunk):
         w = freqs[start : start + chunk].to(device=device, dtype=torch.float64)
         phase = torch.polar(torch.ones((), dtype=torch.float64, device=device), -(w @ offsets.T))  # [F, T]
-        k_hat = torch.einsum("ft,gijt->fgij", phase, flat.to(torch.complex128))
+        k_hat = torch.einsum("ft,gijt->fgij", phase, taps_complex)
         sig = batched_sigma_max_upper(k_hat).amax(dim=1)
         out.append(sig)
     return torch.cat(out) + abs_margin
