@@ -21,7 +21,7 @@ from lipcheck.files import write_new_file
 
 app = typer.Typer(
     name="lipcheck",
-    help="Certified upper bounds on the l2 Lipschitz constant of neural networks (ONNX).",
+    help="Certified upper bounds on the l2 Lipschitz constant of neural networks (ONNX and PyTorch).",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -69,6 +69,12 @@ def stdout_console(no_color: bool, **options) -> Console:
     return Console(no_color=no_color or None, highlight=False, width=160 if wide else None, **options)
 
 
+def parse_model_kwargs(text: str | None) -> dict:
+    from lipcheck.frontends.torch_frontend import parse_model_kwargs as parse
+
+    return parse(text)
+
+
 def parse_assumptions(items: list[str]) -> dict[str, float]:
     result: dict[str, float] = {}
     for item in items:
@@ -94,6 +100,15 @@ ASSUME_HELP = (
 FORMAT_HELP = (
     "table (for people), json (versioned schema), markdown (PR comments), github (workflow-command "
     "annotations) or sarif (2.1.0, for code scanning)."
+)
+MODEL_HELP = (
+    "For a PyTorch state_dict (a file without architecture): import path of a function or class that builds "
+    "the nn.Module, like uvicorn's, e.g. mypkg.nets:resnet18 (modules under the working folder are importable). "
+    "The weights are loaded into it strictly. Needs --input-shape."
+)
+TRUST_HELP = (
+    "Allow PyTorch pickles that need more than tensors (e.g. a whole pickled nn.Module). Unpickling runs code "
+    "from the file: use only for files you trust."
 )
 SUMMARY_HELP = "Also append the Markdown report to $GITHUB_STEP_SUMMARY (when that is set, as in GitHub Actions)."
 
@@ -161,7 +176,10 @@ def _github_summary(runs: list) -> None:
 @app.command()
 def report(
     model: Annotated[
-        Path, typer.Argument(metavar="MODEL", help="Model file: .onnx (external data is read from its folder).")
+        Path,
+        typer.Argument(metavar="MODEL", help="Model file: .onnx (external data is read from its folder), a PyTorch "
+                       "file (state_dict or checkpoint .pt/.pth/.ckpt, TorchScript, torch.export .pt2, pickled module) "
+                       "or .safetensors."),
     ],
     output_format: Annotated[OutputFormat, typer.Option("--format", "-f", help=FORMAT_HELP)] = OutputFormat.table,
     output: Annotated[
@@ -207,6 +225,16 @@ def report(
     ] = False,
     github_summary: Annotated[bool, typer.Option("--github-summary", help=SUMMARY_HELP)] = False,
     no_color: Annotated[bool, typer.Option("--no-color", help="Plain output (also: NO_COLOR set).")] = False,
+    model_factory: Annotated[
+        str | None,
+        typer.Option("--model", metavar="PKG.MODULE:FACTORY", help=MODEL_HELP),
+    ] = None,
+    model_kwargs: Annotated[
+        str | None,
+        typer.Option("--model-kwargs", metavar="JSON", help="Keyword arguments for --model's factory, as a JSON "
+                     "object, e.g. '{\"num_classes\": 10}'."),
+    ] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_HELP)] = False,
 ) -> None:
     """Compute each layer's certified Lipschitz bound and the network's certified upper bound.
 
@@ -226,6 +254,9 @@ def report(
         input_shape=tuple(input_shape),
         assume=assumptions,
         device=device.value,
+        model=model_factory,
+        model_kwargs=parse_model_kwargs(model_kwargs),
+        trust_pickle=trust_pickle,
     )
     if max_increase is not None and baseline is None:
         raise LipcheckError("--max-increase needs --baseline FILE (the report to compare with)")

@@ -32,10 +32,16 @@ DEVICES = ("auto", "cpu", "cuda")
 
 # keys every model may set, also allowed at the top level as defaults (except the model's own path and baseline)
 MODEL_KEYS = ("path", "fail_above", "layer_fail_above", "allow_unbounded", "baseline", "max_increase", "input_shape",
-              "assume", "device")
+              "assume", "device", "model", "model_kwargs", "trust_pickle")
 TOP_KEYS = ("models", "fail_above", "layer_fail_above", "allow_unbounded", "max_increase", "input_shape", "assume",
             "device", "exit_zero")
-_PER_MODEL_ONLY = {"path": "the model file", "baseline": "the baseline report"}
+_PER_MODEL_ONLY = {
+    "path": "the model file",
+    "baseline": "the baseline report",
+    "model": "the factory building that model's architecture",
+    "model_kwargs": "that factory's arguments",
+    "trust_pickle": "trusting that model's pickle",
+}
 
 
 class ConfigError(LipcheckError):
@@ -95,6 +101,10 @@ class Settings:
     input_shape: tuple[str, ...] = ()
     assume: dict[str, float] = field(default_factory=dict)
     device: str = "auto"
+    # PyTorch files: the architecture of a bare state_dict ("package.module:factory"), its kwargs, trust
+    model: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    trust_pickle: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,6 +182,16 @@ def _settings(table: dict[str, Any], base: Settings, where: str) -> Settings:
         if device not in DEVICES:
             raise ConfigError(f"{where}: device must be one of {', '.join(DEVICES)}, got {device!r}")
         changes["device"] = device
+    if "model" in table:
+        if not isinstance(table["model"], str) or ":" not in table["model"]:
+            raise ConfigError(f"{where}: model must be a string 'package.module:factory', got {table['model']!r}")
+        changes["model"] = table["model"]
+    if "model_kwargs" in table:
+        if not isinstance(table["model_kwargs"], dict):
+            raise ConfigError(f"{where}: model_kwargs must be a table, e.g. model_kwargs = {{ num_classes = 10 }}")
+        changes["model_kwargs"] = dict(table["model_kwargs"])
+    if "trust_pickle" in table:
+        changes["trust_pickle"] = _boolean(table["trust_pickle"], f"{where}: trust_pickle")
     return replace(base, **changes)
 
 

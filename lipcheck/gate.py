@@ -259,7 +259,11 @@ def evaluate(report: dict[str, Any], options: GateOptions) -> GateResult:
     if not options.active:
         return result
     bound = _bound(report.get("upper_bound"))
-    if bound is None:
+    if bound is None and report.get("scope") == "weights":
+        (result.warnings if options.allow_unbounded else result.failures).append(
+            Finding("unbounded", "no network bound: the file holds weights only (--model gives the architecture)")
+        )
+    elif bound is None:
         nodes = ", ".join(f"{r['node']} ({r['op']})" for r in report.get("unbounded_reasons", [])) or "?"
         if options.allow_unbounded:
             result.warnings.append(

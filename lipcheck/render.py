@@ -26,6 +26,13 @@ def format_shape(shape: Shape | None) -> str:
 
 
 def verdict(report: Report) -> Text:
+    if report.scope == "weights":
+        reason = report.unbounded_reasons[0].reason if report.unbounded_reasons else "the file holds weights only"
+        return Text.assemble(
+            ("No network bound", "bold yellow"),
+            f": {reason}. Each row is the certified norm of one weight tensor, valid for any stride, padding and "
+            "input size.",
+        )
     if not report.bounded:
         names = ", ".join(f"{r.node} ({r.op}: {r.reason})" for r in report.unbounded_reasons)
         return Text.assemble(("Not globally Lipschitz", "bold red"), f": {names}")
@@ -73,7 +80,7 @@ def build_table(report: Report, width: int = 160) -> Table:
             layer.op,
             format_number(layer.lipschitz),
             cert,
-            format_number(layer.running),
+            "-" if report.scope == "weights" else format_number(layer.running),
             *shapes,
             layer.method if not layer.reason else layer.reason,
         )
@@ -85,14 +92,14 @@ SIZE_FREE_METHODS = ("size unknown", "size-independent")
 
 
 def print_report(report: Report, console: Console) -> None:
-    shapes = ", ".join(f"{name} {format_shape(shape)}" for name, shape in report.input_shapes.items())
+    shapes = ", ".join(f"{name} {format_shape(shape)}" for name, shape in report.input_shapes.items()) or "unknown"
     console.print(
         Text.assemble(("lipcheck report ", "bold"), report.model, f"  (input: {shapes}; device: {report.device})")
     )
     console.print(build_table(report, console.width))
     console.print(verdict(report))
     size_free = sum(1 for layer in report.layers if any(m in layer.method for m in SIZE_FREE_METHODS))
-    if size_free:
+    if size_free and report.scope == "network":
         console.print(
             Text(
                 f"{size_free} layer(s) have input sizes the model leaves open and got bounds valid for every size; "

@@ -9,17 +9,21 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 import lipcheck
 from lipcheck.compose import Composition, LayerResult, UnboundedReason, compose
-from lipcheck.frontends import load_graph
-from lipcheck.graph import Shape
+from lipcheck.frontends import load_model
+from lipcheck.graph import Graph, Shape
 from lipcheck.passes import prepare
 
+if TYPE_CHECKING:
+    from lipcheck.frontends.torch_frontend import TorchOptions, WeightTensors
+
 SCHEMA = "lipcheck.report/1"
+NO_ARCHITECTURE = "no architecture"
 
 
 @dataclass
@@ -32,6 +36,8 @@ class Report:
     assumptions: dict[str, float] = field(default_factory=dict)
     lower_bound: float | None = None
     device: str = "cpu"
+    # "network": a bound for the whole model; "weights": a file without architecture, per-tensor norms only
+    scope: str = "network"
 
     @property
     def bounded(self) -> bool:
@@ -47,6 +53,7 @@ class Report:
             "schema": SCHEMA,
             "lipcheck_version": lipcheck.__version__,
             "model": self.model,
+            "scope": self.scope,
             "upper_bound": self.upper_bound,
             "bounded": self.bounded,
             "certified": self.certified,
@@ -98,10 +105,17 @@ def analyse(
     input_shapes: list[str] | tuple[str, ...] = (),
     assume: dict[str, float] | None = None,
     device: str = "auto",
+    torch_options: TorchOptions | None = None,
 ) -> Report:
-    """Load a model file and compute its certified Lipschitz report (the library entry point)."""
+    """Load a model file and compute its certified Lipschitz report (the library entry point).
+
+    ``torch_options`` carries what PyTorch files may need: ``--model`` for a bare state_dict, and
+    whether a pickle is trusted.
+    """
     torch_device = resolve_device(device)
-    graph = load_graph(path, input_shapes)
+    graph = load_model(path, input_shapes, torch_options)
+    if not isinstance(graph, Graph):
+        return weights_report(graph, torch_device)
     prepare(graph)
     composition: Composition = compose(graph, assume=assume, device=torch_device)
     return Report(
@@ -112,4 +126,23 @@ def analyse(
         input_shapes={name: graph.shape(name) or () for name in graph.inputs},
         assumptions=composition.assumptions,
         device=str(torch_device),
+    )
+
+
+def weights_report(weights: WeightTensors, device: torch.device) -> Report:
+    """A state_dict without its architecture: every weight's certified norm, and no network bound."""
+    from lipcheck.weights import weight_norms
+
+    reason = (
+        f"{weights.source} holds weights only; a network bound needs the architecture: "
+        "pass --model package.module:factory and --input-shape"
+    )
+    return Report(
+        model=weights.name,
+        upper_bound=None,
+        layers=weight_norms(weights.tensors, device),
+        unbounded_reasons=[UnboundedReason("(whole model)", NO_ARCHITECTURE, reason)],
+        input_shapes={},
+        device=str(device),
+        scope="weights",
     )

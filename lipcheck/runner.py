@@ -42,10 +42,16 @@ def gate_options(settings: Settings, baseline: Baseline | None) -> GateOptions:
 
 def analyse_and_gate(path: Path, settings: Settings, baseline: Baseline | None, shown: str) -> ModelRun:
     """Analyse one model and apply its gate; raises LipcheckError for the user's errors."""
+    from lipcheck.frontends.torch_frontend import TorchOptions
     from lipcheck.report import analyse
 
+    torch_options = TorchOptions(settings.model, settings.model_kwargs, settings.trust_pickle)
     report = analyse(
-        path, input_shapes=list(settings.input_shape), assume=dict(settings.assume), device=settings.device
+        path,
+        input_shapes=list(settings.input_shape),
+        assume=dict(settings.assume),
+        device=settings.device,
+        torch_options=torch_options,
     )
     run = ModelRun(shown, report)
     run.gate = evaluate(report.to_dict(), gate_options(settings, baseline))

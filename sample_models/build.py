@@ -18,6 +18,20 @@ Models (all in eval mode, input "input", output "output", dim 0 = "batch"):
 * mlp_dynamo.onnx     network of mlp.onnx, dynamo exporter, opset 18
 * cnn_dynamo.onnx     network of cnn_bn.onnx, dynamo exporter, opset 18
 * cnn_external.onnx   cnn_bn.onnx with every initializer in cnn_external.onnx.data
+
+PyTorch files (same networks and weights; see README.md for the command that reads each):
+
+* mlp_state_dict.pt        bare state_dict of mlp.onnx's network (no architecture)
+* resnet_small_ckpt.pt     training checkpoint: epoch, optimizer state, 'model_state_dict' with
+                           DataParallel's 'module.' prefix
+* resnet_small.ckpt        Lightning-style checkpoint: 'state_dict' with the 'model.' prefix
+* resnet_small_ts.pt       TorchScript (torch.jit.script)
+* resnet_small.pt2         torch.export program, dynamic batch dimension
+* cnn_bn.safetensors       cnn_bn.onnx's state_dict as safetensors
+* cnn_bn_module.pt         the whole pickled nn.Sequential (torch.save(model)); needs --trust-pickle
+
+Rebuilding rewrites a PyTorch file only when its content changed (torch stamps every archive with
+a random serialization id, so the bytes of two saves differ).
 """
 
 from __future__ import annotations
@@ -337,6 +351,104 @@ def verify(path: Path, model: nn.Module, feature_shape: tuple[int, ...]) -> floa
     return worst
 
 
+# --------------------------------------------------------------------------- PyTorch files
+
+
+def _archive_content(path: Path) -> dict[str, bytes] | bytes:
+    """What a torch archive holds, less the random serialization id and TorchScript's generated code and debug
+    info (whose order varies with Python's hash seed; the module and its weights fix them)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        return {
+            name.split("/", 1)[-1]: archive.read(name)
+            for name in archive.namelist()
+            if not name.endswith(("serialization_id", ".debug_pkl")) and "/code/" not in name
+        }
+
+
+def _save_if_changed(name: str, write) -> Path:
+    """Write with ``write(tmp_path)``; keep the committed file when the content is the same."""
+    path = OUT_DIR / name
+    scratch = OUT_DIR / ".build-tmp"  # the same file name: torch names an archive's root folder after it
+    scratch.mkdir(exist_ok=True)
+    tmp = scratch / name
+    write(tmp)
+    if path.exists() and _archive_content(path) == _archive_content(tmp):
+        tmp.unlink()
+    else:
+        os.replace(tmp, path)
+    scratch.rmdir()
+    return path
+
+
+def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + key: value for key, value in state.items()}
+
+
+def build_torch() -> dict[str, tuple[str, float | None]]:
+    """The PyTorch sample files, each checked by loading it back with plain torch."""
+    from safetensors.torch import load_file, save_file
+
+    mlp, cnn, resnet = make_mlp(), make_cnn_bn(), make_resnet_small()
+    x_img = _fixed_input((2, 3, 16, 16), SEED + 12)
+    optimizer = torch.optim.SGD(resnet.parameters(), lr=0.1, momentum=0.9)
+    optimizer.zero_grad()
+    resnet.train()
+    resnet(x_img).square().mean().backward()  # momentum buffers for a realistic optimizer state
+    resnet.load_state_dict(make_resnet_small().state_dict())  # the same weights as resnet_small.onnx
+    resnet.eval()
+    checkpoint = {
+        "epoch": 3,
+        "model_state_dict": _prefixed(resnet.state_dict(), "module."),
+        "optimizer_state_dict": optimizer.state_dict(),
+        "best_accuracy": 0.25,
+    }
+    lightning = {
+        "epoch": 3,
+        "global_step": 120,
+        "pytorch-lightning_version": "2.4.0",
+        "state_dict": _prefixed(resnet.state_dict(), "model."),
+        "optimizer_states": [],
+        "lr_schedulers": [],
+        "hyper_parameters": {"lr": 0.1, "num_classes": 10},
+    }
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    with _quiet():
+        program = torch.export.export(resnet, (x_img,), dynamic_shapes={"x": {0: batch}})
+        scripted = torch.jit.script(resnet)
+    files = [
+        _save_if_changed("mlp_state_dict.pt", lambda p: torch.save(mlp.state_dict(), p)),
+        _save_if_changed("resnet_small_ckpt.pt", lambda p: torch.save(checkpoint, p)),
+        _save_if_changed("resnet_small.ckpt", lambda p: torch.save(lightning, p)),
+        _save_if_changed("resnet_small_ts.pt", lambda p: torch.jit.save(scripted, p)),
+        _save_if_changed("resnet_small.pt2", lambda p: torch.export.save(program, p)),
+        _save_if_changed("cnn_bn.safetensors", lambda p: save_file(cnn.state_dict(), p)),
+        _save_if_changed("cnn_bn_module.pt", lambda p: torch.save(cnn, p)),
+    ]
+    # every file loads back with plain torch and computes the same function
+    x = _fixed_input((3, 3, 16, 16), SEED + 1003)
+    with torch.no_grad(), _quiet():
+        expected_resnet, expected_cnn = resnet(x), cnn(x)
+        checks = {
+            "mlp_state_dict.pt": torch.equal(
+                torch.load(files[0], weights_only=True)["0.weight"], mlp.state_dict()["0.weight"]
+            ),
+            "resnet_small_ts.pt": torch.allclose(torch.jit.load(files[3])(x), expected_resnet, atol=ATOL),
+            "resnet_small.pt2": torch.allclose(torch.export.load(files[4]).module()(x), expected_resnet, atol=ATOL),
+            "cnn_bn.safetensors": all(
+                torch.equal(load_file(files[5])[k], v) for k, v in cnn.state_dict().items()
+            ),
+            "cnn_bn_module.pt": torch.allclose(torch.load(files[6], weights_only=False)(x), expected_cnn, atol=ATOL),
+        }
+    failed = [name for name, ok in checks.items() if not ok]
+    if failed:
+        raise AssertionError(f"PyTorch sample files do not match their networks: {', '.join(failed)}")
+    return {f.name: (hashlib.sha256(f.read_bytes()).hexdigest(), None) for f in files}
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -382,6 +494,7 @@ def build() -> dict[str, tuple[str, float | None]]:
 def main() -> int:
     os.chdir(OUT_DIR)
     results = build()
+    results.update(build_torch())
     total = 0
     for name, (digest, err) in results.items():
         size = (OUT_DIR / name).stat().st_size

@@ -83,6 +83,8 @@ def bound_sentence(run: ModelRun) -> str:
     Lipschitz'."""
     report = run.report
     assert report is not None
+    if report.scope == "weights":
+        return "no network bound (weights only; pass --model)"
     if not report.bounded:
         return "not globally Lipschitz"
     text = f"{'certified ' if report.certified else ''}upper bound {format_number(report.upper_bound)}"

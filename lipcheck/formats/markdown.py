@@ -71,6 +71,9 @@ def _model_section(run: ModelRun, heading: str) -> list[str]:
             listed = ", ".join(f"{op}={value:g}" for op, value in report.assumptions.items())
             line += f"; not certified: assumes {text(listed)}"
         lines.append(line + ".")
+    elif report.scope == "weights":
+        lines.append(f"**No network bound**: {text(report.unbounded_reasons[0].reason)}. "
+                     "Each row is one weight tensor's certified norm.")
     else:
         nodes = ", ".join(f"{code(r.node)} ({text(r.op)}: {text(r.reason)})" for r in report.unbounded_reasons)
         lines.append(f"**Not globally Lipschitz**: {nodes}.")

@@ -1,0 +1,86 @@
+"""Small PyTorch networks for the PyTorch frontend's tests (importable, for --model)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ParityNet(nn.Module):
+    """Conv/BN/ReLU, a residual add, max and average pooling, a concat, LeakyReLU, Hardtanh, Linear:
+    every activation is a single ONNX op, so ONNX and PyTorch give the very same bound."""
+
+    def __init__(self, width: int = 6, classes: int = 5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.pool = nn.MaxPool2d(2)
+        self.down = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+        self.side = nn.Conv2d(width, 2, 1)
+        self.act = nn.LeakyReLU(0.1)
+        self.avg = nn.AvgPool2d(2)
+        self.fc = nn.Linear((2 * width + 2) * 2 * 2, classes)
+        torch.manual_seed(7)
+        with torch.no_grad():
+            for bn in (self.bn1, self.bn2):
+                bn.running_mean.normal_(0, 0.3)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.normal_(1, 0.3)
+                bn.bias.normal_(0, 0.2)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = y + self.bn2(self.conv2(y))
+        y = self.pool(y)
+        y = torch.cat([self.down(y), self.side(self.pool(y))], dim=1)
+        y = F.hardtanh(self.act(y))
+        y = self.avg(y)
+        return self.fc(torch.flatten(y, 1))
+
+
+class FunctionalForms(nn.Module):
+    """The same layers written as functional calls, tensor methods and operators."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.w1 = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.3)
+        self.w2 = nn.Parameter(torch.randn(4, 8 * 4 * 4) * 0.1)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x, self.w1, padding=1)
+        y = torch.relu(y) + F.relu(-y).mul(0.5)
+        y = F.avg_pool2d(y, 2).sigmoid()
+        y = y.view(y.shape[0], -1)
+        y = torch.add(F.linear(y, self.w2), 1.0)
+        z = torch.cat([y.tanh(), torch.sigmoid(y)], dim=1)
+        z = z.reshape(-1, 2, 4).permute(0, 2, 1).flatten(1)
+        return self.lin(z[:, :4]) - z[:, 4:].clamp(-1, 1)
+
+
+class WithSort(nn.Module):
+    """torch.sort has no lipcheck mapping."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sort(self.fc(x), dim=-1).values.cumsum(-1)
+
+
+def make_parity_net(width: int = 6, classes: int = 5) -> ParityNet:
+    return ParityNet(width, classes)
+
+
+def broken_factory() -> nn.Module:
+    raise RuntimeError("the factory failed on purpose")
+
+
+def not_a_module() -> int:
+    return 42
