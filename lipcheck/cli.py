@@ -411,6 +411,101 @@ def check(
     if code:
         raise typer.Exit(code)
 
+class NormalizeMode(str, Enum):
+    bake = "bake"
+    parametrize = "parametrize"
+
+
+@app.command()
+def normalize(
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="The model to normalise (any format `report` reads).")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Where to write the normalised model (same format).")
+    ] = None,
+    mode: Annotated[
+        NormalizeMode,
+        typer.Option(help="bake: rescale the weights. parametrize: PyTorch training-time spectral normalization "
+                     "(Python API; see README)."),
+    ] = NormalizeMode.bake,
+    target: Annotated[float, typer.Option(help="Each normalised layer's certified operator norm.")] = 1.0,
+    clip: Annotated[bool, typer.Option("--clip", help="Only shrink layers above the target.")] = False,
+    lipschitz: Annotated[
+        float | None,
+        typer.Option("--lipschitz", metavar="K", help="Instead of --target: give every selected layer the same norm, "
+                     "the largest whose re-certified network bound is <= K."),
+    ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option("--layers", metavar="PATTERN", help="Only layers whose name matches (fnmatch, comma-separated), "
+                     "e.g. 'layer1.*,fc'."),
+    ] = None,
+    fold_bn: Annotated[
+        bool, typer.Option("--fold-bn", help="PyTorch: fold a BatchNorm after a layer into it first (ONNX always "
+                           "does).")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would change; write nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Allow -o to replace an existing file.")] = False,
+    input_shape: Annotated[
+        list[str], typer.Option("--input-shape", "-s", metavar="SHAPE", help=INPUT_SHAPE_HELP)
+    ] = [],  # noqa: B006
+    model_factory: Annotated[str | None, typer.Option("--model", metavar="PKG.MODULE:FACTORY", help=MODEL_HELP)] = None,
+    model_kwargs: Annotated[
+        str | None, typer.Option("--model-kwargs", metavar="JSON", help="Keyword arguments for --model's factory.")
+    ] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_HELP)] = False,
+    device: Annotated[Device, typer.Option(help="Where to compute: auto uses CUDA when available.")] = Device.auto,
+    output_format: Annotated[
+        str, typer.Option("--format", "-f", help="table (for people) or json (lipcheck.normalize/1).")
+    ] = "table",
+    no_color: Annotated[bool, typer.Option("--no-color", help="Plain output (also: NO_COLOR set).")] = False,
+) -> None:
+    """Rewrite a model with spectral normalization and prove the result.
+
+    Every Conv, ConvTranspose and Linear/Gemm/MatMul layer is rescaled so that its certified operator norm
+    equals --target; the output (same format as the input) is then re-loaded, re-certified and run
+    against the original. Exit 1 when a check fails. The input is never modified.
+    """
+    from lipcheck.frontends.torch_frontend import TorchOptions
+    from lipcheck.report import resolve_device
+    from lipcheck.rewrite.normalize import NormalizeOptions
+    from lipcheck.rewrite.normalize import normalize as run_normalize
+
+    if mode is NormalizeMode.parametrize:
+        raise LipcheckError("--mode parametrize is a Python API (lipcheck.rewrite.parametrize.parametrize), used "
+                            "while training; see README 'Spectral normalization while training'")
+    if output_format not in ("table", "json"):
+        raise LipcheckError(f"--format {output_format!r}: expected table or json")
+    if output is None and not dry_run:
+        raise LipcheckError("normalize needs -o OUTPUT (or --dry-run to only show the plan)")
+    options = NormalizeOptions(
+        target=target,
+        clip=clip,
+        lipschitz=lipschitz,
+        layers=layers,
+        fold_bn=fold_bn,
+        input_shapes=tuple(input_shape),
+        torch_options=TorchOptions(model_factory, parse_model_kwargs(model_kwargs), trust_pickle),
+        device=str(resolve_device(device.value)),
+    )
+    result = run_normalize(model, None if dry_run else output, options, force=force)
+    if output_format == "json":
+        from lipcheck.rewrite.report import normalize_document
+        from lipcheck.runner import json_text
+
+        sys.stdout.write(json_text(normalize_document(result, dry_run)))
+    else:
+        from lipcheck.render import print_normalize
+
+        print_normalize(result, stdout_console(no_color), dry_run)
+    for path in result.written:
+        _note(f"wrote {path}")
+    failed = [check for check in result.checks if not check.passed]
+    for check in failed:
+        _note(f"check failed: {check.name}: {check.detail}")
+    if failed:
+        raise typer.Exit(1)
+
+
 @app.command("rules")
 def list_rules() -> None:
     """List the ops lipcheck has a rule for, with how each is bounded."""

@@ -26,10 +26,11 @@ from lipcheck.rules.activations import (
 from lipcheck.rules.linear import batchnorm_affine
 
 
-def prepare(graph: Graph) -> Graph:
-    """All passes, in order."""
+def prepare(graph: Graph, fold_batchnorms: bool = True) -> Graph:
+    """All passes, in order (``fold_batchnorms=False`` keeps BatchNorms as layers of their own)."""
     recognise_activations(graph)
-    fold_batchnorm(graph)
+    if fold_batchnorms:
+        fold_batchnorm(graph)
     return graph
 
 

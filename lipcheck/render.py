@@ -129,3 +129,31 @@ def summary_text(run: ModelRun, path_width: int = 0) -> Text:
 def summary_as_text(runs: list[ModelRun]) -> str:
     width = max((len(run.path) for run in runs), default=0)
     return "".join(summary_text(run, width).plain + "\n" for run in runs)
+
+
+def print_normalize(result, console: Console, dry_run: bool) -> None:
+    """``lipcheck normalize``: the before/after table, the bounds, the output change and every check."""
+    title = "plan (dry run, nothing written)" if dry_run else f"{result.format}"
+    console.print(Text.assemble(("lipcheck normalize ", "bold"), result.model, f"  ({title})"))
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for name, justify in (("#", "right"), ("layer", "left"), ("op", "left"), ("norm before", "right"),
+                          ("scale", "right"), ("norm after", "right"), ("BatchNorm folded", "left")):  # fmt: skip
+        table.add_column(name, justify=justify, no_wrap=name != "layer")  # type: ignore[arg-type]
+    for i, layer in enumerate(result.layers, 1):
+        after = layer.norm_after if layer.norm_after is not None else layer.norm_before * layer.factor
+        table.add_row(str(i), layer.name, layer.op, format_number(layer.norm_before), f"{layer.factor:.6g}",
+                      format_number(after) + ("" if layer.norm_after is not None else " (planned)"),
+                      layer.folded_bn or "")  # fmt: skip
+    console.print(table)
+    for name, reason in result.skipped:
+        console.print(Text(f"left alone: {name}: {reason}", style="yellow"))
+    if result.budget_note:
+        console.print(Text(f"budget: {result.budget_note}"))
+    if result.bound_before is not None or result.bound_after is not None:
+        after = "-" if dry_run else format_number(result.bound_after)
+        console.print(Text.assemble("network bound: ", format_number(result.bound_before), " -> ", (after, "bold")))
+    if result.output_change is not None:
+        console.print(f"outputs changed by {result.output_change:.3g} (relative l2, random inputs)")
+    for check in result.checks:
+        style = "green" if check.passed else "bold red"
+        console.print(Text.assemble(("PASS " if check.passed else "FAIL ", style), f"{check.name}: {check.detail}"))

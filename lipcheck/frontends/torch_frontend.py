@@ -111,10 +111,10 @@ def load_torch(
     if kind == "pt2":
         _no_model_for(path, "torch.export program (.pt2)", options)
         if not options.trust_pickle:
-            _refuse_untrusted(path, pt2_unsafe_globals(path))
+            refuse_untrusted(path, pt2_unsafe_globals(path))
         return _from_exported(path, input_shapes)
-    obj = _unpickle(path, options.trust_pickle)
-    found, where = _find_weights(obj, path)
+    obj = unpickle(path, options.trust_pickle)
+    found, where = find_weights(obj, path)
     if isinstance(found, nn.Module):
         _no_model_for(path, "pickled module", options)
         return module_to_graph(found, input_shapes, shown)
@@ -147,7 +147,7 @@ def _short(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """torch.export and TorchScript conversion log and warn a lot; users need none of it."""
     loggers = [logging.getLogger(n) for n in ("torch", "torch.export", "torch._export", "torch.fx", "torch._dynamo")]
     levels = [lg.level for lg in loggers]
@@ -180,20 +180,20 @@ def _cwd_importable() -> Iterator[None]:
 # ---------------------------------------------------------------------- pickles, safely
 
 
-def _unpickle(path: Path, trusted: bool) -> Any:
+def unpickle(path: Path, trusted: bool) -> Any:
     try:
-        with _quiet():
+        with quiet():
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         wanted = unsafe_globals(path)
         if not wanted and not _parses_as_pickle(path):
             raise ModelLoadError(f"{path}: not a readable PyTorch file (not a pickle or a torch archive)") from None
         if not trusted:
-            _refuse_untrusted(path, wanted or ["Python objects beyond tensors"])
+            refuse_untrusted(path, wanted or ["Python objects beyond tensors"])
     except Exception as exc:
         raise ModelLoadError(f"{path}: not a readable PyTorch file ({_short(exc)})") from None
     try:
-        with _quiet(), _cwd_importable():
+        with quiet(), _cwd_importable():
             return torch.load(path, map_location="cpu", weights_only=False)
     except (ModuleNotFoundError, AttributeError) as exc:
         raise ModelLoadError(
@@ -204,7 +204,7 @@ def _unpickle(path: Path, trusted: bool) -> Any:
         raise ModelLoadError(f"{path}: unpickling failed ({type(exc).__name__}: {_short(exc)})") from None
 
 
-def _refuse_untrusted(path: Path, wanted: list[str]) -> None:
+def refuse_untrusted(path: Path, wanted: list[str]) -> None:
     if not wanted:
         return
     listed = ", ".join(wanted[:10]) + (f" and {len(wanted) - 10} more" if len(wanted) > 10 else "")
@@ -316,7 +316,7 @@ def _is_tensor_dict(obj: Any) -> bool:
     return all(isinstance(k, str) for k in obj) and tensors_only and any(isinstance(v, torch.Tensor) for v in values)
 
 
-def _find_weights(obj: Any, path: Path) -> tuple[nn.Module | dict[str, torch.Tensor], str]:
+def find_weights(obj: Any, path: Path) -> tuple[nn.Module | dict[str, torch.Tensor], str]:
     """The module or state_dict inside what torch.load returned, and where it was found."""
     if isinstance(obj, nn.Module):
         return obj, "a pickled module"
@@ -411,7 +411,7 @@ def build_module(spec: str, kwargs_text: str | Mapping[str, Any] | None = None) 
     if not callable(target):
         raise LipcheckError(f"--model {spec!r}: {attr_path} is not callable")
     try:
-        with _quiet():
+        with quiet():
             module = target(**kwargs)
     except Exception as exc:
         raise LipcheckError(f"--model {spec!r}: calling {attr_path}(**kwargs) failed ({type(exc).__name__}: "
@@ -421,7 +421,7 @@ def build_module(spec: str, kwargs_text: str | Mapping[str, Any] | None = None) 
     return module
 
 
-def _strip_common_prefix(state: dict[str, torch.Tensor], wanted: set[str]) -> dict[str, torch.Tensor]:
+def strip_common_prefix(state: dict[str, torch.Tensor], wanted: set[str]) -> dict[str, torch.Tensor]:
     """Lightning and other wrappers keep the network under an attribute ('model.'): drop it when that matches."""
     if set(state) == wanted or not state:
         return state
@@ -437,7 +437,7 @@ def _strip_common_prefix(state: dict[str, torch.Tensor], wanted: set[str]) -> di
 def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], shown: str) -> None:
     """Strict load_state_dict with a one-line account of missing, unexpected and mis-shaped keys."""
     wanted = set(module.state_dict())
-    state = _strip_common_prefix(dict(state), wanted)
+    state = strip_common_prefix(dict(state), wanted)
     missing = sorted(wanted - set(state))
     unexpected = sorted(set(state) - wanted)
     own = module.state_dict()
@@ -483,7 +483,7 @@ def example_inputs(specs: Sequence[str], names: Sequence[str], shown: str) -> tu
 
 def _check_runs(module: nn.Module, inputs: list, shapes: dict[str, tuple[int, ...]], shown: str) -> None:
     try:
-        with torch.no_grad(), _quiet():
+        with torch.no_grad(), quiet():
             module(*inputs)
     except Exception as exc:
         given = ", ".join(f"{name}={','.join(map(str, s))}" for name, s in shapes.items())
@@ -501,7 +501,7 @@ def module_to_graph(module: nn.Module, input_shapes: Sequence[str], shown: str) 
 
 
 def _export(module: nn.Module, inputs: list, shown: str) -> torch.export.ExportedProgram:
-    with _quiet():
+    with quiet():
         try:
             return torch.export.export(module, tuple(inputs))
         except Exception as first:
@@ -522,7 +522,7 @@ def program_to_graph(
         return exported_to_graph(program, shown, source_names)
     except UnmappedOps as first:
         try:
-            with _quiet():
+            with quiet():
                 decomposed = program.run_decompositions()
             return exported_to_graph(decomposed, shown, source_names or module_parameter_names(decomposed))
         except Exception:
@@ -537,7 +537,7 @@ def program_to_graph(
 def _from_torchscript(path: Path, input_shapes: Sequence[str]) -> Graph:
     shown = path.name
     try:
-        with _quiet():
+        with quiet():
             scripted = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
         raise ModelLoadError(f"{path}: not a readable TorchScript file ({_short(exc)})") from None
@@ -548,7 +548,7 @@ def _from_torchscript(path: Path, input_shapes: Sequence[str]) -> Graph:
     try:
         from torch._export.converter import TS2EPConverter
 
-        with _quiet():
+        with quiet():
             converted = TS2EPConverter(scripted, tuple(inputs)).convert()
             names = module_parameter_names(converted)
             # the converter leaves every dimension dynamic; exporting its module again fixes the given shapes
@@ -562,13 +562,13 @@ def _from_exported(path: Path, input_shapes: Sequence[str]) -> Graph:
     """A .pt2 records its input shapes; --input-shape re-exports it at another size (dynamic dims)."""
     shown = path.name
     try:
-        with _quiet():
+        with quiet():
             program = torch.export.load(str(path))
     except Exception as exc:
         raise ModelLoadError(f"{path}: not a readable torch.export program ({_short(exc)})") from None
     if not input_shapes:
         return program_to_graph(program, shown)
-    with _quiet():
+    with quiet():
         module = torch.export.unflatten(program)
     user_inputs = list(program.graph_signature.user_inputs)
     shapes, inputs = example_inputs(input_shapes, user_inputs, shown)

@@ -1,0 +1,1 @@
+"""Rewrites: models changed by lipcheck (spectral normalization), which check themselves afterwards."""

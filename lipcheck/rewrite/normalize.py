@@ -1,0 +1,519 @@
+"""``lipcheck normalize`` in bake mode: rescale weights so each layer's certified norm is the target, then prove it.
+
+Spectral normalization's W / sigma(W) * target, with sigma the layer's *certified operator norm* (for a
+convolution the operator at its input size, not the reshaped kernel), so that after the rewrite the
+certified norm is the target up to rounding. A BatchNorm right after a linear layer is folded into it
+first where asked (ONNX always: the node is removed when the layer has a bias to take its shift;
+PyTorch with ``fold_bn``: the BatchNorm is set to a pure shift so the architecture and its keys stay).
+``lipschitz=K`` gives every selected layer the same norm t, the largest (by bisection on re-certified
+bounds) whose network bound is <= K.
+
+The result is checked from the written file: re-loaded, re-certified, run against the original.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lipcheck.compose import Composition, compose
+from lipcheck.errors import LipcheckError
+from lipcheck.files import check_writable, write_new_model
+from lipcheck.frontends import load_model
+from lipcheck.frontends.torch_frontend import TorchOptions, WeightTensors
+from lipcheck.graph import Graph, Node
+from lipcheck.passes import prepare
+from lipcheck.rewrite.sources import OnnxSource, WeightSource, load_runnable, open_source
+
+LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+TOLERANCE = 1e-6  # a normalised layer's re-certified norm may exceed the target by this much (float32 rounding)
+BISECTION_STEPS = 14
+
+
+@dataclass
+class NormalizeOptions:
+    target: float = 1.0
+    clip: bool = False
+    lipschitz: float | None = None
+    layers: str | None = None  # fnmatch patterns, comma-separated
+    fold_bn: bool = False  # PyTorch files; ONNX always folds
+    input_shapes: tuple[str, ...] = ()
+    torch_options: TorchOptions = field(default_factory=TorchOptions)
+    device: str = "cpu"
+
+
+@dataclass
+class LayerChange:
+    name: str
+    op: str
+    weight: str  # the source tensor scaled
+    norm_before: float
+    factor: float = 1.0
+    norm_after: float | None = None
+    folded_bn: str | None = None
+    note: str = ""
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class NormalizeResult:
+    model: str
+    format: str
+    layers: list[LayerChange]
+    skipped: list[tuple[str, str]]  # (layer, why it was left alone)
+    bound_before: float | None
+    bound_after: float | None = None
+    budget_note: str = ""
+    output_change: float | None = None
+    checks: list[Check] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.checks)
+
+
+@dataclass
+class _Layer:
+    node: Node
+    weight_value: str  # graph constant
+    source_name: str  # source tensor (the same, or what it is derived from by shape-only ops)
+    direct: bool
+
+
+def _selected(name: str, patterns: str | None) -> bool:
+    if not patterns:
+        return True
+    return any(fnmatch.fnmatchcase(name, p.strip()) for p in patterns.split(",") if p.strip())
+
+
+def _weight_index(node: Node, graph: Graph) -> int | None:
+    if node.op in ("Conv", "ConvTranspose"):
+        return 1
+    constant = [i for i, v in enumerate(node.inputs[:2]) if v and v in graph.constants]
+    return constant[0] if len(constant) == 1 else None
+
+
+def _source_name(source: WeightSource, value: str) -> str | None:
+    if value in source.names():
+        return value
+    if isinstance(source, OnnxSource):
+        return source.source_of(value)
+    base = value.removesuffix("_T")  # the PyTorch frontend's transposed Linear weight
+    return base if base in source.names() else None
+
+
+def _find_layers(
+    graph: Graph, source: WeightSource, patterns: str | None
+) -> tuple[list[_Layer], list[tuple[str, str]]]:
+    layers, skipped = [], []
+    uses: dict[str, int] = {}
+    for node in graph.nodes:
+        for v in node.inputs:
+            uses[v] = uses.get(v, 0) + 1
+    for node in graph.nodes:
+        if node.op not in LINEAR_OPS or not _selected(node.name, patterns):
+            continue
+        index = _weight_index(node, graph)
+        if index is None:
+            continue
+        value = node.inputs[index]
+        name = _source_name(source, value)
+        if name is None:
+            skipped.append((node.name, "its weight is computed from other constants (e.g. quantized); left alone"))
+        elif uses.get(value, 0) > 1:
+            skipped.append((node.name, "its weight is shared with another layer; left alone"))
+        else:
+            layers.append(_Layer(node, value, name, direct=name == value))
+    return layers, skipped
+
+
+# ---------------------------------------------------------------------- BatchNorm folding
+
+
+def _following_batchnorm(graph: Graph, node: Node, source: WeightSource) -> Node | None:
+    consumers = graph.consumers().get(node.outputs[0], [])
+    if len(consumers) != 1 or node.outputs[0] in graph.outputs:
+        return None
+    bn = consumers[0]
+    if bn.op != "BatchNormalization" or int(bn.attrs.get("training_mode", 0)) or bn.inputs[0] != node.outputs[0]:
+        return None
+    return bn if all(v in source.names() for v in bn.inputs[1:5]) else None
+
+
+def _channel_axis_scale(node: Node, weight: np.ndarray, multiplier: np.ndarray) -> np.ndarray | None:
+    """The weight with each output channel scaled, or None when the layout does not allow it."""
+    if node.op == "Conv" and weight.shape[0] == multiplier.size:
+        return weight * multiplier.reshape(-1, *([1] * (weight.ndim - 1)))
+    if node.op == "ConvTranspose":
+        groups = int(node.attrs.get("group", 1))
+        if weight.shape[1] * groups != multiplier.size:
+            return None
+        grouped = weight.reshape(groups, weight.shape[0] // groups, weight.shape[1], *weight.shape[2:])
+        return (grouped * multiplier.reshape(groups, 1, -1, *([1] * (weight.ndim - 2)))).reshape(weight.shape)
+    if node.op == "Gemm" and weight.ndim == 2 and not int(node.attrs.get("transA", 0)):
+        if int(node.attrs.get("transB", 0)) and weight.shape[0] == multiplier.size:
+            return weight * multiplier[:, None]
+        if not int(node.attrs.get("transB", 0)) and weight.shape[1] == multiplier.size:
+            return weight * multiplier[None, :]
+    return None
+
+
+def _fold_batchnorm(layer: _Layer, bn: Node, source: WeightSource, graph: Graph) -> bool:
+    """W' = W * m, b' = b * m, and the BatchNorm becomes the pure shift x + s (removed when a bias can take s)."""
+    scale, beta, mean, var = (np.asarray(source.get(v), dtype=np.float64) for v in bn.inputs[1:5])
+    eps = float(bn.attrs.get("epsilon", 1e-5))
+    multiplier = scale / np.sqrt(var + eps)
+    shift = beta - mean * multiplier
+    weight = np.asarray(source.get(layer.source_name), dtype=np.float64)
+    new_weight = _channel_axis_scale(layer.node, weight, multiplier)
+    if new_weight is None:
+        return False
+    bias_value = layer.node.inputs[2] if len(layer.node.inputs) > 2 and layer.node.inputs[2] else None
+    if bias_value is not None and bias_value not in source.names():
+        return False
+    if layer.node.op == "Gemm" and bias_value is not None and float(layer.node.attrs.get("beta", 1.0)) != 1.0:
+        return False
+    source.set(layer.source_name, new_weight)
+    if bias_value is not None:
+        bias = np.asarray(source.get(bias_value), dtype=np.float64)
+        if isinstance(source, OnnxSource) and bias.shape == shift.shape:
+            source.set(bias_value, bias * multiplier + shift)
+            if source.remove_batchnorm(bn.name, layer.node.name):
+                return True
+            source.set(bias_value, bias * multiplier)
+        else:
+            source.set(bias_value, bias * multiplier)
+    # keep the BatchNorm as x + shift: var = 1 - eps makes its scale 1
+    source.set(bn.inputs[1], np.ones_like(scale))
+    source.set(bn.inputs[2], shift)
+    source.set(bn.inputs[3], np.zeros_like(mean))
+    source.set(bn.inputs[4], np.full_like(var, 1.0 - eps))
+    return True
+
+
+# ---------------------------------------------------------------------- certification
+
+
+def _load_graph(path: Path, options: NormalizeOptions) -> Graph | WeightTensors:
+    return load_model(path, options.input_shapes, options.torch_options)
+
+
+def _certify(graph: Graph, fold_bn: bool, device: str) -> Composition:
+    working = copy.deepcopy(graph)
+    prepare(working, fold_batchnorms=fold_bn)
+    return compose(working, device=device)
+
+
+def _layer_norms(result: Composition) -> dict[str, float]:
+    return {layer.name: layer.lipschitz for layer in result.layers}
+
+
+def _weights_only_norms(tensors: dict[str, torch.Tensor], device: str) -> dict[str, float]:
+    from lipcheck.weights import layer_name, weight_norms
+
+    rows = {row.name: row.lipschitz for row in weight_norms(tensors, device)}
+    return {key: rows[layer_name(key)] for key in tensors if layer_name(key) in rows}
+
+
+# ---------------------------------------------------------------------- the rewrite
+
+
+def normalize(
+    path: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None,
+    options: NormalizeOptions,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> NormalizeResult:
+    """Plan, apply and (unless ``output`` is None: a dry run) write and verify the normalised model."""
+    path, out = Path(path), None if output is None else Path(output)
+    if not (options.target > 0 and math.isfinite(options.target)):
+        raise LipcheckError(f"--target {options.target}: must be a positive number")
+    if options.lipschitz is not None and not (options.lipschitz > 0 and math.isfinite(options.lipschitz)):
+        raise LipcheckError(f"--lipschitz {options.lipschitz}: must be a positive number")
+    if out is not None:
+        if out.resolve() == path.resolve() and not force:
+            raise LipcheckError(f"{out}: is the input model; lipcheck never modifies its input (use another -o)")
+        check_writable(out, force)
+    note = progress or (lambda _: None)
+    source = open_source(path, options.torch_options)
+    graph = _load_graph(path, options)
+    fold_bn = isinstance(source, OnnxSource) or options.fold_bn
+    if isinstance(graph, WeightTensors):
+        result = _plan_weights_only(source, graph, options)
+    else:
+        result = _plan_graph(source, graph, options, fold_bn, note)
+    if out is None:
+        return result
+    note("writing")
+    result.written = write_new_model(out, source.write, force)
+    note("verifying")
+    _verify(path, out, result, options, fold_bn)
+    return result
+
+
+def _plan_weights_only(source: WeightSource, weights: WeightTensors, options: NormalizeOptions) -> NormalizeResult:
+    if options.lipschitz is not None:
+        raise LipcheckError("--lipschitz needs the architecture (--model); this file holds weights only")
+    norms = _weights_only_norms({k: v for k, v in weights.tensors.items() if _selected(k, options.layers)},
+                                options.device)  # fmt: skip
+    changes = []
+    for key, norm in norms.items():
+        factor = _factor(norm, options.target, options.clip)
+        source.set(key, np.asarray(source.get(key), dtype=np.float64) * factor)
+        changes.append(LayerChange(key, "Conv" if weights.tensors[key].dim() > 2 else "MatMul", key, norm, factor))
+    return NormalizeResult(weights.name, source.format, changes, [], None,
+                           budget_note="weights only: each tensor by its size-independent certified norm")  # fmt: skip
+
+
+def _factor(norm: float, target: float, clip: bool) -> float:
+    if norm <= 0:
+        return 1.0
+    return min(1.0, target / norm) if clip else target / norm
+
+
+def _plan_graph(
+    source: WeightSource, graph: Graph, options: NormalizeOptions, fold_bn: bool, note: Callable[[str], None]
+) -> NormalizeResult:
+    note("certifying the input")
+    before = _certify(graph, True, options.device)
+    layers, skipped = _find_layers(graph, source, options.layers)
+    if not layers:
+        raise LipcheckError(f"{source.path}: no layer to normalise" + (f" matches --layers {options.layers!r}"
+                                                                      if options.layers else ""))  # fmt: skip
+    folded: dict[str, str] = {}
+    if fold_bn:
+        for layer in layers:
+            bn = _following_batchnorm(graph, layer.node, source) if layer.direct else None
+            if bn is not None and _fold_batchnorm(layer, bn, source, graph):
+                folded[layer.node.name] = bn.name
+    if isinstance(source, OnnxSource) and folded:
+        graph = _graph_of(source, options)  # BatchNorm nodes were removed from the model itself
+        layers, _ = _find_layers(graph, source, options.layers)
+    else:
+        _sync_graph(graph, source)
+    note("certifying each layer")
+    norms = _layer_norms(_certify(graph, fold_bn, options.device))
+    changes = [LayerChange(layer.node.name, layer.node.op, layer.source_name, norms[layer.node.name],
+                           folded_bn=folded.get(layer.node.name)) for layer in layers]  # fmt: skip
+    budget = ""
+    if options.lipschitz is None:
+        for change in changes:
+            change.factor = _factor(change.norm_before, options.target, options.clip)
+    else:
+        t, bound = _uniform_target(graph, source, layers, changes, options, fold_bn, note)
+        for change in changes:
+            change.factor = t / change.norm_before if change.norm_before > 0 else 1.0
+        budget = (f"every selected layer at norm {t:.6g}, the largest (bisection, {BISECTION_STEPS} re-certifications) "
+                  f"with a certified bound <= {options.lipschitz:g} ({bound:.6g})")  # fmt: skip
+    for layer, change in zip(layers, changes, strict=True):
+        _scale(source, graph, layer, change.factor)
+    return NormalizeResult(graph.name, source.format, changes, skipped, before.upper_bound, budget_note=budget)
+
+
+def _scale(source: WeightSource, graph: Graph, layer: _Layer, factor: float) -> None:
+    source.set(layer.source_name, np.asarray(source.get(layer.source_name), dtype=np.float64) * factor)
+    graph.constants[layer.weight_value] = np.asarray(graph.constants[layer.weight_value]) * factor
+
+
+def _graph_of(source: OnnxSource, options: NormalizeOptions) -> Graph:
+    from lipcheck.frontends.onnx_frontend import onnx_to_graph
+
+    return onnx_to_graph(copy.deepcopy(source.model), options.input_shapes, name=source.path.name)
+
+
+def _sync_graph(graph: Graph, source: WeightSource) -> None:
+    """Copy the source's edited tensors into the graph's constants of the same name."""
+    for name in source.names():
+        if name in graph.constants:
+            value = source.get(name)
+            if value is not None:
+                graph.constants[name] = value
+
+
+def _uniform_target(
+    graph: Graph,
+    source: WeightSource,
+    layers: list[_Layer],
+    changes: list[LayerChange],
+    options: NormalizeOptions,
+    fold_bn: bool,
+    note: Callable[[str], None],
+) -> tuple[float, float]:
+    """The largest common layer norm t whose re-certified network bound is <= K (the bound grows with t)."""
+    goal = float(options.lipschitz) * (1 - 1e-6)  # room for the float32 rounding of the written weights
+
+    def bound_at(t: float) -> float:
+        trial = copy.deepcopy(graph)
+        for layer, change in zip(layers, changes, strict=True):
+            factor = t / change.norm_before if change.norm_before > 0 else 1.0
+            trial.constants[layer.weight_value] = np.asarray(trial.constants[layer.weight_value]) * factor
+        result = _certify(trial, fold_bn, options.device)
+        if result.upper_bound is None:
+            raise LipcheckError(f"{source.path}: not globally Lipschitz, so no scaling reaches --lipschitz")
+        return result.upper_bound
+
+    low, high = 0.0, 1.0
+    high_bound = bound_at(high)
+    while high_bound <= goal and high < 1e6:
+        low, high = high, high * 4
+        high_bound = bound_at(high)
+    low_bound = bound_at(low) if low > 0 else 0.0
+    if low == 0.0 and bound_at(1e-9) > goal:
+        raise LipcheckError(f"--lipschitz {options.lipschitz:g}: unreachable by scaling the selected layers (the rest "
+                            "of the network alone is above it)")  # fmt: skip
+    for step in range(BISECTION_STEPS):
+        note(f"bisection {step + 1}/{BISECTION_STEPS}")
+        middle = math.sqrt(low * high) if low > 0 else high / 16
+        middle_bound = bound_at(middle)
+        if middle_bound <= goal:
+            low, low_bound = middle, middle_bound
+        else:
+            high = middle
+    return low, low_bound
+
+
+# ---------------------------------------------------------------------- verification
+
+
+def _verify(path: Path, out: Path, result: NormalizeResult, options: NormalizeOptions, fold_bn: bool) -> None:
+    checks = result.checks
+    try:
+        after_graph = _load_graph(out, options)
+    except LipcheckError as exc:
+        checks.append(Check("reloads", False, str(exc)))
+        return
+    checks.append(Check("reloads", True, f"{out.name} reads back as {result.format}"))
+    if isinstance(after_graph, WeightTensors):
+        norms = _weights_only_norms(after_graph.tensors, options.device)
+    else:
+        norms = _layer_norms(_certify(after_graph, fold_bn, options.device))
+        result.bound_after = _certify(after_graph, True, options.device).upper_bound
+    worst = []
+    for change in result.layers:
+        change.norm_after = norms.get(change.name)
+        limit = options.target if options.lipschitz is None else change.norm_before * change.factor
+        if options.clip and change.factor == 1.0:
+            limit = change.norm_before
+        if change.norm_after is None or change.norm_after > limit * (1 + TOLERANCE):
+            worst.append(f"{change.name} {change.norm_after} > {limit:.9g}")
+    checks.append(Check("layer norms", not worst, "; ".join(worst[:3]) or
+                        f"every normalised layer's certified norm <= its target x (1 + {TOLERANCE:g})"))  # fmt: skip
+    if options.lipschitz is not None:
+        ok = result.bound_after is not None and result.bound_after <= options.lipschitz
+        checks.append(Check("network bound", ok, f"certified bound {result.bound_after} vs --lipschitz "
+                                                 f"{options.lipschitz:g}"))  # fmt: skip
+    if result.format.startswith("ONNX"):
+        _check_onnx(path, out, result, options)
+    else:
+        _check_torch(path, out, result, options)
+
+
+def _random_inputs(shapes: list[tuple[int, ...]], count: int = 4) -> list[list[np.ndarray]]:
+    generator = np.random.default_rng(0)
+    return [[generator.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(count)]
+
+
+def _relative_change(before: list[np.ndarray], after: list[np.ndarray]) -> float:
+    num = math.sqrt(sum(float(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+                        for a, b in zip(after, before, strict=True)))  # fmt: skip
+    den = math.sqrt(sum(float(np.sum(np.asarray(b, np.float64) ** 2)) for b in before))
+    return num / den if den > 0 else num
+
+
+def _check_onnx(path: Path, out: Path, result: NormalizeResult, options: NormalizeOptions) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        onnx.checker.check_model(str(out), full_check=True)
+        result.checks.append(Check("onnx.checker", True, "check_model(full_check=True) passes"))
+    except Exception as exc:
+        result.checks.append(Check("onnx.checker", False, str(exc).splitlines()[0][:200]))
+        return
+    session_options = ort.SessionOptions()
+    session_options.log_severity_level = 3
+    before = ort.InferenceSession(str(path), session_options, providers=["CPUExecutionProvider"])
+    after = ort.InferenceSession(str(out), session_options, providers=["CPUExecutionProvider"])
+
+    def signature(session: ort.InferenceSession) -> tuple[list, list]:
+        inputs = [(i.name, i.type, i.shape) for i in session.get_inputs()]
+        return inputs, [(o.name, o.type) for o in session.get_outputs()]
+
+    same = signature(before) == signature(after)
+    result.checks.append(Check("signature", same, "same inputs and outputs as the original" if same else
+                               "inputs or outputs differ from the original"))  # fmt: skip
+    from lipcheck.frontends.onnx_frontend import parse_input_shapes
+
+    given = parse_input_shapes(list(options.input_shapes), [i.name for i in before.get_inputs()])
+    shapes = [given.get(i.name) or tuple(d if isinstance(d, int) else 1 for d in i.shape) for i in before.get_inputs()]
+    change = 0.0
+    try:
+        for inputs in _random_inputs(shapes):
+            feed = {i.name: x for i, x in zip(before.get_inputs(), inputs, strict=True)}
+            change = max(change, _relative_change(before.run(None, feed), after.run(None, feed)))
+        result.output_change = change
+        result.checks.append(Check("runs", True, "onnxruntime runs the output on random inputs"))
+    except Exception as exc:
+        result.checks.append(Check("runs", False, f"onnxruntime: {str(exc).splitlines()[0][:200]}"))
+
+
+def _check_torch(path: Path, out: Path, result: NormalizeResult, options: NormalizeOptions) -> None:
+    try:
+        before = load_runnable(path, options.torch_options, list(options.input_shapes))
+        after = load_runnable(out, options.torch_options, list(options.input_shapes))
+        result.checks.append(Check("loads", True, "loads with plain torch"))
+    except Exception as exc:
+        result.checks.append(Check("loads", False, str(exc).splitlines()[0][:200]))
+        return
+    if before is None or after is None:
+        return  # weights only: nothing to run
+    shapes = [tuple(int(d) for d in spec.rpartition("=")[2].split(",")) for spec in options.input_shapes]
+    if not shapes:
+        shapes = _pt2_input_shapes(path)
+    if not shapes:
+        return
+    change = 0.0
+    try:
+        with torch.no_grad():
+            for inputs in _random_inputs(shapes):
+                tensors = [torch.from_numpy(x) for x in inputs]
+                change = max(change, _relative_change(_as_list(before(*tensors)), _as_list(after(*tensors))))
+        result.output_change = change
+        result.checks.append(Check("runs", True, "the output model runs on random inputs"))
+    except Exception as exc:
+        result.checks.append(Check("runs", False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
+
+
+def _pt2_input_shapes(path: Path) -> list[tuple[int, ...]]:
+    from lipcheck.frontends.torch_frontend import detect_format
+
+    if detect_format(path) != "pt2":
+        return []
+    program = torch.export.load(str(path))
+    args = program.example_inputs[0] if program.example_inputs else ()
+    return [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+
+
+def _as_list(value: object) -> list[np.ndarray]:
+    if isinstance(value, torch.Tensor):
+        return [value.detach().double().numpy()]
+    if isinstance(value, list | tuple):
+        return [v for item in value for v in _as_list(item)]
+    return []
+
