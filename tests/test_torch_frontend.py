@@ -478,3 +478,14 @@ input_shape = "1,16"
     assert lines[0].startswith("PASS") and "5.03643" in lines[0]
     assert lines[1].startswith("OK") and "1.13957" in lines[1]
     assert lines[2].startswith("ERROR") and "unexpected keyword argument" in lines[2]
+
+
+@pytest.mark.parametrize(("key", "prefix"), [("state_dict_ema", "_orig_mod."), ("model_ema", "module._orig_mod."),
+                                             ("model", "")])  # fmt: skip
+def test_checkpoint_keys_and_wrapper_prefixes(key: str, prefix: str, tmp_path: Path) -> None:
+    state = torch.load(SAMPLES / "mlp_state_dict.pt", weights_only=True)
+    path = tmp_path / "ema.pth"
+    torch.save({"epoch": 7, key: {prefix + k: v for k, v in state.items()}}, path)
+    report = analyse(path, ["1,16"], device="cpu", torch_options=TorchOptions(model="sample_models.build:make_mlp"))
+    reference = analyse(SAMPLES / "mlp.onnx", ["1,16"], device="cpu")
+    assert report.upper_bound == pytest.approx(reference.upper_bound, rel=1e-6)
