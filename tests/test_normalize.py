@@ -206,3 +206,14 @@ def test_interrupted_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(KeyboardInterrupt):
         normalize(SAMPLES / "mlp.onnx", tmp_path / "m.onnx", NormalizeOptions())
     assert not list(tmp_path.iterdir())
+
+
+def test_a_failed_check_exits_1_and_names_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lipcheck.rewrite.normalize as module
+
+    monkeypatch.setattr(module, "TOLERANCE", -0.5)  # demand norms below half the target: the proof must fail
+    code, out, err = run_cli(capsys, "normalize", str(SAMPLES / "mlp.onnx"), "-o", str(tmp_path / "m.onnx"))
+    assert code == 1
+    assert "FAIL layer norms" in out and "check failed: layer norms" in err
