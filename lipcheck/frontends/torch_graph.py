@@ -526,14 +526,15 @@ def _elu(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
         b.emit("Celu", [b.value(args["self"])], {"alpha": alpha})
         return
     scale, input_scale = float(args.get("scale", 1)), float(args.get("input_scale", 1))
-    if scale == 1 and input_scale == 1:
-        b.emit("Elu", [b.value(args["self"])], {"alpha": alpha})
+    value = b.value(args["self"])
+    dtype = b.dtype(args["self"])
+    if input_scale != 1:
+        value = b.emit("Mul", [value, b.constant(torch.tensor(input_scale, dtype=dtype))], final=False)[0]
+    if scale == 1:
+        b.emit("Elu", [value], {"alpha": alpha})
         return
-    b.emit("Recognised", [b.value(args["self"])], {
-        "lipschitz": abs(scale) * abs(input_scale) * max(1.0, abs(alpha)),
-        "method": "scale * input_scale * max(1, |alpha|) (ELU family)",
-        "activation": "elu", "alpha": alpha, "scale": scale, "input_scale": input_scale,
-    })  # fmt: skip
+    value = b.emit("Elu", [value], {"alpha": alpha}, final=False)[0]
+    b.emit("Mul", [value, b.constant(torch.tensor(scale, dtype=dtype))])
 
 
 @converts("gelu")
@@ -544,7 +545,7 @@ def _gelu(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
 @converts("silu")
 def _silu(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     b.emit("Recognised", [b.value(args["self"])],
-           {"lipschitz": SILU_MAX_SLOPE, "method": "SiLU: max |f'|", "activation": "silu"})  # fmt: skip
+           {"lipschitz": SILU_MAX_SLOPE, "method": "SiLU: max |f'|", "activation": "SiLU", "scale": 1.0})  # fmt: skip
 
 
 @converts("hardsigmoid")
@@ -558,7 +559,13 @@ def _softplus(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     beta = float(args.get("beta", 1))
     if beta <= 0:
         raise UnmappedOps({f"aten.softplus(beta={beta})": [b.layer_base(node)]})
-    b.emit("Softplus", [b.value(args["self"])], {"beta": beta, "threshold": float(args.get("threshold", 20))})
+    if beta == 1:
+        b.emit("Softplus", [b.value(args["self"])])
+        return
+    dtype = b.dtype(args["self"])
+    scaled = b.emit("Mul", [b.value(args["self"]), b.constant(torch.tensor(beta, dtype=dtype))], final=False)[0]
+    soft = b.emit("Softplus", [scaled], final=False)[0]
+    b.emit("Mul", [soft, b.constant(torch.tensor(1 / beta, dtype=dtype))])
 
 
 @converts("prelu", "_prelu_kernel")
@@ -646,7 +653,12 @@ def _split(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     count = len(vals) if isinstance(vals, list | tuple) else 1
     values = list(args.values())
     dim = int(args.get("dim", 0))
-    outs = b.emit("Split", [b.value(values[0])], {"axis": dim}, outputs=count, final=False)
+    rank = len(_shape_of(values[0].meta.get("val")) or ())
+    dim = dim % rank if rank else dim
+    sizes = [(_shape_of(v) or ())[dim] if aten_name(node.target) != "unbind" else 1 for v in vals]
+    split_input = [b.constant(torch.tensor(sizes, dtype=torch.int64), "split")] if None not in sizes else []
+    attrs = {"axis": dim, **({"split": sizes} if split_input else {})}
+    outs = b.emit("Split", [b.value(values[0]), *split_input], attrs, outputs=count, final=False)
     if aten_name(node.target) == "unbind":
         squeezed = []
         for i, out in enumerate(outs):
@@ -870,10 +882,20 @@ def _pixel_shuffle(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None
 
 @converts("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu")
 def _attention(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
+    """softmax(q k^T * scale) v, written out: q k^T is a product of two activations (not globally Lipschitz)."""
     values = list(args.values())
-    query, key = b.value(values[0]), b.value(values[1])
-    scores = b.emit("MatMul", [query, key], final=False)[0]  # q k^T: a product of two activations
-    outs = b.emit("MatMul", [scores, b.value(values[2])], final=False)
+    if args.get("attn_mask") is not None or args.get("is_causal") or float(args.get("dropout_p") or 0.0):
+        raise UnmappedOps({"aten.scaled_dot_product_attention with a mask or dropout": [b.layer_base(node)]})
+    query, key = values[0], values[1]
+    rank = len(_shape_of(key.meta.get("val")) or ())
+    width = (_shape_of(query.meta.get("val")) or (None,))[-1]
+    scale = args.get("scale") or (1 / width**0.5 if width else 1.0)
+    perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+    key_t = b.emit("Transpose", [b.value(key)], {"perm": perm}, final=False)[0]
+    scores = b.emit("MatMul", [b.value(query), key_t], final=False)[0]
+    scaled = b.emit("Mul", [scores, b.constant(torch.tensor(float(scale), dtype=b.dtype(query)))], final=False)[0]
+    weights = b.emit("Softmax", [scaled], {"axis": -1, "coerce_2d": False}, final=False)[0]
+    outs = b.emit("MatMul", [weights, b.value(values[2])], final=False)
     multi = aten_name(node.target) != "scaled_dot_product_attention"
     b.values[node.name] = [outs[0], None] if multi else outs[0]  # type: ignore[list-item]
 
