@@ -95,6 +95,7 @@ class Settings:
     input_shape: tuple[str, ...] = ()
     assume: dict[str, float] = field(default_factory=dict)
     device: str = "auto"
+    lower: Any = None  # a lipcheck.lower.LowerSettings when the lower bound is searched (--lower)
 
 
 @dataclass(frozen=True)
