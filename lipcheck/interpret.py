@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -64,6 +64,7 @@ class OpContext:
     node: Node
     dtype: torch.dtype
     device: torch.device
+    options: dict[str, Any] = field(default_factory=dict)  # per-run options shared by all nodes (``smooth``)
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -168,7 +169,8 @@ class GraphFunction:
         self.constants = {
             name: constant_tensor(value, dtype, self.device) for name, value in graph.constants.items() if name in used
         }
-        self._contexts = [OpContext(node, dtype, self.device) for node in self.nodes]
+        self._options: dict[str, Any] = {"smooth": False}
+        self._contexts = [OpContext(node, dtype, self.device, self._options) for node in self.nodes]
         self._plans: dict[tuple[tuple[str, ...], tuple[str, ...]], list[int]] = {}
 
     @property
@@ -203,8 +205,20 @@ class GraphFunction:
             self._plans[key] = sorted(needed)
         return self._plans[key]
 
-    def run(self, feeds: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-        """Compute ``outputs`` (default: the graph's) from ``feeds`` (any values by name: inputs or intermediates)."""
+    def run(self, feeds: Mapping[str, Any], outputs: Sequence[str] | None = None,
+            smooth: bool = False) -> dict[str, torch.Tensor]:
+        """Compute ``outputs`` (default: the graph's) from ``feeds`` (any values by name: inputs or intermediates).
+
+        ``smooth``: ReLU-family kinks are rounded (a softplus at a temperature of half the pre-activation's
+        spread), a different function whose gradients show a piecewise-linear network which way to go.
+        """
+        self._options["smooth"] = smooth
+        try:
+            return self._run(feeds, outputs)
+        finally:
+            self._options["smooth"] = False
+
+    def _run(self, feeds: Mapping[str, Any], outputs: Sequence[str] | None) -> dict[str, torch.Tensor]:
         wanted = tuple(self.graph.outputs if outputs is None else outputs)
         env: dict[str, torch.Tensor] = {}
         for name, value in feeds.items():
@@ -299,8 +313,18 @@ def _unary(name: str, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
     op(name)(lambda ctx, x: function(x))
 
 
+def _relu(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
+    """max(x, 0); with ``smooth``, tau * softplus(x / tau) with tau half the spread of x (gradient search only)."""
+    if not ctx.options.get("smooth"):
+        return torch.relu(x)
+    tau = (0.5 * x.detach().std() if x.numel() > 1 else x.detach().abs().reshape(())).clamp_min(1e-6)
+    return tau * F.softplus(x / tau)
+
+
+op("Relu")(_relu)
+
 for _name, _function in {
-    "Relu": torch.relu, "Tanh": torch.tanh, "Sigmoid": torch.sigmoid, "Erf": torch.erf, "Sin": torch.sin,
+    "Tanh": torch.tanh, "Sigmoid": torch.sigmoid, "Erf": torch.erf, "Sin": torch.sin,
     "Cos": torch.cos, "Tan": torch.tan, "Atan": torch.atan, "Sinh": torch.sinh, "Cosh": torch.cosh,
     "Exp": torch.exp, "Log": torch.log, "Sqrt": torch.sqrt, "Reciprocal": torch.reciprocal, "Abs": torch.abs,
     "Neg": torch.neg, "Sign": torch.sign, "Floor": torch.floor, "Ceil": torch.ceil, "Round": torch.round,
@@ -314,11 +338,16 @@ for _name, _function in {
 
 @op("LeakyRelu")
 def _leaky_relu(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
-    return torch.where(x >= 0, x, float(ctx.attr("alpha", 0.01)) * x)
+    alpha = float(ctx.attr("alpha", 0.01))
+    if ctx.options.get("smooth"):
+        return alpha * x + (1 - alpha) * _relu(ctx, x)
+    return torch.where(x >= 0, x, alpha * x)
 
 
 @op("PRelu")
 def _prelu(ctx: OpContext, x: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    if ctx.options.get("smooth"):
+        return slope * x + (1 - slope) * _relu(ctx, x)
     return torch.where(x >= 0, x, slope * x)
 
 
@@ -426,7 +455,10 @@ def _pow(ctx: OpContext, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _variadic(function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> OpFunction:
-    return lambda ctx, *xs: functools.reduce(lambda a, b: function(*_same_float(a, b)), [x for x in xs if x is not None])
+    def run(ctx: OpContext, *xs: Value) -> torch.Tensor:
+        return functools.reduce(lambda a, b: function(*_same_float(a, b)), [x for x in xs if x is not None])
+
+    return run
 
 
 op("Sum")(_variadic(torch.add))

@@ -229,10 +229,10 @@ class _FlatFunction:
     def dim(self) -> int:
         return sum(self.sizes)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, smooth: bool = False) -> torch.Tensor:
         feeds = {name: part.reshape(shape)
                  for (name, shape), part in zip(self.shapes.items(), torch.split(x, self.sizes), strict=True)}
-        values = self.function.run(feeds, self.outputs)
+        values = self.function.run(feeds, self.outputs, smooth=smooth)
         return torch.cat([values[name].to(x.dtype).reshape(-1) for name in self.outputs])
 
     def jvp(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -258,19 +258,19 @@ class _FlatFunction:
                 _, singular, vh = torch.linalg.svd(dense, full_matrices=False)
                 if singular.numel():
                     return float(singular[0]), vh[0]
+        # ||J v_k|| never decreases along the iteration: the last iterate is the best direction
         best, best_v = -1.0, v
         for _ in range(iterations):
             u = self.jvp(x, v)
             value = float(u.norm())
             if not math.isfinite(value):
                 break
-            if value > best:
-                best, best_v = value, v
+            best, best_v = max(best, value), v
             w = transpose(u)
             norm = float(w.norm())
             if not math.isfinite(norm) or norm == 0.0:
                 break
-            v = w / norm
+            v = best_v = w / norm
         return best, best_v
 
     def _dense(self, x: torch.Tensor, y: torch.Tensor, transpose: Callable) -> torch.Tensor | None:
@@ -286,10 +286,14 @@ class _FlatFunction:
         except Exception:
             return None
 
-    def ascent_direction(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Gradient in x of ||J(x) v||^2 / 2."""
+    def ascent_direction(self, x: torch.Tensor, v: torch.Tensor, smooth: bool = False) -> torch.Tensor:
+        """Gradient in x of ||J(x) v||^2 / 2 (of the smoothed network's J with ``smooth``)."""
         self.evaluations += 2
-        return torch.func.grad(lambda t: 0.5 * torch.func.jvp(self, (t,), (v,))[1].pow(2).sum())(x)
+
+        def objective(t: torch.Tensor) -> torch.Tensor:
+            return 0.5 * torch.func.jvp(lambda s: self(s, smooth), (t,), (v,))[1].pow(2).sum()
+
+        return torch.func.grad(objective)(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,11 +410,20 @@ def _search(
     scale = (bounds[1] - bounds[0]) if bounds is not None else 1.0
     trial_cost = 3 + 2 * ASCENT_ITERATIONS
 
+    kinked = any(node.op in ("Relu", "LeakyRelu", "PRelu") for node in function.nodes)
+
     def ascend(current: _Candidate, stop_at: int) -> None:
-        """Normalised gradient steps while they pay, until the step collapses or the share is spent."""
+        """Normalised gradient steps while they pay, until the step collapses or the share is spent.
+
+        With ReLUs the Jacobian is piecewise constant: the gradient comes from the smoothed network, and
+        every second step of a failing streak explores a random direction."""
         step = 0.25 * scale * math.sqrt(n)
+        failures = 0
         while network.evaluations + trial_cost <= stop_at and step > 1e-9 * scale * math.sqrt(n):
-            gradient = network.ascent_direction(current.x, current.v)
+            if kinked and failures % 2 == 1:
+                gradient = randn(n)
+            else:
+                gradient = network.ascent_direction(current.x, current.v, smooth=kinked)
             if not torch.isfinite(gradient).all() or float(gradient.norm()) <= 1e-12 * max(current.value, 1e-300):
                 gradient = randn(n)  # a locally constant Jacobian (piecewise-linear networks): explore
             trial_x = project(current.x + step * _unit(gradient))
@@ -419,8 +432,10 @@ def _search(
                 finalists.append(current)
                 current = _Candidate(value, trial_x, v, current.start)
                 step *= 1.5
+                failures = 0
             else:
                 step *= 0.5
+                failures += 1
         finalists.append(current)
 
     for index, candidate in enumerate(chosen):
@@ -438,8 +453,9 @@ def _search(
                    network.evaluations + max((budget - network.evaluations) // 2, 8 * trial_cost))
 
     finalists.sort(key=lambda c: -c.value)
+    iterations = min(50, max(2 * SCREEN_ITERATIONS, budget // 20))
     certified, check, x_certified, v_certified, best_start = _certify(network, finalists[:CERTIFY_CANDIDATES],
-                                                                      bounds, gen)
+                                                                      bounds, gen, iterations)
     layers: dict[str, float] = {}
     if settings.per_layer and layer_outputs:
         for layer, value_name in layer_outputs.items():
@@ -501,7 +517,11 @@ def _certified_value(network: _FlatFunction, x: torch.Tensor, v: torch.Tensor) -
 
 
 def _certify(
-    network: _FlatFunction, candidates: list[_Candidate], bounds: tuple[float, float] | None, gen: torch.Generator
+    network: _FlatFunction,
+    candidates: list[_Candidate],
+    bounds: tuple[float, float] | None,
+    gen: torch.Generator,
+    iterations: int,
 ) -> tuple[float, str, torch.Tensor, torch.Tensor, str]:
     """The best certified value over the best few candidates (a candidate on a kink may not certify)."""
     best: tuple[float, str, torch.Tensor, torch.Tensor, str] | None = None
@@ -510,7 +530,7 @@ def _certify(
             break
         t = SECANT_WIDTHS[0] * max(1.0, float(candidate.x.abs().max()))
         x = _nudged(candidate.x, bounds, gen, t)
-        _, v = network.top_singular(x, candidate.v, 2 * SCREEN_ITERATIONS)
+        _, v = network.top_singular(x, candidate.v, iterations)
         value, check = _certified_value(network, x, v)
         if best is None or value > best[0]:
             best = (value, check, x, _unit(v), candidate.start)
