@@ -101,7 +101,7 @@ LOWER_HELP = (
     "the report shows the bracket [lower, upper] and upper/lower."
 )
 LOWER_BUDGET_HELP = (
-    "Lower-bound search budget in Jacobian-vector products (JVP, VJP or gradient; default 400, about a second "
+    "Lower-bound search budget in Jacobian-vector products (JVP, VJP or gradient; default 1000, about a second "
     "on small models). Implies --lower."
 )
 INPUTS_HELP = (

@@ -7,7 +7,7 @@ input domain when x lies inside it). The search:
 1. starts: the user's samples (``inputs``), zero (or the centre of ``input_range``), and random
    points (standard normal, or uniform in the range);
 2. screening: the top singular pair of J(x) at every start, by power iteration on J^T J through
-   ``torch.func.jvp``/``vjp`` (or an exact SVD of J when the input or output has few entries);
+   JVPs and VJPs (or an exact SVD of J when the input or output has few entries);
 3. ascent from the best starts: normalised gradient steps on x for ||J(x) v|| with v the top right
    singular vector (the gradient of sigma_max(J(x)) where it is simple), a random direction when the
    gradient vanishes (piecewise-linear networks), step sizes that grow on success and shrink on failure,
@@ -20,7 +20,8 @@ input domain when x lies inside it). The search:
    best of the four best candidates is kept; it is shaved by 1e-9 relative for rounding.
 
 The budget counts Jacobian-vector products (each JVP, VJP or gradient of ||J v||^2 counts one; a
-forward pass for a VJP counts one): 400 by default, a second or two on the sample models on a CPU.
+forward pass for a VJP counts one; the gradient of ||J v||^2 counts three): 1000 by default, about a
+second on the sample models on one CPU core.
 Per-layer bounds (the prefix of the network up to each reported layer, at the best point) add about
 twenty products per layer (counted in ``evaluations``, not limited by the budget).
 
@@ -47,11 +48,12 @@ from lipcheck.errors import LipcheckError
 from lipcheck.graph import Graph
 from lipcheck.interpret import GraphFunction, interpret
 
-DEFAULT_BUDGET = 400
+DEFAULT_BUDGET = 1000
 SCREEN_ITERATIONS = 4  # power iterations per start while screening
 ASCENT_ITERATIONS = 2  # warm-started power iterations per ascent trial
 ASCENT_STARTS = 3  # starts the ascent continues from
 RANDOM_STARTS = 4
+PATIENCE = 12  # failed steps in a row (each halving the step) before the ascent restarts elsewhere
 LAYER_ITERATIONS = 8
 DENSE_LIMIT = 32  # exact SVD of J when the input or the output has at most this many entries
 ROUNDING_SHAVE = 1e-9
@@ -235,19 +237,39 @@ class _FlatFunction:
         values = self.function.run(feeds, self.outputs, smooth=smooth)
         return torch.cat([values[name].to(x.dtype).reshape(-1) for name in self.outputs])
 
-    def jvp(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def jvp(self, x: torch.Tensor, v: torch.Tensor, smooth: bool = False) -> torch.Tensor:
+        """J(x) v as the derivative in w of (J^T w) . v (reverse over reverse).
+
+        Forward-mode AD would be one pass cheaper, but in torch 2.x its rules for scalar arithmetic
+        and matmul import torch's compiler (seconds, once per process); this stays on autograd."""
         self.evaluations += 1
-        return torch.func.jvp(self, (x,), (v,))[1]
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            y = self(leaf, smooth)
+            if not y.requires_grad:
+                return torch.zeros_like(y)
+            w = torch.zeros_like(y, requires_grad=True)
+            (pulled,) = torch.autograd.grad(y, leaf, w, create_graph=True)
+            if not pulled.requires_grad:
+                return torch.zeros_like(y)
+            (jv,) = torch.autograd.grad(pulled, w, v, allow_unused=True)
+        return torch.zeros_like(y) if jv is None else jv.detach()
 
     def pullback(self, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """f(x) and u -> J(x)^T u (reverse mode on one recorded forward pass)."""
         self.evaluations += 1
-        y, vjp = torch.func.vjp(self, x)
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            y = self(leaf)
 
         def transpose(u: torch.Tensor) -> torch.Tensor:
             self.evaluations += 1
-            return vjp(u)[0]
+            if not y.requires_grad:  # the output does not depend on the input
+                return torch.zeros_like(leaf)
+            (grad,) = torch.autograd.grad(y, leaf, u, retain_graph=True, allow_unused=True)
+            return torch.zeros_like(leaf) if grad is None else grad
 
-        return y, transpose
+        return y.detach(), transpose
 
     def top_singular(self, x: torch.Tensor, v: torch.Tensor, iterations: int) -> tuple[float, torch.Tensor]:
         """(||J v|| for the best unit v seen, that v): exact SVD when J is small, else power iteration."""
@@ -287,13 +309,24 @@ class _FlatFunction:
             return None
 
     def ascent_direction(self, x: torch.Tensor, v: torch.Tensor, smooth: bool = False) -> torch.Tensor:
-        """Gradient in x of ||J(x) v||^2 / 2 (of the smoothed network's J with ``smooth``)."""
-        self.evaluations += 2
+        """Gradient in x of ||J(x) v||^2 / 2 (of the smoothed network's J with ``smooth``).
 
-        def objective(t: torch.Tensor) -> torch.Tensor:
-            return 0.5 * torch.func.jvp(lambda s: self(s, smooth), (t,), (v,))[1].pow(2).sum()
-
-        return torch.func.grad(objective)(x)
+        It equals H v, the Hessian of u . f at x times v with u = J(x) v held fixed: a double backward
+        pass (reverse over reverse; reverse over forward would pull in torch's compiler for matmul).
+        """
+        self.evaluations += 3
+        u = self.jvp(x, v, smooth)
+        self.evaluations -= 1
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            y = self(leaf, smooth)
+            if not y.requires_grad:
+                return torch.zeros_like(leaf)
+            (pulled,) = torch.autograd.grad((y * u).sum(), leaf, create_graph=True)
+            if not pulled.requires_grad:  # J does not depend on x (a linear network)
+                return torch.zeros_like(leaf)
+            (grad,) = torch.autograd.grad((pulled * v).sum(), leaf, allow_unused=True)
+        return torch.zeros_like(leaf) if grad is None else grad
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,18 +441,18 @@ def _search(
     chosen = screened[:ASCENT_STARTS]
     finalists: list[_Candidate] = list(screened[:CERTIFY_CANDIDATES])
     scale = (bounds[1] - bounds[0]) if bounds is not None else 1.0
-    trial_cost = 3 + 2 * ASCENT_ITERATIONS
+    trial_cost = 4 + 2 * ASCENT_ITERATIONS
 
     kinked = any(node.op in ("Relu", "LeakyRelu", "PRelu") for node in function.nodes)
 
     def ascend(current: _Candidate, stop_at: int) -> None:
-        """Normalised gradient steps while they pay, until the step collapses or the share is spent.
+        """Normalised gradient steps while they pay, until PATIENCE failures in a row or the share is spent.
 
         With ReLUs the Jacobian is piecewise constant: the gradient comes from the smoothed network, and
         every second step of a failing streak explores a random direction."""
         step = 0.25 * scale * math.sqrt(n)
         failures = 0
-        while network.evaluations + trial_cost <= stop_at and step > 1e-9 * scale * math.sqrt(n):
+        while network.evaluations + trial_cost <= stop_at and failures < PATIENCE:
             if kinked and failures % 2 == 1:
                 gradient = randn(n)
             else:
