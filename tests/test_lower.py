@@ -235,3 +235,28 @@ def test_cli_error_is_one_line_with_exit_code_2() -> None:
     result = run_cli("report", str(SAMPLES / "mlp.onnx"), "--input-range", "-1,-2")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == "lipcheck: error: --input-range '-1,-2': LO must be below HI\n"
+
+
+def test_config_keys_turn_the_search_on(tmp_path) -> None:
+    from lipcheck.config import ConfigError, load_config
+
+    config = tmp_path / "lipcheck.toml"
+    config.write_text(f'lower_budget = 50\nseed = 4\n[[models]]\npath = "{SAMPLES / "mlp.onnx"}"\ninput_range = [0, 1]\n'
+                      f'[[models]]\npath = "{SAMPLES / "cnn_bn.onnx"}"\nlower = false\n')
+    first, second = load_config(config).models
+    assert first.settings.lower == LowerSettings(budget=50, seed=4, input_range=(0.0, 1.0))
+    assert second.settings.lower is None
+    config.write_text(f'[[models]]\npath = "{SAMPLES / "mlp.onnx"}"\nlower_budget = 0\n')
+    with pytest.raises(ConfigError, match="lower_budget must be an integer >= 1"):
+        load_config(config)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_interpreter_and_search_on_cuda() -> None:
+    graph = load_graph(SAMPLES / "cnn_bn.onnx")
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    on_cpu = interpret(graph)(x)
+    on_gpu = interpret(graph, device="cuda")(x.cuda())
+    assert on_gpu.device.type == "cuda" and torch.allclose(on_gpu.cpu(), on_cpu, rtol=1e-9, atol=1e-12)
+    found = lower_bound(graph, LowerSettings(budget=60), device="cuda")
+    assert found.value <= brute_force_norm(graph, found.point) * (1 + 1e-9)
