@@ -241,8 +241,8 @@ def test_config_keys_turn_the_search_on(tmp_path) -> None:
     from lipcheck.config import ConfigError, load_config
 
     config = tmp_path / "lipcheck.toml"
-    config.write_text(f'lower_budget = 50\nseed = 4\n[[models]]\npath = "{SAMPLES / "mlp.onnx"}"\ninput_range = [0, 1]\n'
-                      f'[[models]]\npath = "{SAMPLES / "cnn_bn.onnx"}"\nlower = false\n')
+    config.write_text(f'lower_budget = 50\nseed = 4\n[[models]]\npath = "{SAMPLES / "mlp.onnx"}"\n'
+                      f'input_range = [0, 1]\n[[models]]\npath = "{SAMPLES / "cnn_bn.onnx"}"\nlower = false\n')
     first, second = load_config(config).models
     assert first.settings.lower == LowerSettings(budget=50, seed=4, input_range=(0.0, 1.0))
     assert second.settings.lower is None
