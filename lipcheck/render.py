@@ -77,7 +77,7 @@ def build_table(report: Report, width: int = 160) -> Table:
             format_number(layer.lipschitz),
             cert,
             format_number(layer.running),
-            *([format_number(lower_layers.get(layer.name))] if lower_layers is not None else []),
+            *([_lower_cell(lower_layers.get(layer.name))] if lower_layers is not None else []),
             *shapes,
             layer.method if not layer.reason else layer.reason,
         )
@@ -86,6 +86,11 @@ def build_table(report: Report, width: int = 160) -> Table:
 
 # method texts of bounds used because an input size is unknown
 SIZE_FREE_METHODS = ("size unknown", "size-independent")
+
+
+def _lower_cell(value: float | None) -> str:
+    """A running lower bound, or a dash where the layer's value could not be evaluated on its own."""
+    return "-" if value is None else format_number(value)
 
 
 def lower_text(report: Report) -> Text | None:

@@ -127,7 +127,8 @@ def _model_section(run: ModelRun, heading: str) -> list[str]:
                 row += [format_number(comparison.baseline), _signed_percent(comparison.increase)]
         row += [text(layer.reason or layer.method), cert, format_number(layer.running)]
         if lower_layers is not None:
-            row.append(format_number(lower_layers.get(layer.name)))
+            found = lower_layers.get(layer.name)
+            row.append("–" if found is None else format_number(found))
         lines.append("| " + " | ".join(row) + " |")
     if with_baseline and gate is not None and gate.missing_layers:
         lines += ["", "Baseline layers no longer in the model: " + ", ".join(code(n) for n in gate.missing_layers)]
