@@ -21,6 +21,7 @@ from lipcheck.report import analyse
 from lipcheck.schemas import REPORT, load_schema
 from tests.conftest import ROOT, SAMPLE_MODELS, SAMPLES
 from tests.onnx_builders import model, node, rng_for, save
+from tests.test_rules import LINEAR, _outputs
 
 SMALL = LowerSettings(budget=120)
 
@@ -260,3 +261,17 @@ def test_interpreter_and_search_on_cuda() -> None:
     assert on_gpu.device.type == "cuda" and torch.allclose(on_gpu.cpu(), on_cpu, rtol=1e-9, atol=1e-12)
     found = lower_bound(graph, LowerSettings(budget=60), device="cuda")
     assert found.value <= brute_force_norm(graph, found.point) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("case", LINEAR, ids=lambda c: c.id)
+def test_linear_cases_lower_bound_meets_the_certified_bound(case, tmp_path) -> None:
+    """Every op of test_rules' affine cases: lower <= certified upper, and close to it where that is exact."""
+    nodes, inits = case.build(rng_for(case.id))
+    proto = model(nodes, {"x": case.dims or case.shape}, _outputs(nodes), inits, opset=case.opset)
+    spec = [",".join(map(str, case.shape))]
+    report = analyse(save(proto, tmp_path), input_shapes=spec, device="cpu",
+                     lower=LowerSettings(budget=60, per_layer=False))
+    assert report.upper_bound is not None and report.lower_bound is not None
+    assert report.lower_bound <= report.upper_bound
+    if case.exact:
+        assert report.lower_bound >= report.upper_bound * (1 - 1e-2), (report.lower_bound, report.upper_bound)
