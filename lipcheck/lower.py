@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,58 +255,34 @@ class _FlatFunction:
             (jv,) = torch.autograd.grad(pulled, w, v, allow_unused=True)
         return torch.zeros_like(y) if jv is None else jv.detach()
 
-    def pullback(self, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-        """f(x) and u -> J(x)^T u (reverse mode on one recorded forward pass)."""
+    def linearise(self, x: torch.Tensor) -> _Linearisation:
+        """J(x) as two products on one recorded forward pass (counts one evaluation)."""
         self.evaluations += 1
-        with torch.enable_grad():
-            leaf = x.detach().requires_grad_(True)
-            y = self(leaf)
-
-        def transpose(u: torch.Tensor) -> torch.Tensor:
-            self.evaluations += 1
-            if not y.requires_grad:  # the output does not depend on the input
-                return torch.zeros_like(leaf)
-            (grad,) = torch.autograd.grad(y, leaf, u, retain_graph=True, allow_unused=True)
-            return torch.zeros_like(leaf) if grad is None else grad
-
-        return y.detach(), transpose
+        return _Linearisation(self, x)
 
     def top_singular(self, x: torch.Tensor, v: torch.Tensor, iterations: int) -> tuple[float, torch.Tensor]:
-        """(||J v|| for the best unit v seen, that v): exact SVD when J is small, else power iteration."""
-        y, transpose = self.pullback(x)
-        if min(self.dim, y.numel()) <= DENSE_LIMIT:
-            dense = self._dense(x, y, transpose)
+        """(the largest ||J v|| seen over unit v, the last direction): exact SVD when J is small, else power
+        iteration on J^T J, where ||J v_k|| never decreases, so the last iterate is the best direction."""
+        jacobian = self.linearise(x)
+        if min(self.dim, jacobian.output_size) <= DENSE_LIMIT:
+            dense = jacobian.dense()
             if dense is not None and torch.isfinite(dense).all():
                 _, singular, vh = torch.linalg.svd(dense, full_matrices=False)
                 if singular.numel():
                     return float(singular[0]), vh[0]
-        # ||J v_k|| never decreases along the iteration: the last iterate is the best direction
         best, best_v = -1.0, v
         for _ in range(iterations):
-            u = self.jvp(x, v)
+            u = jacobian.jv(v)
             value = float(u.norm())
             if not math.isfinite(value):
                 break
             best, best_v = max(best, value), v
-            w = transpose(u)
+            w = jacobian.jtu(u)
             norm = float(w.norm())
             if not math.isfinite(norm) or norm == 0.0:
                 break
             v = best_v = w / norm
         return best, best_v
-
-    def _dense(self, x: torch.Tensor, y: torch.Tensor, transpose: Callable) -> torch.Tensor | None:
-        """The Jacobian, row by row (VJPs) or column by column (JVPs), whichever is fewer."""
-        try:
-            if y.numel() <= self.dim:
-                eye = torch.eye(y.numel(), dtype=x.dtype, device=x.device)
-                return torch.stack([transpose(row) for row in eye])
-            eye = torch.eye(self.dim, dtype=x.dtype, device=x.device)
-            return torch.stack([self.jvp(x, column) for column in eye], dim=1)
-        except LipcheckError:
-            raise
-        except Exception:
-            return None
 
     def ascent_direction(self, x: torch.Tensor, v: torch.Tensor, smooth: bool = False) -> torch.Tensor:
         """Gradient in x of ||J(x) v||^2 / 2 (of the smoothed network's J with ``smooth``).
@@ -327,6 +303,52 @@ class _FlatFunction:
                 return torch.zeros_like(leaf)
             (grad,) = torch.autograd.grad((pulled * v).sum(), leaf, allow_unused=True)
         return torch.zeros_like(leaf) if grad is None else grad
+
+
+class _Linearisation:
+    """J(x) of a _FlatFunction at one point: J^T u by reverse mode, J v by reverse over reverse (the
+    derivative in w of (J^T w) . v), both reusing one recorded forward pass; each product counts one."""
+
+    def __init__(self, network: _FlatFunction, x: torch.Tensor):
+        self.network = network
+        with torch.enable_grad():
+            self.leaf = x.detach().requires_grad_(True)
+            self.y = network(self.leaf)
+            self.w = torch.zeros_like(self.y, requires_grad=True)
+            self.pulled = (torch.autograd.grad(self.y, self.leaf, self.w, create_graph=True)[0]
+                           if self.y.requires_grad else None)
+
+    @property
+    def output_size(self) -> int:
+        return self.y.numel()
+
+    def jtu(self, u: torch.Tensor) -> torch.Tensor:
+        self.network.evaluations += 1
+        if not self.y.requires_grad:  # the output does not depend on the input
+            return torch.zeros_like(self.leaf)
+        (grad,) = torch.autograd.grad(self.y, self.leaf, u, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(self.leaf) if grad is None else grad
+
+    def jv(self, v: torch.Tensor) -> torch.Tensor:
+        self.network.evaluations += 1
+        if self.pulled is None or not self.pulled.requires_grad:
+            return torch.zeros_like(self.y).detach()
+        (jv,) = torch.autograd.grad(self.pulled, self.w, v, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(self.y).detach() if jv is None else jv
+
+    def dense(self) -> torch.Tensor | None:
+        """The Jacobian, row by row (J^T e_i) or column by column (J e_j), whichever is fewer."""
+        x = self.leaf
+        try:
+            if self.output_size <= x.numel():
+                eye = torch.eye(self.output_size, dtype=x.dtype, device=x.device)
+                return torch.stack([self.jtu(row) for row in eye])
+            eye = torch.eye(x.numel(), dtype=x.dtype, device=x.device)
+            return torch.stack([self.jv(column) for column in eye], dim=1)
+        except LipcheckError:
+            raise
+        except Exception:
+            return None
 
 
 # ---------------------------------------------------------------------------------------------
