@@ -9,19 +9,20 @@ input domain when x lies inside it). The search:
 2. screening: the top singular pair of J(x) at every start, by power iteration on J^T J through
    JVPs and VJPs (or an exact SVD of J when the input or output has few entries);
 3. ascent from the best starts: normalised gradient steps on x for ||J(x) v|| with v the top right
-   singular vector (the gradient of sigma_max(J(x)) where it is simple), a random direction when the
-   gradient vanishes (piecewise-linear networks), step sizes that grow on success and shrink on failure,
-   projected onto ``input_range`` when the domain is bounded;
-4. certification: at the best points, nudged by a random 1e-9 (relative) so that no ReLU-like kink sits exactly
-   at 0 (where autograd's one-sided choices could report a Jacobian no point has), the value reported
+   singular vector (the gradient of sigma_max(J(x)) where it is simple; with ReLUs, of the network with
+   smoothed ReLUs, and a random direction every second failed step), step sizes that grow on success
+   and shrink on failure, projected onto ``input_range`` when the domain is bounded; restarts from fresh
+   random points after 12 failures in a row, while budget remains;
+4. certification: at the best points, nudged by a random 1e-9 (relative) so that no ReLU-like kink sits
+   exactly at 0 (where autograd's one-sided choices could report a Jacobian no point has), the value reported
    is ||J(x) v|| / ||v|| evaluated in float64, after checking it against the secant
    ||f(x + t v) - f(x - t v)|| / (2 t ||v||) (t = 1e-6, then 1e-8, relative to max(1, max|x|)), itself a
    lower bound of L by definition; when they disagree (a kink within t) the secant is reported. The
    best of the four best candidates is kept; it is shaved by 1e-9 relative for rounding.
 
-The budget counts Jacobian-vector products (each JVP, VJP or gradient of ||J v||^2 counts one; a
-forward pass for a VJP counts one; the gradient of ||J v||^2 counts three): 1000 by default, about a
-second on the sample models on one CPU core.
+The budget counts Jacobian-vector products (each JVP or VJP counts one, so does the forward pass they
+share at a point, and the gradient of ||J v||^2 counts three): 1000 by default, about a second on the
+sample models on one CPU core.
 Per-layer bounds (the prefix of the network up to each reported layer, at the best point) add about
 twenty products per layer (counted in ``evaluations``, not limited by the budget).
 
