@@ -110,6 +110,24 @@ TRUST_HELP = (
     "Allow PyTorch pickles that need more than tensors (e.g. a whole pickled nn.Module). Unpickling runs code "
     "from the file: use only for files you trust."
 )
+LOWER_HELP = (
+    "Also search for a lower bound: the largest Jacobian norm found (power iteration through JVP/VJP, "
+    "gradient ascent on the input from several starts). It is a true lower bound of the Lipschitz constant; "
+    "the report shows the bracket [lower, upper] and upper/lower."
+)
+LOWER_BUDGET_HELP = (
+    "Lower-bound search budget in Jacobian-vector products (JVP, VJP or gradient; default 1000, about a second "
+    "on small models). Implies --lower."
+)
+INPUTS_HELP = (
+    "Start the lower-bound search from these inputs too: a .npy array of the input's shape or a batch [N, ...] "
+    "of them (an .npz with one array per input name for several inputs). Implies --lower."
+)
+INPUT_RANGE_HELP = (
+    "The input domain is the box [LO, HI] in every entry (e.g. 0,1 for images): the lower-bound search stays "
+    "in it, so the lower bound holds for the constant on that domain. Implies --lower."
+)
+SEED_HELP = "Seed of the lower-bound search's random starts and directions (same seed, same result)."
 SUMMARY_HELP = "Also append the Markdown report to $GITHUB_STEP_SUMMARY (when that is set, as in GitHub Actions)."
 
 
@@ -235,10 +253,20 @@ def report(
                      "object, e.g. '{\"num_classes\": 10}'."),
     ] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_HELP)] = False,
+    lower: Annotated[bool, typer.Option("--lower", help=LOWER_HELP)] = False,
+    lower_budget: Annotated[
+        int | None, typer.Option("--lower-budget", metavar="N", help=LOWER_BUDGET_HELP)
+    ] = None,
+    inputs: Annotated[Path | None, typer.Option("--inputs", metavar="FILE", help=INPUTS_HELP)] = None,
+    input_range: Annotated[
+        str | None, typer.Option("--input-range", metavar="LO,HI", help=INPUT_RANGE_HELP)
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help=SEED_HELP)] = 0,
 ) -> None:
     """Compute each layer's certified Lipschitz bound and the network's certified upper bound.
 
     With --fail-above, --layer-fail-above or --baseline it is also a gate: exit 1 when the gate fails.
+    With --lower, also an empirical lower bound (the bracket [lower, upper]).
     """
     from lipcheck.config import Settings
     from lipcheck.files import check_writable
@@ -246,6 +274,7 @@ def report(
     from lipcheck.runner import analyse_and_gate, json_text, report_document
 
     assumptions = parse_assumptions(assume)
+    lower_settings = _lower_settings(lower, lower_budget, inputs, input_range, seed)
     settings = Settings(
         fail_above=_limit(fail_above, "--fail-above"),
         layer_fail_above=_limit(layer_fail_above, "--layer-fail-above"),
@@ -257,6 +286,7 @@ def report(
         model=model_factory,
         model_kwargs=parse_model_kwargs(model_kwargs),
         trust_pickle=trust_pickle,
+        lower=lower_settings,
     )
     if max_increase is not None and baseline is None:
         raise LipcheckError("--max-increase needs --baseline FILE (the report to compare with)")
@@ -297,6 +327,22 @@ def report(
         _note(f"--exit-zero: exiting 0 despite {len(run.gate.failures)} gate failure(s)")
     else:
         raise typer.Exit(1)
+
+
+def _lower_settings(lower: bool, budget: int | None, inputs: Path | None, input_range: str | None, seed: int):
+    """The lower-bound search's settings, or None when it is not asked for."""
+    if not (lower or budget is not None or inputs is not None or input_range is not None):
+        return None
+    from lipcheck.lower import DEFAULT_BUDGET, LowerSettings, parse_input_range
+
+    if budget is not None and budget < 1:
+        raise LipcheckError(f"--lower-budget {budget}: must be at least 1")
+    return LowerSettings(
+        budget=DEFAULT_BUDGET if budget is None else budget,
+        seed=seed,
+        inputs=inputs,
+        input_range=None if input_range is None else parse_input_range(input_range),
+    )
 
 
 @app.command()

@@ -42,6 +42,10 @@ _PER_MODEL_ONLY = {
     "model_kwargs": "that factory's arguments",
     "trust_pickle": "trusting that model's pickle",
 }
+# the lower-bound search (lipcheck report --lower): lower = true, lower_budget, seed, input_range = "0,1"
+LOWER_KEYS = ("lower", "lower_budget", "seed", "input_range")
+MODEL_KEYS = MODEL_KEYS + LOWER_KEYS
+TOP_KEYS = TOP_KEYS + LOWER_KEYS
 
 
 class ConfigError(LipcheckError):
@@ -105,6 +109,7 @@ class Settings:
     model: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     trust_pickle: bool = False
+    lower: Any = None  # a lipcheck.lower.LowerSettings when the lower bound is searched (--lower)
 
 
 @dataclass(frozen=True)
@@ -192,7 +197,39 @@ def _settings(table: dict[str, Any], base: Settings, where: str) -> Settings:
         changes["model_kwargs"] = dict(table["model_kwargs"])
     if "trust_pickle" in table:
         changes["trust_pickle"] = _boolean(table["trust_pickle"], f"{where}: trust_pickle")
+    changes.update(_lower_changes(table, base, where))
     return replace(base, **changes)
+
+
+def _lower_changes(table: dict[str, Any], base: Settings, where: str) -> dict[str, Any]:
+    """Settings.lower from the LOWER_KEYS (any of lower_budget, input_range turns the search on, as the flags do)."""
+    given = [key for key in LOWER_KEYS if key in table]
+    if not given:
+        return {}
+    from lipcheck.lower import DEFAULT_BUDGET, LowerBoundError, LowerSettings, parse_input_range
+
+    current = base.lower if base.lower is not None else LowerSettings(budget=DEFAULT_BUDGET)
+    enabled = base.lower is not None or "lower_budget" in table or "input_range" in table
+    if "lower" in table:
+        enabled = _boolean(table["lower"], f"{where}: lower")
+    changes: dict[str, Any] = {}
+    if "lower_budget" in table:
+        budget = table["lower_budget"]
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+            raise ConfigError(f"{where}: lower_budget must be an integer >= 1, got {budget!r}")
+        changes["budget"] = budget
+    if "seed" in table:
+        if not isinstance(table["seed"], int) or isinstance(table["seed"], bool):
+            raise ConfigError(f"{where}: seed must be an integer, got {table['seed']!r}")
+        changes["seed"] = table["seed"]
+    if "input_range" in table:
+        value = table["input_range"]
+        text = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+        try:
+            changes["input_range"] = parse_input_range(text)
+        except LowerBoundError as exc:
+            raise ConfigError(f"{where}: input_range: {str(exc).split(': ', 1)[-1]}") from None
+    return {"lower": replace(current, **changes) if enabled else None}
 
 
 def _boolean(value: Any, what: str) -> bool:

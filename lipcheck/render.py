@@ -62,6 +62,9 @@ def build_table(report: Report, width: int = 160) -> Table:
     table.add_column("local L", justify="right", no_wrap=True)
     table.add_column("cert.", justify="center", no_wrap=True)
     table.add_column("running L", justify="right", no_wrap=True)
+    lower_layers = report.lower.layers if report.lower is not None else None
+    if lower_layers is not None:
+        table.add_column("running lower", justify="right", no_wrap=True)
     with_shapes = width >= SHAPES_MIN_WIDTH
     if with_shapes:
         table.add_column("in -> out", no_wrap=True)
@@ -81,6 +84,7 @@ def build_table(report: Report, width: int = 160) -> Table:
             format_number(layer.lipschitz),
             cert,
             "-" if report.scope == "weights" else format_number(layer.running),
+            *([_lower_cell(lower_layers.get(layer.name))] if lower_layers is not None else []),
             *shapes,
             layer.method if not layer.reason else layer.reason,
         )
@@ -91,6 +95,38 @@ def build_table(report: Report, width: int = 160) -> Table:
 SIZE_FREE_METHODS = ("size unknown", "size-independent")
 
 
+def _lower_cell(value: float | None) -> str:
+    """A running lower bound, or a dash where the layer's value could not be evaluated on its own."""
+    return "-" if value is None else format_number(value)
+
+
+def lower_text(report: Report) -> Text | None:
+    """The lower bound and the bracket, when the search ran (--lower)."""
+    lower = report.lower
+    if lower is None:
+        return None
+    domain = "" if lower.input_range is None else f" on [{lower.input_range[0]:g}, {lower.input_range[1]:g}]"
+    text = Text.assemble(
+        ("Lower bound", "bold cyan"), f"{domain} (largest Jacobian norm found): ", (format_number(lower.value), "bold"),
+    )
+    if report.upper_bound is not None:
+        text.append(f"; bracket [{format_number(lower.value)}, {format_number(report.upper_bound)}]")
+        ratio = report.ratio
+        text.append(f", upper/lower {format_number(ratio)}" if ratio is not None else ", upper/lower undefined")
+    text.append(
+        f" (search: {lower.evaluations} Jacobian-vector products, {lower.seconds:.1f} s, "
+        f"best from {lower.start}, seed {lower.seed})",
+        style="dim",
+    )
+    if lower.piecewise_linear:
+        text.append(
+            "\nPiecewise-linear network: J(x) is exact there, so the lower bound is the exact constant of x's "
+            "linear region.",
+            style="dim",
+        )
+    return text
+
+
 def print_report(report: Report, console: Console) -> None:
     shapes = ", ".join(f"{name} {format_shape(shape)}" for name, shape in report.input_shapes.items()) or "unknown"
     console.print(
@@ -98,6 +134,9 @@ def print_report(report: Report, console: Console) -> None:
     )
     console.print(build_table(report, console.width))
     console.print(verdict(report))
+    lower = lower_text(report)
+    if lower is not None:
+        console.print(lower)
     size_free = sum(1 for layer in report.layers if any(m in layer.method for m in SIZE_FREE_METHODS))
     if size_free and report.scope == "network":
         console.print(

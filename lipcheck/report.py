@@ -16,11 +16,12 @@ import torch
 import lipcheck
 from lipcheck.compose import Composition, LayerResult, UnboundedReason, compose
 from lipcheck.frontends import load_model
-from lipcheck.graph import Graph, Shape
+from lipcheck.graph import Graph, Node, Shape
 from lipcheck.passes import prepare
 
 if TYPE_CHECKING:
     from lipcheck.frontends.torch_frontend import TorchOptions, WeightTensors
+    from lipcheck.lower import LowerBound, LowerSettings
 
 SCHEMA = "lipcheck.report/1"
 NO_ARCHITECTURE = "no architecture"
@@ -38,6 +39,7 @@ class Report:
     device: str = "cpu"
     # "network": a bound for the whole model; "weights": a file without architecture, per-tensor norms only
     scope: str = "network"
+    lower: LowerBound | None = None  # the lower-bound search, when asked for (--lower)
 
     @property
     def bounded(self) -> bool:
@@ -61,8 +63,30 @@ class Report:
             "lower_bound": self.lower_bound,
             "input_shapes": {name: _shape_list(shape) for name, shape in self.input_shapes.items()},
             "assumptions": dict(self.assumptions),
-            "layers": [_layer_dict(layer) for layer in self.layers],
+            "layers": [
+                _layer_dict(layer) if self.lower is None
+                else {**_layer_dict(layer), "running_lower_bound": self.lower.layers.get(layer.name)}
+                for layer in self.layers
+            ],
+            **self._lower_fields(),
         }
+
+    @property
+    def ratio(self) -> float | None:
+        """upper / lower: how loose the bracket is (None without both bounds or with a zero lower bound)."""
+        if self.upper_bound is None or not self.lower_bound:
+            return None
+        return self.upper_bound / self.lower_bound
+
+    def _lower_fields(self) -> dict[str, Any]:
+        """Present only when the lower-bound search ran: the bracket and the search's details."""
+        if self.lower is None:
+            return {}
+        return {
+            "bracket": {"lower": self.lower_bound, "upper": self.upper_bound, "ratio": self.ratio},
+            "lower_bound_search": self.lower.to_dict(),
+        }
+
 
 
 def _finite(value: float) -> float | None:
@@ -106,19 +130,23 @@ def analyse(
     assume: dict[str, float] | None = None,
     device: str = "auto",
     torch_options: TorchOptions | None = None,
+    lower: bool | LowerSettings = False,
 ) -> Report:
     """Load a model file and compute its certified Lipschitz report (the library entry point).
 
     ``torch_options`` carries what PyTorch files may need: ``--model`` for a bare state_dict, and
-    whether a pickle is trusted.
+    whether a pickle is trusted. ``lower``: also search for an empirical lower bound (True for the
+    default settings, or a ``lipcheck.lower.LowerSettings``); the report then holds ``lower_bound``
+    and the bracket.
     """
     torch_device = resolve_device(device)
     graph = load_model(path, input_shapes, torch_options)
     if not isinstance(graph, Graph):
         return weights_report(graph, torch_device)
+    loaded = copy_graph(graph) if lower else None
     prepare(graph)
     composition: Composition = compose(graph, assume=assume, device=torch_device)
-    return Report(
+    result = Report(
         model=Path(path).name,
         upper_bound=composition.upper_bound,
         layers=composition.layers,
@@ -126,6 +154,27 @@ def analyse(
         input_shapes={name: graph.shape(name) or () for name in graph.inputs},
         assumptions=composition.assumptions,
         device=str(torch_device),
+    )
+    if loaded is not None:
+        from lipcheck.lower import LowerSettings, lower_bound
+
+        settings = lower if isinstance(lower, LowerSettings) else LowerSettings()
+        outputs = {node.name: node.outputs[0] for node in graph.nodes if node.outputs and node.outputs[0]}
+        shown = {layer.name: outputs[layer.name] for layer in composition.layers if layer.name in outputs}
+        result.lower = lower_bound(loaded, settings, torch_device, shown)
+        result.lower_bound = result.lower.value
+    return result
+
+
+def copy_graph(graph: Graph) -> Graph:
+    """A copy that passes can rewrite without touching the original (constant arrays are shared, not copied)."""
+    return Graph(
+        nodes=[Node(n.name, n.op, list(n.inputs), list(n.outputs), dict(n.attrs), list(n.folded)) for n in graph.nodes],
+        inputs=list(graph.inputs),
+        outputs=list(graph.outputs),
+        constants=dict(graph.constants),
+        shapes=dict(graph.shapes),
+        name=graph.name,
     )
 
 

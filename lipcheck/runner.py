@@ -52,6 +52,7 @@ def analyse_and_gate(path: Path, settings: Settings, baseline: Baseline | None, 
         assume=dict(settings.assume),
         device=settings.device,
         torch_options=torch_options,
+        **({"lower": settings.lower} if settings.lower is not None else {}),
     )
     run = ModelRun(shown, report)
     run.gate = evaluate(report.to_dict(), gate_options(settings, baseline))

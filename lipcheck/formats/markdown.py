@@ -53,6 +53,18 @@ def _gate_sentence(gate: GateResult) -> str:
     return f"{verdict}: " + "; ".join(parts)
 
 
+def _lower_sentence(report) -> str:
+    """The lower bound and the bracket (--lower)."""
+    lower = report.lower
+    domain = "" if lower.input_range is None else f" on [{lower.input_range[0]:g}, {lower.input_range[1]:g}]"
+    line = f"Lower bound{domain} (largest Jacobian norm found): **{format_number(lower.value)}**"
+    if report.upper_bound is not None:
+        ratio = report.ratio
+        line += (f"; bracket [{format_number(lower.value)}, {format_number(report.upper_bound)}], upper/lower "
+                 + (format_number(ratio) if ratio is not None else "undefined"))
+    return line + f" ({lower.evaluations} Jacobian-vector products, {lower.seconds:.1f} s, seed {lower.seed})."
+
+
 def _model_section(run: ModelRun, heading: str) -> list[str]:
     lines = [f"{heading} {ICONS[run.status]} lipcheck: {code(run.path)}", ""]
     if run.error is not None:
@@ -78,6 +90,8 @@ def _model_section(run: ModelRun, heading: str) -> list[str]:
         nodes = ", ".join(f"{code(r.node)} ({text(r.op)}: {text(r.reason)})" for r in report.unbounded_reasons)
         lines.append(f"**Not globally Lipschitz**: {nodes}.")
     lines.append("")
+    if report.lower is not None:
+        lines += [_lower_sentence(report), ""]
     gate = run.gate
     if gate is not None and gate.options.active:
         lines += [_gate_sentence(gate), ""]
@@ -94,6 +108,10 @@ def _model_section(run: ModelRun, heading: str) -> list[str]:
         align += ["--:", "--:"]
     header += ["method", "cert.", "running L"]
     align += ["---", ":-:", "--:"]
+    lower_layers = report.lower.layers if report.lower is not None else None
+    if lower_layers is not None:
+        header.append("running lower")
+        align.append("--:")
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for i, layer in enumerate(report.layers, 1):
         if layer.assumed:
@@ -111,6 +129,9 @@ def _model_section(run: ModelRun, heading: str) -> list[str]:
             else:
                 row += [format_number(comparison.baseline), _signed_percent(comparison.increase)]
         row += [text(layer.reason or layer.method), cert, format_number(layer.running)]
+        if lower_layers is not None:
+            found = lower_layers.get(layer.name)
+            row.append("–" if found is None else format_number(found))
         lines.append("| " + " | ".join(row) + " |")
     if with_baseline and gate is not None and gate.missing_layers:
         lines += ["", "Baseline layers no longer in the model: " + ", ".join(code(n) for n in gate.missing_layers)]

@@ -1,0 +1,614 @@
+"""An empirical lower bound on the Lipschitz constant: the largest Jacobian norm found.
+
+For any input x and direction v, ||J(x) v|| / ||v|| <= sigma_max(J(x)) <= L, so every evaluated pair
+(x, v) gives a true lower bound of the global l2 Lipschitz constant L (and of the constant on the
+input domain when x lies inside it). The search:
+
+1. starts: the user's samples (``inputs``), zero (or the centre of ``input_range``), and random
+   points (standard normal, or uniform in the range);
+2. screening: the top singular pair of J(x) at every start, by power iteration on J^T J through
+   JVPs and VJPs (or an exact SVD of J when the input or output has few entries);
+3. ascent from the best starts: normalised gradient steps on x for ||J(x) v|| with v the top right
+   singular vector (the gradient of sigma_max(J(x)) where it is simple; with ReLUs, of the network with
+   smoothed ReLUs, and a random direction every second failed step), step sizes that grow on success
+   and shrink on failure, projected onto ``input_range`` when the domain is bounded; restarts from fresh
+   random points after 12 failures in a row, while budget remains;
+4. certification: at the best points, nudged by a random 1e-9 (relative) so that no ReLU-like kink sits
+   exactly at 0 (where autograd's one-sided choices could report a Jacobian no point has), the value reported
+   is ||J(x) v|| / ||v|| evaluated in float64, after checking it against the secant
+   ||f(x + t v) - f(x - t v)|| / (2 t ||v||) (t = 1e-6, then 1e-8, relative to max(1, max|x|)), itself a
+   lower bound of L by definition; when they disagree (a kink within t) the secant is reported. The
+   best of the four best candidates is kept; it is shaved by 1e-9 relative for rounding.
+
+The budget counts Jacobian-vector products (each JVP or VJP counts one, so does the forward pass they
+share at a point, and the gradient of ||J v||^2 counts three): 1000 by default, about a second on the
+sample models on one CPU core.
+Per-layer bounds (the prefix of the network up to each reported layer, at the best point) add about
+twenty products per layer (counted in ``evaluations``, not limited by the budget).
+
+The graph is interpreted as loaded (before ``prepare``): exactly the file's function.
+For a piecewise-linear network (ReLU, max pooling, linear layers) J(x) is the exact linear map of the
+region around x, so the value is that region's exact Lipschitz constant; for a network with no
+nonlinearity at all it is the exact global constant (up to the power iteration's convergence).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lipcheck.errors import LipcheckError
+from lipcheck.graph import Graph
+from lipcheck.interpret import GraphFunction, interpret
+
+DEFAULT_BUDGET = 1000
+SCREEN_ITERATIONS = 4  # power iterations per start while screening
+ASCENT_ITERATIONS = 2  # warm-started power iterations per ascent trial
+ASCENT_STARTS = 3  # starts the ascent continues from
+RANDOM_STARTS = 4
+PATIENCE = 12  # failed steps in a row (each halving the step) before the ascent restarts elsewhere
+LAYER_ITERATIONS = 8
+DENSE_LIMIT = 32  # exact SVD of J when the input or the output has at most this many entries
+ROUNDING_SHAVE = 1e-9
+AGREEMENT = 1e-4  # relative agreement required between ||J v|| and the secant
+SECANT_WIDTHS = (1e-6, 1e-8)  # secant half-widths, relative to max(1, max |x|)
+NUDGE = 1e-9  # random move of the certified point, relative to max(1, max |x|)
+CERTIFY_CANDIDATES = 4
+
+PIECEWISE_LINEAR_OPS = {
+    "Relu", "LeakyRelu", "PRelu", "Abs", "Neg", "Clip", "HardSigmoid", "Max", "Min", "MaxPool", "GlobalMaxPool",
+    "ReduceMax", "ReduceMin", "Gemm", "MatMul", "Conv", "ConvTranspose", "BatchNormalization", "Add", "Sub", "Sum",
+    "Mean", "Mul", "Div", "AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceSum", "Identity", "Dropout",
+    "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "DepthToSpace", "SpaceToDepth", "Slice", "Split",
+    "Compress", "Concat", "Gather", "Expand", "Tile", "Pad", "Shape", "Size", "Cast", "CastLike",
+}
+
+
+class LowerBoundError(LipcheckError):
+    """The lower-bound search cannot run as asked (input data, range or shapes)."""
+
+
+@dataclass(frozen=True)
+class LowerSettings:
+    """How to search. ``inputs``: a .npy/.npz path, an array (single-input model) or {input name: array}."""
+
+    budget: int = DEFAULT_BUDGET
+    seed: int = 0
+    inputs: str | os.PathLike[str] | np.ndarray | Mapping[str, np.ndarray] | None = None
+    input_range: tuple[float, float] | None = None
+    per_layer: bool = True
+
+
+@dataclass
+class LowerBound:
+    """The result: ``value`` <= the true Lipschitz constant (on ``input_range`` when one is given)."""
+
+    value: float
+    start: str  # which start the best point came from: "zero", "centre", "random 2", "data 5"
+    point: dict[str, np.ndarray]  # x, per input
+    direction: dict[str, np.ndarray]  # v (unit norm over all inputs together)
+    check: str  # "jvp" (||J v||, confirmed by the secant) or "secant" (a kink was within reach)
+    evaluations: int
+    seconds: float
+    seed: int
+    budget: int
+    starts: int
+    input_range: tuple[float, float] | None
+    piecewise_linear: bool
+    layers: dict[str, float] = field(default_factory=dict)  # layer name -> lower bound of its running constant
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "value": self.value,
+            "start": self.start,
+            "check": self.check,
+            "evaluations": self.evaluations,
+            "seconds": round(self.seconds, 3),
+            "seed": self.seed,
+            "budget": self.budget,
+            "starts": self.starts,
+            "input_range": None if self.input_range is None else list(self.input_range),
+            "piecewise_linear": self.piecewise_linear,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings from the command line and files
+
+
+def parse_input_range(text: str) -> tuple[float, float]:
+    """'lo,hi' -> (lo, hi) with finite lo < hi."""
+    parts = text.split(",")
+    try:
+        lo, hi = (float(p) for p in parts) if len(parts) == 2 else (math.nan, math.nan)
+    except ValueError:
+        lo = hi = math.nan
+    if not (math.isfinite(lo) and math.isfinite(hi)) or len(parts) != 2:
+        raise LowerBoundError(f"--input-range {text!r}: expected LO,HI with two finite numbers, e.g. 0,1 or -1,1")
+    if not lo < hi:
+        raise LowerBoundError(f"--input-range {text!r}: LO must be below HI")
+    return lo, hi
+
+
+def _read_array_file(path: Path) -> np.ndarray | dict[str, np.ndarray]:
+    if not path.is_file():
+        raise LowerBoundError(f"--inputs {path}: no such file")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise LowerBoundError(f"--inputs {path}: not a readable .npy or .npz file ({str(exc).splitlines()[0][:160]})") \
+            from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            return {key: np.asarray(loaded[key]) for key in loaded.files}
+    return np.asarray(loaded)
+
+
+def load_starts(
+    source: str | os.PathLike[str] | np.ndarray | Mapping[str, np.ndarray],
+    shapes: Mapping[str, tuple[int | None, ...]],
+) -> tuple[list[dict[str, np.ndarray]], dict[str, tuple[int, ...]]]:
+    """User samples -> one {input: array of the input's shape} per sample, and the (completed) shapes.
+
+    An array of the input's shape is one sample; with one more leading axis, a batch of samples; when
+    the input's batch axis is 1, an array [N, ...rest] is N samples too. Unknown dims are taken from the data.
+    """
+    label = str(source) if isinstance(source, (str, os.PathLike)) else "data"
+    data = _read_array_file(Path(source)) if isinstance(source, (str, os.PathLike)) else source
+    names = list(shapes)
+    if not isinstance(data, Mapping):
+        if len(names) != 1:
+            raise LowerBoundError(f"--inputs {label}: the model has {len(names)} inputs ({', '.join(names)}); "
+                                  "pass an .npz file with one array per input name")
+        data = {names[0]: data}
+    elif len(data) == 1 and len(names) == 1 and names[0] not in data:
+        data = {names[0]: next(iter(data.values()))}
+    unknown = sorted(set(data) - set(names))
+    missing = [name for name in names if name not in data]
+    if unknown or missing:
+        raise LowerBoundError(f"--inputs {label}: arrays must be named after the model's inputs "
+                              f"({', '.join(names)}); missing {missing or 'none'}, unknown {unknown or 'none'}")
+    batches: dict[str, np.ndarray] = {}
+    completed: dict[str, tuple[int, ...]] = {}
+    for name in names:
+        array = np.asarray(data[name])
+        shape = shapes[name]
+        if array.dtype.kind not in "fiu":
+            raise LowerBoundError(f"--inputs {label}: input {name!r} has dtype {array.dtype}, expected numbers")
+        samples = _as_samples(array, shape)
+        if samples is None:
+            wanted = "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
+            raise LowerBoundError(f"--inputs {label}: input {name!r} has shape {list(array.shape)}, which fits "
+                                  f"neither the model's input shape {wanted} nor a batch [N, ...] of it")
+        if not np.isfinite(samples).all():
+            raise LowerBoundError(f"--inputs {label}: input {name!r} holds NaN or infinite values")
+        batches[name] = samples.astype(np.float64)
+        completed[name] = tuple(samples.shape[1:])
+    counts = {len(b) for b in batches.values()}
+    if len(counts) != 1:
+        raise LowerBoundError(f"--inputs {label}: the inputs hold different numbers of samples ({sorted(counts)})")
+    count = counts.pop()
+    return [{name: batches[name][i] for name in names} for i in range(count)], completed
+
+
+def _fits(dims: Sequence[int], shape: Sequence[int | None]) -> bool:
+    return len(dims) == len(shape) and all(s is None or s == d for d, s in zip(dims, shape, strict=True))
+
+
+def _as_samples(array: np.ndarray, shape: Sequence[int | None]) -> np.ndarray | None:
+    """[N, *shape] from one sample, a batch of samples, or a batch along the input's size-1 batch axis."""
+    if _fits(array.shape, shape):
+        return array[None]
+    if array.ndim == len(shape) + 1 and _fits(array.shape[1:], shape):
+        return array
+    if shape and shape[0] in (1, None) and array.ndim == len(shape) and _fits(array.shape[1:], shape[1:]):
+        return array[:, None]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The network as a function of one flat vector
+
+
+class _FlatFunction:
+    """f(x) with all inputs flattened into one vector and all outputs into another; counts evaluations."""
+
+    def __init__(self, function: GraphFunction, shapes: dict[str, tuple[int, ...]], outputs: Sequence[str]):
+        self.function = function
+        self.shapes = shapes
+        self.sizes = [math.prod(shape) for shape in shapes.values()]
+        self.outputs = list(outputs)
+        self.evaluations = 0
+
+    @property
+    def dim(self) -> int:
+        return sum(self.sizes)
+
+    def __call__(self, x: torch.Tensor, smooth: bool = False) -> torch.Tensor:
+        feeds = {name: part.reshape(shape)
+                 for (name, shape), part in zip(self.shapes.items(), torch.split(x, self.sizes), strict=True)}
+        values = self.function.run(feeds, self.outputs, smooth=smooth)
+        return torch.cat([values[name].to(x.dtype).reshape(-1) for name in self.outputs])
+
+    def jvp(self, x: torch.Tensor, v: torch.Tensor, smooth: bool = False) -> torch.Tensor:
+        """J(x) v as the derivative in w of (J^T w) . v (reverse over reverse).
+
+        Forward-mode AD would be one pass cheaper, but in torch 2.x its rules for scalar arithmetic
+        and matmul import torch's compiler (seconds, once per process); this stays on autograd."""
+        self.evaluations += 1
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            y = self(leaf, smooth)
+            if not y.requires_grad:
+                return torch.zeros_like(y)
+            w = torch.zeros_like(y, requires_grad=True)
+            (pulled,) = torch.autograd.grad(y, leaf, w, create_graph=True)
+            if not pulled.requires_grad:
+                return torch.zeros_like(y)
+            (jv,) = torch.autograd.grad(pulled, w, v, allow_unused=True)
+        return torch.zeros_like(y) if jv is None else jv.detach()
+
+    def linearise(self, x: torch.Tensor) -> _Linearisation:
+        """J(x) as two products on one recorded forward pass (counts one evaluation)."""
+        self.evaluations += 1
+        return _Linearisation(self, x)
+
+    def top_singular(self, x: torch.Tensor, v: torch.Tensor, iterations: int) -> tuple[float, torch.Tensor]:
+        """(the largest ||J v|| seen over unit v, the last direction): exact SVD when J is small, else power
+        iteration on J^T J, where ||J v_k|| never decreases, so the last iterate is the best direction."""
+        jacobian = self.linearise(x)
+        if min(self.dim, jacobian.output_size) <= DENSE_LIMIT:
+            dense = jacobian.dense()
+            if dense is not None and torch.isfinite(dense).all():
+                _, singular, vh = torch.linalg.svd(dense, full_matrices=False)
+                if singular.numel():
+                    return float(singular[0]), vh[0]
+        best, best_v = -1.0, v
+        for _ in range(iterations):
+            u = jacobian.jv(v)
+            value = float(u.norm())
+            if not math.isfinite(value):
+                break
+            best, best_v = max(best, value), v
+            w = jacobian.jtu(u)
+            norm = float(w.norm())
+            if not math.isfinite(norm) or norm == 0.0:
+                break
+            v = best_v = w / norm
+        return best, best_v
+
+    def ascent_direction(self, x: torch.Tensor, v: torch.Tensor, smooth: bool = False) -> torch.Tensor:
+        """Gradient in x of ||J(x) v||^2 / 2 (of the smoothed network's J with ``smooth``).
+
+        It equals H v, the Hessian of u . f at x times v with u = J(x) v held fixed: a double backward
+        pass (reverse over reverse; reverse over forward would pull in torch's compiler for matmul).
+        """
+        self.evaluations += 3
+        u = self.jvp(x, v, smooth)
+        self.evaluations -= 1
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            y = self(leaf, smooth)
+            if not y.requires_grad:
+                return torch.zeros_like(leaf)
+            (pulled,) = torch.autograd.grad((y * u).sum(), leaf, create_graph=True)
+            if not pulled.requires_grad:  # J does not depend on x (a linear network)
+                return torch.zeros_like(leaf)
+            (grad,) = torch.autograd.grad((pulled * v).sum(), leaf, allow_unused=True)
+        return torch.zeros_like(leaf) if grad is None else grad
+
+
+class _Linearisation:
+    """J(x) of a _FlatFunction at one point: J^T u by reverse mode, J v by reverse over reverse (the
+    derivative in w of (J^T w) . v), both reusing one recorded forward pass; each product counts one."""
+
+    def __init__(self, network: _FlatFunction, x: torch.Tensor):
+        self.network = network
+        with torch.enable_grad():
+            self.leaf = x.detach().requires_grad_(True)
+            self.y = network(self.leaf)
+            self.w = torch.zeros_like(self.y, requires_grad=True)
+            self.pulled = (torch.autograd.grad(self.y, self.leaf, self.w, create_graph=True)[0]
+                           if self.y.requires_grad else None)
+
+    @property
+    def output_size(self) -> int:
+        return self.y.numel()
+
+    def jtu(self, u: torch.Tensor) -> torch.Tensor:
+        self.network.evaluations += 1
+        if not self.y.requires_grad:  # the output does not depend on the input
+            return torch.zeros_like(self.leaf)
+        (grad,) = torch.autograd.grad(self.y, self.leaf, u, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(self.leaf) if grad is None else grad
+
+    def jv(self, v: torch.Tensor) -> torch.Tensor:
+        self.network.evaluations += 1
+        if self.pulled is None or not self.pulled.requires_grad:
+            return torch.zeros_like(self.y).detach()
+        (jv,) = torch.autograd.grad(self.pulled, self.w, v, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(self.y).detach() if jv is None else jv
+
+    def dense(self) -> torch.Tensor | None:
+        """The Jacobian, row by row (J^T e_i) or column by column (J e_j), whichever is fewer."""
+        x = self.leaf
+        try:
+            if self.output_size <= x.numel():
+                eye = torch.eye(self.output_size, dtype=x.dtype, device=x.device)
+                return torch.stack([self.jtu(row) for row in eye])
+            eye = torch.eye(x.numel(), dtype=x.dtype, device=x.device)
+            return torch.stack([self.jv(column) for column in eye], dim=1)
+        except LipcheckError:
+            raise
+        except Exception:
+            return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The search
+
+
+@dataclass
+class _Candidate:
+    value: float
+    x: torch.Tensor
+    v: torch.Tensor
+    start: str
+
+
+def _unit(t: torch.Tensor) -> torch.Tensor:
+    norm = float(t.norm())
+    return t / norm if norm > 0 else t
+
+
+def input_shapes_for_search(graph: Graph) -> dict[str, tuple[int | None, ...]]:
+    shapes = {}
+    for name in graph.inputs:
+        shape = graph.shape(name)
+        shapes[name] = tuple(shape) if shape is not None else ()
+    return shapes
+
+
+def lower_bound(
+    graph: Graph,
+    settings: LowerSettings | None = None,
+    device: torch.device | str = "cpu",
+    layer_outputs: Mapping[str, str] | None = None,
+) -> LowerBound:
+    """Search for the largest Jacobian norm of ``graph`` (the loaded graph, not yet prepared).
+
+    ``layer_outputs``: {layer name: value name} of the layers whose running constant should get a
+    lower bound too (the prefix of the network up to that value, at the best point found).
+    On the CPU the search runs single-threaded (restored afterwards): its tensors are small, and
+    intra-op threads cost more than they give (ten times more on a loaded machine).
+    """
+    threads = torch.get_num_threads()
+    single = torch.device(device).type == "cpu"
+    if single:
+        torch.set_num_threads(1)
+    try:
+        return _search(graph, settings or LowerSettings(), torch.device(device), layer_outputs)
+    finally:
+        if single:
+            torch.set_num_threads(threads)
+
+
+def _search(
+    graph: Graph, settings: LowerSettings, device: torch.device, layer_outputs: Mapping[str, str] | None
+) -> LowerBound:
+    if settings.budget < 1:
+        raise LowerBoundError(f"--lower-budget {settings.budget}: must be at least 1")
+    if settings.input_range is not None:
+        lo, hi = settings.input_range
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise LowerBoundError(f"--input-range {lo},{hi}: expected finite LO < HI")
+    began = time.perf_counter()
+    dtype = torch.float64
+    shapes = input_shapes_for_search(graph)
+    data_starts: list[dict[str, np.ndarray]] = []
+    if settings.inputs is not None:
+        data_starts, completed = load_starts(settings.inputs, shapes)
+        shapes = dict(completed)
+    unknown = {name: shape for name, shape in shapes.items() if not shape or any(d is None for d in shape)}
+    if unknown:
+        listed = ", ".join(f"{name} [{','.join('?' if d is None else str(d) for d in shape)}]"
+                           for name, shape in unknown.items())
+        raise LowerBoundError(f"the lower bound needs every input's full shape ({listed}); give --input-shape "
+                              "or --inputs")
+    fixed: dict[str, tuple[int, ...]] = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
+    function = interpret(graph, dtype=dtype, device=device)
+    network = _FlatFunction(function, fixed, graph.outputs)
+    gen = torch.Generator(device="cpu").manual_seed(int(settings.seed))
+    n = network.dim
+
+    def randn(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=gen, dtype=dtype).to(device)
+
+    bounds = settings.input_range
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        return x if bounds is None else x.clamp(bounds[0], bounds[1])
+
+    starts: list[tuple[str, torch.Tensor]] = []
+    for i, sample in enumerate(data_starts):
+        flat = torch.cat([torch.as_tensor(sample[name], dtype=dtype).reshape(-1) for name in fixed]).to(device)
+        starts.append((f"data {i}", project(flat)))
+    if bounds is None:
+        starts.append(("zero", torch.zeros(n, dtype=dtype, device=device)))
+        starts += [(f"random {i}", randn(n)) for i in range(RANDOM_STARTS)]
+    else:
+        lo, hi = bounds
+        starts.append(("centre", torch.full((n,), (lo + hi) / 2, dtype=dtype, device=device)))
+        uniform = torch.rand(RANDOM_STARTS, n, generator=gen, dtype=dtype).to(device)
+        starts += [(f"random {i}", lo + (hi - lo) * uniform[i]) for i in range(RANDOM_STARTS)]
+
+    budget = settings.budget
+    screened: list[_Candidate] = []
+    for label, x in starts:
+        if screened and network.evaluations >= budget // 2:
+            break  # many samples: screen what half the budget allows
+        value, v = network.top_singular(x, _unit(randn(n)), SCREEN_ITERATIONS)
+        if math.isfinite(value) and value >= 0:
+            screened.append(_Candidate(value, x, v, label))
+    if not screened:
+        raise LowerBoundError("the network's Jacobian is not finite at any starting point")
+    screened.sort(key=lambda c: -c.value)
+    chosen = screened[:ASCENT_STARTS]
+    finalists: list[_Candidate] = list(screened[:CERTIFY_CANDIDATES])
+    scale = (bounds[1] - bounds[0]) if bounds is not None else 1.0
+    trial_cost = 4 + 2 * ASCENT_ITERATIONS
+
+    kinked = any(node.op in ("Relu", "LeakyRelu", "PRelu") for node in function.nodes)
+
+    def ascend(current: _Candidate, stop_at: int) -> None:
+        """Normalised gradient steps while they pay, until PATIENCE failures in a row or the share is spent.
+
+        With ReLUs the Jacobian is piecewise constant: the gradient comes from the smoothed network, and
+        every second step of a failing streak explores a random direction."""
+        step = 0.25 * scale * math.sqrt(n)
+        failures = 0
+        while network.evaluations + trial_cost <= stop_at and failures < PATIENCE:
+            if kinked and failures % 2 == 1:
+                gradient = randn(n)
+            else:
+                gradient = network.ascent_direction(current.x, current.v, smooth=kinked)
+            if not torch.isfinite(gradient).all() or float(gradient.norm()) <= 1e-12 * max(current.value, 1e-300):
+                gradient = randn(n)  # a locally constant Jacobian (piecewise-linear networks): explore
+            trial_x = project(current.x + step * _unit(gradient))
+            value, v = network.top_singular(trial_x, current.v, ASCENT_ITERATIONS)
+            if math.isfinite(value) and value > current.value:
+                finalists.append(current)
+                current = _Candidate(value, trial_x, v, current.start)
+                step *= 1.5
+                failures = 0
+            else:
+                step *= 0.5
+                failures += 1
+        finalists.append(current)
+
+    for index, candidate in enumerate(chosen):
+        ascend(candidate, network.evaluations + (budget - network.evaluations) // (len(chosen) - index))
+    restart = 0
+    while budget - network.evaluations >= 8 * trial_cost:  # budget left after the ascents collapsed: restart
+        if bounds is None:
+            x = randn(n)
+        else:
+            x = bounds[0] + (bounds[1] - bounds[0]) * torch.rand(n, generator=gen, dtype=dtype).to(device)
+        value, v = network.top_singular(x, _unit(randn(n)), SCREEN_ITERATIONS)
+        restart += 1
+        if math.isfinite(value):
+            ascend(_Candidate(value, x, v, f"restart {restart}"),
+                   network.evaluations + max((budget - network.evaluations) // 2, 8 * trial_cost))
+
+    finalists.sort(key=lambda c: -c.value)
+    iterations = min(50, max(2 * SCREEN_ITERATIONS, budget // 20))
+    certified, check, x_certified, v_certified, best_start = _certify(network, finalists[:CERTIFY_CANDIDATES],
+                                                                      bounds, gen, iterations)
+    layers: dict[str, float] = {}
+    if settings.per_layer and layer_outputs:
+        for layer, value_name in layer_outputs.items():
+            found, spent = _layer_bound(function, fixed, value_name, x_certified, v_certified)
+            network.evaluations += spent
+            if found is not None:
+                layers[layer] = found
+    point = {name: part.reshape(shape).cpu().numpy()
+             for (name, shape), part in zip(fixed.items(), torch.split(x_certified, network.sizes), strict=True)}
+    direction = {name: part.reshape(shape).cpu().numpy()
+                 for (name, shape), part in zip(fixed.items(), torch.split(v_certified, network.sizes), strict=True)}
+    return LowerBound(
+        value=certified,
+        start=best_start,
+        point=point,
+        direction=direction,
+        check=check,
+        evaluations=network.evaluations,
+        seconds=time.perf_counter() - began,
+        seed=int(settings.seed),
+        budget=budget,
+        starts=len(screened),
+        input_range=bounds,
+        piecewise_linear=all(node.op in PIECEWISE_LINEAR_OPS for node in function.nodes),
+        layers=layers,
+    )
+
+
+def _nudged(x: torch.Tensor, bounds: tuple[float, float] | None, gen: torch.Generator, t: float) -> torch.Tensor:
+    """x moved by a random 1e-9 (relative) so no kink sits exactly under it, kept t inside the domain."""
+    noise = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+    moved = x + NUDGE * max(1.0, float(x.abs().max())) * noise
+    if bounds is not None:
+        lo, hi = bounds
+        margin = min(t, (hi - lo) / 4)
+        moved = moved.clamp(lo + margin, hi - margin)
+    return moved
+
+
+def _certified_value(network: _FlatFunction, x: torch.Tensor, v: torch.Tensor) -> tuple[float, str]:
+    """||J(x) v|| / ||v|| when a secant through x along v confirms it, else the best secant (both lower bounds).
+
+    Secants over [x - t v, x + t v] for two widths t: a kink (ReLU boundary) within the wider one may
+    spare the narrower one.
+    """
+    v = _unit(v)
+    rayleigh = float(network.jvp(x, v).norm())
+    secants = []
+    for relative in SECANT_WIDTHS:
+        t = relative * max(1.0, float(x.abs().max()))
+        with torch.no_grad():
+            network.evaluations += 2
+            secant = float((network(x + t * v) - network(x - t * v)).norm()) / (2 * t)
+        if math.isfinite(rayleigh) and abs(rayleigh - secant) <= AGREEMENT * max(rayleigh, secant):
+            return rayleigh * (1 - ROUNDING_SHAVE), "jvp"
+        if math.isfinite(secant):
+            secants.append(secant)
+    return max(secants, default=0.0) * (1 - ROUNDING_SHAVE), "secant"
+
+
+def _certify(
+    network: _FlatFunction,
+    candidates: list[_Candidate],
+    bounds: tuple[float, float] | None,
+    gen: torch.Generator,
+    iterations: int,
+) -> tuple[float, str, torch.Tensor, torch.Tensor, str]:
+    """The best certified value over the best few candidates (a candidate on a kink may not certify)."""
+    best: tuple[float, str, torch.Tensor, torch.Tensor, str] | None = None
+    for candidate in candidates:
+        if best is not None and candidate.value <= best[0]:
+            break
+        t = SECANT_WIDTHS[0] * max(1.0, float(candidate.x.abs().max()))
+        x = _nudged(candidate.x, bounds, gen, t)
+        _, v = network.top_singular(x, candidate.v, iterations)
+        value, check = _certified_value(network, x, v)
+        if best is None or value > best[0]:
+            best = (value, check, x, _unit(v), candidate.start)
+    assert best is not None
+    return best
+
+
+def _layer_bound(
+    function: GraphFunction,
+    shapes: dict[str, tuple[int, ...]],
+    value_name: str,
+    x: torch.Tensor,
+    v: torch.Tensor,
+) -> tuple[float | None, int]:
+    """A lower bound of the running constant at ``value_name`` (the prefix network's Jacobian norm at x)
+    and the Jacobian-vector products spent; None when the value is not a function of the inputs alone."""
+    prefix = _FlatFunction(function, shapes, [value_name])
+    try:
+        _, direction = prefix.top_singular(x, v, LAYER_ITERATIONS)
+        value, _ = _certified_value(prefix, x, direction)
+    except LipcheckError:
+        raise
+    except Exception:
+        return None, prefix.evaluations
+    return (value if math.isfinite(value) else None), prefix.evaluations

@@ -1,0 +1,165 @@
+"""The graph interpreter against onnxruntime: every sample model and the one-op models of test_rules.
+
+Agreement is required to 1e-5 relative (to the output's largest entry); onnxruntime runs in float32,
+the interpreter in float64 (and float32 for the sample models). Gradients must flow through it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from lipcheck.frontends import load_graph
+from lipcheck.graph import Graph, Node
+from lipcheck.interpret import GraphFunction, UninterpretableOpsError, interpret, interpreted_ops
+from lipcheck.passes import prepare
+from lipcheck.rules import registered_rules
+from tests.conftest import SAMPLE_MODELS, SAMPLES
+from tests.onnx_builders import Runner, model, node, rng_for, save
+from tests.test_rules import ACTIVATIONS, DECOMPOSED, LINEAR, NOT_LIPSCHITZ, VECTOR, _outputs
+
+REL = 1e-5
+
+
+def assert_agree(got: torch.Tensor | tuple, want: list[np.ndarray], rel: float = REL) -> None:
+    got_list = list(got) if isinstance(got, tuple) else [got]
+    assert len(got_list) == len(want)
+    for g, w in zip(got_list, want, strict=True):
+        g = g.detach().cpu().double().numpy()
+        assert g.shape == w.shape, (g.shape, w.shape)
+        scale = max(1.0, float(np.abs(w).max(initial=0.0)))
+        assert np.abs(g - w).max(initial=0.0) <= rel * scale, float(np.abs(g - w).max())
+
+
+def check_file(path, shape: tuple[int, ...], dims=None, seed: int = 0) -> GraphFunction:
+    specs = [",".join(map(str, shape))] if dims is not None else []
+    graph = load_graph(path, specs)
+    function = interpret(graph)
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    assert_agree(function(torch.as_tensor(x)), Runner(path).outputs(x))
+    return function
+
+
+@pytest.mark.parametrize("name", SAMPLE_MODELS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sample_models_agree_with_onnxruntime(name: str, dtype: torch.dtype) -> None:
+    path = SAMPLES / name
+    graph = load_graph(path)
+    function = interpret(graph, dtype=dtype)
+    runner = Runner(path)
+    rng = np.random.default_rng(7)
+    for scale in (0.1, 1.0, 5.0):
+        x = (scale * rng.standard_normal(graph.shape("input"))).astype(np.float32)
+        got = function(torch.as_tensor(x))
+        assert got.dtype == dtype
+        assert_agree(got, runner.outputs(x))
+
+
+@pytest.mark.parametrize("name", SAMPLE_MODELS)
+def test_prepared_graph_computes_the_same_function(name: str) -> None:
+    """Folding and recognition keep the function (to the recognised formulas' 1e-6 match)."""
+    graph = load_graph(SAMPLES / name)
+    x = torch.as_tensor(np.random.default_rng(3).standard_normal(graph.shape("input")))
+    before = interpret(graph)(x)
+    after = interpret(prepare(graph))(x)
+    assert torch.allclose(before, after, rtol=1e-5, atol=1e-5 * float(before.abs().max()))
+
+
+@pytest.mark.parametrize("case", LINEAR, ids=lambda c: c.id)
+def test_linear_cases_agree_with_onnxruntime(case, tmp_path) -> None:
+    nodes, inits = case.build(rng_for(case.id))
+    proto = model(nodes, {"x": case.dims or case.shape}, _outputs(nodes), inits, opset=case.opset)
+    check_file(save(proto, tmp_path), case.shape, dims=case.dims)
+
+
+@pytest.mark.parametrize("case", ACTIVATIONS, ids=lambda c: c.id)
+def test_activations_agree_with_onnxruntime(case, tmp_path) -> None:
+    proto = model([node(case.op, ["x", *case.consts], ["y"], **case.attrs)], {"x": ["N"]}, ["y"],
+                  case.consts, opset=case.opset)
+    path = save(proto, tmp_path)
+    graph = load_graph(path, ["4001"])
+    x = np.linspace(-8, 8, 4001).astype(np.float32)
+    assert_agree(interpret(graph)(torch.as_tensor(x)), Runner(path).outputs(x))
+
+
+@pytest.mark.parametrize("case", VECTOR, ids=lambda c: c.id)
+def test_vector_ops_agree_with_onnxruntime(case, tmp_path) -> None:
+    proto = model([node(case.op, ["x"], ["y"], **case.attrs)], {"x": case.shape}, ["y"], opset=case.opset)
+    check_file(save(proto, tmp_path), case.shape)
+
+
+@pytest.mark.parametrize(("build", "name"), [c[1:3] for c in DECOMPOSED], ids=[c[0] for c in DECOMPOSED])
+def test_decomposed_activations_before_and_after_recognition(build, name, tmp_path) -> None:
+    nodes, inits = build(None)
+    path = save(model(nodes, {"x": ["N"]}, ["y"], inits), tmp_path)
+    x = np.linspace(-8, 8, 801).astype(np.float32)
+    want = Runner(path).outputs(x)
+    graph = load_graph(path, ["801"])
+    assert_agree(interpret(graph)(torch.as_tensor(x)), want)
+    prepared = prepare(graph)
+    assert [n.op for n in prepared.nodes] == ["Recognised"]
+    assert_agree(interpret(prepared)(torch.as_tensor(x)), want)
+
+
+@pytest.mark.parametrize(("build", "op"), [c[1:] for c in NOT_LIPSCHITZ], ids=[c[0] for c in NOT_LIPSCHITZ])
+def test_not_lipschitz_graphs_run(build, op, tmp_path) -> None:
+    nodes, inits = build(rng_for("unbounded"))
+    check_file(save(model(nodes, {"x": (3, 4)}, ["y"], inits), tmp_path), (3, 4))
+
+
+def test_every_rule_op_has_an_interpreter() -> None:
+    missing = sorted({r.op for r in registered_rules()} - set(interpreted_ops()))
+    assert missing == []
+
+
+def test_unsupported_ops_are_listed_together() -> None:
+    graph = Graph(
+        nodes=[Node("a", "Einsum", ["x"], ["e"]), Node("b", "com.x:Custom", ["e"], ["c"]),
+               Node("c", "Resize", ["c"], ["y"], {"mode": "cubic"}), Node("d", "Einsum", ["y"], ["z"])],
+        inputs=["x"], outputs=["z"],
+    )
+    with pytest.raises(UninterpretableOpsError) as info:
+        interpret(graph)
+    message = str(info.value)
+    assert "3 op type(s)" in message and "Einsum (a, d)" in message and "Resize(mode=cubic) (c)" in message
+    assert "com.x:Custom (b)" in message and "\n" not in message
+
+
+def test_jvp_and_vjp_through_the_interpreter() -> None:
+    """Forward and reverse mode agree with a dense Jacobian; second derivatives exist (tanh MLP)."""
+    function = interpret(load_graph(SAMPLES / "mlp.onnx"))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, 16, generator=gen, dtype=torch.float64)
+    u = torch.randn(1, 10, generator=gen, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(function, x).reshape(10, 16)
+    _, jv = torch.func.jvp(function, (x,), (v,))
+    _, pullback = torch.func.vjp(function, x)
+    (ju,) = pullback(u)
+    assert torch.allclose(jv.reshape(-1), jac @ v.reshape(-1), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(ju.reshape(-1), jac.T @ u.reshape(-1), rtol=1e-12, atol=1e-12)
+    grad = torch.func.grad(lambda t: torch.func.jvp(function, (t,), (v,))[1].pow(2).sum())(x)
+    assert torch.isfinite(grad).all() and float(grad.abs().max()) > 0
+
+
+def test_run_returns_intermediate_values_and_starts_anywhere() -> None:
+    graph = load_graph(SAMPLES / "resnet_small.onnx")
+    function = interpret(graph)
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    middle = "/block1/Add_output_0"
+    values = function.run({"input": x}, [middle, "output"])
+    again = function.run({middle: values[middle]}, ["output"])
+    assert torch.equal(again["output"], values["output"])
+
+
+def test_float_casts_follow_the_compute_dtype(tmp_path) -> None:
+    proto = model([node("Cast", ["x"], ["c"], to=onnx.TensorProto.FLOAT16), node("Mul", ["c", "k"], ["y"])],
+                  {"x": (3,)}, ["y"], {"k": np.array(1 / 3, np.float32)})
+    graph = load_graph(save(proto, tmp_path))
+    y = interpret(graph)(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    assert y.dtype == torch.float64
+    assert math.isclose(float(y[0]), float(np.float32(1 / 3)), rel_tol=1e-15)
