@@ -1,0 +1,1 @@
+"""Rewriting models so that their Lipschitz constant is under control (spectral normalization)."""

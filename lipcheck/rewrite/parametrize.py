@@ -1,0 +1,456 @@
+"""Spectral normalization as a training-time parametrization, with convolutions normalised by their
+operator norm at the layer's input size (not by their reshaped kernel, as torch's spectral_norm does).
+
+``parametrize(model, example)`` registers, on the ``weight`` of every Linear, Conv and ConvTranspose,
+``weight -> weight * target / sigma(weight)`` where sigma is estimated by power iteration with persistent
+vectors (like ``torch.nn.utils.parametrizations.spectral_norm``): ``n_power_iterations`` steps per
+training-mode forward, none in eval mode, no gradient through the vectors. For a convolution sigma is
+the norm of the operator the layer applies to its actual input (found by running the example through
+the model once): power iteration on ``F.conv{d}d`` and its adjoint ``F.conv_transpose{d}d``.
+
+Power iteration approaches sigma from below, so during training a layer's true norm can sit slightly
+above the target. The certified statement is lipcheck's report on the saved model
+(``remove_parametrizations`` then save, then ``lipcheck report``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize as torch_parametrize
+
+CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSE_TYPES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+NORMALISED_TYPES = (nn.Linear, *CONV_TYPES, *CONV_TRANSPOSE_TYPES)
+CONV_NORMS = ("operator", "exact", "reshape")
+
+# Most power-iteration steps at registration (and before baking), so that sigma starts out converged;
+# iteration stops earlier once sigma changes by less than SETTLED_RTOL over CHECK_EVERY steps.
+WARM_START_ITERATIONS = 300
+SETTLED_RTOL = 1e-5
+CHECK_EVERY = 5
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+LinearMap = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (weight, x) -> A(weight) x
+
+
+class SpectralNormalisation(nn.Module):
+    """``weight -> weight * target / sigma`` with sigma = <u, A(weight) v> from persistent power iteration.
+
+    Subclasses define the linear map A(weight) and its adjoint; ``_u`` lives in A's output space and
+    ``_v`` in its input space. Power iteration gives an estimate of sigma from below (it converges to
+    the largest singular value): the certified check is lipcheck's report on the saved model.
+    """
+
+    def __init__(self, target: float, n_power_iterations: int, eps: float) -> None:
+        super().__init__()
+        if not target > 0 or not math.isfinite(target):
+            raise ValueError(f"target must be a positive number, got {target}")
+        if n_power_iterations < 1:
+            raise ValueError(f"n_power_iterations must be >= 1, got {n_power_iterations}")
+        self.target = float(target)
+        self.n_power_iterations = int(n_power_iterations)
+        self.eps = float(eps)
+
+    def apply_map(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def adjoint_map(self, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _init_vectors(self, weight: torch.Tensor, u_shape: Sequence[int], v_shape: Sequence[int]) -> None:
+        generator = torch.Generator(device="cpu").manual_seed(0)  # reproducible start, whatever the global seed
+        u = torch.randn(tuple(u_shape), generator=generator, dtype=torch.float64)
+        v = torch.randn(tuple(v_shape), generator=generator, dtype=torch.float64)
+        self.register_buffer("_u", (u / u.norm()).to(device=weight.device, dtype=weight.dtype))
+        self.register_buffer("_v", (v / v.norm()).to(device=weight.device, dtype=weight.dtype))
+        self.converge(weight)
+
+    @torch.no_grad()
+    def converge(self, weight: torch.Tensor, max_steps: int = WARM_START_ITERATIONS) -> int:
+        """Power-iterate until sigma settles (or ``max_steps``); returns the steps taken."""
+        weight = weight.detach()
+        previous = float(self.sigma(weight))
+        for done in range(CHECK_EVERY, max_steps + CHECK_EVERY, CHECK_EVERY):
+            self.power_iterate(weight, min(CHECK_EVERY, max_steps - done + CHECK_EVERY))
+            current = float(self.sigma(weight))
+            if abs(current - previous) <= SETTLED_RTOL * abs(current):
+                return min(done, max_steps)
+            previous = current
+        return max_steps
+
+    @torch.no_grad()
+    def power_iterate(self, weight: torch.Tensor, steps: int) -> None:
+        """``steps`` power-iteration steps, in place (so DataParallel replicas update the original buffers)."""
+        weight = weight.detach()
+        for _ in range(steps):
+            self._u.copy_(_normalised(self.apply_map(weight, self._v), self.eps))
+            self._v.copy_(_normalised(self.adjoint_map(weight, self._u), self.eps))
+
+    def sigma(self, weight: torch.Tensor) -> torch.Tensor:
+        """The current estimate <u, A v>, differentiable in the weight (not in u and v)."""
+        u = self._u.clone(memory_format=torch.contiguous_format)
+        v = self._v.clone(memory_format=torch.contiguous_format)
+        return torch.sum(u * self.apply_map(weight, v))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.power_iterate(weight, self.n_power_iterations)
+        return weight * (self.target / self.sigma(weight).clamp_min(self.eps))
+
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        """Assigning ``layer.weight = W`` stores W as the unnormalised weight (as torch's spectral_norm does)."""
+        return value
+
+
+class MatrixSpectralNorm(SpectralNormalisation):
+    """sigma of the weight as a matrix: rows along ``dim``, everything else flattened into columns.
+
+    For a Linear this is the layer's exact operator norm; for a conv it is torch's reshaped-kernel
+    quantity (``dim=0``; ``dim=1`` for ConvTranspose), which can be several times below the operator norm.
+    """
+
+    def __init__(self, weight: torch.Tensor, target: float = 1.0, n_power_iterations: int = 1,
+                 eps: float = 1e-12, dim: int = 0) -> None:  # fmt: skip
+        super().__init__(target, n_power_iterations, eps)
+        self.dim = dim
+        rows, cols = self._matrix(weight).shape
+        self._init_vectors(weight, (rows,), (cols,))
+
+    def _matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.dim != 0:
+            weight = weight.movedim(self.dim, 0)
+        return weight.flatten(1)
+
+    def apply_map(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.mv(self._matrix(weight), x)
+
+    def adjoint_map(self, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.mv(self._matrix(weight).t(), y)
+
+
+class ZeroPaddedConvSpectralNorm(SpectralNormalisation):
+    """sigma of the linear operator a (transposed) convolution applies to an input of a known size.
+
+    ``apply_map`` is the layer's own forward without bias (zero padding, stride, dilation, groups; other
+    padding modes pad explicitly first); the adjoint is the transposed operation, with the output
+    padding that gives back the input's size. Where the closed-form adjoint does not fit (padding
+    modes other than zeros, ``padding="same"``), the adjoint is taken by autograd.
+    """
+
+    def __init__(self, layer: nn.Module, weight: torch.Tensor, input_shape: Sequence[int],
+                 output_shape: Sequence[int], target: float = 1.0, n_power_iterations: int = 1,
+                 eps: float = 1e-12) -> None:  # fmt: skip
+        super().__init__(target, n_power_iterations, eps)
+        self.transposed = isinstance(layer, CONV_TRANSPOSE_TYPES)
+        self.spatial_dims = weight.dim() - 2
+        self.stride = tuple(layer.stride)
+        self.dilation = tuple(layer.dilation)
+        self.groups = int(layer.groups)
+        self.padding = layer.padding if isinstance(layer.padding, str) else tuple(layer.padding)
+        self.padding_mode = layer.padding_mode
+        self.explicit_pad = tuple(getattr(layer, "_reversed_padding_repeated_twice", ()))
+        in_shape = (1, *input_shape[-self.spatial_dims - 1 :])
+        out_shape = (1, *output_shape[-self.spatial_dims - 1 :])
+        kernel = weight.shape[2:]
+        spatial_in, spatial_out = in_shape[2:], out_shape[2:]
+        if self.transposed:
+            # the layer's forward may be called with output_size: take the padding from the recorded sizes
+            self.output_padding = tuple(
+                o - ((n - 1) * s - 2 * p + d * (k - 1) + 1)
+                for o, n, s, p, d, k in zip(spatial_out, spatial_in, self.stride, self.padding, self.dilation, kernel)
+            )
+            self.adjoint_padding = (0,) * self.spatial_dims  # unused: the adjoint is a plain conv
+        else:
+            self.output_padding = (0,) * self.spatial_dims
+            if not isinstance(self.padding, str):
+                self.adjoint_padding = tuple(
+                    n - ((m - 1) * s - 2 * p + d * (k - 1) + 1)
+                    for n, m, s, p, d, k in zip(spatial_in, spatial_out, self.stride, self.padding, self.dilation, kernel)
+                )
+        self.closed_form_adjoint = self._closed_form_fits(in_shape, out_shape)
+        self._init_vectors(weight, out_shape, in_shape)
+        if self.closed_form_adjoint and not _adjoint_checks(self, weight):
+            self.closed_form_adjoint = False
+            self.converge(weight)
+
+    def _closed_form_fits(self, in_shape: Sequence[int], out_shape: Sequence[int]) -> bool:
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return False
+        if self.transposed:
+            return all(0 <= p < s for p, s in zip(self.output_padding, self.stride))
+        return all(0 <= p < max(s, d) for p, s, d in zip(self.adjoint_padding, self.stride, self.dilation))
+
+    def apply_map(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        d = self.spatial_dims
+        if self.transposed:
+            return _CONV_TRANSPOSE_FN[d](x, weight, None, self.stride, self.padding, self.output_padding,
+                                         self.groups, self.dilation)  # fmt: skip
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self.explicit_pad, mode=self.padding_mode)
+            return _CONV_FN[d](x, weight, None, self.stride, 0, self.dilation, self.groups)
+        return _CONV_FN[d](x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def adjoint_map(self, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        d = self.spatial_dims
+        if not self.closed_form_adjoint:
+            return _autograd_adjoint(self, weight, y)
+        if self.transposed:
+            return _CONV_FN[d](y, weight, None, self.stride, self.padding, self.dilation, self.groups)
+        return _CONV_TRANSPOSE_FN[d](y, weight, None, self.stride, self.padding, self.adjoint_padding,
+                                     self.groups, self.dilation)  # fmt: skip
+
+
+class CircularConvSpectralNorm(SpectralNormalisation):
+    """sigma of the conv as lipcheck certifies it at a known input size: the circular convolution on the
+    padded input grid, rounded up to a multiple of the stride (``lipcheck.spectral.conv.conv_norm_known_size``).
+
+    The zero-padded conv on the actual input is a restriction of this operator, so its true norm is at
+    most this sigma; normalising this sigma makes lipcheck's certified per-layer norm equal the target
+    (the exact operator norm of a small feature map can be a few percent lower, from boundary effects).
+    A ConvTranspose is treated through its adjoint conv (same weight, stride, dilation, groups; no
+    padding), which has the same norm. ``input_length`` is the circular grid's length per spatial dim.
+    """
+
+    def __init__(self, weight: torch.Tensor, input_length: Sequence[int], stride: Sequence[int],
+                 dilation: Sequence[int], groups: int, target: float = 1.0, n_power_iterations: int = 1,
+                 eps: float = 1e-12) -> None:  # fmt: skip
+        super().__init__(target, n_power_iterations, eps)
+        self.spatial_dims = weight.dim() - 2
+        self.stride, self.dilation, self.groups = tuple(stride), tuple(dilation), int(groups)
+        self.input_length = tuple(int(n) for n in input_length)
+        self.span = tuple(d * (k - 1) + 1 for d, k in zip(self.dilation, weight.shape[2:]))
+        out_length = tuple(n // s for n, s in zip(self.input_length, self.stride))
+        self.closed_form_adjoint = True
+        self._init_vectors(weight, (1, weight.shape[0], *out_length), (1, weight.shape[1] * groups, *self.input_length))
+        if not _adjoint_checks(self, weight):
+            self.closed_form_adjoint = False
+            self.converge(weight)
+
+    def _wrap_index(self, axis: int, device: torch.device) -> torch.Tensor:
+        length = self.input_length[axis]
+        return torch.arange(length + self.span[axis] - 1, device=device) % length
+
+    def apply_map(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        for axis in range(self.spatial_dims):  # circular padding at the end, any length (F.pad caps it)
+            x = x.index_select(2 + axis, self._wrap_index(axis, x.device))
+        return _CONV_FN[self.spatial_dims](x, weight, None, self.stride, 0, self.dilation, self.groups)
+
+    def adjoint_map(self, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self.closed_form_adjoint:
+            return _autograd_adjoint(self, weight, y)
+        output_padding = tuple(s - 1 for s in self.stride)
+        x = _CONV_TRANSPOSE_FN[self.spatial_dims](y, weight, None, self.stride, 0, output_padding, self.groups,
+                                                  self.dilation)  # fmt: skip
+        for axis in range(self.spatial_dims):  # the adjoint of the wrap-around: add the tail back onto the head
+            shape = list(x.shape)
+            shape[2 + axis] = self.input_length[axis]
+            x = x.new_zeros(shape).index_add_(2 + axis, self._wrap_index(axis, x.device), x)
+        return x
+
+
+def _adjoint_checks(normalisation: SpectralNormalisation, weight: torch.Tensor) -> bool:
+    """<A v, u> == <v, A* u> on random vectors, in float64: guards the closed-form adjoint's geometry."""
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    w = weight.detach().to(torch.float64)
+    v = torch.randn(normalisation._v.shape, generator=generator, dtype=torch.float64).to(w.device)
+    u = torch.randn(normalisation._u.shape, generator=generator, dtype=torch.float64).to(w.device)
+    try:
+        with torch.no_grad():
+            forward, backward = normalisation.apply_map(w, v), normalisation.adjoint_map(w, u)
+    except RuntimeError:
+        return False
+    if forward.shape != u.shape or backward.shape != v.shape:
+        return False
+    left, right = float(torch.sum(forward * u)), float(torch.sum(v * backward))
+    return abs(left - right) <= 1e-9 * max(1.0, abs(left), abs(right))
+
+
+def _autograd_adjoint(normalisation: SpectralNormalisation, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A* y as the gradient of <A x, y> in x (A is linear, so any x will do)."""
+    with torch.enable_grad():
+        x = torch.zeros(normalisation._v.shape, dtype=y.dtype, device=y.device, requires_grad=True)
+        (gradient,) = torch.autograd.grad(normalisation.apply_map(weight.detach(), x), x, grad_outputs=y)
+    return gradient
+
+
+def _frozen(parametrization: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """The parametrization's output in eval mode (no power-iteration step)."""
+    parametrization.eval()
+    try:
+        return parametrization(weight)
+    finally:
+        parametrization.train()
+
+
+def _normalised(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x / x.norm().clamp_min(eps)
+
+
+def _matches(name: str, layers: str | None) -> bool:
+    if layers is None:
+        return True
+    return any(fnmatch.fnmatchcase(name, pattern.strip()) for pattern in layers.split(",") if pattern.strip())
+
+
+def _is_ours(layer: nn.Module) -> bool:
+    if not torch_parametrize.is_parametrized(layer, "weight"):
+        return False
+    return any(isinstance(p, SpectralNormalisation) for p in layer.parametrizations["weight"])
+
+
+def _record_shapes(module: nn.Module, layers: dict[str, nn.Module],
+                   example: tuple[torch.Tensor, ...]) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:  # fmt: skip
+    """Each layer's (input shape, output shape) on the example; the largest input where a layer runs twice."""
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+    def hook_for(name: str):
+        def hook(_layer: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            seen = (tuple(args[0].shape), tuple(output.shape))
+            if name not in shapes or math.prod(seen[0]) > math.prod(shapes[name][0]):
+                shapes[name] = seen
+
+        return hook
+
+    handles = [layer.register_forward_hook(hook_for(name)) for name, layer in layers.items()]
+    modes = {sub: sub.training for sub in module.modules()}
+    try:
+        module.eval()  # no BatchNorm statistics update, no power-iteration step
+        with torch.no_grad():
+            module(*example)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for sub, training in modes.items():
+            sub.training = training
+    return shapes
+
+
+def circular_grid(layer: nn.Module, input_shape: Sequence[int]) -> tuple[int, ...]:
+    """Length per spatial dim of the circular grid lipcheck embeds the layer's conv in (a multiple of the stride).
+
+    Conv: the padded input, rounded up to the stride. ConvTranspose: its adjoint conv's input, the
+    uncropped output (n - 1) * s + dilation * (k - 1) + 1, rounded up likewise.
+    """
+    kernel, stride, dilation = layer.kernel_size, layer.stride, layer.dilation
+    spatial = tuple(input_shape[-len(kernel) :])
+    spans = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
+    if isinstance(layer, CONV_TRANSPOSE_TYPES):
+        lengths = [(n - 1) * s + e for n, s, e in zip(spatial, stride, spans)]
+    elif isinstance(layer.padding, str):
+        lengths = [n + (e - 1 if layer.padding == "same" else 0) for n, e in zip(spatial, spans)]
+    else:
+        lengths = [n + 2 * p for n, p in zip(spatial, layer.padding)]
+    return tuple(math.ceil(n / s) * s for n, s in zip(lengths, stride))
+
+
+def _example(module: nn.Module, example_inputs, input_shape: Sequence[int] | None) -> tuple[torch.Tensor, ...]:
+    if example_inputs is not None:
+        return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if input_shape is None:
+        raise ValueError("convolutions are normalised at their input size: give example_inputs or input_shape")
+    reference = next(iter(module.parameters()), None)
+    device = reference.device if reference is not None else None
+    dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
+    return (torch.randn(tuple(int(n) for n in input_shape), device=device, dtype=dtype),)
+
+
+def parametrize(
+    module: nn.Module,
+    example_inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+    *,
+    input_shape: Sequence[int] | None = None,
+    target: float = 1.0,
+    conv_norm: str = "operator",
+    layers: str | None = None,
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+) -> nn.Module:
+    """Register spectral normalization on every Linear, Conv{1,2,3}d and ConvTranspose{1,2,3}d weight, in place.
+
+    ``weight = W * target / sigma(W)``. Linear: sigma of the matrix. Convolutions with
+    ``conv_norm="operator"``: sigma of the conv operator at the input size the layer sees when the model
+    runs ``example_inputs`` (or a random input of ``input_shape``); ``conv_norm="reshape"``: torch's
+    reshaped-kernel sigma. ``layers``: fnmatch patterns on qualified names (``"layer1.*"``, or several
+    separated by commas); only matching layers are normalised. Layers that already carry this
+    parametrization are left as they are. Returns ``module``.
+
+    sigma is a power-iteration estimate (from below, ``n_power_iterations`` steps per training-mode
+    forward, frozen in eval mode): certify the trained model with lipcheck's report on the saved weights.
+    """
+    if conv_norm not in CONV_NORMS:
+        raise ValueError(f"conv_norm must be one of {', '.join(CONV_NORMS)}, got {conv_norm!r}")
+    chosen = {
+        name: layer
+        for name, layer in module.named_modules()
+        if isinstance(layer, NORMALISED_TYPES) and _matches(name, layers) and not _is_ours(layer)
+    }
+    if layers is not None and not chosen and not normalised_layers(module):
+        raise ValueError(f"no Linear, Conv or ConvTranspose layer matches {layers!r}")
+    convs = {name: layer for name, layer in chosen.items() if not isinstance(layer, nn.Linear)}
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    if convs and conv_norm != "reshape":
+        shapes = _record_shapes(module, convs, _example(module, example_inputs, input_shape))
+        missing = sorted(set(convs) - set(shapes))
+        if missing:
+            raise ValueError(f"these layers did not run on the example input, so their input size is unknown: "
+                             f"{', '.join(missing)}")  # fmt: skip
+    for name, layer in chosen.items():
+        weight = layer.weight.detach()
+        normalisation: SpectralNormalisation
+        if isinstance(layer, nn.Linear):
+            normalisation = MatrixSpectralNorm(weight, target, n_power_iterations, eps)
+        elif conv_norm == "reshape":
+            dim = 1 if isinstance(layer, CONV_TRANSPOSE_TYPES) else 0
+            normalisation = MatrixSpectralNorm(weight, target, n_power_iterations, eps, dim=dim)
+        elif conv_norm == "exact":
+            in_shape, out_shape = shapes[name]
+            normalisation = ZeroPaddedConvSpectralNorm(layer, weight, in_shape, out_shape, target,
+                                                       n_power_iterations, eps)  # fmt: skip
+        else:
+            normalisation = CircularConvSpectralNorm(weight, circular_grid(layer, shapes[name][0]), layer.stride,
+                                                     layer.dilation, layer.groups, target, n_power_iterations, eps)
+        normalisation.train(layer.training)
+        torch_parametrize.register_parametrization(layer, "weight", normalisation)
+    return module
+
+
+def normalised_layers(module: nn.Module) -> list[str]:
+    """Qualified names of the layers whose weight carries this spectral-normalization parametrization."""
+    return [name for name, layer in module.named_modules() if _is_ours(layer)]
+
+
+def remove_parametrizations(module: nn.Module, power_iterations: int = WARM_START_ITERATIONS) -> nn.Module:
+    """Bake the normalised weights in and drop the parametrizations, in place; returns ``module``.
+
+    First up to ``power_iterations`` more power-iteration steps per layer (stopping once sigma settles):
+    with one step per training forward the estimate lags a weight that moves fast, and the exported
+    model should be normalised by a converged sigma. ``power_iterations=0`` bakes exactly the weights
+    the model computes in eval mode now. The state_dict keys become the plain architecture's again.
+    """
+    for _name, layer in list(module.named_modules()):
+        if not _is_ours(layer):
+            continue
+        stack = layer.parametrizations["weight"]
+        if power_iterations > 0:
+            with torch.no_grad():
+                weight = layer.parametrizations["weight"].original
+                for parametrization in stack:  # each one normalises the output of the previous
+                    if isinstance(parametrization, SpectralNormalisation):
+                        parametrization.converge(weight, power_iterations)
+                    weight = parametrization(weight) if not parametrization.training else _frozen(parametrization, weight)
+        modes = [p.training for p in stack]
+        stack.eval()
+        try:
+            torch_parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+        finally:
+            for p, training in zip(stack, modes):
+                p.train(training)
+    return module
