@@ -17,28 +17,32 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 
+from lipcheck.spectral.conv import ConvGeometry, conv_operator_norm
+
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_TRANSPOSE_TYPES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 NORMALISED_TYPES = (nn.Linear, *CONV_TYPES, *CONV_TRANSPOSE_TYPES)
 CONV_NORMS = ("operator", "exact", "reshape")
 
-# Most power-iteration steps at registration (and before baking), so that sigma starts out converged;
-# iteration stops earlier once sigma changes by less than SETTLED_RTOL over CHECK_EVERY steps.
-WARM_START_ITERATIONS = 300
-SETTLED_RTOL = 1e-5
-CHECK_EVERY = 5
+# Most power-iteration steps at registration, so that sigma starts out converged (a handful usually
+# suffice for convs); iteration stops earlier once sigma changes by less than SETTLED_RTOL over CHECK_EVERY steps.
+WARM_START_ITERATIONS = 100
+# Most steps when baking a layer whose sigma has no closed form (conv_norm="exact").
+BAKE_ITERATIONS = 1000
+SETTLED_RTOL = 2e-5
+CHECK_EVERY = 10
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_TRANSPOSE_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
-LinearMap = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (weight, x) -> A(weight) x
+LayerShapes = dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # qualified name -> (input shape, output shape)
 
 
 class SpectralNormalisation(nn.Module):
@@ -100,6 +104,11 @@ class SpectralNormalisation(nn.Module):
         v = self._v.clone(memory_format=torch.contiguous_format)
         return torch.sum(u * self.apply_map(weight, v))
 
+    def converged_sigma(self, weight: torch.Tensor) -> float:
+        """sigma as exactly as it can be had, for baking: subclasses with a closed form override this."""
+        self.converge(weight, BAKE_ITERATIONS)
+        return float(self.sigma(weight.detach()))
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.power_iterate(weight, self.n_power_iterations)
@@ -128,6 +137,10 @@ class MatrixSpectralNorm(SpectralNormalisation):
         if self.dim != 0:
             weight = weight.movedim(self.dim, 0)
         return weight.flatten(1)
+
+    def converged_sigma(self, weight: torch.Tensor) -> float:
+        """The matrix's largest singular value, by SVD in float64."""
+        return float(torch.linalg.matrix_norm(self._matrix(weight.detach()).double(), ord=2))
 
     def apply_map(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return torch.mv(self._matrix(weight), x)
@@ -165,7 +178,9 @@ class ZeroPaddedConvSpectralNorm(SpectralNormalisation):
             # the layer's forward may be called with output_size: take the padding from the recorded sizes
             self.output_padding = tuple(
                 o - ((n - 1) * s - 2 * p + d * (k - 1) + 1)
-                for o, n, s, p, d, k in zip(spatial_out, spatial_in, self.stride, self.padding, self.dilation, kernel)
+                for o, n, s, p, d, k in zip(
+                    spatial_out, spatial_in, self.stride, self.padding, self.dilation, kernel, strict=True
+                )
             )
             self.adjoint_padding = (0,) * self.spatial_dims  # unused: the adjoint is a plain conv
         else:
@@ -173,7 +188,9 @@ class ZeroPaddedConvSpectralNorm(SpectralNormalisation):
             if not isinstance(self.padding, str):
                 self.adjoint_padding = tuple(
                     n - ((m - 1) * s - 2 * p + d * (k - 1) + 1)
-                    for n, m, s, p, d, k in zip(spatial_in, spatial_out, self.stride, self.padding, self.dilation, kernel)
+                    for n, m, s, p, d, k in zip(
+                        spatial_in, spatial_out, self.stride, self.padding, self.dilation, kernel, strict=True
+                    )
                 )
         self.closed_form_adjoint = self._closed_form_fits(in_shape, out_shape)
         self._init_vectors(weight, out_shape, in_shape)
@@ -185,8 +202,8 @@ class ZeroPaddedConvSpectralNorm(SpectralNormalisation):
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             return False
         if self.transposed:
-            return all(0 <= p < s for p, s in zip(self.output_padding, self.stride))
-        return all(0 <= p < max(s, d) for p, s, d in zip(self.adjoint_padding, self.stride, self.dilation))
+            return all(0 <= p < s for p, s in zip(self.output_padding, self.stride, strict=True))
+        return all(0 <= p < max(s, d) for p, s, d in zip(self.adjoint_padding, self.stride, self.dilation, strict=True))
 
     def apply_map(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         d = self.spatial_dims
@@ -226,13 +243,19 @@ class CircularConvSpectralNorm(SpectralNormalisation):
         self.spatial_dims = weight.dim() - 2
         self.stride, self.dilation, self.groups = tuple(stride), tuple(dilation), int(groups)
         self.input_length = tuple(int(n) for n in input_length)
-        self.span = tuple(d * (k - 1) + 1 for d, k in zip(self.dilation, weight.shape[2:]))
-        out_length = tuple(n // s for n, s in zip(self.input_length, self.stride))
+        self.span = tuple(d * (k - 1) + 1 for d, k in zip(self.dilation, weight.shape[2:], strict=True))
+        out_length = tuple(n // s for n, s in zip(self.input_length, self.stride, strict=True))
         self.closed_form_adjoint = True
         self._init_vectors(weight, (1, weight.shape[0], *out_length), (1, weight.shape[1] * groups, *self.input_length))
         if not _adjoint_checks(self, weight):
             self.closed_form_adjoint = False
             self.converge(weight)
+
+    def converged_sigma(self, weight: torch.Tensor) -> float:
+        """lipcheck's certified norm of this circular conv (per-frequency SVDs, with its rounding margin)."""
+        geometry = ConvGeometry.default(self.spatial_dims, stride=self.stride, dilation=self.dilation,
+                                        groups=self.groups, input_size=self.input_length)  # fmt: skip
+        return conv_operator_norm(weight.detach().double(), geometry).value
 
     def _wrap_index(self, axis: int, device: torch.device) -> torch.Tensor:
         length = self.input_length[axis]
@@ -283,11 +306,12 @@ def _autograd_adjoint(normalisation: SpectralNormalisation, weight: torch.Tensor
 
 def _frozen(parametrization: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     """The parametrization's output in eval mode (no power-iteration step)."""
+    training = parametrization.training
     parametrization.eval()
     try:
         return parametrization(weight)
     finally:
-        parametrization.train()
+        parametrization.train(training)
 
 
 def _normalised(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -306,10 +330,9 @@ def _is_ours(layer: nn.Module) -> bool:
     return any(isinstance(p, SpectralNormalisation) for p in layer.parametrizations["weight"])
 
 
-def _record_shapes(module: nn.Module, layers: dict[str, nn.Module],
-                   example: tuple[torch.Tensor, ...]) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:  # fmt: skip
+def _record_shapes(module: nn.Module, layers: dict[str, nn.Module], example: tuple[torch.Tensor, ...]) -> LayerShapes:
     """Each layer's (input shape, output shape) on the example; the largest input where a layer runs twice."""
-    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    shapes: LayerShapes = {}
 
     def hook_for(name: str):
         def hook(_layer: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -341,14 +364,14 @@ def circular_grid(layer: nn.Module, input_shape: Sequence[int]) -> tuple[int, ..
     """
     kernel, stride, dilation = layer.kernel_size, layer.stride, layer.dilation
     spatial = tuple(input_shape[-len(kernel) :])
-    spans = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
+    spans = [d * (k - 1) + 1 for d, k in zip(dilation, kernel, strict=True)]
     if isinstance(layer, CONV_TRANSPOSE_TYPES):
-        lengths = [(n - 1) * s + e for n, s, e in zip(spatial, stride, spans)]
+        lengths = [(n - 1) * s + e for n, s, e in zip(spatial, stride, spans, strict=True)]
     elif isinstance(layer.padding, str):
-        lengths = [n + (e - 1 if layer.padding == "same" else 0) for n, e in zip(spatial, spans)]
+        lengths = [n + (e - 1 if layer.padding == "same" else 0) for n, e in zip(spatial, spans, strict=True)]
     else:
-        lengths = [n + 2 * p for n, p in zip(spatial, layer.padding)]
-    return tuple(math.ceil(n / s) * s for n, s in zip(lengths, stride))
+        lengths = [n + 2 * p for n, p in zip(spatial, layer.padding, strict=True)]
+    return tuple(math.ceil(n / s) * s for n, s in zip(lengths, stride, strict=True))
 
 
 def _example(module: nn.Module, example_inputs, input_shape: Sequence[int] | None) -> tuple[torch.Tensor, ...]:
@@ -395,7 +418,7 @@ def parametrize(
     if layers is not None and not chosen and not normalised_layers(module):
         raise ValueError(f"no Linear, Conv or ConvTranspose layer matches {layers!r}")
     convs = {name: layer for name, layer in chosen.items() if not isinstance(layer, nn.Linear)}
-    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    shapes: LayerShapes = {}
     if convs and conv_norm != "reshape":
         shapes = _record_shapes(module, convs, _example(module, example_inputs, input_shape))
         missing = sorted(set(convs) - set(shapes))
@@ -415,8 +438,16 @@ def parametrize(
             normalisation = ZeroPaddedConvSpectralNorm(layer, weight, in_shape, out_shape, target,
                                                        n_power_iterations, eps)  # fmt: skip
         else:
-            normalisation = CircularConvSpectralNorm(weight, circular_grid(layer, shapes[name][0]), layer.stride,
-                                                     layer.dilation, layer.groups, target, n_power_iterations, eps)
+            normalisation = CircularConvSpectralNorm(
+                weight,
+                circular_grid(layer, shapes[name][0]),
+                layer.stride,
+                layer.dilation,
+                layer.groups,
+                target,
+                n_power_iterations,
+                eps,
+            )
         normalisation.train(layer.training)
         torch_parametrize.register_parametrization(layer, "weight", normalisation)
     return module
@@ -427,30 +458,28 @@ def normalised_layers(module: nn.Module) -> list[str]:
     return [name for name, layer in module.named_modules() if _is_ours(layer)]
 
 
-def remove_parametrizations(module: nn.Module, power_iterations: int = WARM_START_ITERATIONS) -> nn.Module:
+def remove_parametrizations(module: nn.Module, exact: bool = True) -> nn.Module:
     """Bake the normalised weights in and drop the parametrizations, in place; returns ``module``.
 
-    First up to ``power_iterations`` more power-iteration steps per layer (stopping once sigma settles):
-    with one step per training forward the estimate lags a weight that moves fast, and the exported
-    model should be normalised by a converged sigma. ``power_iterations=0`` bakes exactly the weights
-    the model computes in eval mode now. The state_dict keys become the plain architecture's again.
+    ``exact=True`` divides by sigma computed exactly rather than by the running power-iteration estimate
+    (which lags a weight that moves fast): lipcheck's certified norm for ``conv_norm="operator"``, the SVD
+    for matrices (Linear, ``"reshape"``), power iteration run to convergence for ``"exact"``. So the
+    exported model's certified per-layer norms equal the target. ``exact=False`` bakes exactly the
+    weights the model computes in eval mode now. The state_dict keys become the plain architecture's.
     """
     for _name, layer in list(module.named_modules()):
         if not _is_ours(layer):
             continue
         stack = layer.parametrizations["weight"]
-        if power_iterations > 0:
-            with torch.no_grad():
-                weight = layer.parametrizations["weight"].original
-                for parametrization in stack:  # each one normalises the output of the previous
-                    if isinstance(parametrization, SpectralNormalisation):
-                        parametrization.converge(weight, power_iterations)
-                    weight = parametrization(weight) if not parametrization.training else _frozen(parametrization, weight)
-        modes = [p.training for p in stack]
-        stack.eval()
-        try:
-            torch_parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
-        finally:
-            for p, training in zip(stack, modes):
-                p.train(training)
+        with torch.no_grad():
+            weight = stack.original.detach()
+            for parametrization in stack:  # each one transforms the output of the previous
+                if exact and isinstance(parametrization, SpectralNormalisation):
+                    sigma = max(parametrization.converged_sigma(weight), parametrization.eps)
+                    weight = weight * (parametrization.target / sigma)
+                else:
+                    weight = _frozen(parametrization, weight)
+        torch_parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
     return module
