@@ -13,9 +13,10 @@ from torch.nn.utils import parametrize as torch_parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
 from lipcheck.compose import compose
+from lipcheck.errors import LipcheckError
 from lipcheck.frontends.torch_frontend import module_to_graph
 from lipcheck.passes import prepare
-from lipcheck.rewrite.parametrize import normalised_layers, parametrize, remove_parametrizations
+from lipcheck.rewrite.parametrize import ParametrizeError, normalised_layers, parametrize, remove_parametrizations
 from lipcheck.spectral.conv import ConvGeometry, conv_operator_norm, conv_transpose_operator_norm
 
 IMAGE = (1, 3, 16, 16)
@@ -230,3 +231,12 @@ def test_remove_parametrizations_gives_the_plain_architecture_with_normalised_we
     assert float(torch.linalg.matrix_norm(fresh.head[1].weight.detach().double(), ord=2)) == pytest.approx(
         0.7, rel=1e-4
     )
+
+
+def test_bad_options_are_one_line_errors_and_register_nothing() -> None:
+    model = Tiny()
+    for options in ({"target": 0.0}, {"target": float("inf")}, {"n_power_iterations": 0}, {"conv_norm": "fft"}):
+        with pytest.raises(ParametrizeError):
+            parametrize(model, input_shape=TINY_INPUT, **options)
+    assert normalised_layers(model) == []
+    assert issubclass(ParametrizeError, LipcheckError) and issubclass(ParametrizeError, ValueError)

@@ -4,13 +4,23 @@ operator norm at the layer's input size (not by their reshaped kernel, as torch'
 ``parametrize(model, example)`` registers, on the ``weight`` of every Linear, Conv and ConvTranspose,
 ``weight -> weight * target / sigma(weight)`` where sigma is estimated by power iteration with persistent
 vectors (like ``torch.nn.utils.parametrizations.spectral_norm``): ``n_power_iterations`` steps per
-training-mode forward, none in eval mode, no gradient through the vectors. For a convolution sigma is
-the norm of the operator the layer applies to its actual input (found by running the example through
-the model once): power iteration on ``F.conv{d}d`` and its adjoint ``F.conv_transpose{d}d``.
+training-mode forward, none in eval mode, no gradient through the vectors. For a convolution the
+operator is the one the layer applies to its actual input (sizes found by running the example through
+the model once with forward hooks). ``conv_norm`` chooses what is normalised:
 
-Power iteration approaches sigma from below, so during training a layer's true norm can sit slightly
-above the target. The certified statement is lipcheck's report on the saved model
-(``remove_parametrizations`` then save, then ``lipcheck report``).
+- ``"operator"`` (default): the conv as lipcheck certifies it at that size, the circular convolution
+  on the padded grid (power iteration on ``F.conv{d}d`` after a circular wrap, adjoint
+  ``F.conv_transpose{d}d`` folded back). Its sigma bounds the zero-padded operator's from above, so the
+  exported model's certified per-layer norm is the target and the true norm is at most the target.
+- ``"exact"``: the zero-padded operator itself (``F.conv{d}d`` with the layer's stride, padding,
+  dilation and groups; adjoint ``F.conv_transpose{d}d`` with the output padding that restores the input
+  size). Its true norm is the target; lipcheck's certificate can be a few percent above on small maps.
+- ``"reshape"``: torch's reshaped kernel, which can be several times below the operator norm.
+
+Power iteration approaches sigma from below and lags weights that move fast (measured: a tiny CNN under
+Adam at lr 1e-3 reached 1.3x the target between steps with one step per forward), so during training a
+layer's norm can sit above the target. ``remove_parametrizations`` bakes with the exact sigma, and the
+certified statement is lipcheck's report on the saved model.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 
+from lipcheck.errors import LipcheckError
 from lipcheck.spectral.conv import ConvGeometry, conv_operator_norm
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -32,7 +43,7 @@ NORMALISED_TYPES = (nn.Linear, *CONV_TYPES, *CONV_TRANSPOSE_TYPES)
 CONV_NORMS = ("operator", "exact", "reshape")
 
 # Most power-iteration steps at registration, so that sigma starts out converged (a handful usually
-# suffice for convs); iteration stops earlier once sigma changes by less than SETTLED_RTOL over CHECK_EVERY steps.
+# suffice for convs); iteration stops once sigma changes by less than SETTLED_RTOL over CHECK_EVERY steps.
 WARM_START_ITERATIONS = 100
 # Most steps when baking a layer whose sigma has no closed form (conv_norm="exact").
 BAKE_ITERATIONS = 1000
@@ -41,6 +52,11 @@ CHECK_EVERY = 10
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_TRANSPOSE_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+class ParametrizeError(LipcheckError, ValueError):
+    """The model or the options do not allow the parametrization (one line, for the CLI's exit code 2)."""
+
 
 LayerShapes = dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # qualified name -> (input shape, output shape)
 
@@ -56,9 +72,9 @@ class SpectralNormalisation(nn.Module):
     def __init__(self, target: float, n_power_iterations: int, eps: float) -> None:
         super().__init__()
         if not target > 0 or not math.isfinite(target):
-            raise ValueError(f"target must be a positive number, got {target}")
+            raise ParametrizeError(f"target must be a positive number, got {target}")
         if n_power_iterations < 1:
-            raise ValueError(f"n_power_iterations must be >= 1, got {n_power_iterations}")
+            raise ParametrizeError(f"n_power_iterations must be >= 1, got {n_power_iterations}")
         self.target = float(target)
         self.n_power_iterations = int(n_power_iterations)
         self.eps = float(eps)
@@ -378,7 +394,7 @@ def _example(module: nn.Module, example_inputs, input_shape: Sequence[int] | Non
     if example_inputs is not None:
         return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     if input_shape is None:
-        raise ValueError("convolutions are normalised at their input size: give example_inputs or input_shape")
+        raise ParametrizeError("convolutions are normalised at their input size: give example_inputs or input_shape")
     reference = next(iter(module.parameters()), None)
     device = reference.device if reference is not None else None
     dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
@@ -398,32 +414,34 @@ def parametrize(
 ) -> nn.Module:
     """Register spectral normalization on every Linear, Conv{1,2,3}d and ConvTranspose{1,2,3}d weight, in place.
 
-    ``weight = W * target / sigma(W)``. Linear: sigma of the matrix. Convolutions with
-    ``conv_norm="operator"``: sigma of the conv operator at the input size the layer sees when the model
-    runs ``example_inputs`` (or a random input of ``input_shape``); ``conv_norm="reshape"``: torch's
-    reshaped-kernel sigma. ``layers``: fnmatch patterns on qualified names (``"layer1.*"``, or several
-    separated by commas); only matching layers are normalised. Layers that already carry this
-    parametrization are left as they are. Returns ``module``.
+    ``weight = W * target / sigma(W)``. Linear: sigma of the matrix. Convolutions: sigma of the conv
+    operator at the input size the layer sees when the model runs ``example_inputs`` (or a random input
+    of ``input_shape``; a layer run at several sizes takes the largest), as lipcheck certifies it
+    (``conv_norm="operator"``) or exactly (``"exact"``); ``"reshape"``: torch's reshaped-kernel sigma.
+    ``layers``: fnmatch patterns on qualified names (``"layer1.*"``, or several separated by commas); only
+    matching layers are normalised. Layers that already carry this parametrization are left as they are.
+    Returns ``module``. Raises ``ParametrizeError`` (a ValueError) for options that do not fit the model.
 
     sigma is a power-iteration estimate (from below, ``n_power_iterations`` steps per training-mode
     forward, frozen in eval mode): certify the trained model with lipcheck's report on the saved weights.
     """
     if conv_norm not in CONV_NORMS:
-        raise ValueError(f"conv_norm must be one of {', '.join(CONV_NORMS)}, got {conv_norm!r}")
+        raise ParametrizeError(f"conv_norm must be one of {', '.join(CONV_NORMS)}, got {conv_norm!r}")
+    SpectralNormalisation(target, n_power_iterations, eps)  # checks the numbers before anything is registered
     chosen = {
         name: layer
         for name, layer in module.named_modules()
         if isinstance(layer, NORMALISED_TYPES) and _matches(name, layers) and not _is_ours(layer)
     }
     if layers is not None and not chosen and not normalised_layers(module):
-        raise ValueError(f"no Linear, Conv or ConvTranspose layer matches {layers!r}")
+        raise ParametrizeError(f"no Linear, Conv or ConvTranspose layer matches {layers!r}")
     convs = {name: layer for name, layer in chosen.items() if not isinstance(layer, nn.Linear)}
     shapes: LayerShapes = {}
     if convs and conv_norm != "reshape":
         shapes = _record_shapes(module, convs, _example(module, example_inputs, input_shape))
         missing = sorted(set(convs) - set(shapes))
         if missing:
-            raise ValueError(f"these layers did not run on the example input, so their input size is unknown: "
+            raise ParametrizeError(f"these layers did not run on the example input, so their input size is unknown: "
                              f"{', '.join(missing)}")  # fmt: skip
     for name, layer in chosen.items():
         weight = layer.weight.detach()
