@@ -40,12 +40,12 @@ class SmallCNN(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def train(model: nn.Module, steps: int = 20) -> None:
+def train(model: nn.Module, steps: int = 20, lr: float = 1e-3) -> None:
     """Adam on a random regression task: enough to move the weights well away from their start."""
     generator = torch.Generator().manual_seed(1)
     inputs = torch.randn(32, *IMAGE[1:], generator=generator)
     targets = torch.randn(32, 10, generator=generator)
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
         loss = (model(inputs) - targets).square().mean()
