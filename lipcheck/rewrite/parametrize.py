@@ -12,6 +12,7 @@ the model once with forward hooks). ``conv_norm`` chooses what is normalised:
   on the padded grid (power iteration on ``F.conv{d}d`` after a circular wrap, adjoint
   ``F.conv_transpose{d}d`` folded back). Its sigma bounds the zero-padded operator's from above, so the
   exported model's certified per-layer norm is the target and the true norm is at most the target.
+  Convs with a padding mode other than zeros (whose padding repeats entries) get ``"exact"`` instead.
 - ``"exact"``: the zero-padded operator itself (``F.conv{d}d`` with the layer's stride, padding,
   dilation and groups; adjoint ``F.conv_transpose{d}d`` with the output padding that restores the input
   size). Its true norm is the target; lipcheck's certificate can be a few percent above on small maps.
@@ -451,7 +452,8 @@ def parametrize(
         elif conv_norm == "reshape":
             dim = 1 if isinstance(layer, CONV_TRANSPOSE_TYPES) else 0
             normalisation = MatrixSpectralNorm(weight, target, n_power_iterations, eps, dim=dim)
-        elif conv_norm == "exact":
+        elif conv_norm == "exact" or getattr(layer, "padding_mode", "zeros") != "zeros":
+            # reflect / replicate / circular padding repeats entries: only the exact operator includes that
             in_shape, out_shape = shapes[name]
             normalisation = ZeroPaddedConvSpectralNorm(layer, weight, in_shape, out_shape, target,
                                                        n_power_iterations, eps)  # fmt: skip
