@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,6 +21,15 @@ from lipcheck.rewrite.parametrize import ParametrizeError, normalised_layers, pa
 from lipcheck.spectral.conv import ConvGeometry, conv_operator_norm, conv_transpose_operator_norm
 
 IMAGE = (1, 3, 16, 16)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny convs: one thread is faster, and far steadier on a loaded machine, than several."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class SmallCNN(nn.Module):
@@ -43,8 +53,8 @@ class SmallCNN(nn.Module):
 def train(model: nn.Module, steps: int = 20, lr: float = 1e-3) -> None:
     """Adam on a random regression task: enough to move the weights well away from their start."""
     generator = torch.Generator().manual_seed(1)
-    inputs = torch.randn(32, *IMAGE[1:], generator=generator)
-    targets = torch.randn(32, 10, generator=generator)
+    inputs = torch.randn(16, *IMAGE[1:], generator=generator)
+    targets = torch.randn(16, 10, generator=generator)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
@@ -154,15 +164,19 @@ def test_exact_mode_normalises_the_zero_padded_operator(make_layer, input_shape)
 def test_reflect_padding_is_normalised_with_the_padding_included() -> None:
     torch.manual_seed(6)
     layer = nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect")
-    parametrize(nn.Sequential(layer), torch.randn(1, 4, 6, 6), target=1.0)  # operator mode: exact operator
-    layer.eval()
-    reference = nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect", bias=False).double()
-    with torch.no_grad():
-        reference.weight.copy_(layer.weight.double())
+    wrapped = parametrize(nn.Sequential(layer), torch.randn(1, 4, 6, 6), target=1.0)  # operator mode: exact operator
     basis = torch.eye(4 * 36, dtype=torch.float64).reshape(-1, 4, 6, 6)
-    with torch.no_grad():
-        matrix = reference(basis).reshape(4 * 36, -1)
-    assert float(torch.linalg.matrix_norm(matrix, ord=2)) == pytest.approx(1.0, rel=1e-3)
+
+    def norm_with_padding() -> float:
+        reference = nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect", bias=False).double()
+        with torch.no_grad():
+            reference.weight.copy_(layer.weight.double())
+            return float(torch.linalg.matrix_norm(reference(basis).reshape(4 * 36, -1), ord=2))
+
+    wrapped.eval()
+    assert norm_with_padding() == pytest.approx(1.0, rel=1e-2)  # warm-started estimate
+    remove_parametrizations(wrapped)  # power iteration to convergence
+    assert norm_with_padding() == pytest.approx(1.0, rel=1e-4)
 
 
 def test_reshape_mode_matches_torch_spectral_norm() -> None:

@@ -45,7 +45,7 @@ CONV_NORMS = ("operator", "exact", "reshape")
 
 # Most power-iteration steps at registration, so that sigma starts out converged (a handful usually
 # suffice for convs); iteration stops once sigma changes by less than SETTLED_RTOL over CHECK_EVERY steps.
-WARM_START_ITERATIONS = 100
+WARM_START_ITERATIONS = 50
 # Most steps when baking a layer whose sigma has no closed form (conv_norm="exact").
 BAKE_ITERATIONS = 1000
 SETTLED_RTOL = 2e-5
