@@ -94,6 +94,18 @@ def test_operator_norms_stay_at_target_while_torch_spectral_norm_leaves_convs_ab
     assert max(torch_norms[name] for name in ("conv1", "conv2", "conv3")) > 1.2 * 1.0, torch_norms
 
 
+def test_exact_sigma_keeps_every_layer_at_the_target_throughout_training() -> None:
+    model = parametrize(SmallCNN(), torch.randn(IMAGE), target=1.0, exact_sigma=True)
+    start = model.conv2.parametrizations["weight"].original.detach().clone()
+    train(model)
+    assert float((model.conv2.parametrizations["weight"].original.detach() - start).abs().max()) > 1e-3
+    remove_parametrizations(model, exact=False)  # the weights the model trained with, not re-normalised
+    norms = certified_norms(model)
+    assert len(norms) == 4
+    for name, norm in norms.items():
+        assert norm == pytest.approx(1.0, rel=1e-4), (name, norms)
+
+
 def dense_operator_norm(layer: nn.Module, input_shape: tuple[int, ...]) -> float:
     """The layer's exact l2 operator norm (bias off) on ``input_shape``, from the SVD of its matrix."""
     size = math.prod(input_shape)
@@ -144,6 +156,10 @@ def test_conv_operator_norm_is_the_certified_norm_and_bounds_the_exact_one(make_
     parametrize(wrapped, input_shape=(1, *input_shape), target=0.5)
     wrapped.eval()
     assert certified_layer_norm(layer, input_shape[1:]) == pytest.approx(0.5, rel=1e-2)  # warm-started estimate
+    normalisation = layer.parametrizations["weight"][0]
+    original = layer.parametrizations["weight"].original.detach().double()
+    exact_sigma = float(normalisation.exact_sigma(original))  # the differentiable FFT/SVD path
+    assert exact_sigma == pytest.approx(normalisation.converged_sigma(original), rel=1e-9)
     remove_parametrizations(wrapped)  # baked with lipcheck's certified sigma on the layer's own grid
     assert certified_layer_norm(layer, input_shape[1:]) == pytest.approx(0.5, rel=1e-5)
     exact = dense_operator_norm(layer, input_shape)

@@ -79,6 +79,7 @@ class SpectralNormalisation(nn.Module):
         self.target = float(target)
         self.n_power_iterations = int(n_power_iterations)
         self.eps = float(eps)
+        self.use_exact_sigma = False  # parametrize(exact_sigma=True): SVDs at every forward, no power iteration
 
     def apply_map(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -126,10 +127,17 @@ class SpectralNormalisation(nn.Module):
         self.converge(weight, BAKE_ITERATIONS)
         return float(self.sigma(weight.detach()))
 
+    def exact_sigma(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """sigma computed exactly and differentiably (SVDs), where the subclass has a way; else None."""
+        return None
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.power_iterate(weight, self.n_power_iterations)
-        return weight * (self.target / self.sigma(weight).clamp_min(self.eps))
+        sigma = self.exact_sigma(weight) if self.use_exact_sigma else None
+        if sigma is None:
+            if self.training:
+                self.power_iterate(weight, self.n_power_iterations)
+            sigma = self.sigma(weight)
+        return weight * (self.target / sigma.clamp_min(self.eps))
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
         """Assigning ``layer.weight = W`` stores W as the unnormalised weight (as torch's spectral_norm does)."""
@@ -158,6 +166,9 @@ class MatrixSpectralNorm(SpectralNormalisation):
     def converged_sigma(self, weight: torch.Tensor) -> float:
         """The matrix's largest singular value, by SVD in float64."""
         return float(torch.linalg.matrix_norm(self._matrix(weight.detach()).double(), ord=2))
+
+    def exact_sigma(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.matrix_norm(self._matrix(weight), ord=2)
 
     def apply_map(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return torch.mv(self._matrix(weight), x)
@@ -273,6 +284,31 @@ class CircularConvSpectralNorm(SpectralNormalisation):
         geometry = ConvGeometry.default(self.spatial_dims, stride=self.stride, dilation=self.dilation,
                                         groups=self.groups, input_size=self.input_length)  # fmt: skip
         return conv_operator_norm(weight.detach().double(), geometry).value
+
+    def exact_sigma(self, weight: torch.Tensor) -> torch.Tensor:
+        """Largest singular value over frequencies of the aliased kernel spectrum, differentiably.
+
+        The kernel (dilated, wrapped onto the grid L = s * m) is Fourier-transformed on L; output
+        frequency theta of the strided conv gathers the s^d aliases theta + j * m, so sigma is
+        max_theta sigma_max([K(theta + j m)]_j) / sqrt(s^d), per group.
+        """
+        d, g = self.spatial_dims, self.groups
+        co, ci_group = weight.shape[:2]
+        kernel = weight.reshape(g, co // g, ci_group, *weight.shape[2:])
+        for axis in range(d):  # the dilated taps' positions on the circular grid (summed where they wrap)
+            dim = 3 + axis
+            positions = torch.arange(kernel.shape[dim], device=weight.device) * self.dilation[axis]
+            shape = list(kernel.shape)
+            shape[dim] = self.input_length[axis]
+            kernel = kernel.new_zeros(shape).index_add(dim, positions % self.input_length[axis], kernel)
+        spectrum = torch.fft.fftn(kernel, dim=tuple(range(3, 3 + d)))
+        bases = [n // s for n, s in zip(self.input_length, self.stride, strict=True)]
+        split = [g, co // g, ci_group]
+        for s, m in zip(self.stride, bases, strict=True):
+            split += [s, m]  # frequency index = alias * m + base
+        order = [0, *(4 + 2 * a for a in range(d)), 1, 2, *(3 + 2 * a for a in range(d))]
+        matrices = spectrum.reshape(split).permute(order).reshape(g * math.prod(bases), co // g, -1)
+        return torch.linalg.matrix_norm(matrices, ord=2).max() / math.sqrt(math.prod(self.stride))
 
     def _wrap_index(self, axis: int, device: torch.device) -> torch.Tensor:
         length = self.input_length[axis]
@@ -412,6 +448,7 @@ def parametrize(
     layers: str | None = None,
     n_power_iterations: int = 1,
     eps: float = 1e-12,
+    exact_sigma: bool = False,
 ) -> nn.Module:
     """Register spectral normalization on every Linear, Conv{1,2,3}d and ConvTranspose{1,2,3}d weight, in place.
 
@@ -425,6 +462,9 @@ def parametrize(
 
     sigma is a power-iteration estimate (from below, ``n_power_iterations`` steps per training-mode
     forward, frozen in eval mode): certify the trained model with lipcheck's report on the saved weights.
+    ``exact_sigma=True`` computes sigma exactly at every forward instead (differentiable SVDs: of the
+    matrix, or of the conv's per-frequency matrices for ``"operator"``), so it does not lag the weights;
+    it costs an FFT and a batched SVD per layer and forward (``"exact"`` convs keep power iteration).
     """
     if conv_norm not in CONV_NORMS:
         raise ParametrizeError(f"conv_norm must be one of {', '.join(CONV_NORMS)}, got {conv_norm!r}")
@@ -468,6 +508,7 @@ def parametrize(
                 n_power_iterations,
                 eps,
             )
+        normalisation.use_exact_sigma = exact_sigma
         normalisation.train(layer.training)
         torch_parametrize.register_parametrization(layer, "weight", normalisation)
     return module
