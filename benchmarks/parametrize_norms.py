@@ -1,11 +1,12 @@
 """Per-layer certified norms after training with spectral normalization: lipcheck's parametrize vs torch's.
 
-    PYTHONPATH=. python benchmarks/parametrize_norms.py [--steps 20] [--lr 1e-3] [--iterations 1]
+    PYTHONPATH=. python benchmarks/parametrize_norms.py [--steps 20] [--lr 1e-3] [--iterations 1] [--exact-sigma]
 
 Trains tests/test_parametrize.py's SmallCNN (Adam, random regression data) three ways and prints
 lipcheck's certified norm of every conv and the Linear of the saved model:
 - parametrize(), baked with the exact sigma (what remove_parametrizations() does by default);
-- parametrize(), baked with the running power-iteration estimate (what the model computed in training);
+- parametrize(), baked with the running power-iteration estimate (what the model computed in training;
+  with --exact-sigma, trained with sigma computed exactly at every forward instead);
 - torch.nn.utils.parametrizations.spectral_norm (reshaped kernels), baked likewise.
 """
 
@@ -26,11 +27,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--iterations", type=int, default=1, help="power-iteration steps per forward")
+    parser.add_argument("--exact-sigma", action="store_true", help="parametrize(exact_sigma=True)")
     args = parser.parse_args()
 
     rows = {}
     for exact in (True, False):
-        model = parametrize(SmallCNN(), torch.randn(IMAGE), n_power_iterations=args.iterations)
+        model = parametrize(
+            SmallCNN(), torch.randn(IMAGE), n_power_iterations=args.iterations, exact_sigma=args.exact_sigma
+        )
         train(model, args.steps, args.lr)
         rows[f"lipcheck parametrize, exact={exact}"] = certified_norms(remove_parametrizations(model, exact=exact))
     reference = SmallCNN()
