@@ -457,6 +457,12 @@ def check(
     if code:
         raise typer.Exit(code)
 
+class ConvNorm(str, Enum):
+    operator = "operator"
+    exact = "exact"
+    reshape = "reshape"
+
+
 class NormalizeMode(str, Enum):
     bake = "bake"
     parametrize = "parametrize"
@@ -470,8 +476,8 @@ def normalize(
     ] = None,
     mode: Annotated[
         NormalizeMode,
-        typer.Option(help="bake: rescale the weights. parametrize: PyTorch training-time spectral normalization "
-                     "(Python API; see README)."),
+        typer.Option(help="bake: rescale the weights (any format). parametrize: register training-time "
+                     "spectral normalization on a PyTorch module and save it as a pickled module."),
     ] = NormalizeMode.bake,
     target: Annotated[float, typer.Option(help="Each normalised layer's certified operator norm.")] = 1.0,
     clip: Annotated[bool, typer.Option("--clip", help="Only shrink layers above the target.")] = False,
@@ -489,6 +495,12 @@ def normalize(
         bool, typer.Option("--fold-bn", help="PyTorch: fold a BatchNorm after a layer into it first (ONNX always "
                            "does).")
     ] = False,
+    conv_norm: Annotated[
+        ConvNorm,
+        typer.Option("--conv-norm", help="--mode parametrize: normalise convs by their operator norm at the "
+                     "layer's input size as lipcheck certifies it (operator), the exact zero-padded operator "
+                     "(exact), or the reshaped kernel as torch's spectral_norm does (reshape)."),
+    ] = ConvNorm.operator,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would change; write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Allow -o to replace an existing file.")] = False,
     input_shape: Annotated[
@@ -516,9 +528,8 @@ def normalize(
     from lipcheck.rewrite.normalize import NormalizeOptions
     from lipcheck.rewrite.normalize import normalize as run_normalize
 
-    if mode is NormalizeMode.parametrize:
-        raise LipcheckError("--mode parametrize is a Python API (lipcheck.rewrite.parametrize.parametrize), used "
-                            "while training; see README 'Spectral normalization while training'")
+    if mode is NormalizeMode.parametrize and (lipschitz is not None or clip or fold_bn):
+        raise LipcheckError("--lipschitz, --clip and --fold-bn are for --mode bake")
     if output_format not in ("table", "json"):
         raise LipcheckError(f"--format {output_format!r}: expected table or json")
     if output is None and not dry_run:
@@ -533,7 +544,12 @@ def normalize(
         torch_options=TorchOptions(model_factory, parse_model_kwargs(model_kwargs), trust_pickle),
         device=str(resolve_device(device.value)),
     )
-    result = run_normalize(model, None if dry_run else output, options, force=force)
+    if mode is NormalizeMode.parametrize:
+        from lipcheck.rewrite.normalize import parametrize_file
+
+        result = parametrize_file(model, None if dry_run else output, options, conv_norm.value, force=force)
+    else:
+        result = run_normalize(model, None if dry_run else output, options, force=force)
     if output_format == "json":
         from lipcheck.rewrite.report import normalize_document
         from lipcheck.runner import json_text

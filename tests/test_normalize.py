@@ -217,3 +217,25 @@ def test_a_failed_check_exits_1_and_names_it(
     code, out, err = run_cli(capsys, "normalize", str(SAMPLES / "mlp.onnx"), "-o", str(tmp_path / "m.onnx"))
     assert code == 1
     assert "FAIL layer norms" in out and "check failed: layer norms" in err
+
+
+def test_parametrize_mode_writes_a_resumable_state_dict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lipcheck.rewrite.parametrize import parametrize, remove_parametrizations
+    from sample_models.build import ResNetSmall
+
+    out = tmp_path / "param.pt"
+    args = ["--mode", "parametrize", "--model", "sample_models.build:ResNetSmall", "-s", "1,3,16,16", "-o", str(out)]
+    code, table, err = run_cli(capsys, "normalize", str(SAMPLES / "resnet_small_ckpt.pt"), *args)
+    assert code == 0, err
+    assert "PASS layer norms" in table
+    model = parametrize(ResNetSmall().eval(), input_shape=(1, 3, 16, 16))  # how a training script resumes
+    model.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    baked = remove_parametrizations(model)
+    exact = torch.linalg.matrix_norm(baked.fc.weight.detach().double(), 2).item()
+    assert exact == pytest.approx(1.0, rel=1e-6)
+
+
+def test_parametrize_mode_needs_a_module(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "normalize", str(SAMPLES / "mlp.onnx"), "--mode", "parametrize", "-s", "1,16",
+                           "-o", str(tmp_path / "x.pt"))  # fmt: skip
+    assert code == 2 and "needs an nn.Module" in err and not (tmp_path / "x.pt").exists()

@@ -517,3 +517,83 @@ def _as_list(value: object) -> list[np.ndarray]:
         return [v for item in value for v in _as_list(item)]
     return []
 
+
+
+# ---------------------------------------------------------------------- parametrize (PyTorch, for training)
+
+
+def parametrize_file(
+    path: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None,
+    options: NormalizeOptions,
+    conv_norm: str = "operator",
+    force: bool = False,
+) -> NormalizeResult:
+    """Register training-time spectral normalization on a PyTorch model and save its state_dict.
+
+    torch pickles parametrized modules only through their state_dict, so the output is the parametrized
+    model's state_dict (keys ``<layer>.parametrizations.weight.original`` and the power-iteration vectors):
+    resume training with ``model = factory(); parametrize(model, ...); model.load_state_dict(...)``. The
+    proof does exactly that on a fresh module, then bakes it (``remove_parametrizations``) and certifies it.
+    """
+    from lipcheck.frontends.torch_frontend import module_to_graph
+    from lipcheck.rewrite.parametrize import normalised_layers, parametrize, remove_parametrizations
+
+    path, out = Path(path), None if output is None else Path(output)
+    if out is not None:
+        if out.resolve() == path.resolve() and not force:
+            raise LipcheckError(f"{out}: is the input model; lipcheck never modifies its input (use another -o)")
+        check_writable(out, force)
+    if not options.input_shapes:
+        raise LipcheckError(f"{path}: --mode parametrize needs --input-shape (the layers' input sizes set the norms)")
+    shape = tuple(int(d) for d in options.input_shapes[0].rpartition("=")[2].split(","))
+
+    def fresh_module() -> torch.nn.Module:
+        onnx = path.suffix.lower() == ".onnx"
+        module = None if onnx else load_runnable(path, options.torch_options, list(options.input_shapes))
+        if not isinstance(module, torch.nn.Module) or isinstance(module, torch.jit.ScriptModule | torch.fx.GraphModule):
+            raise LipcheckError(f"{path}: --mode parametrize needs an nn.Module: a state_dict or checkpoint with "
+                                "--model, or a pickled module (--trust-pickle)")  # fmt: skip
+        return module
+
+    def normalised(module: torch.nn.Module) -> torch.nn.Module:
+        return parametrize(module, input_shape=shape, target=options.target, conv_norm=conv_norm, layers=options.layers)
+
+    original = fresh_module()
+    certified = _certify(module_to_graph(original, options.input_shapes, path.name), False, options.device)
+    before, ops = _layer_norms(certified), {layer.name: layer.op for layer in certified.layers}
+    module = normalised(fresh_module())
+    names = normalised_layers(module)
+    changes = [LayerChange(name, ops.get(name, "?"), f"{name}.weight", before.get(name, math.nan)) for name in names]
+    note = (f"parametrization (conv_norm={conv_norm}, power iteration while training); output: the parametrized "
+            "state_dict; norms after: a fresh module loaded from it and baked with remove_parametrizations")
+    result = NormalizeResult(path.name, "parametrized state_dict", changes, [], None, budget_note=note)
+    if out is None:
+        return result
+    result.written = write_new_model(out, lambda target: torch.save(module.state_dict(), target), force)
+    try:
+        reloaded = normalised(fresh_module())
+        reloaded.load_state_dict(torch.load(out, weights_only=True), strict=True)
+        reloaded.eval()
+        result.checks.append(Check("reloads", True, "a fresh module, parametrized the same way, loads it strictly"))
+    except Exception as exc:
+        result.checks.append(Check("reloads", False, str(exc).splitlines()[0][:200]))
+        return result
+    inputs = [torch.from_numpy(x[0]) for x in _random_inputs([shape])]
+    with torch.no_grad():
+        result.output_change = max(_relative_change(_as_list(original(x)), _as_list(reloaded(x))) for x in inputs)
+    result.checks.append(Check("runs", True, "the parametrized model runs on random inputs"))
+    baked = remove_parametrizations(reloaded)
+    after = _layer_norms(_certify(module_to_graph(baked, options.input_shapes, out.name), False, options.device))
+    over = []
+    for change in changes:
+        change.norm_after = after.get(change.name)
+        if change.norm_after is not None and change.norm_before > 0:
+            change.factor = change.norm_after / change.norm_before
+        if change.norm_after is None or change.norm_after > options.target * (1 + TOLERANCE):
+            over.append(f"{change.name} {change.norm_after}")
+    if conv_norm == "operator":
+        limit = f"{options.target:g} x (1 + {TOLERANCE:g})"
+        detail = "; ".join(over[:3]) or f"baked: every layer's certified norm <= {limit}"
+        result.checks.append(Check("layer norms", not over, detail))
+    return result
