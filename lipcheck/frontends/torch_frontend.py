@@ -567,10 +567,29 @@ def _from_exported(path: Path, input_shapes: Sequence[str]) -> Graph:
     except Exception as exc:
         raise ModelLoadError(f"{path}: not a readable torch.export program ({_short(exc)})") from None
     if not input_shapes:
-        return program_to_graph(program, shown)
+        input_shapes = _batch_of_one(program)
+        if not input_shapes:
+            return program_to_graph(program, shown)
     with quiet():
         module = torch.export.unflatten(program)
     user_inputs = list(program.graph_signature.user_inputs)
     shapes, inputs = example_inputs(input_shapes, user_inputs, shown)
     _check_runs(module, inputs, shapes, shown)
     return program_to_graph(_export(module, inputs, shown), shown)
+
+
+def _batch_of_one(program: torch.export.ExportedProgram) -> list[str]:
+    """Like the ONNX frontend: a dynamic batch axis is taken as 1 (samples do not interact). Other dynamic
+    axes stay unknown (size-independent bounds); then [] and the program is read as it is."""
+    specs, dynamic_batch = [], False
+    placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    for name in program.graph_signature.user_inputs:
+        shape = getattr(placeholders[name].meta.get("val"), "shape", None)
+        if shape is None:
+            return []
+        dims = [d if isinstance(d, int) else None for d in shape]
+        if any(d is None for d in dims[1:]):
+            return []
+        dynamic_batch = dynamic_batch or (bool(dims) and dims[0] is None)
+        specs.append(f"{name}=" + ",".join(str(1 if d is None else d) for d in dims))
+    return specs if dynamic_batch else []
