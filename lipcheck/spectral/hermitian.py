@@ -116,8 +116,9 @@ def lanczos_estimate(mats: torch.Tensor, steps: int = LANCZOS_STEPS, seed: int =
     batch, n, _ = mats.shape
     steps = max(1, min(steps, n))
     low = mats.to(torch.complex64 if mats.is_complex() else torch.float32)
-    gen = torch.Generator(device=mats.device).manual_seed(seed)
-    v = torch.randn(batch, n, 1, generator=gen, device=mats.device, dtype=torch.float32).to(low.dtype)
+    # the start vectors come from a CPU generator on every device: same candidates on CPU and GPU
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(batch, n, 1, generator=gen, dtype=torch.float32).to(device=mats.device, dtype=low.dtype)
     v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(1e-30)
     v_prev = torch.zeros_like(v)
     beta_prev = torch.zeros(batch, 1, 1, device=mats.device, dtype=torch.float32)
