@@ -28,7 +28,15 @@ from collections.abc import Sequence
 import torch
 
 from lipcheck.spectral.dense import UNIT_ROUNDOFF, to_float64
-from lipcheck.spectral.hermitian import RunningMaxEigenvalue, rump_alpha
+from lipcheck.spectral.hermitian import (
+    SINGLE_MAX_MARGIN,
+    SINGLE_ROUNDOFF,
+    RunningMaxEigenvalue,
+    certify_below,
+    lanczos_estimate,
+    rump_alpha,
+    single_margin,
+)
 
 # Complex128 Gram entries per chunk of frequencies (8 MiB, about a quarter of the L3 cache of a
 # server core complex): small enough that assembling, estimating and factorising stay in cache.
@@ -39,8 +47,8 @@ MIN_CHUNK = 64  # but at least this many frequencies (large channel counts: fewe
 EIGEN_TOL = 1e-9
 
 
-def _gamma(k: int) -> float:
-    ku = k * UNIT_ROUNDOFF
+def _gamma(k: int, unit: float = UNIT_ROUNDOFF) -> float:
+    ku = k * unit
     if ku >= 0.5:
         raise ValueError(f"sums of {k} terms are beyond the float64 error analysis")
     return ku / (1.0 - ku)
@@ -144,21 +152,49 @@ def grid_norm(kernel: torch.Tensor, grid: Sequence[int]) -> float:
     sizes = torch.tensor(list(grid), device=k.device)
     h_flat = h.reshape(n_offsets, -1)
 
-    def grams_at(idx: torch.Tensor) -> torch.Tensor:
-        """Gram matrices ``[len(idx) * g, n, n]`` (complex128) at integer frequencies ``idx``."""
+    h_single = h_flat.to(torch.float32)
+    # single-precision Gram matrices differ from the double ones by at most this (spectral norm):
+    # rounding h and the phases to float32 and the float32 sum over offsets, entrywise relative
+    # to S S^T like eta (both matrices' own errors counted)
+    single_error = 4.0 * (_gamma(n_offsets + 8, SINGLE_ROUNDOFF) + 2.0 * eta) * s_fro2
+    use_single = single_margin(n) <= SINGLE_MAX_MARGIN and math.isfinite(single_error)
+
+    def grams_at(idx: torch.Tensor, single: bool = False) -> torch.Tensor:
+        """Gram matrices ``[len(idx) * g, n, n]`` (complex128, or complex64) at integer frequencies."""
         # phase fraction (j . delta / m) mod 1 from exact integer products, one rounding per axis
         residues = (idx[:, None, :] * offsets[None, :, :]) % sizes  # [F, D, d]
         frac = (residues.to(torch.float64) / sizes.to(torch.float64)).sum(dim=-1)
         angle = (2.0 * math.pi) * torch.remainder(frac, 1.0)
-        return torch.complex(torch.cos(angle) @ h_flat, -(torch.sin(angle) @ h_flat)).reshape(-1, n, n)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        if single:
+            return torch.complex(cos.float() @ h_single, -(sin.float() @ h_single)).reshape(-1, n, n)
+        return torch.complex(cos @ h_flat, -(sin @ h_flat)).reshape(-1, n, n)
 
     # One pass over chunks small enough to stay in cache between assembling and using them: each
-    # chunk is estimated (Lanczos), its most promising matrix evaluated exactly when it may beat the
-    # best so far, and every matrix certified by Cholesky at the best value times 1 + tol.
+    # chunk is certified by Cholesky at the best exact value so far times 1 + tol; the first one is
+    # estimated (Lanczos) to find the frequency whose exact value seeds that level. Where single
+    # precision is decisive enough, the chunk is assembled and tested in float32 first and only the
+    # frequencies it cannot prove are assembled again in float64.
     chunk = max(MIN_CHUNK, CHUNK_ENTRIES // max(1, g * n * n))
     running = RunningMaxEigenvalue(eigen_tol(n))
     for start in range(0, freqs.shape[0], chunk):
-        running.certify(grams_at(freqs[start : start + chunk]))
+        idx = freqs[start : start + chunk]
+        if not use_single:
+            running.certify(grams_at(idx))
+            continue
+        grams = grams_at(idx, single=True)
+        if running.lower <= 0.0:
+            best = int(torch.argmax(lanczos_estimate(grams)))
+            running.add_exact(grams_at(idx[best // g : best // g + 1])[best % g : best % g + 1])
+        mu = running.level()
+        proven = certify_below(grams, mu, single=True, error=single_error) if mu > 0.0 else None
+        if proven is None or not bool(proven.any()):
+            running.certify(grams_at(idx))
+            continue
+        running.record_proven(mu)
+        failed = torch.unique((~proven).nonzero().flatten() // g)
+        if failed.numel():
+            running.certify(grams_at(idx[failed]))
     top = running.upper + abs_margin
     value = math.sqrt(top) * (1.0 + 4.0 * UNIT_ROUNDOFF)
     return math.ldexp(value, exponent)

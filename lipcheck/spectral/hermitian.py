@@ -65,12 +65,16 @@ def single_margin(order: int) -> float:
         return math.inf
 
 
-def certify_below(mats: torch.Tensor, mu: float, single: bool = False) -> torch.Tensor:
+def certify_below(
+    mats: torch.Tensor, mu: float, single: bool = False, error: float | None = None
+) -> torch.Tensor:
     """For each Hermitian matrix ``[..., n, n]`` (lower triangle read), True proves lambda_max < mu.
 
     Builds ``A = mu I - G`` and runs ``cholesky_ex`` on ``fl(A - c I)`` with Rump's shift ``c``, in
     float64/complex128, or with ``single`` in float32/complex64 after rounding G (which moves its
-    eigenvalues by at most u ||G||_F, added to the shift). False only means "not proven". The
+    eigenvalues by at most u ||G||_F, added to the shift; ``error`` replaces that term when the
+    caller passes single-precision matrices and knows how far they are from the double ones). False
+    only means "not proven". The
     diagonal of ``A`` is rounded when formed (mu itself too in single precision): within
     u (mu + |g_ii|) of the exact value each, which the shift absorbs by adding 2 u (mu + max |g_ii|).
     """
@@ -78,7 +82,10 @@ def certify_below(mats: torch.Tensor, mu: float, single: bool = False) -> torch.
     unit = SINGLE_ROUNDOFF if single else UNIT_ROUNDOFF
     extra = 0.0
     work = mats
-    if single:
+    if single and error is not None:
+        extra = error
+        work = mats.to(torch.complex64 if mats.is_complex() else torch.float32)
+    elif single:
         entries = torch.view_as_real(mats) if mats.is_complex() else mats
         extra = unit * torch.linalg.vector_norm(entries.flatten(-3 if mats.is_complex() else -2), dim=-1) * (1.0 + 1e-6)
         work = mats.to(torch.complex64 if mats.is_complex() else torch.float32)
@@ -165,6 +172,14 @@ class RunningMaxEigenvalue:
         self.exact_evaluations += int(mats.shape[0])
         self.upper = max(self.upper, exact)
         self.lower = max(self.lower, exact * (1.0 - 64.0 * mats.shape[-1] * UNIT_ROUNDOFF))
+
+    def level(self) -> float:
+        """The level every matrix is tested at: the best exact value times 1 + tol."""
+        return self.lower * (1.0 + self.tol)
+
+    def record_proven(self, mu: float) -> None:
+        """Some matrices were proven below ``mu`` by the caller (``certify_below``)."""
+        self.upper = max(self.upper, mu)
 
     def certify(self, mats: torch.Tensor) -> None:
         """Account for every matrix of ``[B, n, n]``: Cholesky at lower * (1 + tol), then refine."""
