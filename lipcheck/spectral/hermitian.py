@@ -30,7 +30,7 @@ SINGLE_ROUNDOFF = 2.0**-24  # float32
 # Smallest normal numbers: the underflow terms use these rather than subnormals, so that libraries
 # flushing subnormals to zero are covered too.
 TINY = {False: 2.0**-1022, True: 2.0**-126}
-LANCZOS_STEPS = 12  # first estimate; doubled for the matrices that fail the first test
+LANCZOS_STEPS = 8  # first estimate; doubled for the matrices that fail the first test
 REFINE_ROUNDS = 3  # estimate-and-test rounds before the exact fallback
 EXACT_BELOW = 1  # a single pending matrix goes straight to the exact eigensolver
 # A single-precision Cholesky test goes first where its rounding allowance (relative to the level
