@@ -32,7 +32,13 @@ from lipcheck.spectral import (
 )
 from lipcheck.spectral.circular import _product, gram_taps, half_grid_indices
 from lipcheck.spectral.conv import reshape_bound, torus_sup_bound
-from lipcheck.spectral.hermitian import RunningMaxEigenvalue, certify_below, lanczos_estimate, single_margin
+from lipcheck.spectral.hermitian import (
+    RunningMaxEigenvalue,
+    certify_below,
+    lanczos_estimate,
+    single_margin,
+    single_precision_is_exact_ieee,
+)
 
 F64 = torch.float64
 CERT_SLACK = 1e-12  # relative rounding allowance of the float64 dense reference
@@ -883,6 +889,22 @@ def test_running_max_eigenvalue_brackets_the_maximum(complex_, batch, n):
             running.certify(mats[order[start : start + 64]])
         assert exact * (1 - 1e-13) <= running.upper <= exact * (1 + tol + 1e-12)
         assert running.lower <= exact * (1 + 1e-13)
+
+
+def test_reduced_precision_matmul_disables_the_single_precision_tier():
+    """With TF32/bfloat16 matrix products allowed, float32 error bounds do not hold: double only,
+    and the bound is the same (to the tolerance) and still certified."""
+    weight = randn("tf32", 40, 48, 3, 3)
+    exact = _fft_reference(weight, (10, 10))
+    before = torch.get_float32_matmul_precision()
+    assert single_precision_is_exact_ieee(torch.device("cpu")) == (before == "highest")
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert not single_precision_is_exact_ieee(torch.device("cpu"))
+        value = circular_conv_norm(weight, (10, 10))
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert exact * (1 - 1e-12) <= value <= exact * (1 + 1e-8)
 
 
 def test_lanczos_estimates_never_exceed_the_top_eigenvalue_much():

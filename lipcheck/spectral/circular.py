@@ -36,6 +36,7 @@ from lipcheck.spectral.hermitian import (
     lanczos_estimate,
     rump_alpha,
     single_margin,
+    single_precision_is_exact_ieee,
 )
 
 # Complex128 Gram entries per chunk of frequencies (8 MiB, about a quarter of the L3 cache of a
@@ -157,7 +158,11 @@ def grid_norm(kernel: torch.Tensor, grid: Sequence[int]) -> float:
     # rounding h and the phases to float32 and the float32 sum over offsets, entrywise relative
     # to S S^T like eta (both matrices' own errors counted)
     single_error = 4.0 * (_gamma(n_offsets + 8, SINGLE_ROUNDOFF) + 2.0 * eta) * s_fro2
-    use_single = single_margin(n) <= SINGLE_MAX_MARGIN and math.isfinite(single_error)
+    use_single = (
+        single_margin(n) <= SINGLE_MAX_MARGIN
+        and math.isfinite(single_error)
+        and single_precision_is_exact_ieee(k.device)
+    )
 
     def grams_at(idx: torch.Tensor, single: bool = False) -> torch.Tensor:
         """Gram matrices ``[len(idx) * g, n, n]`` (complex128, or complex64) at integer frequencies."""

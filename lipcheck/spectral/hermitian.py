@@ -57,6 +57,20 @@ def rump_alpha(order: int, single: bool = False) -> float:
     return 2.0 * g / (1.0 - 2.0 * g)
 
 
+def single_precision_is_exact_ieee(device: torch.device) -> bool:
+    """Whether float32 products here are IEEE single precision, as the error bounds assume.
+
+    ``torch.set_float32_matmul_precision("high"/"medium")`` or ``allow_tf32`` let matrix products
+    (and the factorisations built on them) run in TF32/bfloat16, with far larger rounding errors:
+    the single-precision tier is then skipped and everything is done in float64.
+    """
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    if device.type == "cuda":
+        return not torch.backends.cuda.matmul.allow_tf32
+    return device.type == "cpu"
+
+
 def single_margin(order: int) -> float:
     """Rough relative allowance of the single-precision test: alpha * n (trace <= n * level)."""
     try:
@@ -65,9 +79,7 @@ def single_margin(order: int) -> float:
         return math.inf
 
 
-def certify_below(
-    mats: torch.Tensor, mu: float, single: bool = False, error: float | None = None
-) -> torch.Tensor:
+def certify_below(mats: torch.Tensor, mu: float, single: bool = False, error: float | None = None) -> torch.Tensor:
     """For each Hermitian matrix ``[..., n, n]`` (lower triangle read), True proves lambda_max < mu.
 
     Builds ``A = mu I - G`` and runs ``cholesky_ex`` on ``fl(A - c I)`` with Rump's shift ``c``, in
@@ -216,7 +228,7 @@ class RunningMaxEigenvalue:
 
 def _test(mats: torch.Tensor, mu: float) -> torch.Tensor:
     """``certify_below``, in single precision first where that is cheap and decisive enough."""
-    if single_margin(mats.shape[-1]) > SINGLE_MAX_MARGIN:
+    if single_margin(mats.shape[-1]) > SINGLE_MAX_MARGIN or not single_precision_is_exact_ieee(mats.device):
         return certify_below(mats, mu)
     proven = certify_below(mats, mu, single=True)
     rest = (~proven).nonzero().flatten()
