@@ -10,7 +10,7 @@ kaiming-normal weights, torchvision v1.5 layout):
 * lipcheck  ``conv_operator_norm`` with the known input size: circular embedding of the polyphase
             kernel on the grid m = ceil((n + 2p) / s), max over the frequencies of sigma_max of the
             per-frequency matrix. Gram taps once, half the grid (conjugate symmetry), a Lanczos
-            candidate evaluated exactly, then every frequency certified below it (times 1 + 1e-9)
+            candidate evaluated exactly, then every frequency certified below it (times 1 + 1e-10)
             by a Cholesky test with Rump's rounding shift (float32 first where decisive, float64
             for the rest; eigvalsh only where both fail). Certified upper bound on the zero-padded
             operator norm, within ~1e-9 of the exact circular value.

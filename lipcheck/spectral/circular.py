@@ -45,7 +45,7 @@ CHUNK_ENTRIES = 512 * 1024
 MIN_CHUNK = 64  # but at least this many frequencies (large channel counts: fewer, fatter calls)
 # Relative tolerance of the certified maximum eigenvalue (the norm, its square root, gets half):
 # at least this, and well above the Cholesky test's own rounding allowance (see ``eigen_tol``).
-EIGEN_TOL = 1e-9
+EIGEN_TOL = 1e-10
 
 
 def _gamma(k: int, unit: float = UNIT_ROUNDOFF) -> float:
