@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lipcheck.spectral.circular import grid_norm
 from lipcheck.spectral.dense import (
     UNIT_ROUNDOFF,
     SpectralBound,
@@ -122,20 +123,9 @@ def _frequency_sigma_max(kernel: torch.Tensor, freqs: torch.Tensor) -> torch.Ten
     return torch.cat(out) + abs_margin
 
 
-def _grid_frequencies(sizes: Sequence[int], device: torch.device) -> torch.Tensor:
-    """All frequencies 2*pi*j/N of a grid, using the conjugate symmetry on the last axis."""
-    axes = [torch.arange(n, dtype=torch.float64, device=device) * (2 * math.pi / n) for n in sizes[:-1]]
-    last = sizes[-1]
-    axes.append(torch.arange(last // 2 + 1, dtype=torch.float64, device=device) * (2 * math.pi / last))
-    mesh = torch.meshgrid(*axes, indexing="ij")
-    return torch.stack([m.reshape(-1) for m in mesh], dim=1)
-
-
 def circular_conv_norm(kernel: torch.Tensor, grid: Sequence[int], groups: int = 1) -> float:
     """Exact (up to rounding margin) norm of the stride-1 circular convolution on ``grid``."""
-    grouped = _grouped(kernel, groups)
-    freqs = _grid_frequencies(list(grid), kernel.device)
-    return float(_frequency_sigma_max(grouped, freqs).max())
+    return grid_norm(_grouped(kernel, groups), list(grid))
 
 
 def _padded_polyphase(weight: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
@@ -169,8 +159,7 @@ def conv_norm_known_size(weight: torch.Tensor, geometry: ConvGeometry) -> Spectr
         # matrix at every frequency, so the norm is that matrix's
         value = float(batched_sigma_max_upper(poly.flatten(2)).max())
         return SpectralBound(value, "single tap: exact SVD (float64, rounding margin)", exact=True)
-    freqs = _grid_frequencies(grid, weight.device)
-    value = float(_frequency_sigma_max(poly, freqs).max())
+    value = grid_norm(poly, grid)
     shape = "x".join(map(str, grid))
     return SpectralBound(value, f"circular embedding, FFT grid {shape}")
 
