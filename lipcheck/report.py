@@ -9,15 +9,18 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 import lipcheck
-from lipcheck.compose import Composition, LayerResult, UnboundedReason, compose
+from lipcheck.compose import Composition, LayerResult, ProgressCallback, UnboundedReason, compose
 from lipcheck.frontends import load_graph
 from lipcheck.graph import Shape
 from lipcheck.passes import prepare
+
+if TYPE_CHECKING:
+    from lipcheck.cache import LayerCache
 
 SCHEMA = "lipcheck.report/1"
 
@@ -98,12 +101,26 @@ def analyse(
     input_shapes: list[str] | tuple[str, ...] = (),
     assume: dict[str, float] | None = None,
     device: str = "auto",
+    max_memory: int | None = None,
+    cache: str | os.PathLike[str] | LayerCache | None = None,
+    progress: ProgressCallback | None = None,
 ) -> Report:
-    """Load a model file and compute its certified Lipschitz report (the library entry point)."""
+    """Load a model file and compute its certified Lipschitz report (the library entry point).
+
+    ``max_memory``: bytes of memory to stay within (weights are then read a layer at a time);
+    ``cache``: a folder (or ``LayerCache``) of per-layer results reused across runs; ``progress``: see ``compose``.
+    """
     torch_device = resolve_device(device)
-    graph = load_graph(path, input_shapes)
+    layer_cache = None
+    if cache is not None:
+        from lipcheck.cache import LayerCache
+
+        layer_cache = cache if isinstance(cache, LayerCache) else LayerCache(cache)
+    graph = load_graph(path, input_shapes, max_memory=max_memory)
     prepare(graph)
-    composition: Composition = compose(graph, assume=assume, device=torch_device)
+    composition: Composition = compose(
+        graph, assume=assume, device=torch_device, progress=progress, cache=layer_cache
+    )
     return Report(
         model=Path(path).name,
         upper_bound=composition.upper_bound,
