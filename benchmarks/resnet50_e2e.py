@@ -11,9 +11,9 @@ exit:
   model pays.
 
 It prints both times, their ratio (target: under 3x and under 10 s), the peak RSS of each process,
-and lipcheck's own split (from ``LIPCHECK_PROFILE=1``, which makes lipcheck print where its time
-went on stderr): imports, loading (ONNX parse + constant folding + shape inference), passes, conv
-norms, other rules, rendering.
+and where lipcheck's time goes, measured in a third subprocess through the library API: interpreter
+start, imports, loading (ONNX parse, constant folding, shape inference), passes, conv norms (the
+Conv/ConvTranspose rules), every other rule, and writing the report.
 
     python benchmarks/resnet50_e2e.py [--repeats 3] [--rebuild] [--folder DIR] [-- extra lipcheck args]
 """
@@ -144,17 +144,15 @@ def main() -> None:
     if args.rebuild or not model.exists():
         print(f"building {model} ...", file=sys.stderr)
         build_resnet50(model)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), LIPCHECK_PROFILE="1", NO_COLOR="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1")
     lipcheck_cmd = [sys.executable, "-m", "lipcheck", "report", str(model), "--format", "json", *args.extra]
     baseline_cmd = [sys.executable, "-c", BASELINE, str(model)]
     runs: dict[str, list[tuple[float, int]]] = {"lipcheck": [], "baseline": []}
-    profile = ""
     for _ in range(args.repeats):  # interleaved, so machine load hits both alike
         wall, rss, _, _ = timed_run(baseline_cmd, env)
         runs["baseline"].append((wall, rss))
-        wall, rss, out, err = timed_run(lipcheck_cmd, env)
+        wall, rss, out, _ = timed_run(lipcheck_cmd, env)
         runs["lipcheck"].append((wall, rss))
-        profile = err
         report = json.loads(out)
     median = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
     weights = sum(f.stat().st_size for f in args.folder.glob("resnet50.onnx*"))
@@ -165,12 +163,58 @@ def main() -> None:
     ratio = median["lipcheck"][0] / median["baseline"][0]
     print(f"ratio lipcheck / baseline: {ratio:.2f}x (target < 3x); lipcheck {median['lipcheck'][0]:.2f} s "
           f"(target < 10 s)")
-    print(f"peak RSS over weights: {(median['lipcheck'][1] - weights) / 2**20:.0f} MiB (target <= 1024 MiB)")
-    split = [line for line in profile.splitlines() if line.startswith("lipcheck profile:")]
-    if split:
-        print("lipcheck's split (last run, from LIPCHECK_PROFILE=1):")
-        for line in split:
-            print("  " + line.removeprefix("lipcheck profile:").strip())
+    print(f"peak RSS minus weights: {(median['lipcheck'][1] - weights) / 2**20:.0f} MiB (target <= 1024 MiB)")
+
+    _, _, out, _ = timed_run([sys.executable, "-c", PROFILE, str(model), *args.extra], env)
+    start, _, _, _ = timed_run([sys.executable, "-c", "pass"], env)
+    phases = {"interpreter start": start, **json.loads(out)}
+    total = sum(phases.values())
+    print("lipcheck's split (library API, one more run):")
+    for name, seconds in phases.items():
+        print(f"  {name:28s} {seconds:6.2f} s  {seconds / total:6.1%}")
+    conv = phases["conv norms (Conv rules)"]
+    print(f"  conv norms {conv:.2f} s; everything else {total - conv:.2f} s "
+          f"(everything else / baseline: {(total - conv) / median['baseline'][0]:.2f}x)")
+
+
+PROFILE = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import lipcheck.cli  # what the command imports before it parses its arguments
+t1 = time.perf_counter()
+from lipcheck.compose import compose
+from lipcheck.frontends import load_graph
+from lipcheck.passes import prepare
+from lipcheck.report import Report, resolve_device
+t2 = time.perf_counter()
+device = resolve_device("auto")
+graph = load_graph(sys.argv[1], [a.split("=", 1)[1] for a in sys.argv[2:] if a.startswith("--input-shape=")])
+t3 = time.perf_counter()
+prepare(graph)
+t4 = time.perf_counter()
+ops = {node.name: node.op for node in graph.nodes}
+per_op = {}
+last = [None, time.perf_counter()]
+def progress(done, total, name):
+    now = time.perf_counter()
+    if last[0] is not None:
+        per_op[ops[last[0]]] = per_op.get(ops[last[0]], 0.0) + now - last[1]
+    last[:] = [name or None, now]
+composition = compose(graph, device=device, progress=progress)
+t5 = time.perf_counter()
+report = Report(sys.argv[1], composition.upper_bound, composition.layers, composition.unbounded,
+                {n: graph.shape(n) or () for n in graph.inputs}, composition.assumptions, device=str(device))
+from lipcheck.runner import json_text
+from lipcheck.render import report_as_text
+json_text(report.to_dict()); report_as_text(report)
+t6 = time.perf_counter()
+conv = per_op.get("Conv", 0.0) + per_op.get("ConvTranspose", 0.0)
+print(json.dumps({
+    "imports (cli)": t1 - t0, "imports (torch, onnx, rules)": t2 - t1, "load (parse, fold, shapes)": t3 - t2,
+    "passes": t4 - t3, "conv norms (Conv rules)": conv, "other rules + composition": t5 - t4 - conv,
+    "report (json + table)": t6 - t5,
+}))
+"""
 
 
 if __name__ == "__main__":

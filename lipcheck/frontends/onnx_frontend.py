@@ -15,6 +15,7 @@ as typed inputs, not their bytes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -225,6 +226,12 @@ def _shape_of(value: onnx.ValueInfoProto) -> Shape | None:
 
 
 def _schema_defaults(op: str, domain: str, opset: int) -> dict[str, Any]:
+    """The schema's attribute defaults (a fresh dict: callers add to it)."""
+    return {k: list(v) if isinstance(v, list) else v for k, v in _cached_schema_defaults(op, domain, opset).items()}
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_schema_defaults(op: str, domain: str, opset: int) -> dict[str, Any]:
     try:
         schema = onnx.defs.get_schema(op, opset, domain)
     except Exception:
