@@ -296,3 +296,71 @@ def test_progress_callback_sees_every_node(tmp_path: Path) -> None:
     assert [s[0] for s in seen] == list(range(total + 1))
     assert seen[-1] == (total, total, "")
     assert {layer.name for layer in report.layers} <= {s[2] for s in seen}
+
+
+# ---------------------------------------------------------------------------------------------
+# the progress bar and the command line
+
+
+def test_progress_bar_appears_only_after_its_delay_and_only_for_terminals() -> None:
+    import io
+
+    from rich.console import Console
+
+    from lipcheck.progress import LayerProgress, progress_wanted
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert progress_wanted(False, Terminal()) and not progress_wanted(True, Terminal())
+    assert not progress_wanted(False, io.StringIO())
+
+    quick = LayerProgress(delay=3600, console=Console(file=Terminal(), force_terminal=True))
+    for i in range(5):
+        quick(i, 5, f"layer{i}")
+    quick(5, 5, "")
+    assert not quick.shown and quick.console.file.getvalue() == ""
+
+    screen = Terminal()
+    slow = LayerProgress(delay=0, console=Console(file=screen, force_terminal=True, no_color=True, width=100))
+    slow(0, 4, "conv_a")
+    slow(1, 4, "conv_b")
+    assert slow.shown
+    slow(4, 4, "")
+    assert not slow.shown
+    assert "conv_b" in screen.getvalue() and "1/4" in screen.getvalue()
+
+
+def test_cli_cache_and_max_memory(tmp_path: Path) -> None:
+    from tests.test_cli import run
+
+    path = _save_external(_weights(), tmp_path / "m")
+    cache = tmp_path / "cache"
+    first = run("report", str(path), "--format", "json", "--cache", str(cache), "--max-memory", "64GiB")
+    assert first.returncode == 0, first.stderr
+    assert first.stderr == ""  # stderr is not a terminal: no progress bar
+    second = run("report", str(path), "--format", "json", "--cache", str(cache))
+    assert second.returncode == 0 and second.stdout == first.stdout
+    assert len(list(cache.rglob("*.json"))) == len(json.loads(first.stdout)["layers"])
+    small = run("report", str(path), "--max-memory", "1MiB")
+    assert small.returncode == 2 and small.stderr.startswith("lipcheck: error: --max-memory")
+    assert "Traceback" not in small.stderr
+    bad = run("report", str(path), "--max-memory", "lots")
+    assert bad.returncode == 2 and "expected a size like 2GiB" in bad.stderr
+
+
+def test_config_max_memory_and_cache(tmp_path: Path) -> None:
+    from lipcheck.config import ConfigError, Overrides, load_config
+
+    config = tmp_path / "lipcheck.toml"
+    config.write_text('max_memory = "2GiB"\ncache = ".lipcheck-cache"\n[[models]]\npath = "a.onnx"\n'
+                      '[[models]]\npath = "b.onnx"\nmax-memory = 1000000\n')
+    cfg = load_config(config)
+    assert cfg.models[0].settings.max_memory == 2 * GIB and cfg.models[1].settings.max_memory == 1_000_000
+    assert cfg.models[0].settings.cache == tmp_path / ".lipcheck-cache"
+    cfg = load_config(config, overrides=Overrides(max_memory=5, cache=tmp_path / "other"))
+    assert cfg.models[1].settings.max_memory == 5 and cfg.models[1].settings.cache == tmp_path / "other"
+    config.write_text('max_memory = "much"\n[[models]]\npath = "a.onnx"\n')
+    with pytest.raises(ConfigError, match="max_memory"):
+        load_config(config)
