@@ -128,6 +128,14 @@ INPUT_RANGE_HELP = (
     "in it, so the lower bound holds for the constant on that domain. Implies --lower."
 )
 SEED_HELP = "Seed of the lower-bound search's random starts and directions (same seed, same result)."
+MAX_MEMORY_HELP = (
+    "Memory budget, e.g. 2GiB or 800MB. Weights that do not fit are read from the model file a layer at a "
+    "time (ONNX external data is read tensor by tensor). Default: weights up to 1 GiB stay loaded."
+)
+CACHE_HELP = (
+    "Folder of per-layer results, reused by later runs: layers whose weights, attributes and input shape "
+    "are unchanged are not recomputed (for CI; keyed also by lipcheck's version and code, and the device)."
+)
 SUMMARY_HELP = "Also append the Markdown report to $GITHUB_STEP_SUMMARY (when that is set, as in GitHub Actions)."
 
 
@@ -135,6 +143,21 @@ def _limit(value: float | None, flag: str) -> float | None:
     from lipcheck.gate import parse_limit
 
     return None if value is None else parse_limit(value, flag)
+
+
+def _memory(value: str | None) -> int | None:
+    from lipcheck.memory import parse_memory_size
+
+    return None if value is None else parse_memory_size(value)
+
+
+def _progress(output_format: OutputFormat, no_color: bool, label: str = "bounding"):
+    """The stderr progress bar, or None when it is not wanted (JSON output, stderr not a terminal)."""
+    from lipcheck.progress import LayerProgress, progress_wanted
+
+    if not progress_wanted(output_format is OutputFormat.json):
+        return None
+    return LayerProgress(label, no_color=no_color or bool(os.environ.get("NO_COLOR")))
 
 
 def _render(runs: list, output_format: OutputFormat) -> str:
@@ -262,6 +285,8 @@ def report(
         str | None, typer.Option("--input-range", metavar="LO,HI", help=INPUT_RANGE_HELP)
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help=SEED_HELP)] = 0,
+    max_memory: Annotated[str | None, typer.Option("--max-memory", metavar="SIZE", help=MAX_MEMORY_HELP)] = None,
+    cache: Annotated[Path | None, typer.Option("--cache", metavar="DIR", help=CACHE_HELP)] = None,
 ) -> None:
     """Compute each layer's certified Lipschitz bound and the network's certified upper bound.
 
@@ -287,6 +312,8 @@ def report(
         model_kwargs=parse_model_kwargs(model_kwargs),
         trust_pickle=trust_pickle,
         lower=lower_settings,
+        max_memory=_memory(max_memory),
+        cache=cache,
     )
     if max_increase is not None and baseline is None:
         raise LipcheckError("--max-increase needs --baseline FILE (the report to compare with)")
@@ -296,7 +323,12 @@ def report(
     if output is not None and save_baseline is not None and output.absolute() == save_baseline.absolute():
         raise LipcheckError("--output and --save-baseline name the same file")
     loaded = load_baseline(baseline) if baseline is not None else None
-    run = analyse_and_gate(model, settings, loaded, display_path(model))
+    progress = _progress(output_format, no_color)
+    try:
+        run = analyse_and_gate(model, settings, loaded, display_path(model), progress)
+    finally:
+        if progress is not None:
+            progress.close()
     result = run.report
     assert result is not None and run.gate is not None
 
@@ -386,6 +418,10 @@ def check(
     ] = False,
     github_summary: Annotated[bool, typer.Option("--github-summary", help=SUMMARY_HELP)] = False,
     no_color: Annotated[bool, typer.Option("--no-color", help="Plain output (also: NO_COLOR set).")] = False,
+    max_memory: Annotated[
+        str | None, typer.Option("--max-memory", metavar="SIZE", help="Override every model's max_memory.")
+    ] = None,
+    cache: Annotated[Path | None, typer.Option("--cache", metavar="DIR", help="Override every model's cache.")] = None,
 ) -> None:
     """Run every model configured in [tool.lipcheck] (pyproject.toml) or lipcheck.toml through its gate.
 
@@ -405,6 +441,8 @@ def check(
         assume=parse_assumptions(assume),
         device=None if device is None else device.value,
         exit_zero=exit_zero,
+        max_memory=_memory(max_memory),
+        cache=None if cache is None else cache.absolute(),
     )
     cfg = load_config(config, overrides=overrides)
     if output is not None:
@@ -418,7 +456,12 @@ def check(
     table_to_stdout = output_format is OutputFormat.table and output is None
     runs = []
     for model in cfg.models:
-        run = run_model(model, cwd, update_baseline=update_baselines)
+        progress = _progress(output_format, no_color, label=display_path(model.path, cwd))
+        try:
+            run = run_model(model, cwd, update_baseline=update_baselines, progress=progress)
+        finally:
+            if progress is not None:
+                progress.close()
         runs.append(run)
         (stdout if table_to_stdout else stderr).print(summary_text(run, width))
         _gate_lines(run)

@@ -8,13 +8,21 @@ says (AutoLip, Virmaux & Scaman 2018). The network bound is sqrt(sum of L^2) ove
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from lipcheck.errors import UnsupportedOpsError
 from lipcheck.graph import Graph, Node, Shape
 from lipcheck.rules import LocalBound, RuleContext, UnsupportedVariant, get_rule
+
+if TYPE_CHECKING:
+    from lipcheck.cache import LayerCache
+
+# progress(done, total, name): called before each node with the node's name, and (total, total, "") at the end
+ProgressCallback = Callable[[int, int, str], None]
 
 
 @dataclass
@@ -62,8 +70,14 @@ def compose(
     graph: Graph,
     assume: dict[str, float] | None = None,
     device: torch.device | str = "cpu",
+    progress: ProgressCallback | None = None,
+    cache: LayerCache | None = None,
 ) -> Composition:
-    """Bound every node and the whole network. Raises UnsupportedOpsError listing all unknown ops."""
+    """Bound every node and the whole network. Raises UnsupportedOpsError listing all unknown ops.
+
+    ``progress`` is told which node comes next (for a progress bar); ``cache`` answers nodes bounded
+    before with the same weights, attributes and shapes (``lipcheck.cache``).
+    """
     assume = dict(assume or {})
     device = torch.device(device)
     lipschitz: dict[str, float] = {name: 1.0 for name in graph.inputs}
@@ -71,13 +85,16 @@ def compose(
     layers: list[LayerResult] = []
     reasons: list[UnboundedReason] = []
     used_assumptions: dict[str, float] = {}
-    for node in graph.nodes:
+    total_nodes = len(graph.nodes)
+    for index, node in enumerate(graph.nodes):
+        if progress is not None:
+            progress(index, total_nodes, node.name)
         inputs_l = [lipschitz.get(v, 0.0) if v else 0.0 for v in node.inputs]
         if all(value == 0.0 for value in inputs_l):
             for out in node.outputs:
                 lipschitz[out] = 0.0  # depends on weights only
             continue
-        local, assumed_key = _bound_node(node, graph, inputs_l, device, assume, missing)
+        local, assumed_key = _bound_node(node, graph, inputs_l, device, assume, missing, cache)
         if local is None:
             for out in node.outputs:
                 lipschitz[out] = math.inf
@@ -116,6 +133,8 @@ def compose(
                 assumed=assumed_key is not None,
             )
         )
+    if progress is not None:
+        progress(total_nodes, total_nodes, "")
     if missing:
         raise UnsupportedOpsError(missing)
     outputs_l = [lipschitz.get(o, 0.0) for o in graph.outputs]
@@ -135,6 +154,7 @@ def _bound_node(
     device: torch.device,
     assume: dict[str, float],
     missing: dict[str, list[str]],
+    cache: LayerCache | None = None,
 ) -> tuple[LocalBound | None, str | None]:
     """The rule's answer (None for an op without rule) and the --assume key used, if any."""
     if node.op in assume:
@@ -144,7 +164,10 @@ def _bound_node(
         missing.setdefault(node.op, []).append(node.name)
         return None, None
     try:
-        return registered.function(RuleContext(node, graph, inputs_l, device)), None
+        context = RuleContext(node, graph, inputs_l, device)
+        if cache is not None:
+            return cache.bound(context, registered), None
+        return registered.function(context), None
     except UnsupportedVariant as exc:
         if exc.label in assume:  # e.g. --assume "Resize(mode=linear)=1.5"
             return LocalBound(assume[exc.label], "assumed (--assume)", certified=False), exc.label

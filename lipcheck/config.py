@@ -32,9 +32,9 @@ DEVICES = ("auto", "cpu", "cuda")
 
 # keys every model may set, also allowed at the top level as defaults (except the model's own path and baseline)
 MODEL_KEYS = ("path", "fail_above", "layer_fail_above", "allow_unbounded", "baseline", "max_increase", "input_shape",
-              "assume", "device", "model", "model_kwargs", "trust_pickle")
+              "assume", "device", "max_memory", "cache", "model", "model_kwargs", "trust_pickle")
 TOP_KEYS = ("models", "fail_above", "layer_fail_above", "allow_unbounded", "max_increase", "input_shape", "assume",
-            "device", "exit_zero")
+            "device", "exit_zero", "max_memory", "cache")
 _PER_MODEL_ONLY = {
     "path": "the model file",
     "baseline": "the baseline report",
@@ -110,6 +110,8 @@ class Settings:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     trust_pickle: bool = False
     lower: Any = None  # a lipcheck.lower.LowerSettings when the lower bound is searched (--lower)
+    max_memory: int | None = None  # bytes
+    cache: Path | None = None  # folder of per-layer results
 
 
 @dataclass(frozen=True)
@@ -124,10 +126,13 @@ class Overrides:
     assume: dict[str, float] = field(default_factory=dict)
     device: str | None = None
     exit_zero: bool | None = None
+    max_memory: int | None = None
+    cache: Path | None = None
 
     def apply(self, settings: Settings) -> Settings:
         changes: dict[str, Any] = {}
-        for name in ("fail_above", "layer_fail_above", "allow_unbounded", "max_increase", "device"):
+        for name in ("fail_above", "layer_fail_above", "allow_unbounded", "max_increase", "device", "max_memory",
+                     "cache"):
             value = getattr(self, name)
             if value is not None:
                 changes[name] = value
@@ -169,8 +174,17 @@ def _normalise_keys(table: dict[str, Any], allowed: tuple[str, ...], where: str)
     return result
 
 
-def _settings(table: dict[str, Any], base: Settings, where: str) -> Settings:
+def _settings(table: dict[str, Any], base: Settings, where: str, folder: Path | None = None) -> Settings:
     changes: dict[str, Any] = {}
+    if "max_memory" in table:
+        from lipcheck.memory import MemoryBudgetError, parse_memory_size
+
+        try:
+            changes["max_memory"] = parse_memory_size(table["max_memory"], f"{where}: max_memory")
+        except MemoryBudgetError as exc:
+            raise ConfigError(str(exc)) from None
+    if "cache" in table:
+        changes["cache"] = _relative_path(table["cache"], folder or Path.cwd(), f"{where}: cache")
     for key in ("fail_above", "layer_fail_above"):
         if key in table:
             changes[key] = parse_limit(table[key], f"{where}: {key}")
@@ -283,7 +297,7 @@ def load_config(path: Path | None = None, start: Path | None = None, overrides: 
     if table is None:
         raise ConfigError(f"{path}: no [tool.lipcheck] table")
     top = _normalise_keys(table, TOP_KEYS, f"{path.name}: {section}")
-    defaults = _settings(top, Settings(), f"{path.name}: {section}")
+    defaults = _settings(top, Settings(), f"{path.name}: {section}", path.parent)
     exit_zero = _boolean(top["exit_zero"], f"{path.name}: exit_zero") if "exit_zero" in top else False
     entries = top.get("models")
     models_where = "[[tool.lipcheck.models]]" if path.name == "pyproject.toml" else "[[models]]"
@@ -298,7 +312,7 @@ def load_config(path: Path | None = None, start: Path | None = None, overrides: 
         keys = _normalise_keys(entry, MODEL_KEYS, where)
         if "path" not in keys:
             raise ConfigError(f"{where}: missing key 'path' (the model file)")
-        settings = overrides.apply(_settings(keys, defaults, where))
+        settings = overrides.apply(_settings(keys, defaults, where, path.parent))
         baseline = _relative_path(keys["baseline"], path.parent, f"{where}: baseline") if "baseline" in keys else None
         models.append(ModelConfig(_relative_path(keys["path"], path.parent, f"{where}: path"), settings, baseline))
     if overrides.exit_zero is not None:

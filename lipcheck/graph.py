@@ -8,7 +8,8 @@ It imports neither onnx nor torch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,7 @@ class Graph:
     nodes: list[Node]
     inputs: list[str]
     outputs: list[str]
-    constants: dict[str, np.ndarray] = field(default_factory=dict)
+    constants: MutableMapping[str, np.ndarray] = field(default_factory=dict)  # a dict or LazyConstants
     shapes: dict[str, Shape] = field(default_factory=dict)
     name: str = ""
 
@@ -58,7 +59,7 @@ class Graph:
 
     def shape(self, value: str) -> Shape | None:
         if value in self.constants:
-            return tuple(self.constants[value].shape)
+            return constant_shape(self.constants, value)
         return self.shapes.get(value)
 
     def live_nodes(self) -> list[Node]:
@@ -95,3 +96,166 @@ def unique_name(taken: Iterable[str], base: str) -> str:
     while f"{base}_{i}" in taken:
         i += 1
     return f"{base}_{i}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Constants loaded on access: models whose weights do not fit in memory are read a layer at a time
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """Where a constant can be (re)read from without holding it: a file region, a proto, a recipe.
+
+    ``load`` returns the array (a fresh one or a read-only view); ``shape``, ``dtype`` and ``nbytes``
+    are known without calling it. Frontends make these (ONNX external data by offset, safetensors
+    tensor by tensor); ``LazyConstants`` decides when to call ``load`` and when to forget the result.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    load: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for d in self.shape:
+            count *= int(d)
+        return count * np.dtype(self.dtype).itemsize
+
+
+class LazyConstants(MutableMapping[str, np.ndarray]):
+    """``Graph.constants`` for models read tensor by tensor: a mapping that loads values on access.
+
+    Values set with ``c[name] = array`` are held ("pinned"), as in a dict. Values added with
+    ``add_source`` are loaded when first read and kept in a least-recently-used cache of at most
+    ``cache_bytes`` bytes; older ones are dropped and re-read when needed again, so a walk over the
+    graph holds about one layer's weights at a time when the cache is small. ``cache_bytes=None``
+    keeps everything once loaded. Shapes are known without loading (``shape_of``).
+    """
+
+    def __init__(self, cache_bytes: int | None = None):
+        self.cache_bytes = cache_bytes
+        self._pinned: dict[str, np.ndarray] = {}
+        self._sources: dict[str, TensorSource] = {}
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cached_bytes = 0
+        self.loads = 0  # how many times a source was read (a measure of re-reading)
+        self.peak_bytes = 0  # most bytes of re-readable values held at once (just before dropping old ones)
+
+    # -- the mapping protocol
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._pinned:
+            return self._pinned[name]
+        if name in self._cache:
+            self._cache.move_to_end(name)
+            return self._cache[name]
+        source = self._sources[name]  # KeyError for unknown names, as a dict
+        value = source.load()
+        self.loads += 1
+        self._hold(name, value)
+        return value
+
+    def __setitem__(self, name: str, value: np.ndarray) -> None:
+        self._forget(name)
+        self._pinned[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self:
+            raise KeyError(name)
+        self._forget(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._pinned or name in self._sources
+
+    def __iter__(self) -> Iterator[str]:
+        yield from list(self._pinned)
+        yield from [n for n in self._sources if n not in self._pinned]
+
+    def __len__(self) -> int:
+        return len(self._pinned) + len(self._sources)
+
+    # -- lazy parts
+    def add_source(self, name: str, source: TensorSource) -> None:
+        """Register a constant read on access (replaces any value of that name)."""
+        self._forget(name)
+        self._sources[name] = source
+
+    def set_derived(self, name: str, value: np.ndarray, recompute: Callable[[], np.ndarray]) -> None:
+        """A computed constant (a folded weight) that may be dropped and recomputed like a loaded one."""
+        self.add_source(name, TensorSource(tuple(value.shape), value.dtype, recompute))
+        self._hold(name, value)
+
+    def source(self, name: str) -> TensorSource | None:
+        """How a lazy constant is (re)read; None for a held one."""
+        return self._sources.get(name)
+
+    def is_lazy(self, name: str) -> bool:
+        return name in self._sources
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        if name in self._pinned:
+            return tuple(self._pinned[name].shape)
+        return self._sources[name].shape
+
+    def dtype_of(self, name: str) -> np.dtype:
+        if name in self._pinned:
+            return np.asarray(self._pinned[name]).dtype
+        return np.dtype(self._sources[name].dtype)
+
+    def nbytes_of(self, name: str) -> int:
+        if name in self._pinned:
+            return int(self._pinned[name].nbytes)
+        return self._sources[name].nbytes
+
+    def restrict(self, keep: Iterable[str]) -> None:
+        """Forget every constant not named in ``keep`` (without loading anything)."""
+        keep = set(keep)
+        for name in [n for n in self if n not in keep]:
+            self._forget(name)
+
+    def release(self) -> None:
+        """Drop every loaded value that can be re-read (pinned values stay)."""
+        self._cache.clear()
+        self._cached_bytes = 0
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of loaded re-readable values held now (pinned ones not counted)."""
+        return self._cached_bytes
+
+    def _forget(self, name: str) -> None:
+        self._pinned.pop(name, None)
+        self._sources.pop(name, None)
+        value = self._cache.pop(name, None)
+        if value is not None:
+            self._cached_bytes -= value.nbytes
+
+    def _hold(self, name: str, value: np.ndarray) -> None:
+        self._cache[name] = value
+        self._cached_bytes += value.nbytes
+        self.peak_bytes = max(self.peak_bytes, self._cached_bytes)
+        self._evict(keep=name)
+
+    def _evict(self, keep: str) -> None:
+        if self.cache_bytes is None:
+            return
+        while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+            oldest = next(iter(self._cache))
+            if oldest == keep:
+                self._cache.move_to_end(oldest)
+                oldest = next(iter(self._cache))
+            self._cached_bytes -= self._cache.pop(oldest).nbytes
+
+
+def constant_dtype(constants: MutableMapping[str, np.ndarray], name: str) -> np.dtype:
+    """A constant's dtype, without loading it when ``constants`` is lazy."""
+    if isinstance(constants, LazyConstants):
+        return constants.dtype_of(name)
+    return np.asarray(constants[name]).dtype
+
+
+def constant_shape(constants: MutableMapping[str, np.ndarray], name: str) -> tuple[int, ...]:
+    """A constant's shape, without loading it when ``constants`` is lazy."""
+    if isinstance(constants, LazyConstants):
+        return constants.shape_of(name)
+    return tuple(np.shape(constants[name]))

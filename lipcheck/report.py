@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import lipcheck
-from lipcheck.compose import Composition, LayerResult, UnboundedReason, compose
+from lipcheck.compose import Composition, LayerResult, ProgressCallback, UnboundedReason, compose
 from lipcheck.frontends import load_model
 from lipcheck.graph import Graph, Node, Shape
 from lipcheck.passes import prepare
 
 if TYPE_CHECKING:
+    from lipcheck.cache import LayerCache
     from lipcheck.frontends.torch_frontend import TorchOptions, WeightTensors
     from lipcheck.lower import LowerBound, LowerSettings
 
@@ -131,21 +132,33 @@ def analyse(
     device: str = "auto",
     torch_options: TorchOptions | None = None,
     lower: bool | LowerSettings = False,
+    max_memory: int | None = None,
+    cache: str | os.PathLike[str] | LayerCache | None = None,
+    progress: ProgressCallback | None = None,
 ) -> Report:
     """Load a model file and compute its certified Lipschitz report (the library entry point).
 
     ``torch_options`` carries what PyTorch files may need: ``--model`` for a bare state_dict, and
     whether a pickle is trusted. ``lower``: also search for an empirical lower bound (True for the
     default settings, or a ``lipcheck.lower.LowerSettings``); the report then holds ``lower_bound``
-    and the bracket.
+    and the bracket. ``max_memory``: bytes of memory to stay within (weights are then read a layer at
+    a time); ``cache``: a folder (or ``LayerCache``) of per-layer results reused across runs;
+    ``progress``: see ``compose``.
     """
     torch_device = resolve_device(device)
-    graph = load_model(path, input_shapes, torch_options)
+    layer_cache = None
+    if cache is not None:
+        from lipcheck.cache import LayerCache
+
+        layer_cache = cache if isinstance(cache, LayerCache) else LayerCache(cache)
+    graph = load_model(path, input_shapes, torch_options, max_memory=max_memory)
     if not isinstance(graph, Graph):
         return weights_report(graph, torch_device)
     loaded = copy_graph(graph) if lower else None
     prepare(graph)
-    composition: Composition = compose(graph, assume=assume, device=torch_device)
+    composition: Composition = compose(
+        graph, assume=assume, device=torch_device, progress=progress, cache=layer_cache
+    )
     result = Report(
         model=Path(path).name,
         upper_bound=composition.upper_bound,

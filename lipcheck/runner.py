@@ -40,8 +40,12 @@ def gate_options(settings: Settings, baseline: Baseline | None) -> GateOptions:
     )
 
 
-def analyse_and_gate(path: Path, settings: Settings, baseline: Baseline | None, shown: str) -> ModelRun:
-    """Analyse one model and apply its gate; raises LipcheckError for the user's errors."""
+def analyse_and_gate(
+    path: Path, settings: Settings, baseline: Baseline | None, shown: str, progress: Any = None
+) -> ModelRun:
+    """Analyse one model and apply its gate; raises LipcheckError for the user's errors.
+
+    ``progress``: a ``lipcheck.compose.ProgressCallback`` (the CLI's progress bar)."""
     from lipcheck.frontends.torch_frontend import TorchOptions
     from lipcheck.report import analyse
 
@@ -53,13 +57,18 @@ def analyse_and_gate(path: Path, settings: Settings, baseline: Baseline | None, 
         device=settings.device,
         torch_options=torch_options,
         **({"lower": settings.lower} if settings.lower is not None else {}),
+        max_memory=settings.max_memory,
+        cache=settings.cache,
+        progress=progress,
     )
     run = ModelRun(shown, report)
     run.gate = evaluate(report.to_dict(), gate_options(settings, baseline))
     return run
 
 
-def run_model(model: ModelConfig, cwd: Path | None = None, update_baseline: bool = False) -> ModelRun:
+def run_model(
+    model: ModelConfig, cwd: Path | None = None, update_baseline: bool = False, progress: Any = None
+) -> ModelRun:
     """One configured model: never raises for a user error, returns a ModelRun with ``error`` instead.
 
     ``update_baseline`` writes the new report to the model's baseline file (replacing it) and skips the comparison.
@@ -70,7 +79,7 @@ def run_model(model: ModelConfig, cwd: Path | None = None, update_baseline: bool
         if model.baseline is not None and not update_baseline:
             baseline = load_baseline(model.baseline, display_path(model.baseline, cwd))
         # the shown path is relative to the working folder or absolute: it opens the same file, and errors name it
-        run = analyse_and_gate(Path(shown), model.settings, baseline, shown)
+        run = analyse_and_gate(Path(shown), model.settings, baseline, shown, progress)
         if update_baseline and model.baseline is not None:
             assert run.report is not None
             write_new_file(model.baseline, json_text(run.report.to_dict()), force=True)

@@ -15,9 +15,15 @@ if TYPE_CHECKING:
 
 
 def load_model(
-    path: str | os.PathLike[str], input_shapes: Sequence[str] = (), torch_options: TorchOptions | None = None
+    path: str | os.PathLike[str],
+    input_shapes: Sequence[str] = (),
+    torch_options: TorchOptions | None = None,
+    max_memory: int | None = None,
 ) -> Graph | WeightTensors:
-    """Detect the file's format and load it: a Graph, or bare weights for a state_dict without --model."""
+    """Detect the file's format and load it: a Graph, or bare weights for a state_dict without --model.
+
+    ONNX weights are read lazily; ``max_memory`` (bytes) bounds how many stay loaded (``lipcheck.memory``).
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".onnx" or _looks_like_onnx(path):
@@ -25,7 +31,8 @@ def load_model(
             raise ModelLoadError(f"{path}: --model is for PyTorch state_dicts; an ONNX file carries its own graph")
         from lipcheck.frontends.onnx_frontend import load_onnx_model, onnx_to_graph
 
-        return onnx_to_graph(load_onnx_model(path), input_shapes, name=path.name)
+        model = load_onnx_model(path, load_weights=False)
+        return onnx_to_graph(model, input_shapes, name=path.name, base_dir=path.parent, max_memory=max_memory)
     from lipcheck.frontends.torch_frontend import is_torch_file, load_torch
 
     if path.exists() and (is_torch_file(path) or _looks_like_pickle(path)):
@@ -38,9 +45,9 @@ def load_model(
     )
 
 
-def load_graph(path: str | os.PathLike[str], input_shapes: Sequence[str] = ()) -> Graph:
+def load_graph(path: str | os.PathLike[str], input_shapes: Sequence[str] = (), max_memory: int | None = None) -> Graph:
     """Load a model whose file carries its architecture (ONNX, TorchScript, .pt2, pickled module)."""
-    loaded = load_model(path, input_shapes)
+    loaded = load_model(path, input_shapes, max_memory=max_memory)
     if not isinstance(loaded, Graph):
         raise ModelLoadError(f"{path}: holds weights only; a graph needs the architecture (--model)")
     return loaded

@@ -5,14 +5,20 @@ weights are folded to constants (weights behind Transpose, Reshape, Cast, Dequan
 nodes...), attribute defaults are filled from the operator schema, attributes that became inputs in
 later opsets are turned back into attributes, and shapes come from ONNX shape inference after the
 input shapes are fixed (batch axis set to 1 unless the user says otherwise).
+
+Weights are not all read up front: each initializer becomes a lazily loaded constant (read from the
+parsed file, or by offset from its external data file), so a model larger than memory is bounded a
+layer at a time under ``--max-memory`` (see ``lipcheck.memory``). Shape inference sees initializers
+as typed inputs, not their bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +27,17 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from lipcheck.errors import InputShapeError, ModelLoadError
-from lipcheck.graph import Graph, Node, Shape, unique_name
+from lipcheck.graph import (
+    Graph,
+    LazyConstants,
+    Node,
+    Shape,
+    TensorSource,
+    constant_dtype,
+    constant_shape,
+    unique_name,
+)
+from lipcheck.memory import current_rss, plan_memory
 
 # Ops whose output never depends on the values of their inputs (only on shapes or on nothing).
 VALUE_INDEPENDENT_OPS = {"Shape", "Size", "ConstantOfShape", "EyeLike", "RandomNormalLike", "RandomUniformLike"}
@@ -29,8 +45,16 @@ VALUE_INDEPENDENT_OPS = {"Shape", "Size", "ConstantOfShape", "EyeLike", "RandomN
 NEVER_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
 
-def load_onnx_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Read an ONNX file (with external data next to it), with one-line errors for bad files."""
+# Initializers up to this many bytes are read at once; larger ones are read when a node needs them.
+_EAGER_BYTES = 64 * 1024
+
+
+def load_onnx_model(path: str | os.PathLike[str], load_weights: bool = True) -> onnx.ModelProto:
+    """Read an ONNX file (with external data next to it), with one-line errors for bad files.
+
+    ``load_weights=False`` leaves external data in its files (checked to exist and to be long enough):
+    ``onnx_to_graph(..., base_dir=path.parent)`` then reads each tensor when it is needed.
+    """
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file")
@@ -45,6 +69,10 @@ def load_onnx_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise ModelLoadError(f"{path}: not a readable ONNX model ({_short(exc)})") from None
     if not model.graph.node and not model.graph.output:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph found in {size} bytes)")
+    if not load_weights:
+        _check_external_data(model, path)
+        _load_external_attributes(model, path)
+        return model
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     except FileNotFoundError as exc:
@@ -57,6 +85,60 @@ def load_onnx_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
             ) from None
         raise ModelLoadError(f"{path}: cannot read external data ({_short(exc)})") from None
     return model
+
+
+def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Every external tensor's file exists and holds its bytes: errors now, not halfway through a report."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    missing = _missing_external_files(model, path.parent)
+    if missing:
+        raise ModelLoadError(f"{path}: external data file missing ({', '.join(missing)}); keep it next to the model")
+    sizes: dict[str, int] = {}
+    for tensor in _get_all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        info = ExternalDataInfo(tensor)
+        location = path.parent / info.location
+        if Path(info.location).is_absolute() or os.path.normpath(info.location).startswith(".."):
+            raise ModelLoadError(f"{path}: external data of {tensor.name!r} points outside the model's folder")
+        size = sizes.setdefault(info.location, location.stat().st_size)
+        length = info.length if info.length else _tensor_nbytes(tensor)
+        if length is not None and (info.offset or 0) + length > size:
+            raise ModelLoadError(
+                f"{path}: external data of {tensor.name!r} ends at byte {(info.offset or 0) + length}, "
+                f"but {info.location} has {size} bytes"
+            )
+
+
+def _load_external_attributes(model: onnx.ModelProto, path: Path) -> None:
+    """External tensors other than the main graph's initializers (Constant nodes, subgraphs): read now."""
+    from onnx.external_data_helper import _get_all_tensors, load_external_data_for_tensor, uses_external_data
+
+    top_level = {init.name for init in model.graph.initializer}
+    try:
+        for tensor in _get_all_tensors(model):
+            if uses_external_data(tensor) and tensor.name not in top_level:
+                load_external_data_for_tensor(tensor, str(path.parent))
+                del tensor.external_data[:]
+                tensor.data_location = onnx.TensorProto.DEFAULT
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot read external data ({_short(exc)})") from None
+
+
+def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
+    try:
+        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except Exception:
+        return None
+    if tensor.data_type in _SUB_BYTE_TYPES:
+        return None
+    return math.prod(tensor.dims) * itemsize
+
+
+_SUB_BYTE_TYPES = {
+    getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, name)
+}
 
 
 def _missing_external_files(model: onnx.ModelProto, base: Path) -> list[str]:
@@ -144,6 +226,12 @@ def _shape_of(value: onnx.ValueInfoProto) -> Shape | None:
 
 
 def _schema_defaults(op: str, domain: str, opset: int) -> dict[str, Any]:
+    """The schema's attribute defaults (a fresh dict: callers add to it)."""
+    return {k: list(v) if isinstance(v, list) else v for k, v in _cached_schema_defaults(op, domain, opset).items()}
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_schema_defaults(op: str, domain: str, opset: int) -> dict[str, Any]:
     try:
         schema = onnx.defs.get_schema(op, opset, domain)
     except Exception:
@@ -195,21 +283,38 @@ class _Folder:
         return [np.asarray(r) for r in results]
 
 
-def onnx_to_graph(model: onnx.ModelProto, input_shapes: Sequence[str] = (), name: str = "") -> Graph:
-    """Convert a loaded ONNX model to lipcheck's Graph (see module docstring)."""
-    with contextlib.suppress(Exception):  # ops of functions that cannot be inlined are reported as unknown
-        model = onnx.inliner.inline_local_functions(model)
+def onnx_to_graph(
+    model: onnx.ModelProto,
+    input_shapes: Sequence[str] = (),
+    name: str = "",
+    base_dir: str | os.PathLike[str] | None = None,
+    max_memory: int | None = None,
+) -> Graph:
+    """Convert a loaded ONNX model to lipcheck's Graph (see module docstring).
+
+    ``base_dir``: the folder of external data not loaded into ``model`` (``load_onnx_model(...,
+    load_weights=False)``). ``max_memory``: the budget in bytes (``lipcheck.memory.plan_memory``).
+    The graph's constants read ``model``'s tensors on access: do not modify it afterwards.
+    """
+    if model.functions:
+        with contextlib.suppress(Exception):  # ops of functions that cannot be inlined are reported as unknown
+            model = onnx.inliner.inline_local_functions(model)
     opsets = {op.domain or "": op.version for op in model.opset_import}
     opset = opsets.get("", opsets.get("ai.onnx", 21))
     g = model.graph
-    constants: dict[str, np.ndarray] = {}
+    constants = LazyConstants()
     for init in g.initializer:
-        try:
-            constants[init.name] = numpy_helper.to_array(init)
-        except Exception as exc:
-            raise ModelLoadError(f"cannot read initializer {init.name!r} ({_short(exc)})") from None
+        _add_initializer(constants, init, base_dir)
     for sparse in g.sparse_initializer:
         constants[sparse.values.name] = _sparse_to_dense(sparse)
+    lazy = [n for n in constants if constants.is_lazy(n)]
+    plan = plan_memory(
+        max_memory,
+        weight_bytes=sum(constants.nbytes_of(n) for n in lazy),
+        largest_tensor=max((constants.nbytes_of(n) for n in lazy), default=0),
+        resident=current_rss(),
+    )
+    constants.cache_bytes = plan.cache_bytes
     inputs = [v for v in g.input if v.name not in constants]
     input_names = [v.name for v in inputs]
     given = parse_input_shapes(list(input_shapes), input_names)
@@ -217,7 +322,7 @@ def onnx_to_graph(model: onnx.ModelProto, input_shapes: Sequence[str] = (), name
 
     shapes: dict[str, Shape] = {}
     try:
-        inferred = shape_inference.infer_shapes(_without_weights(model), data_prop=True)
+        inferred = shape_inference.infer_shapes(_without_weights(model, constants), data_prop=True)
         for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
             shape = _shape_of(value)
             if shape is not None:
@@ -259,8 +364,81 @@ def onnx_to_graph(model: onnx.ModelProto, input_shapes: Sequence[str] = (), name
     )
     graph.prune()
     used = {v for node in graph.nodes for v in node.inputs} | set(graph.outputs)
-    graph.constants = {k: v for k, v in constants.items() if k in used}
+    constants.restrict(used)
     return graph
+
+
+def _add_initializer(constants: LazyConstants, init: onnx.TensorProto, base_dir: str | os.PathLike[str] | None) -> None:
+    """Small tensors now; large ones as sources read on access (from the proto or the external file)."""
+    from onnx.external_data_helper import uses_external_data
+
+    try:
+        dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read initializer {init.name!r} ({_short(exc)})") from None
+    shape = tuple(int(d) for d in init.dims)
+    external = uses_external_data(init)
+    if external and base_dir is None:
+        raise ModelLoadError(f"initializer {init.name!r} is stored as external data, and its folder is not known")
+    loader = _external_loader(init, Path(base_dir)) if external else _proto_loader(init)  # type: ignore[arg-type]
+    source = TensorSource(shape, dtype, loader)
+    if source.nbytes <= _EAGER_BYTES or init.data_type in _SUB_BYTE_TYPES:
+        constants[init.name] = loader()
+    else:
+        constants.add_source(init.name, source)
+
+
+def _proto_loader(init: onnx.TensorProto):
+    def load() -> np.ndarray:
+        try:
+            return numpy_helper.to_array(init)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot read initializer {init.name!r} ({_short(exc)})") from None
+
+    return load
+
+
+def _external_loader(init: onnx.TensorProto, base_dir: Path):
+    """Read one tensor from its external data file by offset and length (never the whole file)."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    info = ExternalDataInfo(init)
+    location = base_dir / info.location
+    offset = int(info.offset or 0)
+    dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
+    shape = tuple(int(d) for d in init.dims)
+    native = init.data_type in _NATIVE_TYPES
+    length = int(info.length) if info.length else _tensor_nbytes(init)
+
+    def load() -> np.ndarray:
+        try:
+            if native:
+                count = math.prod(shape)
+                value = np.fromfile(location, dtype=np.dtype(dtype).newbyteorder("<"), count=count, offset=offset)
+                if value.size != count:
+                    raise ValueError(f"{location.name} ends before the tensor's {count} values")
+                return value.astype(dtype, copy=False).reshape(shape)
+            with open(location, "rb") as handle:  # other types: let onnx decode the bytes
+                handle.seek(offset)
+                data = handle.read(length) if length is not None else handle.read()
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(init)
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = data
+            return numpy_helper.to_array(tensor)
+        except Exception as exc:
+            message = f"cannot read initializer {init.name!r} from {info.location} ({_short(exc)})"
+            raise ModelLoadError(message) from None
+
+    return load
+
+
+_NATIVE_TYPES = {
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+    onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL,
+}
 
 
 def _proto_attrs(proto: onnx.NodeProto, opsets: dict[str, int], opset: int) -> tuple[str, dict[str, Any]]:
@@ -285,13 +463,13 @@ def _fold_pass(
     kept = []
     for proto in protos:
         op, attrs = _proto_attrs(proto, opsets, opset)
-        known = [constants.get(i) if i else None for i in proto.input]
-        if _foldable(proto, known):
+        if _foldable(proto, constants):
+            known = [constants.get(i) if i else None for i in proto.input]
             folded = _fold_constant(proto, attrs, known, folder)
             if folded is not None:
                 for out, value in zip(proto.output, folded, strict=False):
                     if out:
-                        constants[out] = value
+                        _store_folded(constants, out, value, proto, attrs, folder)
                 continue
         if op == "Shape" or op == "Size":
             value = _shape_value(op, attrs, shapes.get(proto.input[0]))
@@ -322,12 +500,12 @@ def _refine_shapes(
     values, typed = [], []
     try:
         for value_name in sorted(needed):
-            value = np.asarray(constants[value_name])
-            if value.size <= _SHAPE_VALUE_LIMIT:
-                values.append(numpy_helper.from_array(value, value_name))
+            shape = constant_shape(constants, value_name)
+            if math.prod(shape) <= _SHAPE_VALUE_LIMIT:
+                values.append(numpy_helper.from_array(np.asarray(constants[value_name]), value_name))
             else:
-                dtype = helper.np_dtype_to_tensor_dtype(value.dtype)
-                typed.append(helper.make_tensor_value_info(value_name, dtype, list(value.shape)))
+                dtype = helper.np_dtype_to_tensor_dtype(constant_dtype(constants, value_name))
+                typed.append(helper.make_tensor_value_info(value_name, dtype, list(shape)))
         graph = helper.make_graph(kept, "refine", [*inputs, *typed], list(model.graph.output), initializer=values)
         refined = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
         inferred = shape_inference.infer_shapes(refined, data_prop=True)
@@ -357,21 +535,38 @@ def _sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
     return dense
 
 
-def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape inference needs initializers' shapes, not their bytes: keep large ones out (2 GiB limit)."""
-    if model.ByteSize() < 1_500_000_000:
-        return model
-    slim = onnx.ModelProto()
-    slim.CopyFrom(model)
-    kept = []
-    for init in slim.graph.initializer:
+def _without_weights(model: onnx.ModelProto, constants: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """Shape inference needs initializers' shapes, not their bytes: large ones become typed inputs.
+
+    Cheaper than serialising every weight for the shape inferencer (and below protobuf's 2 GiB limit);
+    small ones keep their values (from ``constants``: they may live in external data) for data
+    propagation.
+    """
+    graph = _copy_fields(model.graph, onnx.GraphProto(), skip={"initializer"})
+    slim = _copy_fields(model, onnx.ModelProto(), skip={"graph"})
+    slim.graph.CopyFrom(graph)
+    listed = {v.name for v in slim.graph.input}
+    for init in model.graph.initializer:
         if math.prod(init.dims) > 64:
-            slim.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+            if init.name not in listed:
+                slim.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
         else:
-            kept.append(init)
-    del slim.graph.initializer[:]
-    slim.graph.initializer.extend(kept)
+            slim.graph.initializer.append(numpy_helper.from_array(np.asarray(constants[init.name]), init.name))
     return slim
+
+
+def _copy_fields(source, target, skip: set[str]):
+    """Copy a protobuf message's fields but those in ``skip`` (no weights copied for a slim model)."""
+    for descriptor, value in source.ListFields():
+        if descriptor.name in skip:
+            continue
+        if descriptor.label == descriptor.LABEL_REPEATED:
+            getattr(target, descriptor.name).extend(value)
+        elif descriptor.type == descriptor.TYPE_MESSAGE:
+            getattr(target, descriptor.name).CopyFrom(value)
+        else:
+            setattr(target, descriptor.name, value)
+    return target
 
 
 def _topological(g: onnx.GraphProto) -> list[onnx.NodeProto]:
@@ -395,10 +590,40 @@ def _topological(g: onnx.GraphProto) -> list[onnx.NodeProto]:
     return ordered
 
 
-def _foldable(proto: onnx.NodeProto, known: list[np.ndarray | None]) -> bool:
+def _foldable(proto: onnx.NodeProto, constants: Mapping[str, np.ndarray]) -> bool:
     if proto.op_type in NEVER_FOLD or proto.op_type in ("If", "Loop", "Scan"):
         return False
-    return all(k is not None for k, name in zip(known, proto.input, strict=True) if name)
+    return all(name in constants for name in proto.input if name)
+
+
+def _store_folded(constants, out: str, value: np.ndarray, proto, attrs, folder: _Folder) -> None:
+    """A folded value; a large one computed from lazily read weights may be dropped and recomputed."""
+    inputs = [i for i in proto.input if i]
+    if (
+        isinstance(constants, LazyConstants)
+        and value.nbytes > _EAGER_BYTES
+        and any(constants.is_lazy(i) for i in inputs)
+    ):
+        index = list(proto.output).index(out)
+        # the inputs as they are now, independent of what the mapping keeps later
+        readers = [_reader(constants, i) if i else None for i in proto.input]
+
+        def recompute() -> np.ndarray:
+            again = _fold_constant(proto, attrs, [read() if read else None for read in readers], folder)
+            assert again is not None, f"folding {proto.name or proto.op_type} failed on the second run"
+            return again[index]
+
+        constants.set_derived(out, value, recompute)
+    else:
+        constants[out] = value
+
+
+def _reader(constants: LazyConstants, name: str):
+    source = constants.source(name)
+    if source is not None:
+        return source.load
+    value = constants[name]
+    return lambda: value
 
 
 def _fold_constant(proto, attrs, known, folder: _Folder) -> list[np.ndarray] | None:
@@ -452,9 +677,9 @@ def _normalise(node: Node, opset: int, constants: dict[str, np.ndarray], shapes:
     in_shape = shapes.get(node.inputs[0]) if node.inputs and node.inputs[0] else None
     if op in ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool"):
         if op in ("Conv", "ConvTranspose"):
-            w = constants.get(node.inputs[1]) if len(node.inputs) > 1 else None
-            if not a.get("kernel_shape") and w is not None:
-                a["kernel_shape"] = list(w.shape[2:])
+            weight = node.inputs[1] if len(node.inputs) > 1 else ""
+            if not a.get("kernel_shape") and weight in constants:
+                a["kernel_shape"] = list(constant_shape(constants, weight)[2:])
         k = list(a.get("kernel_shape") or [])
         d = len(k) if k else (len(in_shape) - 2 if in_shape else 0)
         a["strides"] = list(a.get("strides") or [1] * d)
