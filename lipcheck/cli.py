@@ -47,6 +47,26 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Method(str, Enum):
+    """Which certified bound to compute (lipcheck.refine); the report keeps the smallest one computed."""
+
+    best = "best"
+    product = "product"
+    folded = "folded"
+    combettes_pesquet = "combettes-pesquet"
+    eclipse_fast = "eclipse-fast"
+    lipsdp = "lipsdp"
+    all = "all"
+
+
+METHOD_HELP = (
+    "best (default): the smallest of product, folded, combettes-pesquet and eclipse-fast, chain by chain; "
+    "product: per-layer AutoLip only; folded: consecutive linear ops composed into one matrix; "
+    "combettes-pesquet / eclipse-fast: bounds on chains of linear layers and slope-restricted activations; "
+    "lipsdp: LipSDP-neuron on small chains (pip install 'lipcheck[sdp]'); all: best plus lipsdp."
+)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"lipcheck {lipcheck.__version__}")
@@ -175,6 +195,7 @@ def report(
     ] = [],  # noqa: B006  (typer needs a literal default)
     assume: Annotated[list[str], typer.Option("--assume", metavar="OP=VALUE", help=ASSUME_HELP)] = [],  # noqa: B006
     device: Annotated[Device, typer.Option(help="Where to compute: auto uses CUDA when available.")] = Device.auto,
+    method: Annotated[Method, typer.Option("--method", "-m", help=METHOD_HELP)] = Method.best,
     fail_above: Annotated[
         float | None,
         typer.Option("--fail-above", metavar="X", help="Gate: exit 1 when the network's upper bound is above X "
@@ -226,6 +247,7 @@ def report(
         input_shape=tuple(input_shape),
         assume=assumptions,
         device=device.value,
+        method=method.value,
     )
     if max_increase is not None and baseline is None:
         raise LipcheckError("--max-increase needs --baseline FILE (the report to compare with)")
@@ -303,6 +325,9 @@ def check(
     exit_zero: Annotated[
         bool | None, typer.Option("--exit-zero/--no-exit-zero", help="Report gate failures but exit 0.")
     ] = None,
+    method: Annotated[
+        Method | None, typer.Option("--method", "-m", help="Override every model's method. " + METHOD_HELP)
+    ] = None,
     update_baselines: Annotated[
         bool, typer.Option("--update-baselines", help="Write each model's report to its configured baseline file "
                            "(replacing it) instead of comparing with it.")
@@ -328,6 +353,7 @@ def check(
         assume=parse_assumptions(assume),
         device=None if device is None else device.value,
         exit_zero=exit_zero,
+        method=None if method is None else method.value,
     )
     cfg = load_config(config, overrides=overrides)
     if output is not None:

@@ -32,9 +32,10 @@ DEVICES = ("auto", "cpu", "cuda")
 
 # keys every model may set, also allowed at the top level as defaults (except the model's own path and baseline)
 MODEL_KEYS = ("path", "fail_above", "layer_fail_above", "allow_unbounded", "baseline", "max_increase", "input_shape",
-              "assume", "device")
+              "assume", "device", "method")
 TOP_KEYS = ("models", "fail_above", "layer_fail_above", "allow_unbounded", "max_increase", "input_shape", "assume",
-            "device", "exit_zero")
+            "device", "exit_zero", "method")
+METHODS = ("best", "product", "folded", "combettes-pesquet", "eclipse-fast", "lipsdp", "all")  # lipcheck.refine
 _PER_MODEL_ONLY = {"path": "the model file", "baseline": "the baseline report"}
 
 
@@ -95,6 +96,7 @@ class Settings:
     input_shape: tuple[str, ...] = ()
     assume: dict[str, float] = field(default_factory=dict)
     device: str = "auto"
+    method: str = "best"
 
 
 @dataclass(frozen=True)
@@ -109,10 +111,11 @@ class Overrides:
     assume: dict[str, float] = field(default_factory=dict)
     device: str | None = None
     exit_zero: bool | None = None
+    method: str | None = None
 
     def apply(self, settings: Settings) -> Settings:
         changes: dict[str, Any] = {}
-        for name in ("fail_above", "layer_fail_above", "allow_unbounded", "max_increase", "device"):
+        for name in ("fail_above", "layer_fail_above", "allow_unbounded", "max_increase", "device", "method"):
             value = getattr(self, name)
             if value is not None:
                 changes[name] = value
@@ -172,6 +175,11 @@ def _settings(table: dict[str, Any], base: Settings, where: str) -> Settings:
         if device not in DEVICES:
             raise ConfigError(f"{where}: device must be one of {', '.join(DEVICES)}, got {device!r}")
         changes["device"] = device
+    if "method" in table:
+        method = table["method"]
+        if method not in METHODS:
+            raise ConfigError(f"{where}: method must be one of {', '.join(METHODS)}, got {method!r}")
+        changes["method"] = method
     return replace(base, **changes)
 
 

@@ -32,6 +32,10 @@ class Report:
     assumptions: dict[str, float] = field(default_factory=dict)
     lower_bound: float | None = None
     device: str = "cpu"
+    # which method gave upper_bound, every computed method's network bound, and the chains (lipcheck.refine)
+    bound_method: str = "product"
+    method_bounds: dict[str, float | None] = field(default_factory=dict)
+    chains: list[Any] = field(default_factory=list)
 
     @property
     def bounded(self) -> bool:
@@ -55,7 +59,23 @@ class Report:
             "input_shapes": {name: _shape_list(shape) for name, shape in self.input_shapes.items()},
             "assumptions": dict(self.assumptions),
             "layers": [_layer_dict(layer) for layer in self.layers],
+            "bound_method": self.bound_method,
+            "method_bounds": dict(self.method_bounds),
+            "chains": [_chain_dict(chain) for chain in self.chains],
         }
+
+
+def _chain_dict(result: Any) -> dict[str, Any]:
+    chain = result.chain
+    return {
+        "input": chain.start,
+        "output": chain.end,
+        "nodes": [node.name for node in chain.nodes],
+        "activations": [{"node": node.name, "slope": [slope.low, slope.high]} for node, slope in chain.activations],
+        "product": _finite(result.product),
+        "bounds": dict(result.bounds),
+        "seconds": {name: round(value, 6) for name, value in result.seconds.items()},
+    }
 
 
 def _finite(value: float) -> float | None:
@@ -79,6 +99,7 @@ def _layer_dict(layer: LayerResult) -> dict[str, Any]:
         "output_shape": _shape_list(layer.output_shape),
         "folded": list(layer.folded),
         **({"reason": layer.reason} if layer.reason else {}),
+        **({"refined_by": layer.refined_by} if layer.refined_by else {}),
     }
 
 
@@ -98,12 +119,22 @@ def analyse(
     input_shapes: list[str] | tuple[str, ...] = (),
     assume: dict[str, float] | None = None,
     device: str = "auto",
+    method: str = "best",
 ) -> Report:
-    """Load a model file and compute its certified Lipschitz report (the library entry point)."""
+    """Load a model file and compute its certified Lipschitz report (the library entry point).
+
+    ``method``: best (default), product, folded, combettes-pesquet, eclipse-fast, lipsdp or all (see
+    ``lipcheck.refine``); the report's ``upper_bound`` is the smallest certified bound computed.
+    """
+    from lipcheck.refine import refine
+
     torch_device = resolve_device(device)
     graph = load_graph(path, input_shapes)
     prepare(graph)
-    composition: Composition = compose(graph, assume=assume, device=torch_device)
+    cache: dict = {}
+    product: Composition = compose(graph, assume=assume, device=torch_device, cache=cache)
+    refined = refine(graph, product, method, assume=assume, device=torch_device, cache=cache)
+    composition = refined.composition
     return Report(
         model=Path(path).name,
         upper_bound=composition.upper_bound,
@@ -112,4 +143,7 @@ def analyse(
         input_shapes={name: graph.shape(name) or () for name in graph.inputs},
         assumptions=composition.assumptions,
         device=str(torch_device),
+        bound_method=refined.bound_method,
+        method_bounds=refined.method_bounds,
+        chains=refined.chains,
     )

@@ -45,7 +45,8 @@ def analyse_and_gate(path: Path, settings: Settings, baseline: Baseline | None, 
     from lipcheck.report import analyse
 
     report = analyse(
-        path, input_shapes=list(settings.input_shape), assume=dict(settings.assume), device=settings.device
+        path, input_shapes=list(settings.input_shape), assume=dict(settings.assume), device=settings.device,
+        method=settings.method,
     )
     run = ModelRun(shown, report)
     run.gate = evaluate(report.to_dict(), gate_options(settings, baseline))
