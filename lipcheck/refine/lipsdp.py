@@ -28,7 +28,7 @@ from lipcheck.refine.bounds import min_eigenvalue_lower
 from lipcheck.refine.chains import Slope
 from lipcheck.spectral.dense import UNIT_ROUNDOFF
 
-MAX_SIZE = 256  # side of the LMI (inputs + hidden neurons of the chain): the SDP's cost grows like n^3..n^6
+MAX_SIZE = 128  # side of the LMI (inputs + hidden neurons): cvxpy + Clarabel took 640 s at side 160 here
 MAX_COEFFICIENTS = 4_000_000  # sum of n_i * n_(i-1)^2: the size of the problem cvxpy builds
 
 
