@@ -74,7 +74,6 @@ def _chain_dict(result: Any) -> dict[str, Any]:
         "activations": [{"node": node.name, "slope": [slope.low, slope.high]} for node, slope in chain.activations],
         "product": _finite(result.product),
         "bounds": dict(result.bounds),
-        "seconds": {name: round(value, 6) for name, value in result.seconds.items()},
     }
 
 
