@@ -257,6 +257,11 @@ def report(
     if output is not None and save_baseline is not None and output.absolute() == save_baseline.absolute():
         raise LipcheckError("--output and --save-baseline name the same file")
     loaded = load_baseline(baseline) if baseline is not None else None
+    if method in (Method.lipsdp, Method.all):
+        from lipcheck.refine.lipsdp import available
+
+        if not available():
+            _note("--method lipsdp: cvxpy is not installed (pip install 'lipcheck[sdp]'); LipSDP is skipped")
     run = analyse_and_gate(model, settings, loaded, display_path(model))
     result = run.report
     assert result is not None and run.gate is not None

@@ -311,3 +311,24 @@ def test_digits_samples_every_method(name: str) -> None:
     product_only = analyse(SAMPLES / name, device="cpu", method="product")
     assert product_only.upper_bound == bounds["product"] and product_only.bound_method == "product"
     assert product_only.method_bounds == {"product": bounds["product"]} and product_only.chains == []
+
+
+def test_cli_method_option() -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
+    result = subprocess.run([sys.executable, "-m", "lipcheck", "report", str(SAMPLES / "mlp.onnx"), "--device", "cpu",
+                             "-m", "combettes-pesquet", "-f", "json"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["bound_method"] == "combettes-pesquet"
+    assert set(data["method_bounds"]) == {"product", "combettes-pesquet"}
+    assert data["upper_bound"] == data["method_bounds"]["combettes-pesquet"] < data["method_bounds"]["product"]
+    assert [layer.get("refined_by") for layer in data["layers"]][-1] == "combettes-pesquet"
+    bad = subprocess.run([sys.executable, "-m", "lipcheck", "report", str(SAMPLES / "mlp.onnx"), "-m", "nope"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2
