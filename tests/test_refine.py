@@ -332,3 +332,18 @@ def test_cli_method_option() -> None:
     bad = subprocess.run([sys.executable, "-m", "lipcheck", "report", str(SAMPLES / "mlp.onnx"), "-m", "nope"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2
+
+
+def test_config_method_key(tmp_path) -> None:
+    from lipcheck.config import ConfigError, Overrides, load_config
+
+    config = tmp_path / "lipcheck.toml"
+    config.write_text('method = "eclipse-fast"\n[[models]]\npath = "a.onnx"\n[[models]]\npath = "b.onnx"\n'
+                      'method = "product"\n')
+    loaded = load_config(config)
+    assert [m.settings.method for m in loaded.models] == ["eclipse-fast", "product"]
+    overridden = load_config(config, overrides=Overrides(method="lipsdp"))
+    assert [m.settings.method for m in overridden.models] == ["lipsdp", "lipsdp"]
+    config.write_text('method = "fastest"\n[[models]]\npath = "a.onnx"\n')
+    with pytest.raises(ConfigError, match="method must be one of"):
+        load_config(config)
