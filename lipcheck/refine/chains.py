@@ -75,6 +75,11 @@ def activation_slope(node: Node, graph: Graph) -> Slope | None:
             return None
         s = np.asarray(slope, dtype=np.float64)
         return Slope(min(1.0, float(s.min())), max(1.0, float(s.max())))
+    if op == "Gelu":  # GELU'(x) + GELU'(-x) = 1 (also for the tanh form): slopes in [1 - S, S]
+        from lipcheck.rules.activations import GELU_MAX_SLOPE, GELU_TANH_MAX_SLOPE
+
+        top = (GELU_TANH_MAX_SLOPE if a.get("approximate", "none") == "tanh" else GELU_MAX_SLOPE) * (1 + 1e-6)
+        return Slope(1.0 - top, top)
     if op == "Recognised" and str(a.get("activation", "")).split(" ")[0] in ("SiLU", "GELU"):
         # x * s(x) with s(x) + s(-x) = 1 has f'(x) + f'(-x) = 1: slopes in [1 - S, S] for S = max f'
         scale, bound = float(a["scale"]), float(a["lipschitz"])
