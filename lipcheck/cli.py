@@ -47,6 +47,26 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Method(str, Enum):
+    """Which certified bound to compute (lipcheck.refine); the report keeps the smallest one computed."""
+
+    best = "best"
+    product = "product"
+    folded = "folded"
+    combettes_pesquet = "combettes-pesquet"
+    eclipse_fast = "eclipse-fast"
+    lipsdp = "lipsdp"
+    all = "all"
+
+
+METHOD_HELP = (
+    "best (default): the smallest of product, folded, combettes-pesquet and eclipse-fast, chain by chain; "
+    "product: per-layer AutoLip only; folded: consecutive linear ops composed into one matrix; "
+    "combettes-pesquet / eclipse-fast: bounds on chains of linear layers and slope-restricted activations; "
+    "lipsdp: LipSDP-neuron on small chains (pip install 'lipcheck[sdp]'); all: best plus lipsdp."
+)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"lipcheck {lipcheck.__version__}")
@@ -234,6 +254,7 @@ def report(
     ] = [],  # noqa: B006  (typer needs a literal default)
     assume: Annotated[list[str], typer.Option("--assume", metavar="OP=VALUE", help=ASSUME_HELP)] = [],  # noqa: B006
     device: Annotated[Device, typer.Option(help="Where to compute: auto uses CUDA when available.")] = Device.auto,
+    method: Annotated[Method, typer.Option("--method", "-m", help=METHOD_HELP)] = Method.best,
     fail_above: Annotated[
         float | None,
         typer.Option("--fail-above", metavar="X", help="Gate: exit 1 when the network's upper bound is above X "
@@ -314,6 +335,7 @@ def report(
         lower=lower_settings,
         max_memory=_memory(max_memory),
         cache=cache,
+        method=method.value,
     )
     if max_increase is not None and baseline is None:
         raise LipcheckError("--max-increase needs --baseline FILE (the report to compare with)")
@@ -323,6 +345,11 @@ def report(
     if output is not None and save_baseline is not None and output.absolute() == save_baseline.absolute():
         raise LipcheckError("--output and --save-baseline name the same file")
     loaded = load_baseline(baseline) if baseline is not None else None
+    if method in (Method.lipsdp, Method.all):
+        from lipcheck.refine.lipsdp import available
+
+        if not available():
+            _note("--method lipsdp: cvxpy is not installed (pip install 'lipcheck[sdp]'); LipSDP is skipped")
     progress = _progress(output_format, no_color)
     try:
         run = analyse_and_gate(model, settings, loaded, display_path(model), progress)
@@ -412,6 +439,9 @@ def check(
     exit_zero: Annotated[
         bool | None, typer.Option("--exit-zero/--no-exit-zero", help="Report gate failures but exit 0.")
     ] = None,
+    method: Annotated[
+        Method | None, typer.Option("--method", "-m", help="Override every model's method. " + METHOD_HELP)
+    ] = None,
     update_baselines: Annotated[
         bool, typer.Option("--update-baselines", help="Write each model's report to its configured baseline file "
                            "(replacing it) instead of comparing with it.")
@@ -443,6 +473,7 @@ def check(
         exit_zero=exit_zero,
         max_memory=_memory(max_memory),
         cache=None if cache is None else cache.absolute(),
+        method=None if method is None else method.value,
     )
     cfg = load_config(config, overrides=overrides)
     if output is not None:

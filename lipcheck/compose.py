@@ -41,6 +41,7 @@ class LayerResult:
     folded: list[str] = field(default_factory=list)
     reason: str | None = None
     assumed: bool = False
+    refined_by: str | None = None  # a chain bound (lipcheck.refine) replaced the product at this node
 
 
 @dataclass
@@ -72,11 +73,17 @@ def compose(
     device: torch.device | str = "cpu",
     progress: ProgressCallback | None = None,
     cache: LayerCache | None = None,
+    refinements: dict[str, tuple[str, float, str]] | None = None,
+    rule_cache: dict[str, tuple[LocalBound | None, str | None]] | None = None,
 ) -> Composition:
     """Bound every node and the whole network. Raises UnsupportedOpsError listing all unknown ops.
 
     ``progress`` is told which node comes next (for a progress bar); ``cache`` answers nodes bounded
     before with the same weights, attributes and shapes (``lipcheck.cache``).
+    ``refinements`` maps a value v to (u, factor, method): a certified L(v) <= factor * L(u) from a chain
+    bound (lipcheck.refine); the smaller of it and the product is kept. ``rule_cache`` keeps the rules'
+    answers between walks over the same graph in one run (answers that depend on the inputs' constants
+    are not kept).
     """
     assume = dict(assume or {})
     device = torch.device(device)
@@ -94,7 +101,12 @@ def compose(
             for out in node.outputs:
                 lipschitz[out] = 0.0  # depends on weights only
             continue
-        local, assumed_key = _bound_node(node, graph, inputs_l, device, assume, missing, cache)
+        if rule_cache is not None and node.name in rule_cache:
+            local, assumed_key = rule_cache[node.name]
+        else:
+            local, assumed_key = _bound_node(node, graph, inputs_l, device, assume, missing, cache)
+            if rule_cache is not None and local is not None and local.output_lipschitz is None:
+                rule_cache[node.name] = (local, assumed_key)
         if local is None:
             for out in node.outputs:
                 lipschitz[out] = math.inf
@@ -113,6 +125,11 @@ def compose(
             reasons.append(UnboundedReason(node.name, node.op, local.reason or local.method))
         if math.isnan(out_l):  # 0 * inf: an unbounded op on a constant-scaled-to-zero branch
             out_l = math.inf
+        refined_by = None
+        if refinements and node.outputs and node.outputs[0] in refinements:
+            start, factor, refined_method = refinements[node.outputs[0]]
+            if factor * lipschitz.get(start, math.inf) < out_l:
+                out_l, refined_by = factor * lipschitz[start], refined_method
         for out in node.outputs:
             if out:
                 lipschitz[out] = out_l
@@ -131,6 +148,7 @@ def compose(
                 folded=list(node.folded),
                 reason=local.reason,
                 assumed=assumed_key is not None,
+                refined_by=refined_by,
             )
         )
     if progress is not None:

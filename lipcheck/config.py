@@ -32,9 +32,9 @@ DEVICES = ("auto", "cpu", "cuda")
 
 # keys every model may set, also allowed at the top level as defaults (except the model's own path and baseline)
 MODEL_KEYS = ("path", "fail_above", "layer_fail_above", "allow_unbounded", "baseline", "max_increase", "input_shape",
-              "assume", "device", "max_memory", "cache", "model", "model_kwargs", "trust_pickle")
+              "assume", "device", "max_memory", "cache", "method", "model", "model_kwargs", "trust_pickle")
 TOP_KEYS = ("models", "fail_above", "layer_fail_above", "allow_unbounded", "max_increase", "input_shape", "assume",
-            "device", "exit_zero", "max_memory", "cache")
+            "device", "exit_zero", "max_memory", "cache", "method")
 _PER_MODEL_ONLY = {
     "path": "the model file",
     "baseline": "the baseline report",
@@ -46,6 +46,7 @@ _PER_MODEL_ONLY = {
 LOWER_KEYS = ("lower", "lower_budget", "seed", "input_range")
 MODEL_KEYS = MODEL_KEYS + LOWER_KEYS
 TOP_KEYS = TOP_KEYS + LOWER_KEYS
+METHODS = ("best", "product", "folded", "combettes-pesquet", "eclipse-fast", "lipsdp", "all")  # lipcheck.refine
 
 
 class ConfigError(LipcheckError):
@@ -112,6 +113,7 @@ class Settings:
     lower: Any = None  # a lipcheck.lower.LowerSettings when the lower bound is searched (--lower)
     max_memory: int | None = None  # bytes
     cache: Path | None = None  # folder of per-layer results
+    method: str = "best"
 
 
 @dataclass(frozen=True)
@@ -128,11 +130,12 @@ class Overrides:
     exit_zero: bool | None = None
     max_memory: int | None = None
     cache: Path | None = None
+    method: str | None = None
 
     def apply(self, settings: Settings) -> Settings:
         changes: dict[str, Any] = {}
         for name in ("fail_above", "layer_fail_above", "allow_unbounded", "max_increase", "device", "max_memory",
-                     "cache"):
+                     "cache", "method"):
             value = getattr(self, name)
             if value is not None:
                 changes[name] = value
@@ -212,6 +215,11 @@ def _settings(table: dict[str, Any], base: Settings, where: str, folder: Path | 
     if "trust_pickle" in table:
         changes["trust_pickle"] = _boolean(table["trust_pickle"], f"{where}: trust_pickle")
     changes.update(_lower_changes(table, base, where))
+    if "method" in table:
+        method = table["method"]
+        if method not in METHODS:
+            raise ConfigError(f"{where}: method must be one of {', '.join(METHODS)}, got {method!r}")
+        changes["method"] = method
     return replace(base, **changes)
 
 

@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lipcheck.formats import summary_line
+from lipcheck.formats.methods import method_note
 from lipcheck.gate import ModelRun, format_number
 from lipcheck.graph import Shape
 from lipcheck.report import Report
@@ -47,7 +48,11 @@ def verdict(report: Report) -> Text:
     if report.assumptions:
         listed = ", ".join(f"{op}={value:g}" for op, value in report.assumptions.items())
         text.append(f" (not certified: assumes {listed})", style="yellow")
+    note = method_note(report)
+    if note:
+        text.append(f" ({note})")
     return text
+
 
 
 # below this many columns the shapes column is left out so that the rest stays readable
@@ -86,7 +91,8 @@ def build_table(report: Report, width: int = 160) -> Table:
             "-" if report.scope == "weights" else format_number(layer.running),
             *([_lower_cell(lower_layers.get(layer.name))] if lower_layers is not None else []),
             *shapes,
-            layer.method if not layer.reason else layer.reason,
+            (layer.method if not layer.reason else layer.reason)
+            + (f"; running L by {layer.refined_by} chain bound" if layer.refined_by else ""),
         )
     return table
 

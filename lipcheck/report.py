@@ -41,6 +41,10 @@ class Report:
     # "network": a bound for the whole model; "weights": a file without architecture, per-tensor norms only
     scope: str = "network"
     lower: LowerBound | None = None  # the lower-bound search, when asked for (--lower)
+    # which method gave upper_bound, every computed method's network bound, and the chains (lipcheck.refine)
+    bound_method: str = "product"
+    method_bounds: dict[str, float | None] = field(default_factory=dict)
+    chains: list[Any] = field(default_factory=list)
 
     @property
     def bounded(self) -> bool:
@@ -69,6 +73,9 @@ class Report:
                 else {**_layer_dict(layer), "running_lower_bound": self.lower.layers.get(layer.name)}
                 for layer in self.layers
             ],
+            "bound_method": self.bound_method,
+            "method_bounds": dict(self.method_bounds),
+            "chains": [_chain_dict(chain) for chain in self.chains],
             **self._lower_fields(),
         }
 
@@ -88,6 +95,18 @@ class Report:
             "lower_bound_search": self.lower.to_dict(),
         }
 
+
+
+def _chain_dict(result: Any) -> dict[str, Any]:
+    chain = result.chain
+    return {
+        "input": chain.start,
+        "output": chain.end,
+        "nodes": [node.name for node in chain.nodes],
+        "activations": [{"node": node.name, "slope": [slope.low, slope.high]} for node, slope in chain.activations],
+        "product": _finite(result.product),
+        "bounds": dict(result.bounds),
+    }
 
 
 def _finite(value: float) -> float | None:
@@ -111,6 +130,7 @@ def _layer_dict(layer: LayerResult) -> dict[str, Any]:
         "output_shape": _shape_list(layer.output_shape),
         "folded": list(layer.folded),
         **({"reason": layer.reason} if layer.reason else {}),
+        **({"refined_by": layer.refined_by} if layer.refined_by else {}),
     }
 
 
@@ -135,6 +155,7 @@ def analyse(
     max_memory: int | None = None,
     cache: str | os.PathLike[str] | LayerCache | None = None,
     progress: ProgressCallback | None = None,
+    method: str = "best",
 ) -> Report:
     """Load a model file and compute its certified Lipschitz report (the library entry point).
 
@@ -143,8 +164,12 @@ def analyse(
     default settings, or a ``lipcheck.lower.LowerSettings``); the report then holds ``lower_bound``
     and the bracket. ``max_memory``: bytes of memory to stay within (weights are then read a layer at
     a time); ``cache``: a folder (or ``LayerCache``) of per-layer results reused across runs;
-    ``progress``: see ``compose``.
+    ``progress``: see ``compose``. ``method``: best (default), product, folded, combettes-pesquet,
+    eclipse-fast, lipsdp or all (see ``lipcheck.refine``); the report's ``upper_bound`` is the smallest
+    certified bound computed.
     """
+    from lipcheck.refine import refine
+
     torch_device = resolve_device(device)
     layer_cache = None
     if cache is not None:
@@ -156,9 +181,12 @@ def analyse(
         return weights_report(graph, torch_device)
     loaded = copy_graph(graph) if lower else None
     prepare(graph)
-    composition: Composition = compose(
-        graph, assume=assume, device=torch_device, progress=progress, cache=layer_cache
+    rule_cache: dict = {}
+    product: Composition = compose(
+        graph, assume=assume, device=torch_device, progress=progress, cache=layer_cache, rule_cache=rule_cache
     )
+    refined = refine(graph, product, method, assume=assume, device=torch_device, cache=rule_cache)
+    composition = refined.composition
     result = Report(
         model=Path(path).name,
         upper_bound=composition.upper_bound,
@@ -167,6 +195,9 @@ def analyse(
         input_shapes={name: graph.shape(name) or () for name in graph.inputs},
         assumptions=composition.assumptions,
         device=str(torch_device),
+        bound_method=refined.bound_method,
+        method_bounds=refined.method_bounds,
+        chains=refined.chains,
     )
     if loaded is not None:
         from lipcheck.lower import LowerSettings, lower_bound

@@ -60,6 +60,7 @@ def analyse_and_gate(
         max_memory=settings.max_memory,
         cache=settings.cache,
         progress=progress,
+        method=settings.method,
     )
     run = ModelRun(shown, report)
     run.gate = evaluate(report.to_dict(), gate_options(settings, baseline))

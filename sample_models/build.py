@@ -18,6 +18,12 @@ Models (all in eval mode, input "input", output "output", dim 0 = "batch"):
 * mlp_dynamo.onnx     network of mlp.onnx, dynamo exporter, opset 18
 * cnn_dynamo.onnx     network of cnn_bn.onnx, dynamo exporter, opset 18
 * cnn_external.onnx   cnn_bn.onnx with every initializer in cnn_external.onnx.data
+* digits_mlp.onnx     Linear(64,64)-ReLU-Linear(64,32)-ReLU-Linear(32,10) trained on scikit-learn's
+                      digits (8x8 images flattened, pixels / 16); TorchScript exporter, opset 17
+* digits_cnn.onnx     Conv(1->8)-ReLU-Conv(8->16)-ReLU-AvgPool(2)-Flatten-Linear(256,10) trained on the
+                      digits as 1x8x8 images; TorchScript exporter, opset 17
+
+The digits models need scikit-learn to build (``pip install -e ".[samples]"``), not to use.
 
 PyTorch files (same networks and weights; see README.md for the command that reads each):
 
@@ -190,6 +196,71 @@ def make_gated() -> nn.Module:
     gen = torch.Generator().manual_seed(SEED + 104)
     _randomize_norms(model, gen)
     return model.eval()
+
+
+# --------------------------------------------------------------------------- trained on digits
+
+DIGITS_TRAIN = 1500  # first 1500 of the 1797 digits train, the rest is the held-out test split
+
+
+def load_digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits (ships with the package): x in [0, 1], shape [n, 64]; fixed split."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    return x[:DIGITS_TRAIN], y[:DIGITS_TRAIN], x[DIGITS_TRAIN:], y[DIGITS_TRAIN:]
+
+
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> nn.Module:
+    """Deterministic mini-batch Adam on one thread (a few seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=gen)
+            for start in range(0, len(x), 64):
+                batch = order[start : start + 64]
+                optimiser.zero_grad()
+                loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
+                loss.backward()
+                optimiser.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
+def digits_accuracy(model: nn.Module, image: bool = False) -> float:
+    _, _, x, y = load_digits_split()
+    with torch.no_grad():
+        predicted = model(x.reshape(-1, 1, 8, 8) if image else x).argmax(dim=1)
+    return float((predicted == y).float().mean())
+
+
+def make_digits_mlp() -> nn.Module:
+    torch.manual_seed(SEED + 5)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    x, y, _, _ = load_digits_split()
+    return _train(model, x, y, epochs=20, seed=SEED + 105)
+
+
+def make_digits_cnn() -> nn.Module:
+    torch.manual_seed(SEED + 6)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(256, 10),
+    )
+    x, y, _, _ = load_digits_split()
+    return _train(model, x.reshape(-1, 1, 8, 8), y, epochs=25, seed=SEED + 106)
 
 
 # --------------------------------------------------------------------------- export
@@ -459,6 +530,10 @@ def build() -> dict[str, tuple[str, float | None]]:
     cnn = make_cnn_bn()
     resnet = make_resnet_small()
     gated = make_gated()
+    digits_mlp = make_digits_mlp()
+    digits_cnn = make_digits_cnn()
+    x_digits = _fixed_input((2, 64), SEED + 14)
+    x_digit_images = _fixed_input((2, 1, 8, 8), SEED + 15)
 
     x_vec = _fixed_input((2, 16), SEED + 11)
     x_img = _fixed_input((2, 3, 16, 16), SEED + 12)
@@ -478,8 +553,13 @@ def build() -> dict[str, tuple[str, float | None]]:
         ("mlp_dynamo.onnx", mlp, (16,), lambda: export_dynamo(mlp, x_vec, 18), False),
         ("cnn_dynamo.onnx", cnn, (3, 16, 16), lambda: export_dynamo(cnn, x_img, 18), False),
         ("cnn_external.onnx", cnn, (3, 16, 16), lambda: export_torchscript(cnn, x_img, 13), True),
+        ("digits_mlp.onnx", digits_mlp, (64,), lambda: export_torchscript(digits_mlp, x_digits, 17), False),
+        ("digits_cnn.onnx", digits_cnn, (1, 8, 8),
+         lambda: export_torchscript(digits_cnn, x_digit_images, 17), False),
     ]
 
+    print(f"digits test accuracy: MLP {digits_accuracy(digits_mlp):.3f}, "
+          f"CNN {digits_accuracy(digits_cnn, image=True):.3f}")
     results: dict[str, tuple[str, float | None]] = {}
     for name, module, feat, exporter, external in jobs:
         proto = exporter()

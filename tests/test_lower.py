@@ -28,7 +28,8 @@ SMALL = LowerSettings(budget=120)
 
 @pytest.fixture(scope="module")
 def sample_reports() -> dict[str, object]:
-    return {name: analyse(SAMPLES / name, device="cpu", lower=SMALL) for name in SAMPLE_MODELS}
+    # every certified method (LipSDP included where the network is small enough), so each is checked
+    return {name: analyse(SAMPLES / name, device="cpu", lower=SMALL, method="all") for name in SAMPLE_MODELS}
 
 
 def brute_force_norm(graph: Graph, point: dict[str, np.ndarray]) -> float:
@@ -57,6 +58,7 @@ def test_lower_bound_is_below_every_upper_bound(name: str, sample_reports) -> No
     if report.upper_bound is not None:
         assert lower.value <= report.upper_bound
         assert report.ratio == pytest.approx(report.upper_bound / lower.value)
+        assert report.method_bounds and all(lower.value <= bound for bound in report.method_bounds.values() if bound)
     for layer in report.layers:
         found = lower.layers.get(layer.name)
         assert found is not None, layer.name

@@ -225,10 +225,10 @@ def test_dynamo_unfused_linear_matches_torchscript(tmp_path: Path) -> None:
         if node.op_type == "Add":
             assert any(i in initializers and i.endswith(".bias") for i in node.input), node
 
-    reference = analyse(legacy, device="cpu")
+    reference = analyse(legacy, device="cpu", method="product")
     assert reference.upper_bound is not None
     for path in (unfused, fused):
-        report = analyse(path, device="cpu")
+        report = analyse(path, device="cpu", method="product")
         assert report.upper_bound is not None
         assert relative_gap(report.upper_bound, reference.upper_bound) <= 1e-9, path.name
         # the weight transpose is folded away: only three MatMuls carry the network's norm
@@ -319,7 +319,7 @@ def test_weight_used_twice(tmp_path: Path, dynamo: bool) -> None:
     users = [node for node in graph.node if weights[0] in node.input]
     assert len(users) == 2
 
-    report = analyse(path, device="cpu")
+    report = analyse(path, device="cpu", method="product")
     sigma = torch.linalg.matrix_norm(model.fc.weight.double(), 2).item()
     assert report.upper_bound == pytest.approx(sigma * sigma, rel=1e-9)
     linear_layers = [layer for layer in report.layers if layer.op in ("Gemm", "MatMul")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from lipcheck.formats import annotations
+from lipcheck.formats.methods import method_note
 from lipcheck.gate import REL_TOLERANCE, GateResult, ModelRun, format_number, format_percent
 
 ICONS = {"pass": "✅", "fail": "❌", "error": "❗", "ok": "ℹ️"}
@@ -82,6 +83,8 @@ def _model_section(run: ModelRun, heading: str) -> list[str]:
         if report.assumptions:
             listed = ", ".join(f"{op}={value:g}" for op, value in report.assumptions.items())
             line += f"; not certified: assumes {text(listed)}"
+        if method_note(report):
+            line += f"; {text(method_note(report))}"
         lines.append(line + ".")
     elif report.scope == "weights":
         lines.append(f"**No network bound**: {text(report.unbounded_reasons[0].reason)}. "

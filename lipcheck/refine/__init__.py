@@ -1,0 +1,28 @@
+"""Certified bounds tighter than the per-layer product: folding consecutive linear ops, and chain bounds
+(Combettes & Pesquet 2020, ECLipsE-Fast 2024, LipSDP-neuron 2019) over linear layers separated by
+slope-restricted activations, applied wherever the graph has such a chain."""
+
+from lipcheck.refine.apply import (
+    CHAIN_METHODS,
+    CHEAP_METHODS,
+    METHOD_CHOICES,
+    ChainResult,
+    Refinement,
+    methods_for,
+    refine,
+)
+from lipcheck.refine.chains import Chain, Slope, activation_slope, find_chains
+
+__all__ = [
+    "CHAIN_METHODS",
+    "CHEAP_METHODS",
+    "METHOD_CHOICES",
+    "Chain",
+    "ChainResult",
+    "Refinement",
+    "Slope",
+    "activation_slope",
+    "find_chains",
+    "methods_for",
+    "refine",
+]

@@ -1,0 +1,178 @@
+"""Chain bounds applied to a whole graph: one AutoLip walk per method, the smallest certified bound wins."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from lipcheck.compose import Composition, compose
+from lipcheck.graph import Graph
+from lipcheck.refine.affine import CertifiedMatrix, segment_operator
+from lipcheck.refine.bounds import combettes_pesquet_bound, eclipse_fast_bound, folded_bound
+from lipcheck.refine.chains import MAX_DIM, MAX_ENTRIES, Chain, find_chains
+from lipcheck.refine.lipsdp import lipsdp_bound
+
+PRODUCT = "product"
+FOLDED = "folded"
+COMBETTES_PESQUET = "combettes-pesquet"
+ECLIPSE_FAST = "eclipse-fast"
+LIPSDP = "lipsdp"
+BEST = "best"
+ALL = "all"
+CHAIN_METHODS = (FOLDED, COMBETTES_PESQUET, ECLIPSE_FAST, LIPSDP)
+CHEAP_METHODS = (FOLDED, COMBETTES_PESQUET, ECLIPSE_FAST)
+METHOD_CHOICES = (BEST, PRODUCT, FOLDED, COMBETTES_PESQUET, ECLIPSE_FAST, LIPSDP, ALL)
+
+
+def methods_for(choice: str) -> tuple[str, ...]:
+    """The chain methods a --method choice computes (the product is always computed)."""
+    if choice == PRODUCT:
+        return ()
+    if choice == BEST:
+        return CHEAP_METHODS
+    if choice == ALL:
+        return CHAIN_METHODS
+    if choice in CHAIN_METHODS:
+        return (choice,)
+    raise ValueError(f"unknown method {choice!r}; choose from {', '.join(METHOD_CHOICES)}")
+
+
+@dataclass
+class ChainResult:
+    chain: Chain
+    product: float  # product of the chain's per-node local bounds
+    bounds: dict[str, float | None] = field(default_factory=dict)  # method -> certified chain bound
+    seconds: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+    def best(self, methods: tuple[str, ...]) -> tuple[str, float] | None:
+        found = [(value, name) for name, value in self.bounds.items() if name in methods and value is not None]
+        if not found:
+            return None
+        value, name = min(found)
+        return name, value
+
+
+@dataclass
+class Refinement:
+    bound_method: str
+    method_bounds: dict[str, float | None]
+    method_seconds: dict[str, float]
+    chains: list[ChainResult]
+    composition: Composition
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Chain matrices are at most 1024 wide: threads gain little there and, on a busy machine, eigvalsh
+    with two threads was measured 10-50x slower than with one. The setting is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def chain_operators(chain: Chain, graph: Graph) -> list[CertifiedMatrix]:
+    return [segment_operator(segment, graph) for segment in chain.segments]
+
+
+def bound_chain(weights: list[CertifiedMatrix], chain: Chain, methods: tuple[str, ...]) -> ChainResult:
+    """Every requested method's certified bound on one chain (None where a method does not apply)."""
+    result = ChainResult(chain, math.inf)
+    slopes = chain.slopes
+    for method in methods:
+        started = time.perf_counter()
+        value: float | None
+        if method == FOLDED:
+            value = folded_bound(weights, slopes)
+        elif len(weights) < 2:
+            value = None  # no activation in the chain: only the fold applies
+        elif method == COMBETTES_PESQUET:
+            value = combettes_pesquet_bound(weights, slopes)
+        elif method == ECLIPSE_FAST:
+            value = eclipse_fast_bound(weights, slopes)
+        else:
+            found = lipsdp_bound(weights, slopes)
+            value = None if found is None else found.value
+        result.bounds[method] = value
+        result.seconds[method] = time.perf_counter() - started
+    return result
+
+
+def refine(
+    graph: Graph,
+    product: Composition,
+    choice: str = BEST,
+    assume: dict[str, float] | None = None,
+    device: torch.device | str = "cpu",
+    cache: dict | None = None,
+    max_dim: int = MAX_DIM,
+    max_entries: int = MAX_ENTRIES,
+) -> Refinement:
+    """Bound every chain of ``graph`` with the chosen methods and re-walk the graph with them.
+
+    ``product`` is the plain composition of the same graph (its per-node bounds give each chain's product).
+    """
+    methods = methods_for(choice)
+    if not methods or not product.bounded:
+        return Refinement(PRODUCT, {PRODUCT: product.upper_bound}, {}, [], product)
+    cache = {} if cache is None else cache
+    local = {layer.name: layer.lipschitz for layer in product.layers}
+    results: list[ChainResult] = []
+    seconds = {method: 0.0 for method in methods}
+    for chain in find_chains(graph, max_dim, max_entries):
+        started = time.perf_counter()
+        try:
+            with single_thread():
+                weights = chain_operators(chain, graph)
+        except (RuntimeError, ValueError, MemoryError) as exc:  # too large for this machine: keep the product
+            results.append(ChainResult(chain, math.inf, note=f"not folded: {exc}"))
+            continue
+        fold_time = time.perf_counter() - started
+        with single_thread():
+            result = bound_chain(weights, chain, methods)
+        result.product = math.prod(local.get(node.name, math.inf) for node in chain.nodes)
+        for method in methods:
+            seconds[method] += result.seconds.get(method, 0.0) + fold_time
+        results.append(result)
+
+    def walk(refinements: dict[str, tuple[str, float, str]]) -> Composition:
+        return compose(graph, assume=assume, device=device, refinements=refinements, rule_cache=cache)
+
+    method_bounds: dict[str, float | None] = {PRODUCT: product.upper_bound}
+    compositions: dict[str, Composition] = {PRODUCT: product}
+    for method in methods:
+        refinements = {
+            r.chain.end: (r.chain.start, value, method)
+            for r in results
+            if (value := r.bounds.get(method)) is not None
+        }
+        compositions[method] = walk(refinements)
+        method_bounds[method] = compositions[method].upper_bound
+    # per chain, the smallest of the computed methods
+    mixed: dict[str, tuple[str, float, str]] = {}
+    for r in results:
+        found = r.best(methods)
+        if found is not None:
+            mixed[r.chain.end] = (r.chain.start, found[1], found[0])
+    singles = [(value, name) for name, value in method_bounds.items() if value is not None]
+    best_value, best_name = min(singles, key=lambda item: (item[0], _order(item[1])))
+    chosen, composition = best_name, compositions[best_name]
+    if len(methods) > 1 and mixed:
+        combined = walk(mixed)
+        if combined.upper_bound is not None and combined.upper_bound < best_value * (1 - 1e-12):
+            used = sorted({method for _, _, method in mixed.values()}, key=_order)
+            chosen, composition = "per chain: " + ", ".join(used), combined
+    return Refinement(chosen, method_bounds, seconds, results, composition)
+
+
+def _order(name: str) -> int:
+    ordering = (PRODUCT, *CHAIN_METHODS)
+    return ordering.index(name) if name in ordering else len(ordering)
