@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lipcheck.frontends.torch_frontend import TorchOptions
+from lipcheck.report import analyse
 from lipcheck.rewrite.normalize import NormalizeOptions, normalize
 from tests.conftest import ROOT, SAMPLES
 from tests.test_torch_frontend import run_cli
@@ -63,11 +64,14 @@ def test_bake_every_sample(name: str, tmp_path: Path) -> None:
     for layer in result.layers:  # re-certified from the written file
         assert layer.norm_after is not None and layer.norm_after <= 1.0 * (1 + 1e-6), layer
         assert layer.norm_after == pytest.approx(1.0, rel=1e-5), layer
-    if name in CHAINS:
-        expected = result.bound_before * math.prod(layer.factor for layer in result.layers)
-        assert result.bound_after == pytest.approx(expected, rel=1e-5)
-    if name.startswith("mlp"):
-        assert result.bound_after is None or result.bound_after == pytest.approx(1.0, rel=1e-5)
+    if name in CHAINS:  # the product bound scales by the layers' scales; the reported (best) bound is below it
+        product_before = analyse(source, device="cpu", method="product").upper_bound
+        product_after = analyse(out, device="cpu", method="product").upper_bound
+        expected = product_before * math.prod(layer.factor for layer in result.layers)
+        assert product_after == pytest.approx(expected, rel=1e-5)
+        assert result.bound_after <= product_after * (1 + 1e-9)
+    if name.startswith("mlp") and name.endswith(".onnx"):  # 1-Lipschitz activations between unit-norm layers
+        assert analyse(out, device="cpu", method="product").upper_bound == pytest.approx(1.0, rel=1e-5)
     assert result.output_change is None or result.output_change > 1e-3  # the weights did change
 
 
@@ -160,7 +164,7 @@ def test_cli_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert code == 0, err
     data = json.loads(out)
     assert data["schema"] == "lipcheck.normalize/1" and data["passed"]
-    assert data["upper_bound_after"] == pytest.approx(1.0, rel=1e-5)
+    assert data["upper_bound_after"] <= 1.0 + 1e-5  # unit-norm layers and 1-Lipschitz activations
     assert [layer["name"] for layer in data["layers"]] == ["/0/Gemm", "/2/Gemm", "/4/Gemm"]
 
 

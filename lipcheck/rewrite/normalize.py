@@ -219,6 +219,16 @@ def _certify(graph: Graph, fold_bn: bool, device: str) -> Composition:
     return compose(working, device=device)
 
 
+def _network_bound(graph: Graph, device: str) -> float | None:
+    """The network's bound as ``lipcheck report`` gives it: the smallest certified method (lipcheck.refine)."""
+    from lipcheck.refine import refine
+
+    working = copy.deepcopy(graph)
+    prepare(working)
+    product = compose(working, device=device)
+    return refine(working, product, "best", device=device).composition.upper_bound
+
+
 def _layer_norms(result: Composition) -> dict[str, float]:
     return {layer.name: layer.lipschitz for layer in result.layers}
 
@@ -291,7 +301,7 @@ def _plan_graph(
     source: WeightSource, graph: Graph, options: NormalizeOptions, fold_bn: bool, note: Callable[[str], None]
 ) -> NormalizeResult:
     note("certifying the input")
-    before = _certify(graph, True, options.device)
+    bound_before = _network_bound(graph, options.device)
     layers, skipped = _find_layers(graph, source, options.layers)
     if not layers:
         raise LipcheckError(f"{source.path}: no layer to normalise" + (f" matches --layers {options.layers!r}"
@@ -323,7 +333,7 @@ def _plan_graph(
                   f"with a certified bound <= {options.lipschitz:g} ({bound:.6g})")  # fmt: skip
     for layer, change in zip(layers, changes, strict=True):
         _scale(source, graph, layer, change.factor)
-    return NormalizeResult(graph.name, source.format, changes, skipped, before.upper_bound, budget_note=budget)
+    return NormalizeResult(graph.name, source.format, changes, skipped, bound_before, budget_note=budget)
 
 
 def _scale(source: WeightSource, graph: Graph, layer: _Layer, factor: float) -> None:
@@ -403,7 +413,7 @@ def _verify(path: Path, out: Path, result: NormalizeResult, options: NormalizeOp
         norms = _weights_only_norms(after_graph.tensors, options.device)
     else:
         norms = _layer_norms(_certify(after_graph, fold_bn, options.device))
-        result.bound_after = _certify(after_graph, True, options.device).upper_bound
+        result.bound_after = _network_bound(after_graph, options.device)
     worst = []
     for change in result.layers:
         change.norm_after = norms.get(change.name)
