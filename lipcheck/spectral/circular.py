@@ -46,7 +46,7 @@ from lipcheck.spectral.hermitian import (
 # Complex128 Gram entries per chunk of frequencies (8 MiB, about a quarter of the L3 cache of a
 # server core complex): small enough that assembling, estimating and factorising stay in cache.
 CHUNK_ENTRIES = 512 * 1024
-MIN_CHUNK = 64  # but at least this many frequencies (large channel counts: fewer, fatter calls)
+MIN_CHUNK = 8  # but at least this many frequencies (large channel counts: fewer, fatter calls)
 # Relative tolerance of the certified maximum eigenvalue (the norm, its square root, gets half):
 # at least this, and well above the Cholesky test's own rounding allowance (see ``eigen_tol``).
 EIGEN_TOL = 1e-10
