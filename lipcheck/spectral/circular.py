@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lipcheck.spectral.dense import UNIT_ROUNDOFF, to_float64
+from lipcheck.spectral.dense import UNIT_ROUNDOFF, rounding_gamma, to_float64
 from lipcheck.spectral.hermitian import (
     SINGLE_MAX_MARGIN,
     SINGLE_ROUNDOFF,
@@ -51,12 +51,6 @@ MIN_CHUNK = 8  # but at least this many frequencies (large channel counts: fewer
 # at least this, and well above the Cholesky test's own rounding allowance (see ``eigen_tol``).
 EIGEN_TOL = 1e-10
 
-
-def _gamma(k: int, unit: float = UNIT_ROUNDOFF) -> float:
-    ku = k * unit
-    if ku >= 0.5:
-        raise ValueError(f"sums of {k} terms are beyond the float64 error analysis")
-    return ku / (1.0 - ku)
 
 
 def eigen_tol(order: int) -> float:
@@ -149,7 +143,8 @@ def grid_norm(kernel: torch.Tensor, grid: Sequence[int]) -> float:
     n_offsets = offsets.shape[0]
     # entrywise rounding of every Gram entry (real and imaginary part each) relative to S S^T:
     # tap products (<= most_pairs * c terms), the sum over offsets, phases within 128 u
-    eta = _gamma(most_pairs * c + n_offsets + 8) + (1.0 + _gamma(n_offsets + 8)) * 160.0 * UNIT_ROUNDOFF
+    eta = rounding_gamma(most_pairs * c + n_offsets + 8)
+    eta += (1.0 + rounding_gamma(n_offsets + 8)) * 160.0 * UNIT_ROUNDOFF
     s_fro2 = float((k.abs().sum(dim=tuple(range(3, k.dim())))).square().sum(dim=(1, 2)).max())
     abs_margin = 2.0 * 2.0 * eta * s_fro2
 
@@ -161,7 +156,7 @@ def grid_norm(kernel: torch.Tensor, grid: Sequence[int]) -> float:
     # single-precision Gram matrices differ from the double ones by at most this (spectral norm):
     # rounding h and the phases to float32 and the float32 sum over offsets, entrywise relative
     # to S S^T like eta (both matrices' own errors counted)
-    single_error = 4.0 * (_gamma(n_offsets + 8, SINGLE_ROUNDOFF) + 2.0 * eta) * s_fro2
+    single_error = 4.0 * (rounding_gamma(n_offsets + 8, SINGLE_ROUNDOFF) + 2.0 * eta) * s_fro2
     use_single = (
         single_margin(n) <= SINGLE_MAX_MARGIN
         and math.isfinite(single_error)

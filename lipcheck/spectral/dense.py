@@ -15,6 +15,14 @@ import torch
 UNIT_ROUNDOFF = 2.0**-53  # float64
 
 
+def rounding_gamma(k: int, unit: float = UNIT_ROUNDOFF) -> float:
+    """The standard rounding constant gamma_k = k u / (1 - k u) (Higham, Lemma 3.1)."""
+    ku = k * unit
+    if ku >= 0.5:
+        raise ValueError(f"{k} rounded operations are beyond the error analysis at unit roundoff {unit:g}")
+    return ku / (1.0 - ku)
+
+
 @dataclass(frozen=True)
 class SpectralBound:
     """An upper bound on an operator norm and how it was obtained."""

@@ -25,7 +25,8 @@ import math
 
 import torch
 
-UNIT_ROUNDOFF = 2.0**-53  # float64
+from lipcheck.spectral.dense import UNIT_ROUNDOFF, rounding_gamma
+
 SINGLE_ROUNDOFF = 2.0**-24  # float32
 # Smallest normal numbers: the underflow terms use these rather than subnormals, so that libraries
 # flushing subnormals to zero are covered too.
@@ -38,13 +39,6 @@ EXACT_BELOW = 1  # a single pending matrix goes straight to the exact eigensolve
 SINGLE_MAX_MARGIN = 1e-2
 
 
-def _gamma(k: int, unit: float = UNIT_ROUNDOFF) -> float:
-    """The standard rounding constant gamma_k = k u / (1 - k u) (Higham, Lemma 3.1)."""
-    ku = k * unit
-    if ku >= 0.5:
-        raise ValueError(f"matrices of order {k} are beyond the error analysis at unit roundoff {unit:g}")
-    return ku / (1.0 - ku)
-
 
 def rump_alpha(order: int, single: bool = False) -> float:
     """Relative factor of Rump's shift, ``c = alpha * trace(A)`` (+ underflow), made twice as large.
@@ -53,7 +47,7 @@ def rump_alpha(order: int, single: bool = False) -> float:
     inner products of length k carry gamma_{k+2} (Higham, Lemma 3.5), and a reciprocal-multiply in
     the triangular solves one more rounding, so gamma_{n+4}, doubled, covers every case here.
     """
-    g = _gamma(order + 4, SINGLE_ROUNDOFF if single else UNIT_ROUNDOFF)
+    g = rounding_gamma(order + 4, SINGLE_ROUNDOFF if single else UNIT_ROUNDOFF)
     return 2.0 * g / (1.0 - 2.0 * g)
 
 
