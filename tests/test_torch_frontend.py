@@ -530,3 +530,34 @@ def test_interpreter_matches_functional_forms() -> None:
         expected = net(x).double()
     got = interpret(graph)(x.double())
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+class _BuildsConstants(nn.Module):
+    """A tensor created in forward (like a positional encoding) is a constant, not an unmapped op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        offset = torch.arange(4, dtype=x.dtype) * 0.5 + torch.ones(4)
+        return self.fc(x) * 2.0 + offset
+
+
+def test_tensors_built_in_forward_are_constants() -> None:
+    net = _BuildsConstants().eval()
+    result = composed(module_to_graph(net, ["1,4"], "consts"))
+    exact = 2.0 * torch.linalg.matrix_norm(net.fc.weight.detach().double(), 2).item()
+    assert result.upper_bound == pytest.approx(exact, rel=1e-6) and result.upper_bound >= exact
+
+
+def test_dropout_in_training_mode_is_refused(tmp_path: Path) -> None:
+    net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(net, (torch.randn(1, 4),))
+    from lipcheck.errors import ModelLoadError
+    from lipcheck.frontends.torch_frontend import program_to_graph
+
+    with pytest.raises(ModelLoadError, match="training mode"):
+        program_to_graph(program, "train.pt2")

@@ -29,6 +29,9 @@ IDENTITY_OPS = {
     "alias", "clone", "contiguous", "detach", "lift_fresh_copy", "dropout", "feature_dropout", "alpha_dropout",
     "feature_alpha_dropout", "native_dropout", "_assert_tensor_metadata", "lift_fresh",
 }  # fmt: skip
+# Ops that draw random numbers: never evaluated to constants.
+RANDOM_OPS = ("rand", "randn", "randint", "randperm", "normal", "bernoulli", "multinomial", "uniform", "empty",
+              "native_dropout", "dropout", "poisson")
 # Unary ATen ops with an ONNX namesake and no attributes.
 UNARY_OPS = {
     "relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "abs": "Abs", "neg": "Neg", "exp": "Exp", "log": "Log",
@@ -271,6 +274,10 @@ class GraphBuilder:
         if self._fold(node, args):
             return
         if name in IDENTITY_OPS:
+            if args.get("train") or args.get("training"):  # dropout in training mode: random, scaled by 1/(1-p)
+                self._unmapped(node, f"aten.{name} in training mode (export the model in eval mode)")
+                self.values[node.name] = None
+                return
             self.alias(node, self.value(_first(args)))
             return
         if name in UNARY_OPS:
@@ -290,8 +297,11 @@ class GraphBuilder:
 
     def _fold(self, node: fx.Node, args: dict[str, Any]) -> bool:
         """Evaluate a node whose tensor inputs are all constants (weights behind t(), view, mul...)."""
-        tensor_args = [a for a in node.all_input_nodes]
-        if not tensor_args or not all(isinstance(self.values.get(a.name), str) for a in tensor_args):
+        tensor_args = list(node.all_input_nodes)
+        if not tensor_args:  # created in forward (torch.zeros, arange, full...): a constant unless random
+            if aten_name(node.target).startswith(RANDOM_OPS) or not hasattr(node.target, "_schema"):
+                return False
+        elif not all(isinstance(self.values.get(a.name), str) for a in tensor_args):
             return False
         if not all(self.values[a.name] in self.tensors for a in tensor_args):
             return False
