@@ -80,6 +80,19 @@ class Graph:
             stack.extend(v for v in node.inputs if v)
         return [node for node in self.nodes if node.name in needed]
 
+    def copy(self) -> Graph:
+        """A copy that passes can rewrite without touching this graph (constant arrays are shared, not copied)."""
+        return Graph(
+            nodes=[
+                Node(n.name, n.op, list(n.inputs), list(n.outputs), dict(n.attrs), list(n.folded)) for n in self.nodes
+            ],
+            inputs=list(self.inputs),
+            outputs=list(self.outputs),
+            constants=dict(self.constants),
+            shapes=dict(self.shapes),
+            name=self.name,
+        )
+
     def prune(self) -> None:
         """Drop nodes no output depends on (e.g. parts of a recognised pattern)."""
         self.nodes = self.live_nodes()

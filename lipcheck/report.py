@@ -16,7 +16,7 @@ import torch
 import lipcheck
 from lipcheck.compose import Composition, LayerResult, ProgressCallback, UnboundedReason, compose
 from lipcheck.frontends import load_model
-from lipcheck.graph import Graph, Node, Shape
+from lipcheck.graph import Graph, Shape
 from lipcheck.passes import prepare
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ def analyse(
     graph = load_model(path, input_shapes, torch_options, max_memory=max_memory)
     if not isinstance(graph, Graph):
         return weights_report(graph, torch_device)
-    loaded = copy_graph(graph) if lower else None
+    loaded = graph.copy() if lower else None
     prepare(graph)
     rule_cache: dict = {}
     product: Composition = compose(
@@ -208,18 +208,6 @@ def analyse(
         result.lower = lower_bound(loaded, settings, torch_device, shown)
         result.lower_bound = result.lower.value
     return result
-
-
-def copy_graph(graph: Graph) -> Graph:
-    """A copy that passes can rewrite without touching the original (constant arrays are shared, not copied)."""
-    return Graph(
-        nodes=[Node(n.name, n.op, list(n.inputs), list(n.outputs), dict(n.attrs), list(n.folded)) for n in graph.nodes],
-        inputs=list(graph.inputs),
-        outputs=list(graph.outputs),
-        constants=dict(graph.constants),
-        shapes=dict(graph.shapes),
-        name=graph.name,
-    )
 
 
 def weights_report(weights: WeightTensors, device: torch.device) -> Report:

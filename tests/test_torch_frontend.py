@@ -510,7 +510,7 @@ def test_interpreter_matches_the_original_module(name: str, shapes: list[str], o
     from lipcheck.rewrite.sources import load_runnable
 
     graph = load_model(SAMPLES / name, shapes, options)
-    module = load_runnable(SAMPLES / name, options, shapes)
+    module = load_runnable(SAMPLES / name, options)
     shape = tuple(d for d in graph.shapes[graph.inputs[0]])
     x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

@@ -214,19 +214,22 @@ def _load_graph(path: Path, options: NormalizeOptions) -> Graph | WeightTensors:
 
 
 def _certify(graph: Graph, fold_bn: bool, device: str) -> Composition:
-    working = copy.deepcopy(graph)
+    working = graph.copy()
     prepare(working, fold_batchnorms=fold_bn)
     return compose(working, device=device)
 
 
-def _network_bound(graph: Graph, device: str) -> float | None:
-    """The network's bound as ``lipcheck report`` gives it: the smallest certified method (lipcheck.refine)."""
+def _norms_and_bound(graph: Graph, fold_bn: bool, device: str) -> tuple[dict[str, float], float | None]:
+    """Per-layer certified norms (BatchNorms folded or not) and the network's bound as ``lipcheck report``
+    gives it (the smallest certified method, lipcheck.refine). One walk when BatchNorms are folded anyway."""
     from lipcheck.refine import refine
 
-    working = copy.deepcopy(graph)
+    working = graph.copy()
     prepare(working)
     product = compose(working, device=device)
-    return refine(working, product, "best", device=device).composition.upper_bound
+    bound = refine(working, product, "best", device=device).composition.upper_bound
+    norms = _layer_norms(product if fold_bn else _certify(graph, False, device))
+    return norms, bound
 
 
 def _layer_norms(result: Composition) -> dict[str, float]:
@@ -256,10 +259,7 @@ def normalize(
         raise LipcheckError(f"--target {options.target}: must be a positive number")
     if options.lipschitz is not None and not (options.lipschitz > 0 and math.isfinite(options.lipschitz)):
         raise LipcheckError(f"--lipschitz {options.lipschitz}: must be a positive number")
-    if out is not None:
-        if out.resolve() == path.resolve() and not force:
-            raise LipcheckError(f"{out}: is the input model; lipcheck never modifies its input (use another -o)")
-        check_writable(out, force)
+    _check_output(path, out, force)
     note = progress or (lambda _: None)
     source = open_source(path, options.torch_options)
     graph = _load_graph(path, options)
@@ -275,6 +275,15 @@ def normalize(
     note("verifying")
     _verify(path, out, result, options, fold_bn)
     return result
+
+
+def _check_output(path: Path, out: Path | None, force: bool) -> None:
+    """Refuse, before any work, an output that is the input or an existing file (unless --force)."""
+    if out is None:
+        return
+    if out.resolve() == path.resolve() and not force:
+        raise LipcheckError(f"{out}: is the input model; lipcheck never modifies its input (use another -o)")
+    check_writable(out, force)
 
 
 def _plan_weights_only(source: WeightSource, weights: WeightTensors, options: NormalizeOptions) -> NormalizeResult:
@@ -301,7 +310,7 @@ def _plan_graph(
     source: WeightSource, graph: Graph, options: NormalizeOptions, fold_bn: bool, note: Callable[[str], None]
 ) -> NormalizeResult:
     note("certifying the input")
-    bound_before = _network_bound(graph, options.device)
+    _, bound_before = _norms_and_bound(graph, True, options.device)
     layers, skipped = _find_layers(graph, source, options.layers)
     if not layers:
         raise LipcheckError(f"{source.path}: no layer to normalise" + (f" matches --layers {options.layers!r}"
@@ -369,7 +378,7 @@ def _uniform_target(
     goal = float(options.lipschitz) * (1 - 1e-6)  # room for the float32 rounding of the written weights
 
     def bound_at(t: float) -> float:
-        trial = copy.deepcopy(graph)
+        trial = graph.copy()
         for layer, change in zip(layers, changes, strict=True):
             factor = t / change.norm_before if change.norm_before > 0 else 1.0
             trial.constants[layer.weight_value] = np.asarray(trial.constants[layer.weight_value]) * factor
@@ -412,8 +421,7 @@ def _verify(path: Path, out: Path, result: NormalizeResult, options: NormalizeOp
     if isinstance(after_graph, WeightTensors):
         norms = _weights_only_norms(after_graph.tensors, options.device)
     else:
-        norms = _layer_norms(_certify(after_graph, fold_bn, options.device))
-        result.bound_after = _network_bound(after_graph, options.device)
+        norms, result.bound_after = _norms_and_bound(after_graph, fold_bn, options.device)
     worst = []
     for change in result.layers:
         change.norm_after = norms.get(change.name)
@@ -485,8 +493,8 @@ def _check_onnx(path: Path, out: Path, result: NormalizeResult, options: Normali
 
 def _check_torch(path: Path, out: Path, result: NormalizeResult, options: NormalizeOptions) -> None:
     try:
-        before = load_runnable(path, options.torch_options, list(options.input_shapes))
-        after = load_runnable(out, options.torch_options, list(options.input_shapes))
+        before = load_runnable(path, options.torch_options)
+        after = load_runnable(out, options.torch_options)
         result.checks.append(Check("loads", True, "loads with plain torch"))
     except Exception as exc:
         result.checks.append(Check("loads", False, str(exc).splitlines()[0][:200]))
@@ -550,17 +558,14 @@ def parametrize_file(
     from lipcheck.rewrite.parametrize import normalised_layers, parametrize, remove_parametrizations
 
     path, out = Path(path), None if output is None else Path(output)
-    if out is not None:
-        if out.resolve() == path.resolve() and not force:
-            raise LipcheckError(f"{out}: is the input model; lipcheck never modifies its input (use another -o)")
-        check_writable(out, force)
+    _check_output(path, out, force)
     if not options.input_shapes:
         raise LipcheckError(f"{path}: --mode parametrize needs --input-shape (the layers' input sizes set the norms)")
     shape = tuple(int(d) for d in options.input_shapes[0].rpartition("=")[2].split(","))
 
     def fresh_module() -> torch.nn.Module:
         onnx = path.suffix.lower() == ".onnx"
-        module = None if onnx else load_runnable(path, options.torch_options, list(options.input_shapes))
+        module = None if onnx else load_runnable(path, options.torch_options)
         if not isinstance(module, torch.nn.Module) or isinstance(module, torch.jit.ScriptModule | torch.fx.GraphModule):
             raise LipcheckError(f"{path}: --mode parametrize needs an nn.Module: a state_dict or checkpoint with "
                                 "--model, or a pickled module (--trust-pickle)")  # fmt: skip

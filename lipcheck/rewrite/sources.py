@@ -240,7 +240,7 @@ def _state_source(
     return TorchSource(path, "state_dict" if where == "a state_dict" else where, obj, tensors, keys, metadata)
 
 
-def load_runnable(path: Path, options: TorchOptions, input_shapes: list[str]) -> torch.nn.Module | None:
+def load_runnable(path: Path, options: TorchOptions) -> torch.nn.Module | None:
     """The model as a callable torch module, to compare outputs before and after (None without architecture)."""
     with quiet():
         return _load_runnable(path, options)
