@@ -241,6 +241,22 @@ def time_method(
     return values, per_conv
 
 
+def profile_lipcheck(convs: list[Conv], device: torch.device, top: int) -> None:
+    """Where lipcheck's time goes, op by op (torch.profiler; one untimed pass over every conv)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for conv in convs:
+            lipcheck_norm(conv)
+        _sync(device)
+    averages = prof.key_averages()
+    for sort in ["self_cpu_time_total"] + (["self_cuda_time_total"] if device.type == "cuda" else []):
+        print()
+        print(f"profile of lipcheck over {len(convs)} convs, by {sort}:")
+        print(averages.table(sort_by=sort, row_limit=top, max_name_column_width=40))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"first {QUICK_CONVS} convs only")
@@ -269,6 +285,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--top", type=int, default=5, help="slowest layers to list per method")
     parser.add_argument("--per-layer", action="store_true", help="print every conv's values")
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated baselines not to run: reshape, sedghi, power (e.g. --skip sedghi on a GPU, "
+        "where batched svdvals of large matrices is slow)",
+    )
+    parser.add_argument(
+        "--compare-cpu",
+        action="store_true",
+        help="with --device cuda: also run lipcheck on the CPU and print the largest relative difference",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the timings, run lipcheck over every conv once under torch.profiler and print the N "
+        "ops with the most self time (CPU, and CUDA on a GPU)",
+    )
     args = parser.parse_args(argv)
 
     if args.repeats < 1:
@@ -285,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.clock == "process" and device.type == "cuda":
         parser.error("--clock process measures CPU time only: use --clock wall with --device cuda")
     clock = time.process_time if args.clock == "process" else time.perf_counter
+    skipped = {name.strip() for name in args.skip.split(",") if name.strip()}
+    unknown = skipped - {"reshape", "sedghi", "power"}
+    if unknown:
+        parser.error(f"--skip: unknown baseline(s) {', '.join(sorted(unknown))} (reshape, sedghi, power)")
 
     convs = resnet50_convs(device)
     if args.quick:
@@ -307,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         ("power", f"(c) power iteration x{args.iterations} [lower]", power_fn),
     ]
+    methods = [m for m in methods if m[0] not in skipped]
 
     # Warm-up: every method once on a small conv (layer1.0.conv1 or the first one in --quick).
     warm = next((c for c in convs if c.name == "layer1.0.conv1"), convs[0])
@@ -320,31 +360,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"timing {label} on {len(convs)} convs ...", file=sys.stderr, flush=True)
         values[key], times[key] = time_method(fn, convs, args.repeats, device, key, clock)
 
+    cpu_convs = [Conv(c.name, c.weight.cpu(), c.stride, c.pad, c.n) for c in convs]
+    cpu_values: list[float] = []
+    cpu_total = 0.0
+    if args.compare_cpu and device.type == "cuda":
+        print("timing lipcheck on the CPU for comparison ...", file=sys.stderr, flush=True)
+        cpu_values, cpu_times = time_method(lipcheck_norm, cpu_convs, 1, torch.device("cpu"), "lipcheck-cpu")
+        cpu_total = sum(cpu_times)
+
+    # The references are computed on the CPU: batched svdvals of large matrices is slow on GPUs.
     print("computing exact circular references (float64 FFT + svdvals) ...", file=sys.stderr)
-    exact = [exact_circular(c) for c in convs]
+    exact = [exact_circular(c) for c in cpu_convs]
     # Re-evaluate the power-iteration quotient in float64 (not timed) so that it is a true lower
     # bound, free of float32 rounding, for the soundness checks below.
-    power64 = [rayleigh_float64(c, pi_vectors[c.name]) for c in convs]
+    power64 = [rayleigh_float64(c, pi_vectors[c.name]) for c in convs] if "power" in values else None
 
     for i, conv in enumerate(convs):
         lip = values["lipcheck"][i]
         assert lip >= exact[i] * (1 - LIPCHECK_SLACK), (conv.name, lip, exact[i])
         assert lip <= exact[i] * (1 + LIPCHECK_TIGHT), (conv.name, lip, exact[i])
-        assert power64[i] <= lip, (conv.name, power64[i], lip)
+        assert power64 is None or power64[i] <= lip, (conv.name, power64[i], lip)
 
-    def below_power(vals: list[float]) -> int:
-        return sum(v < p * (1 - BELOW_TOL) for v, p in zip(vals, power64, strict=True))
+    def below_power(vals: list[float]) -> str:
+        if power64 is None:
+            return "n/a"
+        return str(sum(v < p * (1 - BELOW_TOL) for v, p in zip(vals, power64, strict=True)))
 
     def gaps(vals: list[float]) -> list[float]:
         return [(v - e) / e for v, e in zip(vals, exact, strict=True)]
 
-    reshape64 = values["reshape"]
-    compared = {
-        "lipcheck": values["lipcheck"],
-        "reshape": reshape64,
-        "sedghi": values["sedghi"],
-        "power": power64,
-    }
+    compared = {key: list(vals) for key, vals in values.items()}
+    if power64 is not None:
+        compared["power"] = power64
     lip_total = sum(times["lipcheck"])
 
     print()
@@ -362,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, label, _ in methods:
         total = sum(times[key])
         g = gaps(compared[key])
-        below = "-" if key == "power" else str(below_power(compared[key]))
+        below = "-" if key == "power" else below_power(compared[key])
         print(
             f"{label:<38} {total:>9.3f} {total / lip_total:>10.2f} {max(g):>+11.2e} "
             f"{min(g):>+11.2e} {below:>10}"
@@ -372,31 +419,49 @@ def main(argv: list[str] | None = None) -> int:
     print("      m = ceil((n + 2p) / s) of the polyphase kernel (float64 FFT + full svdvals).")
     print(f"< power-it = convs where value < power-iteration lower bound * (1 - {BELOW_TOL:g}),")
     print("      i.e. convs where the method is provably NOT an upper bound of the operator norm.")
-    ratios = [p / r for p, r in zip(power64, reshape64, strict=True)]
-    worst = max(range(len(convs)), key=lambda i: ratios[i])
+    if power64 is not None and "reshape" in values:
+        ratios = [p / r for p, r in zip(power64, values["reshape"], strict=True)]
+        worst = max(range(len(convs)), key=lambda i: ratios[i])
+        print(
+            f"max power_iteration / reshape = {ratios[worst]:.3f} ({convs[worst].name}, "
+            f"{convs[worst].describe()})"
+        )
     print(
-        f"max power_iteration / reshape = {ratios[worst]:.3f} ({convs[worst].name}, "
-        f"{convs[worst].describe()})"
+        f"lipcheck certified on all {len(convs)} convs: lipcheck >= exact*(1-{LIPCHECK_SLACK:g})"
+        + (" and >= power iteration (float64 Rayleigh quotient)" if power64 is not None else "")
     )
-    print(
-        f"lipcheck certified on all {len(convs)} convs: lipcheck >= exact*(1-{LIPCHECK_SLACK:g}) "
-        "and >= power iteration (float64 Rayleigh quotient)"
-    )
-    reshape_total, sedghi_total = sum(times["reshape"]), sum(times["sedghi"])
     print(
         f"lipcheck tight on all {len(convs)} convs: lipcheck <= exact*(1+{LIPCHECK_TIGHT:g}); "
         f"largest gap {max(gaps(values['lipcheck'])):.2e}"
     )
-    print(
-        f"targets: lipcheck / (a) reshape = {lip_total / reshape_total:.2f} (<= {TARGET_VS_RESHAPE:g}: "
-        f"{'met' if lip_total <= TARGET_VS_RESHAPE * reshape_total else 'NOT met'}), "
-        f"(b) Sedghi / lipcheck = {sedghi_total / lip_total:.2f} (>= {TARGET_VS_SEDGHI:g}: "
-        f"{'met' if sedghi_total >= TARGET_VS_SEDGHI * lip_total else 'NOT met'})"
-    )
+    targets = []
+    if "reshape" in times:
+        reshape_total = sum(times["reshape"])
+        targets.append(
+            f"lipcheck / (a) reshape = {lip_total / reshape_total:.2f} (<= {TARGET_VS_RESHAPE:g}: "
+            f"{'met' if lip_total <= TARGET_VS_RESHAPE * reshape_total else 'NOT met'})"
+        )
+    if "sedghi" in times:
+        sedghi_total = sum(times["sedghi"])
+        targets.append(
+            f"(b) Sedghi / lipcheck = {sedghi_total / lip_total:.2f} (>= {TARGET_VS_SEDGHI:g}: "
+            f"{'met' if sedghi_total >= TARGET_VS_SEDGHI * lip_total else 'NOT met'})"
+        )
+    if targets:
+        print("targets: " + ", ".join(targets))
     print(
         f"ResNet-50 full per-layer computation (lipcheck, all {len(convs)} convs) on {device}: "
         f"{lip_total:.3f} s (issue 7 GPU target: < 1 s on one H100)"
     )
+    if cpu_values:
+        diff = max(abs(g - c) / c for g, c in zip(values["lipcheck"], cpu_values, strict=True))
+        print(
+            f"lipcheck on {device} vs on the CPU: largest relative difference {diff:.2e} (target <= 1e-6); "
+            f"CPU total {cpu_total:.3f} s ({torch.get_num_threads()} threads), {cpu_total / lip_total:.1f}x the device"
+        )
+
+    if args.profile:
+        profile_lipcheck(convs, device, args.profile)
 
     for key, label, _ in methods:
         if key not in ("lipcheck", "sedghi"):
@@ -413,14 +478,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.per_layer:
         print()
+        nan = [math.nan] * len(convs)
+        col = {key: compared.get(key, nan) for key in ("reshape", "sedghi", "power")}
+        t_sedghi = times.get("sedghi", nan)
         cols = f"{'conv':<24} {'geometry':<30} {'exact':>9} {'lipcheck':>9} {'(a)':>9} {'(b)':>9}"
         cols += f" {'(c)':>9} {'t lip s':>8} {'t (b) s':>8}"
         print(cols)
         for i, c in enumerate(convs):
             print(
                 f"{c.name:<24} {c.describe():<30} {exact[i]:>9.4f} {values['lipcheck'][i]:>9.4f} "
-                f"{reshape64[i]:>9.4f} {values['sedghi'][i]:>9.4f} {power64[i]:>9.4f} "
-                f"{times['lipcheck'][i]:>8.3f} {times['sedghi'][i]:>8.3f}"
+                f"{col['reshape'][i]:>9.4f} {col['sedghi'][i]:>9.4f} {col['power'][i]:>9.4f} "
+                f"{times['lipcheck'][i]:>8.3f} {t_sedghi[i]:>8.3f}"
             )
     return 0
 

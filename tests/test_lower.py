@@ -11,15 +11,15 @@ import sys
 import jsonschema
 import numpy as np
 import pytest
-import torch
 
 from lipcheck.frontends import load_graph
 from lipcheck.graph import Graph, Node
-from lipcheck.interpret import UninterpretableOpsError, interpret
+from lipcheck.interpret import UninterpretableOpsError
 from lipcheck.lower import LowerBoundError, LowerSettings, load_starts, lower_bound, parse_input_range
 from lipcheck.report import analyse
 from lipcheck.schemas import REPORT, load_schema
 from tests.conftest import ROOT, SAMPLE_MODELS, SAMPLES
+from tests.jacobian import brute_force_norm
 from tests.onnx_builders import model, node, rng_for, save
 from tests.test_rules import LINEAR, _outputs
 
@@ -30,23 +30,6 @@ SMALL = LowerSettings(budget=120)
 def sample_reports() -> dict[str, object]:
     # every certified method (LipSDP included where the network is small enough), so each is checked
     return {name: analyse(SAMPLES / name, device="cpu", lower=SMALL, method="all") for name in SAMPLE_MODELS}
-
-
-def brute_force_norm(graph: Graph, point: dict[str, np.ndarray]) -> float:
-    """sigma_max of the dense Jacobian (torch.autograd.functional.jacobian, float64) at ``point``."""
-    function = interpret(graph)
-    names = list(point)
-    sizes = [point[name].size for name in names]
-
-    def flat(x: torch.Tensor) -> torch.Tensor:
-        parts = torch.split(x, sizes)
-        feeds = {name: part.reshape(point[name].shape) for name, part in zip(names, parts, strict=True)}
-        values = function.run(feeds)
-        return torch.cat([v.reshape(-1) for v in values.values()])
-
-    x = torch.cat([torch.as_tensor(point[name], dtype=torch.float64).reshape(-1) for name in names])
-    jac = torch.autograd.functional.jacobian(flat, x)
-    return float(torch.linalg.matrix_norm(jac.reshape(-1, x.numel()), ord=2))
 
 
 @pytest.mark.parametrize("name", SAMPLE_MODELS)
@@ -252,17 +235,6 @@ def test_config_keys_turn_the_search_on(tmp_path) -> None:
     config.write_text(f'[[models]]\npath = "{SAMPLES / "mlp.onnx"}"\nlower_budget = 0\n')
     with pytest.raises(ConfigError, match="lower_budget must be an integer >= 1"):
         load_config(config)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_interpreter_and_search_on_cuda() -> None:
-    graph = load_graph(SAMPLES / "cnn_bn.onnx")
-    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
-    on_cpu = interpret(graph)(x)
-    on_gpu = interpret(graph, device="cuda")(x.cuda())
-    assert on_gpu.device.type == "cuda" and torch.allclose(on_gpu.cpu(), on_cpu, rtol=1e-9, atol=1e-12)
-    found = lower_bound(graph, LowerSettings(budget=60), device="cuda")
-    assert found.value <= brute_force_norm(graph, found.point) * (1 + 1e-9)
 
 
 @pytest.mark.parametrize("case", LINEAR, ids=lambda c: c.id)
