@@ -22,7 +22,7 @@ torch.cuda.get_device_name(0), 'threads', torch.get_num_threads(), 'onnx', onnx.
 step 240 cuda_tests python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -x
 tail -n 15 "$OUT/cuda_tests.log"
 
-step 240 conv_norms python3 benchmarks/conv_norms.py --device cuda --skip sedghi --repeats 3 --compare-cpu \
+step 240 conv_norms python3 benchmarks/conv_norms.py --device cuda --skip sedghi --repeats 5 --compare-cpu \
     --per-layer --profile 12
 grep -A 12 "^Conv operator norms" "$OUT/conv_norms.log"
 grep -B 2 -A 14 "by self_cuda_time_total" "$OUT/conv_norms.log" | head -32

@@ -34,6 +34,7 @@ from lipcheck.spectral.circular import _product, gram_taps, half_grid_indices
 from lipcheck.spectral.conv import reshape_bound, torus_sup_bound
 from lipcheck.spectral.hermitian import (
     RunningMaxEigenvalue,
+    Workspace,
     certify_below,
     lanczos_estimate,
     single_margin,
@@ -889,6 +890,48 @@ def test_running_max_eigenvalue_brackets_the_maximum(complex_, batch, n):
             running.certify(mats[order[start : start + 64]])
         assert exact * (1 - 1e-13) <= running.upper <= exact * (1 + tol + 1e-12)
         assert running.lower <= exact * (1 + 1e-13)
+
+
+def test_matrices_known_to_fail_are_ranked_without_a_second_test():
+    """``failed_at``: the batch failed a float64 test at the current level, so the first test is
+    skipped. Sound even when the claim is wrong (some were below the level): they are then
+    evaluated or retested, and the bound still brackets the maximum."""
+    mats = hermitian_psd("failed-at", 12, 20, True)
+    exact = torch.linalg.eigvalsh(mats)[:, -1]
+    tol = 1e-9
+    for seed in (int(torch.argmin(exact)), int(torch.argsort(exact)[6])):
+        running = RunningMaxEigenvalue(tol, Workspace(torch.device("cpu")))
+        running.add_exact(mats[seed : seed + 1])
+        running.certify(mats, failed_at=running.level(), single_first=False)
+        assert float(exact.max()) * (1 - 1e-13) <= running.upper <= float(exact.max()) * (1 + tol + 1e-12)
+        assert running.exact_evaluations < 12  # ranked: not every matrix went to the eigensolver
+
+
+def test_workspace_reuses_its_buffers_and_changes_no_result():
+    mats = hermitian_psd("workspace", 6, 16, True)
+    levels = torch.linalg.eigvalsh(mats)[:, -1]
+    mu = float(levels.median())
+    workspace = Workspace(torch.device("cpu"))
+    for single in (False, True):
+        plain = certify_below(mats, mu, single=single)
+        reused = certify_below(mats, mu, single=single, workspace=workspace)
+        assert plain.tolist() == reused.tolist()
+        assert bool((~reused | (levels < mu)).all())  # proven only below the level
+        assert bool(reused[levels < mu * (1 - 0.05)].all())  # and decisive away from it
+    first = workspace.take("factor", (6, 16, 16), torch.complex128, column_major=True)
+    again = workspace.take("factor", (3, 16, 16), torch.complex128, column_major=True)
+    assert first.data_ptr() == again.data_ptr() and again.mT.is_contiguous()
+    assert Workspace(torch.device("meta")).take("factor", (2, 2), torch.float64) is None
+
+
+@pytest.mark.parametrize(("c_out", "c_in", "grid"), [(300, 296, (6, 6)), (320, 310, (5, 7))])
+def test_double_precision_tier_resolves_what_it_set_aside(c_out, c_in, grid):
+    """Above ~290 channels every frequency is tested in float64; the failures are set aside and
+    resolved together at the end. The result still brackets the exact circular norm tightly."""
+    weight = randn(f"double-tier-{c_out}", c_out, c_in, 3, 3)
+    exact = _fft_reference(weight, grid)
+    value = circular_conv_norm(weight, grid)
+    assert exact * (1 - 1e-12) <= value <= exact * (1 + 1e-8)
 
 
 def test_reduced_precision_matmul_disables_the_single_precision_tier():

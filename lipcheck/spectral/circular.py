@@ -36,6 +36,7 @@ from lipcheck.spectral.hermitian import (
     SINGLE_MAX_MARGIN,
     SINGLE_ROUNDOFF,
     RunningMaxEigenvalue,
+    Workspace,
     certify_below,
     lanczos_estimate,
     rump_alpha,
@@ -46,6 +47,9 @@ from lipcheck.spectral.hermitian import (
 # Complex128 Gram entries per chunk of frequencies (8 MiB, about a quarter of the L3 cache of a
 # server core complex): small enough that assembling, estimating and factorising stay in cache.
 CHUNK_ENTRIES = 512 * 1024
+# On a GPU the cache argument does not hold and each chunk costs launches and synchronisations:
+# 16 Mi entries (256 MiB of complex128) per chunk, so that most layers are one or two chunks.
+CHUNK_ENTRIES_GPU = 16 * 1024 * 1024
 MIN_CHUNK = 8  # but at least this many frequencies (large channel counts: fewer, fatter calls)
 # Relative tolerance of the certified maximum eigenvalue (the norm, its square root, gets half):
 # at least this, and well above the Cholesky test's own rounding allowance (see ``eigen_tol``).
@@ -152,7 +156,6 @@ def grid_norm(kernel: torch.Tensor, grid: Sequence[int]) -> float:
     sizes = torch.tensor(list(grid), device=k.device)
     h_flat = h.reshape(n_offsets, -1)
 
-    h_single = h_flat.to(torch.float32)
     # single-precision Gram matrices differ from the double ones by at most this (spectral norm):
     # rounding h and the phases to float32 and the float32 sum over offsets, entrywise relative
     # to S S^T like eta (both matrices' own errors counted)
@@ -162,43 +165,79 @@ def grid_norm(kernel: torch.Tensor, grid: Sequence[int]) -> float:
         and math.isfinite(single_error)
         and single_precision_is_exact_ieee(k.device)
     )
+    h_single = h_flat.to(torch.float32) if use_single else h_flat
 
-    def grams_at(idx: torch.Tensor, single: bool = False) -> torch.Tensor:
-        """Gram matrices ``[len(idx) * g, n, n]`` (complex128, or complex64) at integer frequencies."""
+    workspace = Workspace(k.device)
+
+    def grams_at(idx: torch.Tensor, single: bool = False, negated: bool = False, reuse: bool = False) -> torch.Tensor:
+        """Gram matrices ``[len(idx) * g, n, n]`` (complex128, or complex64) at integer frequencies.
+
+        With ``negated``, -G (for ``certify_below(..., negated=True)``: the sign is put on the small
+        phase matrices, so no pass over the batch is spent on it). ``reuse``: into the workspace's
+        buffers (the previous chunk's result is overwritten)."""
         # phase fraction (j . delta / m) mod 1 from exact integer products, one rounding per axis
         residues = (idx[:, None, :] * offsets[None, :, :]) % sizes  # [F, D, d]
         frac = (residues.to(torch.float64) / sizes.to(torch.float64)).sum(dim=-1)
         angle = (2.0 * math.pi) * torch.remainder(frac, 1.0)
         cos, sin = torch.cos(angle), torch.sin(angle)
-        if single:
-            return torch.complex(cos.float() @ h_single, -(sin.float() @ h_single)).reshape(-1, n, n)
-        return torch.complex(cos @ h_flat, -(sin @ h_flat)).reshape(-1, n, n)
+        cos, sin = (-cos, sin) if negated else (cos, -sin)
+        # one real product for both parts (the taps, often the largest operand, are read once)
+        phases = torch.cat([cos, sin])
+        taps = h_single if single else h_flat
+        count = len(idx)
+        parts_out = workspace.take("parts", (2 * count, taps.shape[1]), taps.dtype) if reuse else None
+        parts = torch.matmul(phases.to(taps.dtype), taps, out=parts_out)
+        complex_dtype = torch.complex64 if single else torch.complex128
+        grams_out = workspace.take("grams", (count, taps.shape[1]), complex_dtype) if reuse else None
+        return torch.complex(parts[:count], parts[count:], out=grams_out).reshape(-1, n, n)
 
-    # One pass over chunks small enough to stay in cache between assembling and using them: each
-    # chunk is certified by Cholesky at the best exact value so far times 1 + tol; the first one is
-    # estimated (Lanczos) to find the frequency whose exact value seeds that level. Where single
-    # precision is decisive enough, the chunk is assembled and tested in float32 first and only the
-    # frequencies it cannot prove are assembled again in float64.
-    chunk = max(MIN_CHUNK, CHUNK_ENTRIES // max(1, g * n * n))
-    running = RunningMaxEigenvalue(eigen_tol(n))
+    # One pass over chunks small enough to stay in cache between assembling and testing them (on a
+    # GPU: large chunks, few launches). The first chunk is estimated (Lanczos) to find the frequency
+    # whose exact value seeds the level (that value times 1 + tol); every chunk is then assembled as
+    # -G and tested in place by Cholesky at that level, in float32 where that is decisive enough
+    # (with the proven float32 assembly error), else in float64. What a float32 test cannot prove
+    # is assembled again in float64 and resolved at once (ranked, the most promising evaluated
+    # exactly, the rest retested), so the level rises early and later float32 tests pass. What a
+    # float64 test cannot prove lies above the level: those are set aside and resolved together at
+    # the end, since resolving them chunk by chunk would raise the level a little at a time, with
+    # an exact eigensolve per new record.
+    entries = CHUNK_ENTRIES_GPU if k.device.type == "cuda" else CHUNK_ENTRIES
+    chunk = max(MIN_CHUNK, entries // max(1, g * n * n))
+    running = RunningMaxEigenvalue(eigen_tol(n), workspace)
+    set_aside: list[torch.Tensor] = []
+    failed_levels: set[float] = set()
     for start in range(0, freqs.shape[0], chunk):
         idx = freqs[start : start + chunk]
-        if not use_single:
-            running.certify(grams_at(idx))
-            continue
-        grams = grams_at(idx, single=True)
+        negated = grams_at(idx, single=use_single, negated=True, reuse=True)
         if running.lower <= 0.0:
-            best = int(torch.argmax(lanczos_estimate(grams)))
+            best = int(torch.argmax(lanczos_estimate(negated, negated=True)))
             running.add_exact(grams_at(idx[best // g : best // g + 1])[best % g : best % g + 1])
         mu = running.level()
-        proven = certify_below(grams, mu, single=True, error=single_error) if mu > 0.0 else None
-        if proven is None or not bool(proven.any()):
-            running.certify(grams_at(idx))
+        if mu <= 0.0:  # a zero seed: the general resolution below handles it
+            set_aside.append(idx)
+            failed_levels.add(mu)
             continue
-        running.record_proven(mu)
+        error = single_error if use_single else None
+        proven = certify_below(negated, mu, single=use_single, error=error, negated=True, workspace=workspace)
+        running.cholesky_evaluations += int(proven.numel())
+        if bool(proven.any()):
+            running.record_proven(mu)
         failed = torch.unique((~proven).nonzero().flatten() // g)
-        if failed.numel():
-            running.certify(grams_at(idx[failed]))
+        if not failed.numel():
+            continue
+        if use_single:  # resolved now: the level rises early and later float32 tests keep passing
+            running.certify(grams_at(idx[failed]), single_first=False)
+        else:
+            set_aside.append(idx[failed])
+            failed_levels.add(mu)
+    if set_aside:
+        rest = torch.cat(set_aside)
+        # a float64 failure at the current level needs no second test before it is ranked
+        failed_at = failed_levels.pop() if len(failed_levels) == 1 else None
+        step = 4 * chunk
+        for start in range(0, rest.shape[0], step):
+            mats = grams_at(rest[start : start + step])
+            running.certify(mats, failed_at=failed_at if start == 0 else None, single_first=False)
     top = running.upper + abs_margin
     value = math.sqrt(top) * (1.0 + 4.0 * UNIT_ROUNDOFF)
     return math.ldexp(value, exponent)
