@@ -924,6 +924,25 @@ def test_workspace_reuses_its_buffers_and_changes_no_result():
     assert Workspace(torch.device("meta")).take("factor", (2, 2), torch.float64) is None
 
 
+def test_threaded_factorisations_give_the_same_verdicts():
+    """With several CPU threads a batch is split across a small pool: same verdicts, with and
+    without the workspace's buffers, as one plain call."""
+    mats = hermitian_psd("threads", 7, 100, True)
+    levels = torch.linalg.eigvalsh(mats)[:, -1]
+    mu = float(levels.median())
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        plain = certify_below(mats, mu)
+        torch.set_num_threads(3)
+        split = certify_below(mats, mu)
+        buffered = certify_below(mats, mu, workspace=Workspace(torch.device("cpu")))
+    finally:
+        torch.set_num_threads(before)
+    assert plain.tolist() == split.tolist() == buffered.tolist()
+    assert 0 < int(plain.sum()) < 7 and bool((~plain | (levels < mu)).all())
+
+
 @pytest.mark.parametrize(("c_out", "c_in", "grid"), [(300, 296, (6, 6)), (320, 310, (5, 7))])
 def test_double_precision_tier_resolves_what_it_set_aside(c_out, c_in, grid):
     """Above ~290 channels every frequency is tested in float64; the failures are set aside and

@@ -22,6 +22,8 @@ in step 1 only costs time.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -143,10 +145,37 @@ def certify_below(
     shift = rump_alpha(n, single) * trace + underflow + 2.0 * unit * (mu + g_diag_abs) + extra
     diag -= (shift * (1.0 + 4.0 * unit))[..., None].to(diag.dtype)
     factor = None if workspace is None else workspace.take("factor", tuple(a.shape), a.dtype, column_major=True)
-    if factor is None:
-        return torch.linalg.cholesky_ex(a).info == 0
-    info = workspace.take("info", tuple(a.shape[:-2]), torch.int32)
-    return torch.linalg.cholesky_ex(a, out=(factor, info)).info == 0
+    info = None if workspace is None else workspace.take("info", tuple(a.shape[:-2]), torch.int32)
+    return _factorizes(a, factor, info)
+
+
+# torch factorises a CPU batch one matrix after another, and LAPACK runs one matrix of a few hundred
+# rows on one core: with several threads, halves of the batch go to a small pool instead (measured
+# 1.2-1.6x on two cores for 128 to 512 rows; nothing below ~100 rows, where each call is too short).
+SPLIT_MIN_ORDER = 96
+_POOL: dict[int, ThreadPoolExecutor] = {}  # by process id: a forked child starts its own pool
+
+
+def _factorizes(a: torch.Tensor, factor: torch.Tensor | None, info: torch.Tensor | None) -> torch.Tensor:
+    """``cholesky_ex(a).info == 0`` for a batch, into the given buffers, split across CPU threads."""
+    threads = torch.get_num_threads() if a.device.type == "cpu" else 1
+    parts = min(threads, a.shape[0]) if a.dim() == 3 and a.shape[-1] >= SPLIT_MIN_ORDER else 1
+    if parts < 2:
+        out = None if factor is None else (factor, info)
+        return torch.linalg.cholesky_ex(a, out=out).info == 0
+    pool = _POOL.get(os.getpid())
+    if pool is None or pool._max_workers < parts:
+        _POOL.clear()
+        pool = _POOL[os.getpid()] = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="lipcheck-cholesky")
+    bounds = [a.shape[0] * i // parts for i in range(parts + 1)]
+
+    def one(lo: int, hi: int) -> torch.Tensor:
+        if factor is None:
+            return torch.linalg.cholesky_ex(a[lo:hi]).info
+        return torch.linalg.cholesky_ex(a[lo:hi], out=(factor[lo:hi], info[lo:hi])).info
+
+    futures = [pool.submit(one, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    return torch.cat([f.result() for f in futures]) == 0
 
 
 def exact_top_upper(mats: torch.Tensor) -> torch.Tensor:
