@@ -205,7 +205,7 @@ def grid_norm(kernel: torch.Tensor, grid: Sequence[int]) -> float:
     chunk = max(MIN_CHUNK, entries // max(1, g * n * n))
     running = RunningMaxEigenvalue(eigen_tol(n), workspace)
     set_aside: list[torch.Tensor] = []
-    failed_levels: set[float] = set()
+    untested = False  # some set-aside chunk was never tested (zero seed)
     for start in range(0, freqs.shape[0], chunk):
         idx = freqs[start : start + chunk]
         negated = grams_at(idx, single=use_single, negated=True, reuse=True)
@@ -215,7 +215,7 @@ def grid_norm(kernel: torch.Tensor, grid: Sequence[int]) -> float:
         mu = running.level()
         if mu <= 0.0:  # a zero seed: the general resolution below handles it
             set_aside.append(idx)
-            failed_levels.add(mu)
+            untested = True
             continue
         error = single_error if use_single else None
         proven = certify_below(negated, mu, single=use_single, error=error, negated=True, workspace=workspace)
@@ -229,11 +229,10 @@ def grid_norm(kernel: torch.Tensor, grid: Sequence[int]) -> float:
             running.certify(grams_at(idx[failed]), single_first=False)
         else:
             set_aside.append(idx[failed])
-            failed_levels.add(mu)
     if set_aside:
         rest = torch.cat(set_aside)
-        # a float64 failure at the current level needs no second test before it is ranked
-        failed_at = failed_levels.pop() if len(failed_levels) == 1 else None
+        # the level is fixed once seeded: a float64 failure at it needs no second test before ranking
+        failed_at = None if untested else running.level()
         step = 4 * chunk
         for start in range(0, rest.shape[0], step):
             mats = grams_at(rest[start : start + step])

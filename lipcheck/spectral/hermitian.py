@@ -153,7 +153,7 @@ def certify_below(
 # rows on one core: with several threads, halves of the batch go to a small pool instead (measured
 # 1.2-1.6x on two cores for 128 to 512 rows; nothing below ~100 rows, where each call is too short).
 SPLIT_MIN_ORDER = 96
-_POOL: dict[int, ThreadPoolExecutor] = {}  # by process id: a forked child starts its own pool
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}  # by (process id, workers): a forked child starts its own
 
 
 def _factorizes(a: torch.Tensor, factor: torch.Tensor | None, info: torch.Tensor | None) -> torch.Tensor:
@@ -163,10 +163,10 @@ def _factorizes(a: torch.Tensor, factor: torch.Tensor | None, info: torch.Tensor
     if parts < 2:
         out = None if factor is None else (factor, info)
         return torch.linalg.cholesky_ex(a, out=out).info == 0
-    pool = _POOL.get(os.getpid())
-    if pool is None or pool._max_workers < parts:
-        _POOL.clear()
-        pool = _POOL[os.getpid()] = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="lipcheck-cholesky")
+    key = (os.getpid(), parts)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="lipcheck-cholesky")
+    pool = _POOLS[key]
     bounds = [a.shape[0] * i // parts for i in range(parts + 1)]
 
     def one(lo: int, hi: int) -> torch.Tensor:
