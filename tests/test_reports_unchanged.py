@@ -1,0 +1,60 @@
+"""Every sample model's JSON report, for every ``--method``, against reports saved before the op-family redesign.
+
+The redesign (op package, one walker, options declared once, the pipeline) must not change a single number:
+reports are compared exactly, all but ``lipcheck_version``. ``LIPCHECK_UPDATE_GOLDEN=1`` rewrites the files
+(and fails, so that an update is never mistaken for a pass); do that only for a change that is meant to
+change reports, and say so in its commit.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from lipcheck.frontends.torch_frontend import TorchOptions
+from lipcheck.report import analyse
+from tests.conftest import SAMPLES
+from tests.golden_files import GOLDEN, write_or_compare
+
+METHODS = ("best", "product", "folded", "combettes-pesquet", "eclipse-fast", "lipsdp", "all")
+SHAPE = ["1,3,16,16"]
+# sample file -> the options a user gives for it (README, sample_models/README.md)
+CASES: dict[str, dict[str, Any]] = {
+    "mlp.onnx": {},
+    "mlp_dynamo.onnx": {},
+    "cnn_bn.onnx": {},
+    "cnn_dynamo.onnx": {},
+    "cnn_external.onnx": {},
+    "digits_mlp.onnx": {},
+    "digits_cnn.onnx": {},
+    "gated.onnx": {},
+    "resnet_small.onnx": {},
+    "resnet_small.pt2": {},
+    "resnet_small_ts.pt": {"input_shapes": SHAPE},
+    "resnet_small_ckpt.pt": {"input_shapes": SHAPE, "torch_options": TorchOptions("sample_models.build:ResNetSmall")},
+    "resnet_small.ckpt": {"input_shapes": SHAPE, "torch_options": TorchOptions("sample_models.build:ResNetSmall")},
+    "cnn_bn.safetensors": {"input_shapes": SHAPE, "torch_options": TorchOptions("sample_models.build:make_cnn_bn")},
+    "cnn_bn_module.pt": {"input_shapes": SHAPE, "torch_options": TorchOptions(trust_pickle=True)},
+    "mlp_state_dict.pt": {},
+    "mlp_state_dict.pt+model": {
+        "input_shapes": ["1,16"],
+        "torch_options": TorchOptions("sample_models.build:make_mlp"),
+    },
+}
+REPORTS = GOLDEN / "reports"
+
+
+def test_every_sample_model_is_covered() -> None:
+    shipped = {p.name for p in SAMPLES.iterdir() if p.suffix in (".onnx", ".pt", ".pt2", ".ckpt", ".safetensors")}
+    assert shipped == {case.partition("+")[0] for case in CASES}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_reports_unchanged(case: str, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(SAMPLES.parent)  # --model imports sample_models.build relative to the working folder
+    report = analyse(SAMPLES / case.partition("+")[0], device="cpu", method=method, **CASES[case]).to_dict()
+    report.pop("lipcheck_version")
+    write_or_compare(REPORTS / f"{case}.{method}.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
