@@ -56,8 +56,11 @@ def write_model(folder: Path, pairs: int) -> tuple[Path, int]:
             value = f"r{i}"
             del weight, raw
     graph = helper.make_graph(
-        nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, NARROW])],
-        [helper.make_tensor_value_info(value, TensorProto.FLOAT, [1, NARROW])], initializer=initializers,
+        nodes,
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, NARROW])],
+        [helper.make_tensor_value_info(value, TensorProto.FLOAT, [1, NARROW])],
+        initializer=initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     path = folder / "big.onnx"
@@ -80,10 +83,23 @@ def main() -> None:
         raise SystemExit(f"not enough disk in {folder}: {free / 2**30:.1f} GiB free, {need / 2**30:.1f} GiB needed")
     try:
         path, weight_bytes = write_model(folder, args.pairs)
-        print(f"model: {path} + external data, {weight_bytes / 2**30:.2f} GiB of weights "
-              f"({2 * args.pairs} matrices of {NARROW * WIDE * 4 / 2**20:.0f} MiB)")
-        command = [sys.executable, "-m", "lipcheck", "report", str(path), "--format", "json",
-                   "--max-memory", args.budget, "--device", "cpu"]
+        print(
+            f"model: {path} + external data, {weight_bytes / 2**30:.2f} GiB of weights "
+            f"({2 * args.pairs} matrices of {NARROW * WIDE * 4 / 2**20:.0f} MiB)"
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "lipcheck",
+            "report",
+            str(path),
+            "--format",
+            "json",
+            "--max-memory",
+            args.budget,
+            "--device",
+            "cpu",
+        ]
         wrapper = (
             "import resource, subprocess, sys, time, json\n"
             "t = time.perf_counter(); p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
@@ -91,16 +107,23 @@ def main() -> None:
             "           'rss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}, sys.stdout)\n"
         )
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        done = json.loads(subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True, text=True,
-                                         env=env, check=True).stdout)
+        done = json.loads(
+            subprocess.run(
+                [sys.executable, "-c", wrapper, *command], capture_output=True, text=True, env=env, check=True
+            ).stdout
+        )
         if done["rc"] != 0:
             raise SystemExit(f"lipcheck failed ({done['rc']}): {done['err'][-2000:]}")
         report = json.loads(done["out"])
         rss = done["rss"]
-        print(f"lipcheck report --max-memory {args.budget}: {done['wall']:.1f} s, {len(report['layers'])} layers, "
-              f"upper bound {report['upper_bound']:.6g}")
-        print(f"peak RSS {rss / 2**30:.2f} GiB = {rss / weight_bytes:.2f}x the weights "
-              f"(target < 2 GiB: {'met' if rss < 2 * 2**30 else 'NOT met'})")
+        print(
+            f"lipcheck report --max-memory {args.budget}: {done['wall']:.1f} s, {len(report['layers'])} layers, "
+            f"upper bound {report['upper_bound']:.6g}"
+        )
+        print(
+            f"peak RSS {rss / 2**30:.2f} GiB = {rss / weight_bytes:.2f}x the weights "
+            f"(target < 2 GiB: {'met' if rss < 2 * 2**30 else 'NOT met'})"
+        )
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)

@@ -231,8 +231,7 @@ def time_method(
             _sync(device)
             times.append(clock() - t0)
             print(
-                f"  [{label} run {r + 1}/{repeats}] {i + 1}/{len(convs)} {conv.name}: "
-                f"{times[-1]:.3f}s",
+                f"  [{label} run {r + 1}/{repeats}] {i + 1}/{len(convs)} {conv.name}: {times[-1]:.3f}s",
                 file=sys.stderr,
                 flush=True,
             )
@@ -400,20 +399,14 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"median of {args.repeats} run(s), {args.clock} clock)"
     )
-    header = (
-        f"{'method':<38} {'total s':>9} {'x lipcheck':>10} {'max gap':>11} {'min gap':>11} "
-        f"{'< power-it':>10}"
-    )
+    header = f"{'method':<38} {'total s':>9} {'x lipcheck':>10} {'max gap':>11} {'min gap':>11} {'< power-it':>10}"
     print(header)
     print("-" * len(header))
     for key, label, _ in methods:
         total = sum(times[key])
         g = gaps(compared[key])
         below = "-" if key == "power" else below_power(compared[key])
-        print(
-            f"{label:<38} {total:>9.3f} {total / lip_total:>10.2f} {max(g):>+11.2e} "
-            f"{min(g):>+11.2e} {below:>10}"
-        )
+        print(f"{label:<38} {total:>9.3f} {total / lip_total:>10.2f} {max(g):>+11.2e} {min(g):>+11.2e} {below:>10}")
     print()
     print("gap = (value - exact circular) / exact circular, exact on lipcheck's grid")
     print("      m = ceil((n + 2p) / s) of the polyphase kernel (float64 FFT + full svdvals).")
@@ -422,10 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     if power64 is not None and "reshape" in values:
         ratios = [p / r for p, r in zip(power64, values["reshape"], strict=True)]
         worst = max(range(len(convs)), key=lambda i: ratios[i])
-        print(
-            f"max power_iteration / reshape = {ratios[worst]:.3f} ({convs[worst].name}, "
-            f"{convs[worst].describe()})"
-        )
+        print(f"max power_iteration / reshape = {ratios[worst]:.3f} ({convs[worst].name}, {convs[worst].describe()})")
     print(
         f"lipcheck certified on all {len(convs)} convs: lipcheck >= exact*(1-{LIPCHECK_SLACK:g})"
         + (" and >= power iteration (float64 Rayleigh quotient)" if power64 is not None else "")
@@ -471,10 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slowest {args.top} layers, {label}:")
         for i in order[: args.top]:
             share = times[key][i] / sum(times[key])
-            print(
-                f"  {convs[i].name:<24} {convs[i].describe():<30} {times[key][i]:>9.3f} s "
-                f"({share:5.1%})"
-            )
+            print(f"  {convs[i].name:<24} {convs[i].describe():<30} {times[key][i]:>9.3f} s ({share:5.1%})")
 
     if args.per_layer:
         print()

@@ -111,8 +111,13 @@ def build_resnet50(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial.onnx")
     torch.onnx.export(
-        model, (torch.zeros(1, 3, 224, 224),), str(partial), input_names=["input"], output_names=["logits"],
-        opset_version=17, dynamo=False,
+        model,
+        (torch.zeros(1, 3, 224, 224),),
+        str(partial),
+        input_names=["input"],
+        output_names=["logits"],
+        opset_version=17,
+        dynamo=False,
     )
     partial.replace(path)
 
@@ -156,13 +161,16 @@ def main() -> None:
         report = json.loads(out)
     median = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
     weights = sum(f.stat().st_size for f in args.folder.glob("resnet50.onnx*"))
-    print(f"model: {model} ({weights / 2**20:.0f} MiB), {len(report['layers'])} layers, "
-          f"upper bound {report['upper_bound']:.6g}")
+    print(
+        f"model: {model} ({weights / 2**20:.0f} MiB), {len(report['layers'])} layers, "
+        f"upper bound {report['upper_bound']:.6g}"
+    )
     for name, (wall, rss) in median.items():
         print(f"{name:9s} {wall:7.2f} s   peak RSS {rss / 2**20:7.0f} MiB")
     ratio = median["lipcheck"][0] / median["baseline"][0]
-    print(f"ratio lipcheck / baseline: {ratio:.2f}x (target < 3x); lipcheck {median['lipcheck'][0]:.2f} s "
-          f"(target < 10 s)")
+    print(
+        f"ratio lipcheck / baseline: {ratio:.2f}x (target < 3x); lipcheck {median['lipcheck'][0]:.2f} s (target < 10 s)"
+    )
     print(f"peak RSS minus weights: {(median['lipcheck'][1] - weights) / 2**20:.0f} MiB (target <= 1024 MiB)")
 
     _, _, out, _ = timed_run([sys.executable, "-c", PROFILE, str(model), *args.extra], env)
@@ -173,8 +181,10 @@ def main() -> None:
     for name, seconds in phases.items():
         print(f"  {name:28s} {seconds:6.2f} s  {seconds / total:6.1%}")
     conv = phases["conv norms (Conv rules)"]
-    print(f"  conv norms {conv:.2f} s; everything else {total - conv:.2f} s "
-          f"(everything else / baseline: {(total - conv) / median['baseline'][0]:.2f}x)")
+    print(
+        f"  conv norms {conv:.2f} s; everything else {total - conv:.2f} s "
+        f"(everything else / baseline: {(total - conv) / median['baseline'][0]:.2f}x)"
+    )
 
 
 PROFILE = r"""

@@ -230,4 +230,3 @@ class LayerCache:
             if temporary is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(temporary)
-

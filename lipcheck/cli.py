@@ -238,9 +238,12 @@ def _github_summary(runs: list) -> None:
 def report(
     model: Annotated[
         Path,
-        typer.Argument(metavar="MODEL", help="Model file: .onnx (external data is read from its folder), a PyTorch "
-                       "file (state_dict or checkpoint .pt/.pth/.ckpt, TorchScript, torch.export .pt2, pickled module) "
-                       "or .safetensors."),
+        typer.Argument(
+            metavar="MODEL",
+            help="Model file: .onnx (external data is read from its folder), a PyTorch "
+            "file (state_dict or checkpoint .pt/.pth/.ckpt, TorchScript, torch.export .pt2, pickled module) "
+            "or .safetensors.",
+        ),
     ],
     output_format: Annotated[OutputFormat, typer.Option("--format", "-f", help=FORMAT_HELP)] = OutputFormat.table,
     output: Annotated[
@@ -249,16 +252,18 @@ def report(
     force: Annotated[
         bool, typer.Option("--force", help="Allow --output and --save-baseline to replace an existing file.")
     ] = False,
-    input_shape: Annotated[
-        list[str], typer.Option("--input-shape", "-s", metavar="SHAPE", help=INPUT_SHAPE_HELP)
-    ] = [],  # noqa: B006  (typer needs a literal default)
+    input_shape: Annotated[list[str], typer.Option("--input-shape", "-s", metavar="SHAPE", help=INPUT_SHAPE_HELP)] = [],  # noqa: B006  (typer needs a literal default)
     assume: Annotated[list[str], typer.Option("--assume", metavar="OP=VALUE", help=ASSUME_HELP)] = [],  # noqa: B006
     device: Annotated[Device, typer.Option(help="Where to compute: auto uses CUDA when available.")] = Device.auto,
     method: Annotated[Method, typer.Option("--method", "-m", help=METHOD_HELP)] = Method.best,
     fail_above: Annotated[
         float | None,
-        typer.Option("--fail-above", metavar="X", help="Gate: exit 1 when the network's upper bound is above X "
-                     "(or the network is not globally Lipschitz, unless --allow-unbounded)."),
+        typer.Option(
+            "--fail-above",
+            metavar="X",
+            help="Gate: exit 1 when the network's upper bound is above X "
+            "(or the network is not globally Lipschitz, unless --allow-unbounded).",
+        ),
     ] = None,
     layer_fail_above: Annotated[
         float | None,
@@ -269,18 +274,29 @@ def report(
     ] = False,
     baseline: Annotated[
         Path | None,
-        typer.Option("--baseline", metavar="FILE", help="Gate: compare with this saved JSON report "
-                     "(fails when the network's or a layer's bound grew by more than --max-increase)."),
+        typer.Option(
+            "--baseline",
+            metavar="FILE",
+            help="Gate: compare with this saved JSON report "
+            "(fails when the network's or a layer's bound grew by more than --max-increase).",
+        ),
     ] = None,
     max_increase: Annotated[
         str | None,
-        typer.Option("--max-increase", metavar="PCT", help="Allowed growth against --baseline: 5% or 0.05 "
-                     "(default 0: any growth beyond rounding fails)."),
+        typer.Option(
+            "--max-increase",
+            metavar="PCT",
+            help="Allowed growth against --baseline: 5% or 0.05 (default 0: any growth beyond rounding fails).",
+        ),
     ] = None,
     save_baseline: Annotated[
         Path | None,
-        typer.Option("--save-baseline", metavar="FILE", help="Also write the JSON report to FILE, for a later "
-                     "--baseline (refuses to replace a file without --force)."),
+        typer.Option(
+            "--save-baseline",
+            metavar="FILE",
+            help="Also write the JSON report to FILE, for a later "
+            "--baseline (refuses to replace a file without --force).",
+        ),
     ] = None,
     exit_zero: Annotated[
         bool, typer.Option("--exit-zero", help="Report gate failures but exit 0 (errors still exit 2).")
@@ -293,18 +309,17 @@ def report(
     ] = None,
     model_kwargs: Annotated[
         str | None,
-        typer.Option("--model-kwargs", metavar="JSON", help="Keyword arguments for --model's factory, as a JSON "
-                     "object, e.g. '{\"num_classes\": 10}'."),
+        typer.Option(
+            "--model-kwargs",
+            metavar="JSON",
+            help="Keyword arguments for --model's factory, as a JSON object, e.g. '{\"num_classes\": 10}'.",
+        ),
     ] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_HELP)] = False,
     lower: Annotated[bool, typer.Option("--lower", help=LOWER_HELP)] = False,
-    lower_budget: Annotated[
-        int | None, typer.Option("--lower-budget", metavar="N", help=LOWER_BUDGET_HELP)
-    ] = None,
+    lower_budget: Annotated[int | None, typer.Option("--lower-budget", metavar="N", help=LOWER_BUDGET_HELP)] = None,
     inputs: Annotated[Path | None, typer.Option("--inputs", metavar="FILE", help=INPUTS_HELP)] = None,
-    input_range: Annotated[
-        str | None, typer.Option("--input-range", metavar="LO,HI", help=INPUT_RANGE_HELP)
-    ] = None,
+    input_range: Annotated[str | None, typer.Option("--input-range", metavar="LO,HI", help=INPUT_RANGE_HELP)] = None,
     seed: Annotated[int, typer.Option("--seed", help=SEED_HELP)] = 0,
     max_memory: Annotated[str | None, typer.Option("--max-memory", metavar="SIZE", help=MAX_MEMORY_HELP)] = None,
     cache: Annotated[Path | None, typer.Option("--cache", metavar="DIR", help=CACHE_HELP)] = None,
@@ -408,8 +423,13 @@ def _lower_settings(lower: bool, budget: int | None, inputs: Path | None, input_
 def check(
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", metavar="FILE", help="Config file (default: the nearest lipcheck.toml, or "
-                     "pyproject.toml with [tool.lipcheck], from the working folder upward)."),
+        typer.Option(
+            "--config",
+            "-c",
+            metavar="FILE",
+            help="Config file (default: the nearest lipcheck.toml, or "
+            "pyproject.toml with [tool.lipcheck], from the working folder upward).",
+        ),
     ] = None,
     output_format: Annotated[OutputFormat, typer.Option("--format", "-f", help=FORMAT_HELP)] = OutputFormat.table,
     output: Annotated[
@@ -443,8 +463,12 @@ def check(
         Method | None, typer.Option("--method", "-m", help="Override every model's method. " + METHOD_HELP)
     ] = None,
     update_baselines: Annotated[
-        bool, typer.Option("--update-baselines", help="Write each model's report to its configured baseline file "
-                           "(replacing it) instead of comparing with it.")
+        bool,
+        typer.Option(
+            "--update-baselines",
+            help="Write each model's report to its configured baseline file "
+            "(replacing it) instead of comparing with it.",
+        ),
     ] = False,
     github_summary: Annotated[bool, typer.Option("--github-summary", help=SUMMARY_HELP)] = False,
     no_color: Annotated[bool, typer.Option("--no-color", help="Plain output (also: NO_COLOR set).")] = False,
@@ -480,6 +504,7 @@ def check(
         check_writable(output, force)
     from lipcheck.render import summary_as_text, summary_text  # imports torch: after the config is known good
     from lipcheck.runner import json_text, report_document, run_model
+
     cwd = Path.cwd()
     width = max(len(display_path(model.path, cwd)) for model in cfg.models)
     stdout = stdout_console(no_color, soft_wrap=True)
@@ -515,8 +540,12 @@ def check(
             "passed": not failed and not errors,
             "exit_code": code,
             "models": [
-                {"path": run.path, "status": run.status, "error": run.error,
-                 "report": None if run.report is None else report_document(run)}
+                {
+                    "path": run.path,
+                    "status": run.status,
+                    "error": run.error,
+                    "report": None if run.report is None else report_document(run),
+                }
                 for run in runs
             ],
         }
@@ -525,11 +554,14 @@ def check(
         _emit(_render(runs, output_format), output, force)
     if github_summary:
         _github_summary(runs)
-    _note(f"{len(runs)} model{'s' if len(runs) != 1 else ''} from {display_path(cfg.source, cwd)}: "
-          f"{sum(run.status in ('pass', 'ok') for run in runs)} passed, {failed} failed the gate, {errors} with errors"
-          + (" (--exit-zero: gate failures do not fail the run)" if failed and cfg.exit_zero else ""))
+    _note(
+        f"{len(runs)} model{'s' if len(runs) != 1 else ''} from {display_path(cfg.source, cwd)}: "
+        f"{sum(run.status in ('pass', 'ok') for run in runs)} passed, {failed} failed the gate, {errors} with errors"
+        + (" (--exit-zero: gate failures do not fail the run)" if failed and cfg.exit_zero else "")
+    )
     if code:
         raise typer.Exit(code)
+
 
 class ConvNorm(str, Enum):
     operator = "operator"
@@ -550,36 +582,46 @@ def normalize(
     ] = None,
     mode: Annotated[
         NormalizeMode,
-        typer.Option(help="bake: rescale the weights (any format). parametrize: register training-time "
-                     "spectral normalization on a PyTorch module and save it as a pickled module."),
+        typer.Option(
+            help="bake: rescale the weights (any format). parametrize: register training-time "
+            "spectral normalization on a PyTorch module and save it as a pickled module."
+        ),
     ] = NormalizeMode.bake,
     target: Annotated[float, typer.Option(help="Each normalised layer's certified operator norm.")] = 1.0,
     clip: Annotated[bool, typer.Option("--clip", help="Only shrink layers above the target.")] = False,
     lipschitz: Annotated[
         float | None,
-        typer.Option("--lipschitz", metavar="K", help="Instead of --target: give every selected layer the same norm, "
-                     "the largest whose re-certified network bound is <= K."),
+        typer.Option(
+            "--lipschitz",
+            metavar="K",
+            help="Instead of --target: give every selected layer the same norm, "
+            "the largest whose re-certified network bound is <= K.",
+        ),
     ] = None,
     layers: Annotated[
         str | None,
-        typer.Option("--layers", metavar="PATTERN", help="Only layers whose name matches (fnmatch, comma-separated), "
-                     "e.g. 'layer1.*,fc'."),
+        typer.Option(
+            "--layers",
+            metavar="PATTERN",
+            help="Only layers whose name matches (fnmatch, comma-separated), e.g. 'layer1.*,fc'.",
+        ),
     ] = None,
     fold_bn: Annotated[
-        bool, typer.Option("--fold-bn", help="PyTorch: fold a BatchNorm after a layer into it first (ONNX always "
-                           "does).")
+        bool,
+        typer.Option("--fold-bn", help="PyTorch: fold a BatchNorm after a layer into it first (ONNX always does)."),
     ] = False,
     conv_norm: Annotated[
         ConvNorm,
-        typer.Option("--conv-norm", help="--mode parametrize: normalise convs by their operator norm at the "
-                     "layer's input size as lipcheck certifies it (operator), the exact zero-padded operator "
-                     "(exact), or the reshaped kernel as torch's spectral_norm does (reshape)."),
+        typer.Option(
+            "--conv-norm",
+            help="--mode parametrize: normalise convs by their operator norm at the "
+            "layer's input size as lipcheck certifies it (operator), the exact zero-padded operator "
+            "(exact), or the reshaped kernel as torch's spectral_norm does (reshape).",
+        ),
     ] = ConvNorm.operator,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would change; write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Allow -o to replace an existing file.")] = False,
-    input_shape: Annotated[
-        list[str], typer.Option("--input-shape", "-s", metavar="SHAPE", help=INPUT_SHAPE_HELP)
-    ] = [],  # noqa: B006
+    input_shape: Annotated[list[str], typer.Option("--input-shape", "-s", metavar="SHAPE", help=INPUT_SHAPE_HELP)] = [],  # noqa: B006
     model_factory: Annotated[str | None, typer.Option("--model", metavar="PKG.MODULE:FACTORY", help=MODEL_HELP)] = None,
     model_kwargs: Annotated[
         str | None, typer.Option("--model-kwargs", metavar="JSON", help="Keyword arguments for --model's factory.")

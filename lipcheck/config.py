@@ -31,10 +31,37 @@ CONFIG_FILES = ("lipcheck.toml", "pyproject.toml")  # searched in this order in 
 DEVICES = ("auto", "cpu", "cuda")
 
 # keys every model may set, also allowed at the top level as defaults (except the model's own path and baseline)
-MODEL_KEYS = ("path", "fail_above", "layer_fail_above", "allow_unbounded", "baseline", "max_increase", "input_shape",
-              "assume", "device", "max_memory", "cache", "method", "model", "model_kwargs", "trust_pickle")
-TOP_KEYS = ("models", "fail_above", "layer_fail_above", "allow_unbounded", "max_increase", "input_shape", "assume",
-            "device", "exit_zero", "max_memory", "cache", "method")
+MODEL_KEYS = (
+    "path",
+    "fail_above",
+    "layer_fail_above",
+    "allow_unbounded",
+    "baseline",
+    "max_increase",
+    "input_shape",
+    "assume",
+    "device",
+    "max_memory",
+    "cache",
+    "method",
+    "model",
+    "model_kwargs",
+    "trust_pickle",
+)
+TOP_KEYS = (
+    "models",
+    "fail_above",
+    "layer_fail_above",
+    "allow_unbounded",
+    "max_increase",
+    "input_shape",
+    "assume",
+    "device",
+    "exit_zero",
+    "max_memory",
+    "cache",
+    "method",
+)
 _PER_MODEL_ONLY = {
     "path": "the model file",
     "baseline": "the baseline report",
@@ -60,8 +87,9 @@ def _load_toml(path: Path) -> dict[str, Any]:
         try:
             import tomli as tomllib
         except ImportError:
-            raise ConfigError(f"{path}: reading TOML on Python 3.10 needs the tomli package (pip install tomli)") \
-                from None
+            raise ConfigError(
+                f"{path}: reading TOML on Python 3.10 needs the tomli package (pip install tomli)"
+            ) from None
     try:
         with open(path, "rb") as handle:
             return tomllib.load(handle)
@@ -134,8 +162,16 @@ class Overrides:
 
     def apply(self, settings: Settings) -> Settings:
         changes: dict[str, Any] = {}
-        for name in ("fail_above", "layer_fail_above", "allow_unbounded", "max_increase", "device", "max_memory",
-                     "cache", "method"):
+        for name in (
+            "fail_above",
+            "layer_fail_above",
+            "allow_unbounded",
+            "max_increase",
+            "device",
+            "max_memory",
+            "cache",
+            "method",
+        ):
             value = getattr(self, name)
             if value is not None:
                 changes[name] = value
@@ -166,8 +202,10 @@ def _normalise_keys(table: dict[str, Any], allowed: tuple[str, ...], where: str)
         key = raw_key.replace("-", "_")
         if key not in allowed:
             if key in _PER_MODEL_ONLY and "models" in allowed:
-                raise ConfigError(f"{where}: key {raw_key!r} belongs in each [[tool.lipcheck.models]] entry "
-                                  f"({_PER_MODEL_ONLY[key]} of that model)")
+                raise ConfigError(
+                    f"{where}: key {raw_key!r} belongs in each [[tool.lipcheck.models]] entry "
+                    f"({_PER_MODEL_ONLY[key]} of that model)"
+                )
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f" (known keys: {', '.join(allowed)})"
             raise ConfigError(f"{where}: unknown key {raw_key!r}{hint}")
@@ -295,8 +333,10 @@ def load_config(path: Path | None = None, start: Path | None = None, overrides: 
         path = find_config(start)
         if path is None:
             where = Path(start or Path.cwd()).resolve()
-            raise ConfigError(f"no lipcheck configuration found: no lipcheck.toml, and no pyproject.toml with a "
-                              f"[tool.lipcheck] table, in {where} or a folder above it")
+            raise ConfigError(
+                f"no lipcheck configuration found: no lipcheck.toml, and no pyproject.toml with a "
+                f"[tool.lipcheck] table, in {where} or a folder above it"
+            )
     elif not Path(path).is_file():
         raise ConfigError(f"{path}: no such configuration file")
     path = Path(path).absolute()

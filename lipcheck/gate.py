@@ -35,8 +35,15 @@ if TYPE_CHECKING:  # lipcheck.report imports torch: kept out of the way of fast 
 
 REL_TOLERANCE = 1e-9
 
-CHECKS = ("unbounded", "bound_above", "layer_above", "bound_increase", "layer_increase", "layers_changed",
-          "baseline_mismatch")
+CHECKS = (
+    "unbounded",
+    "bound_above",
+    "layer_above",
+    "bound_increase",
+    "layer_increase",
+    "layers_changed",
+    "baseline_mismatch",
+)
 
 
 def format_number(value: float | None) -> str:
@@ -207,8 +214,12 @@ class Comparison:
         return 0.0 if self.current <= 0 else math.inf
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "baseline": self.baseline, "current": self.current,
-                "increase": _finite(self.increase)}
+        return {
+            "layer": self.layer,
+            "baseline": self.baseline,
+            "current": self.current,
+            "increase": _finite(self.increase),
+        }
 
 
 @dataclass
@@ -271,13 +282,20 @@ def evaluate(report: dict[str, Any], options: GateOptions) -> GateResult:
             )
         else:
             result.failures.append(
-                Finding("unbounded", f"not globally Lipschitz ({nodes}), so no bound to gate on; "
-                        "use allow-unbounded to accept this")
+                Finding(
+                    "unbounded",
+                    f"not globally Lipschitz ({nodes}), so no bound to gate on; use allow-unbounded to accept this",
+                )
             )
     if options.fail_above is not None and bound is not None and bound > options.fail_above:
         result.failures.append(
-            Finding("bound_above", f"upper bound {format_number(bound)} is above the limit "
-                    f"{format_number(options.fail_above)} (fail-above)", value=bound, limit=options.fail_above)
+            Finding(
+                "bound_above",
+                f"upper bound {format_number(bound)} is above the limit "
+                f"{format_number(options.fail_above)} (fail-above)",
+                value=bound,
+                limit=options.fail_above,
+            )
         )
     if options.layer_fail_above is not None:
         limit = options.layer_fail_above
@@ -285,9 +303,14 @@ def evaluate(report: dict[str, Any], options: GateOptions) -> GateResult:
             value = _bound(layer.get("lipschitz"))
             if value is not None and value > limit:
                 result.failures.append(
-                    Finding("layer_above", f"layer {layer['name']} ({layer.get('op', '?')}): local bound "
-                            f"{format_number(value)} is above the limit {format_number(limit)} (layer-fail-above)",
-                            layer=layer["name"], value=value, limit=limit)
+                    Finding(
+                        "layer_above",
+                        f"layer {layer['name']} ({layer.get('op', '?')}): local bound "
+                        f"{format_number(value)} is above the limit {format_number(limit)} (layer-fail-above)",
+                        layer=layer["name"],
+                        value=value,
+                        limit=limit,
+                    )
                 )
     if options.baseline is not None:
         _compare(report, options.baseline, options.allowed_increase, result)
@@ -310,21 +333,31 @@ def _compare(report: dict[str, Any], baseline: Baseline, allowed: float, result:
     old = baseline.data
     if old.get("model") != report.get("model"):
         result.warnings.append(
-            Finding("baseline_mismatch", f"the baseline {baseline.path} is a report on {old.get('model')!r}, "
-                    f"not {report.get('model')!r}")
+            Finding(
+                "baseline_mismatch",
+                f"the baseline {baseline.path} is a report on {old.get('model')!r}, not {report.get('model')!r}",
+            )
         )
     if old.get("input_shapes") is not None and old.get("input_shapes") != report.get("input_shapes"):
         result.warnings.append(
-            Finding("baseline_mismatch", f"the baseline {baseline.path} was computed for input shapes "
-                    f"{_shapes(old.get('input_shapes'))}, this report for {_shapes(report.get('input_shapes'))}")
+            Finding(
+                "baseline_mismatch",
+                f"the baseline {baseline.path} was computed for input shapes "
+                f"{_shapes(old.get('input_shapes'))}, this report for {_shapes(report.get('input_shapes'))}",
+            )
         )
     limit_text = f"more than the allowed {format_percent(allowed)} (max-increase)"
     network = Comparison(None, _bound(old.get("upper_bound")), _bound(report.get("upper_bound")))
     result.comparisons.append(network)
     if _grew_too_much(network, allowed):
         result.failures.append(
-            Finding("bound_increase", f"upper bound {_growth_text(network)} against the baseline, {limit_text}",
-                    value=network.current, limit=allowed, baseline=network.baseline)
+            Finding(
+                "bound_increase",
+                f"upper bound {_growth_text(network)} against the baseline, {limit_text}",
+                value=network.current,
+                limit=allowed,
+                baseline=network.baseline,
+            )
         )
     old_layers: dict[str, list[dict[str, Any]]] = {}
     for layer in old["layers"]:
@@ -340,20 +373,32 @@ def _compare(report: dict[str, Any], baseline: Baseline, allowed: float, result:
         result.comparisons.append(comparison)
         if _grew_too_much(comparison, allowed):
             result.failures.append(
-                Finding("layer_increase", f"layer {name} ({layer.get('op', '?')}): local bound "
-                        f"{_growth_text(comparison)} against the baseline, {limit_text}",
-                        layer=name, value=comparison.current, limit=allowed, baseline=comparison.baseline)
+                Finding(
+                    "layer_increase",
+                    f"layer {name} ({layer.get('op', '?')}): local bound "
+                    f"{_growth_text(comparison)} against the baseline, {limit_text}",
+                    layer=name,
+                    value=comparison.current,
+                    limit=allowed,
+                    baseline=comparison.baseline,
+                )
             )
     result.missing_layers = [name for name, rest in old_layers.items() for _ in rest]
     if result.new_layers:
         result.warnings.append(
-            Finding("layers_changed", f"{len(result.new_layers)} layer(s) not in the baseline (new, not compared): "
-                    + ", ".join(result.new_layers))
+            Finding(
+                "layers_changed",
+                f"{len(result.new_layers)} layer(s) not in the baseline (new, not compared): "
+                + ", ".join(result.new_layers),
+            )
         )
     if result.missing_layers:
         result.warnings.append(
-            Finding("layers_changed", f"{len(result.missing_layers)} baseline layer(s) missing from the model: "
-                    + ", ".join(result.missing_layers))
+            Finding(
+                "layers_changed",
+                f"{len(result.missing_layers)} baseline layer(s) missing from the model: "
+                + ", ".join(result.missing_layers),
+            )
         )
 
 

@@ -133,8 +133,12 @@ def unsupported_ops(graph: Graph, nodes: Sequence[Node] | None = None) -> dict[s
 # The interpreter
 
 _INT_DTYPES = {
-    np.dtype(np.int8): torch.int8, np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16,
-    np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64, np.dtype(np.bool_): torch.bool,
+    np.dtype(np.int8): torch.int8,
+    np.dtype(np.uint8): torch.uint8,
+    np.dtype(np.int16): torch.int16,
+    np.dtype(np.int32): torch.int32,
+    np.dtype(np.int64): torch.int64,
+    np.dtype(np.bool_): torch.bool,
 }
 
 
@@ -144,8 +148,9 @@ def constant_tensor(value: np.ndarray, dtype: torch.dtype, device: torch.device)
     if array.dtype.kind in "fc":
         return torch.as_tensor(np.array(array, dtype=np.float64), device=device).to(dtype)
     torch_dtype = _INT_DTYPES.get(array.dtype, torch.int64)
-    return torch.as_tensor(np.array(array, dtype=array.dtype if array.dtype in _INT_DTYPES else np.int64),
-                           device=device).to(torch_dtype)
+    return torch.as_tensor(
+        np.array(array, dtype=array.dtype if array.dtype in _INT_DTYPES else np.int64), device=device
+    ).to(torch_dtype)
 
 
 class GraphFunction:
@@ -205,8 +210,9 @@ class GraphFunction:
             self._plans[key] = sorted(needed)
         return self._plans[key]
 
-    def run(self, feeds: Mapping[str, Any], outputs: Sequence[str] | None = None,
-            smooth: bool = False) -> dict[str, torch.Tensor]:
+    def run(
+        self, feeds: Mapping[str, Any], outputs: Sequence[str] | None = None, smooth: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Compute ``outputs`` (default: the graph's) from ``feeds`` (any values by name: inputs or intermediates).
 
         ``smooth``: ReLU-family kinks are rounded (a softplus at a temperature of half the pre-activation's
@@ -266,8 +272,9 @@ def _axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
-def _spatial_pads(ctx: OpContext, spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
-                  dilations: Sequence[int]) -> list[int]:
+def _spatial_pads(
+    ctx: OpContext, spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]
+) -> list[int]:
     """Explicit pads [begin..., end...]; SAME padding of an input size unknown at load time computed now."""
     pads = ctx.attrs.get("pads")
     if pads is not None:
@@ -324,11 +331,27 @@ def _relu(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
 op("Relu")(_relu)
 
 for _name, _function in {
-    "Tanh": torch.tanh, "Sigmoid": torch.sigmoid, "Erf": torch.erf, "Sin": torch.sin,
-    "Cos": torch.cos, "Tan": torch.tan, "Atan": torch.atan, "Sinh": torch.sinh, "Cosh": torch.cosh,
-    "Exp": torch.exp, "Log": torch.log, "Sqrt": torch.sqrt, "Reciprocal": torch.reciprocal, "Abs": torch.abs,
-    "Neg": torch.neg, "Sign": torch.sign, "Floor": torch.floor, "Ceil": torch.ceil, "Round": torch.round,
-    "Softsign": lambda x: x / (1 + x.abs()), "Softplus": lambda x: F.softplus(x, threshold=30.0),
+    "Tanh": torch.tanh,
+    "Sigmoid": torch.sigmoid,
+    "Erf": torch.erf,
+    "Sin": torch.sin,
+    "Cos": torch.cos,
+    "Tan": torch.tan,
+    "Atan": torch.atan,
+    "Sinh": torch.sinh,
+    "Cosh": torch.cosh,
+    "Exp": torch.exp,
+    "Log": torch.log,
+    "Sqrt": torch.sqrt,
+    "Reciprocal": torch.reciprocal,
+    "Abs": torch.abs,
+    "Neg": torch.neg,
+    "Sign": torch.sign,
+    "Floor": torch.floor,
+    "Ceil": torch.ceil,
+    "Round": torch.round,
+    "Softsign": lambda x: x / (1 + x.abs()),
+    "Softplus": lambda x: F.softplus(x, threshold=30.0),
     "Mish": lambda x: x * torch.tanh(F.softplus(x, threshold=30.0)),
     "HardSwish": lambda x: x * torch.clamp(x / 6 + 0.5, 0, 1),
     "Not": torch.logical_not,
@@ -473,8 +496,14 @@ def _mean(ctx: OpContext, *xs: Value) -> torch.Tensor:
 
 
 for _name, _function in {
-    "Equal": torch.eq, "Less": torch.lt, "Greater": torch.gt, "LessOrEqual": torch.le, "GreaterOrEqual": torch.ge,
-    "And": torch.logical_and, "Or": torch.logical_or, "Xor": torch.logical_xor,
+    "Equal": torch.eq,
+    "Less": torch.lt,
+    "Greater": torch.gt,
+    "LessOrEqual": torch.le,
+    "GreaterOrEqual": torch.ge,
+    "And": torch.logical_and,
+    "Or": torch.logical_or,
+    "Xor": torch.logical_xor,
 }.items():
     op(_name)(lambda ctx, a, b, _f=_function: _f(*_same_float(a, b)))
 
@@ -506,8 +535,11 @@ def _matmul(ctx: OpContext, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _conv_check(node: Node) -> None:
-    if node.op == "ConvTranspose" and node.attrs.get("auto_pad") in ("SAME_UPPER", "SAME_LOWER") \
-            and node.attrs.get("output_shape"):
+    if (
+        node.op == "ConvTranspose"
+        and node.attrs.get("auto_pad") in ("SAME_UPPER", "SAME_LOWER")
+        and node.attrs.get("output_shape")
+    ):
         raise Unsupported("ConvTranspose(auto_pad=SAME with output_shape)")
 
 
@@ -523,12 +555,19 @@ def _conv(ctx: OpContext, x: torch.Tensor, w: torch.Tensor, b: Value = None) -> 
     symmetric = pads[:d] == pads[d:]
     if not symmetric:
         x = _pad_spatial(x, pads)
-    return _CONV[d](x, w, b, tuple(strides), tuple(pads[:d]) if symmetric else 0, tuple(dilations),
-                    int(ctx.attr("group", 1)))
+    return _CONV[d](
+        x, w, b, tuple(strides), tuple(pads[:d]) if symmetric else 0, tuple(dilations), int(ctx.attr("group", 1))
+    )
 
 
-def _transpose_pads(ctx: OpContext, spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
-                    dilations: Sequence[int], adjust: Sequence[int]) -> tuple[list[int], list[int]]:
+def _transpose_pads(
+    ctx: OpContext,
+    spatial: Sequence[int],
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    adjust: Sequence[int],
+) -> tuple[list[int], list[int]]:
     """(begin pads, output sizes) of a ConvTranspose, as onnxruntime computes them."""
     d = len(spatial)
     output_shape = ctx.attrs.get("output_shape")
@@ -588,8 +627,9 @@ def _channel(param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 @op("BatchNormalization", check=_batchnorm_check)
-def _batchnorm(ctx: OpContext, x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
-               var: torch.Tensor) -> torch.Tensor:
+def _batchnorm(
+    ctx: OpContext, x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
+) -> torch.Tensor:
     multiplier = scale / torch.sqrt(var + float(ctx.attr("epsilon", 1e-5)))
     return (x - _channel(mean, x)) * _channel(multiplier, x) + _channel(bias, x)
 
@@ -689,8 +729,9 @@ def _pool_output_sizes(spatial, k, strides, dilations, pads, ceil_mode: bool) ->
     return sizes
 
 
-def _window_sums(x: torch.Tensor, k, strides, dilations, pads, ceil_mode: bool,
-                 counted: str = "input") -> tuple[torch.Tensor, torch.Tensor]:
+def _window_sums(
+    x: torch.Tensor, k, strides, dilations, pads, ceil_mode: bool, counted: str = "input"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over every pooling window (zero padding) and the number of taps counted per window.
 
     Any rank, ONNX's output size (ceil mode included). ``counted``: "input" counts taps inside the
@@ -813,8 +854,18 @@ def _dropout(ctx: OpContext, x: torch.Tensor, *_: Value) -> tuple[torch.Tensor, 
 
 
 _ONNX_TYPES: dict[int, torch.dtype | None] = {  # None: the compute dtype (every float type)
-    1: None, 10: None, 11: None, 16: None, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32,
-    7: torch.int64, 9: torch.bool, 12: torch.int64, 13: torch.int64,
+    1: None,
+    10: None,
+    11: None,
+    16: None,
+    2: torch.uint8,
+    3: torch.int8,
+    5: torch.int16,
+    6: torch.int32,
+    7: torch.int64,
+    9: torch.bool,
+    12: torch.int64,
+    13: torch.int64,
 }
 
 
@@ -894,7 +945,7 @@ def _space_to_depth(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
 @op("Shape")
 def _shape(ctx: OpContext, x: torch.Tensor) -> torch.Tensor:
     start = ctx.attrs.get("start") or 0
-    return ctx.int_tensor(list(x.shape)[start:ctx.attrs.get("end")])
+    return ctx.int_tensor(list(x.shape)[start : ctx.attrs.get("end")])
 
 
 @op("Size")
@@ -914,8 +965,9 @@ def _slice_indices(start: int, end: int, step: int, n: int) -> range:
 
 
 @op("Slice")
-def _slice(ctx: OpContext, x: torch.Tensor, starts: Value = None, ends: Value = None, axes: Value = None,
-           steps: Value = None) -> torch.Tensor:
+def _slice(
+    ctx: OpContext, x: torch.Tensor, starts: Value = None, ends: Value = None, axes: Value = None, steps: Value = None
+) -> torch.Tensor:
     if starts is None:  # opset < 10: attributes
         start_list, end_list = list(ctx.attrs["starts"]), list(ctx.attrs["ends"])
         axis_list = list(ctx.attrs.get("axes") or range(len(start_list)))
@@ -960,7 +1012,7 @@ def _gather(ctx: OpContext, x: torch.Tensor, indices: torch.Tensor) -> torch.Ten
     index = indices.to(torch.int64)
     index = torch.where(index < 0, index + x.shape[axis], index)
     picked = x.index_select(axis, index.reshape(-1))
-    return picked.reshape(*x.shape[:axis], *index.shape, *x.shape[axis + 1:])
+    return picked.reshape(*x.shape[:axis], *index.shape, *x.shape[axis + 1 :])
 
 
 @op("Compress")
@@ -1108,8 +1160,10 @@ def _resize(ctx: OpContext, x: torch.Tensor, *rest: Value) -> torch.Tensor:
             weight_shape = [1] * rank
             weight_shape[axis] = out
             weight = ctx.float_tensor(clamped - low).reshape(weight_shape)
-            y = x.index_select(axis, ctx.int_tensor(low)) * (1 - weight) + \
-                x.index_select(axis, ctx.int_tensor(high)) * weight
+            y = (
+                x.index_select(axis, ctx.int_tensor(low)) * (1 - weight)
+                + x.index_select(axis, ctx.int_tensor(high)) * weight
+            )
         if outside is not None and outside.any():
             keep_shape = [1] * rank
             keep_shape[axis] = out

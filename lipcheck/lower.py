@@ -64,11 +64,55 @@ NUDGE = 1e-9  # random move of the certified point, relative to max(1, max |x|)
 CERTIFY_CANDIDATES = 4
 
 PIECEWISE_LINEAR_OPS = {
-    "Relu", "LeakyRelu", "PRelu", "Abs", "Neg", "Clip", "HardSigmoid", "Max", "Min", "MaxPool", "GlobalMaxPool",
-    "ReduceMax", "ReduceMin", "Gemm", "MatMul", "Conv", "ConvTranspose", "BatchNormalization", "Add", "Sub", "Sum",
-    "Mean", "Mul", "Div", "AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceSum", "Identity", "Dropout",
-    "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "DepthToSpace", "SpaceToDepth", "Slice", "Split",
-    "Compress", "Concat", "Gather", "Expand", "Tile", "Pad", "Shape", "Size", "Cast", "CastLike",
+    "Relu",
+    "LeakyRelu",
+    "PRelu",
+    "Abs",
+    "Neg",
+    "Clip",
+    "HardSigmoid",
+    "Max",
+    "Min",
+    "MaxPool",
+    "GlobalMaxPool",
+    "ReduceMax",
+    "ReduceMin",
+    "Gemm",
+    "MatMul",
+    "Conv",
+    "ConvTranspose",
+    "BatchNormalization",
+    "Add",
+    "Sub",
+    "Sum",
+    "Mean",
+    "Mul",
+    "Div",
+    "AveragePool",
+    "GlobalAveragePool",
+    "ReduceMean",
+    "ReduceSum",
+    "Identity",
+    "Dropout",
+    "Flatten",
+    "Reshape",
+    "Squeeze",
+    "Unsqueeze",
+    "Transpose",
+    "DepthToSpace",
+    "SpaceToDepth",
+    "Slice",
+    "Split",
+    "Compress",
+    "Concat",
+    "Gather",
+    "Expand",
+    "Tile",
+    "Pad",
+    "Shape",
+    "Size",
+    "Cast",
+    "CastLike",
 }
 
 
@@ -144,8 +188,9 @@ def _read_array_file(path: Path) -> np.ndarray | dict[str, np.ndarray]:
     try:
         loaded = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise LowerBoundError(f"--inputs {path}: not a readable .npy or .npz file ({str(exc).splitlines()[0][:160]})") \
-            from None
+        raise LowerBoundError(
+            f"--inputs {path}: not a readable .npy or .npz file ({str(exc).splitlines()[0][:160]})"
+        ) from None
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
             return {key: np.asarray(loaded[key]) for key in loaded.files}
@@ -166,16 +211,20 @@ def load_starts(
     names = list(shapes)
     if not isinstance(data, Mapping):
         if len(names) != 1:
-            raise LowerBoundError(f"--inputs {label}: the model has {len(names)} inputs ({', '.join(names)}); "
-                                  "pass an .npz file with one array per input name")
+            raise LowerBoundError(
+                f"--inputs {label}: the model has {len(names)} inputs ({', '.join(names)}); "
+                "pass an .npz file with one array per input name"
+            )
         data = {names[0]: data}
     elif len(data) == 1 and len(names) == 1 and names[0] not in data:
         data = {names[0]: next(iter(data.values()))}
     unknown = sorted(set(data) - set(names))
     missing = [name for name in names if name not in data]
     if unknown or missing:
-        raise LowerBoundError(f"--inputs {label}: arrays must be named after the model's inputs "
-                              f"({', '.join(names)}); missing {missing or 'none'}, unknown {unknown or 'none'}")
+        raise LowerBoundError(
+            f"--inputs {label}: arrays must be named after the model's inputs "
+            f"({', '.join(names)}); missing {missing or 'none'}, unknown {unknown or 'none'}"
+        )
     batches: dict[str, np.ndarray] = {}
     completed: dict[str, tuple[int, ...]] = {}
     for name in names:
@@ -186,8 +235,10 @@ def load_starts(
         samples = _as_samples(array, shape)
         if samples is None:
             wanted = "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
-            raise LowerBoundError(f"--inputs {label}: input {name!r} has shape {list(array.shape)}, which fits "
-                                  f"neither the model's input shape {wanted} nor a batch [N, ...] of it")
+            raise LowerBoundError(
+                f"--inputs {label}: input {name!r} has shape {list(array.shape)}, which fits "
+                f"neither the model's input shape {wanted} nor a batch [N, ...] of it"
+            )
         if not np.isfinite(samples).all():
             raise LowerBoundError(f"--inputs {label}: input {name!r} holds NaN or infinite values")
         batches[name] = samples.astype(np.float64)
@@ -233,8 +284,10 @@ class _FlatFunction:
         return sum(self.sizes)
 
     def __call__(self, x: torch.Tensor, smooth: bool = False) -> torch.Tensor:
-        feeds = {name: part.reshape(shape)
-                 for (name, shape), part in zip(self.shapes.items(), torch.split(x, self.sizes), strict=True)}
+        feeds = {
+            name: part.reshape(shape)
+            for (name, shape), part in zip(self.shapes.items(), torch.split(x, self.sizes), strict=True)
+        }
         values = self.function.run(feeds, self.outputs, smooth=smooth)
         return torch.cat([values[name].to(x.dtype).reshape(-1) for name in self.outputs])
 
@@ -316,8 +369,9 @@ class _Linearisation:
             self.leaf = x.detach().requires_grad_(True)
             self.y = network(self.leaf)
             self.w = torch.zeros_like(self.y, requires_grad=True)
-            self.pulled = (torch.autograd.grad(self.y, self.leaf, self.w, create_graph=True)[0]
-                           if self.y.requires_grad else None)
+            self.pulled = (
+                torch.autograd.grad(self.y, self.leaf, self.w, create_graph=True)[0] if self.y.requires_grad else None
+            )
 
     @property
     def output_size(self) -> int:
@@ -419,10 +473,12 @@ def _search(
         shapes = dict(completed)
     unknown = {name: shape for name, shape in shapes.items() if not shape or any(d is None for d in shape)}
     if unknown:
-        listed = ", ".join(f"{name} [{','.join('?' if d is None else str(d) for d in shape)}]"
-                           for name, shape in unknown.items())
-        raise LowerBoundError(f"the lower bound needs every input's full shape ({listed}); give --input-shape "
-                              "or --inputs")
+        listed = ", ".join(
+            f"{name} [{','.join('?' if d is None else str(d) for d in shape)}]" for name, shape in unknown.items()
+        )
+        raise LowerBoundError(
+            f"the lower bound needs every input's full shape ({listed}); give --input-shape or --inputs"
+        )
     fixed: dict[str, tuple[int, ...]] = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
     function = interpret(graph, dtype=dtype, device=device)
     network = _FlatFunction(function, fixed, graph.outputs)
@@ -505,13 +561,16 @@ def _search(
         value, v = network.top_singular(x, _unit(randn(n)), SCREEN_ITERATIONS)
         restart += 1
         if math.isfinite(value):
-            ascend(_Candidate(value, x, v, f"restart {restart}"),
-                   network.evaluations + max((budget - network.evaluations) // 2, 8 * trial_cost))
+            ascend(
+                _Candidate(value, x, v, f"restart {restart}"),
+                network.evaluations + max((budget - network.evaluations) // 2, 8 * trial_cost),
+            )
 
     finalists.sort(key=lambda c: -c.value)
     iterations = min(50, max(2 * SCREEN_ITERATIONS, budget // 20))
-    certified, check, x_certified, v_certified, best_start = _certify(network, finalists[:CERTIFY_CANDIDATES],
-                                                                      bounds, gen, iterations)
+    certified, check, x_certified, v_certified, best_start = _certify(
+        network, finalists[:CERTIFY_CANDIDATES], bounds, gen, iterations
+    )
     layers: dict[str, float] = {}
     if settings.per_layer and layer_outputs:
         for layer, value_name in layer_outputs.items():
@@ -519,10 +578,14 @@ def _search(
             network.evaluations += spent
             if found is not None:
                 layers[layer] = found
-    point = {name: part.reshape(shape).cpu().numpy()
-             for (name, shape), part in zip(fixed.items(), torch.split(x_certified, network.sizes), strict=True)}
-    direction = {name: part.reshape(shape).cpu().numpy()
-                 for (name, shape), part in zip(fixed.items(), torch.split(v_certified, network.sizes), strict=True)}
+    point = {
+        name: part.reshape(shape).cpu().numpy()
+        for (name, shape), part in zip(fixed.items(), torch.split(x_certified, network.sizes), strict=True)
+    }
+    direction = {
+        name: part.reshape(shape).cpu().numpy()
+        for (name, shape), part in zip(fixed.items(), torch.split(v_certified, network.sizes), strict=True)
+    }
     return LowerBound(
         value=certified,
         start=best_start,

@@ -25,11 +25,20 @@ WORKING_MEMORY_PER_WEIGHT_BYTE = 6  # a float32 weight becomes float64 (2x), sca
 DEFAULT_CACHE_BYTES = 1 * GIB
 
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "kib": 1024,
-    "m": 1000**2, "mb": 1000**2, "mib": MIB,
-    "g": 1000**3, "gb": 1000**3, "gib": GIB,
-    "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": MIB,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": GIB,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
 }
 
 
@@ -105,7 +114,8 @@ def plan_memory(budget: int | None, weight_bytes: int, largest_tensor: int, resi
             f"and bounding it needs about {format_size(needed)} in all (lipcheck itself holds {format_size(resident)})"
         )
     return MemoryPlan(
-        available, True,
+        available,
+        True,
         f"weights ({format_size(weight_bytes)}) exceed --max-memory: read a layer at a time, "
         f"at most {format_size(available)} held",
     )

@@ -23,8 +23,9 @@ def progress_wanted(json_output: bool, stream=None) -> bool:
 class LayerProgress:
     """A ``compose`` progress callback drawing a Rich bar on stderr after ``delay`` seconds."""
 
-    def __init__(self, label: str = "bounding", no_color: bool = False, delay: float = 1.0,
-                 console: Console | None = None):
+    def __init__(
+        self, label: str = "bounding", no_color: bool = False, delay: float = 1.0, console: Console | None = None
+    ):
         self.label = label
         self.delay = delay
         self.console = console or Console(stderr=True, no_color=no_color or None, highlight=False)
@@ -40,8 +41,13 @@ class LayerProgress:
             if time.monotonic() - self._started < self.delay:
                 return
             self._progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TextColumn("{task.fields[layer]}"), console=self.console, transient=True,
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[layer]}"),
+                console=self.console,
+                transient=True,
             )
             self._progress.start()
             self._task = self._progress.add_task(self.label, total=total, layer=name)

@@ -54,7 +54,6 @@ def verdict(report: Report) -> Text:
     return text
 
 
-
 # below this many columns the shapes column is left out so that the rest stays readable
 SHAPES_MIN_WIDTH = 130
 
@@ -113,7 +112,9 @@ def lower_text(report: Report) -> Text | None:
         return None
     domain = "" if lower.input_range is None else f" on [{lower.input_range[0]:g}, {lower.input_range[1]:g}]"
     text = Text.assemble(
-        ("Lower bound", "bold cyan"), f"{domain} (largest Jacobian norm found): ", (format_number(lower.value), "bold"),
+        ("Lower bound", "bold cyan"),
+        f"{domain} (largest Jacobian norm found): ",
+        (format_number(lower.value), "bold"),
     )
     if report.upper_bound is not None:
         text.append(f"; bracket [{format_number(lower.value)}, {format_number(report.upper_bound)}]")
@@ -161,8 +162,12 @@ def report_as_text(report: Report, width: int = 160) -> str:
     return buffer.getvalue()
 
 
-STATUS_LABELS = {"pass": ("PASS", "bold green"), "fail": ("FAIL", "bold red"), "error": ("ERROR", "bold red"),
-                 "ok": ("OK", "bold")}
+STATUS_LABELS = {
+    "pass": ("PASS", "bold green"),
+    "fail": ("FAIL", "bold red"),
+    "error": ("ERROR", "bold red"),
+    "ok": ("OK", "bold"),
+}
 
 
 def summary_text(run: ModelRun, path_width: int = 0) -> Text:
@@ -181,14 +186,27 @@ def print_normalize(result, console: Console, dry_run: bool) -> None:
     title = "plan (dry run, nothing written)" if dry_run else f"{result.format}"
     console.print(Text.assemble(("lipcheck normalize ", "bold"), result.model, f"  ({title})"))
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for name, justify in (("#", "right"), ("layer", "left"), ("op", "left"), ("norm before", "right"),
-                          ("scale", "right"), ("norm after", "right"), ("BatchNorm folded", "left")):  # fmt: skip
+    for name, justify in (
+        ("#", "right"),
+        ("layer", "left"),
+        ("op", "left"),
+        ("norm before", "right"),
+        ("scale", "right"),
+        ("norm after", "right"),
+        ("BatchNorm folded", "left"),
+    ):
         table.add_column(name, justify=justify, no_wrap=name != "layer")  # type: ignore[arg-type]
     for i, layer in enumerate(result.layers, 1):
         after = layer.norm_after if layer.norm_after is not None else layer.norm_before * layer.factor
-        table.add_row(str(i), layer.name, layer.op, format_number(layer.norm_before), f"{layer.factor:.6g}",
-                      format_number(after) + ("" if layer.norm_after is not None else " (planned)"),
-                      layer.folded_bn or "")  # fmt: skip
+        table.add_row(
+            str(i),
+            layer.name,
+            layer.op,
+            format_number(layer.norm_before),
+            f"{layer.factor:.6g}",
+            format_number(after) + ("" if layer.norm_after is not None else " (planned)"),
+            layer.folded_bn or "",
+        )
     console.print(table)
     for name, reason in result.skipped:
         console.print(Text(f"left alone: {name}: {reason}", style="yellow"))

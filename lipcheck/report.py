@@ -69,7 +69,8 @@ class Report:
             "input_shapes": {name: _shape_list(shape) for name, shape in self.input_shapes.items()},
             "assumptions": dict(self.assumptions),
             "layers": [
-                _layer_dict(layer) if self.lower is None
+                _layer_dict(layer)
+                if self.lower is None
                 else {**_layer_dict(layer), "running_lower_bound": self.lower.layers.get(layer.name)}
                 for layer in self.layers
             ],
@@ -94,7 +95,6 @@ class Report:
             "bracket": {"lower": self.lower_bound, "upper": self.upper_bound, "ratio": self.ratio},
             "lower_bound_search": self.lower.to_dict(),
         }
-
 
 
 def _chain_dict(result: Any) -> dict[str, Any]:

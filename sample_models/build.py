@@ -509,9 +509,7 @@ def build_torch() -> dict[str, tuple[str, float | None]]:
             ),
             "resnet_small_ts.pt": torch.allclose(torch.jit.load(files[3])(x), expected_resnet, atol=ATOL),
             "resnet_small.pt2": torch.allclose(torch.export.load(files[4]).module()(x), expected_resnet, atol=ATOL),
-            "cnn_bn.safetensors": all(
-                torch.equal(load_file(files[5])[k], v) for k, v in cnn.state_dict().items()
-            ),
+            "cnn_bn.safetensors": all(torch.equal(load_file(files[5])[k], v) for k, v in cnn.state_dict().items()),
             "cnn_bn_module.pt": torch.allclose(torch.load(files[6], weights_only=False)(x), expected_cnn, atol=ATOL),
         }
     failed = [name for name, ok in checks.items() if not ok]
@@ -554,12 +552,13 @@ def build() -> dict[str, tuple[str, float | None]]:
         ("cnn_dynamo.onnx", cnn, (3, 16, 16), lambda: export_dynamo(cnn, x_img, 18), False),
         ("cnn_external.onnx", cnn, (3, 16, 16), lambda: export_torchscript(cnn, x_img, 13), True),
         ("digits_mlp.onnx", digits_mlp, (64,), lambda: export_torchscript(digits_mlp, x_digits, 17), False),
-        ("digits_cnn.onnx", digits_cnn, (1, 8, 8),
-         lambda: export_torchscript(digits_cnn, x_digit_images, 17), False),
+        ("digits_cnn.onnx", digits_cnn, (1, 8, 8), lambda: export_torchscript(digits_cnn, x_digit_images, 17), False),
     ]
 
-    print(f"digits test accuracy: MLP {digits_accuracy(digits_mlp):.3f}, "
-          f"CNN {digits_accuracy(digits_cnn, image=True):.3f}")
+    print(
+        f"digits test accuracy: MLP {digits_accuracy(digits_mlp):.3f}, "
+        f"CNN {digits_accuracy(digits_cnn, image=True):.3f}"
+    )
     results: dict[str, tuple[str, float | None]] = {}
     for name, module, feat, exporter, external in jobs:
         proto = exporter()
@@ -581,10 +580,7 @@ def main() -> int:
         total += size
         err_s = f"max|ort-torch| {err:.1e}" if err is not None else ""
         print(f"{name:26s} {size:8d} B  sha256 {digest[:16]}  {err_s}")
-    print(
-        f"{'total':26s} {total:8d} B  (all checked: onnx.checker + onnxruntime vs torch, "
-        f"batch 1 and 3, atol {ATOL})"
-    )
+    print(f"{'total':26s} {total:8d} B  (all checked: onnx.checker + onnxruntime vs torch, batch 1 and 3, atol {ATOL})")
     return 0
 
 

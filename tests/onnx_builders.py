@@ -26,16 +26,21 @@ def rng_for(tag: str) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(tag.encode()))
 
 
-def node(op: str, inputs: Sequence[str], outputs: Sequence[str], name: str | None = None,
-         domain: str | None = None, **attrs) -> onnx.NodeProto:
+def node(
+    op: str, inputs: Sequence[str], outputs: Sequence[str], name: str | None = None, domain: str | None = None, **attrs
+) -> onnx.NodeProto:
     """A node named after its first output unless ``name`` is given."""
-    return helper.make_node(op, list(inputs), list(outputs), name=name or f"{op}_{outputs[0]}",
-                            domain=domain, **attrs)
+    return helper.make_node(op, list(inputs), list(outputs), name=name or f"{op}_{outputs[0]}", domain=domain, **attrs)
 
 
-def model(nodes: Sequence[onnx.NodeProto], inputs: dict[str, Dims], outputs: Sequence[str] = ("y",),
-          initializers: dict[str, np.ndarray] | None = None, opset: int = 17,
-          extra_opsets: dict[str, int] | None = None) -> onnx.ModelProto:
+def model(
+    nodes: Sequence[onnx.NodeProto],
+    inputs: dict[str, Dims],
+    outputs: Sequence[str] = ("y",),
+    initializers: dict[str, np.ndarray] | None = None,
+    opset: int = 17,
+    extra_opsets: dict[str, int] | None = None,
+) -> onnx.ModelProto:
     """A model with float32 inputs (``None``/str dims are symbolic) and outputs of unknown shape."""
     inits = [numpy_helper.from_array(np.asarray(v), name=k) for k, v in (initializers or {}).items()]
     graph = helper.make_graph(
@@ -74,8 +79,10 @@ class Runner:
         return np.concatenate([np.asarray(o, dtype=np.float64).reshape(-1) for o in outputs])
 
     def outputs(self, x: np.ndarray) -> list[np.ndarray]:
-        return [np.asarray(o, dtype=np.float64)
-                for o in self.session.run(None, {self.input: np.asarray(x, dtype=np.float32)})]
+        return [
+            np.asarray(o, dtype=np.float64)
+            for o in self.session.run(None, {self.input: np.asarray(x, dtype=np.float32)})
+        ]
 
 
 def ort_jacobian(path: Path | str, input_shape: Sequence[int]) -> np.ndarray:
@@ -105,15 +112,19 @@ def dense_conv_weight(weight: np.ndarray, groups: int, dilation: Sequence[int]) 
     full = np.zeros((c_out, cig * groups, *eff))
     cog = c_out // groups
     for g in range(groups):
-        index = (slice(g * cog, (g + 1) * cog), slice(g * cig, (g + 1) * cig),
-                 *[slice(0, e, dl) for e, dl in zip(eff, dilation, strict=True)])
-        full[index] = weight[g * cog:(g + 1) * cog]
+        index = (
+            slice(g * cog, (g + 1) * cog),
+            slice(g * cig, (g + 1) * cig),
+            *[slice(0, e, dl) for e, dl in zip(eff, dilation, strict=True)],
+        )
+        full[index] = weight[g * cog : (g + 1) * cog]
     assert full.ndim == d + 2
     return full
 
 
-def circular_embedding_norm(weight: np.ndarray, grid: Sequence[int], groups: int = 1,
-                            dilation: Sequence[int] | None = None) -> float:
+def circular_embedding_norm(
+    weight: np.ndarray, grid: Sequence[int], groups: int = 1, dilation: Sequence[int] | None = None
+) -> float:
     """Norm of the stride-1 circular convolution on ``grid``: FFT of the kernel + per-frequency SVD."""
     d = weight.ndim - 2
     full = dense_conv_weight(np.asarray(weight, dtype=np.float64), groups, dilation or [1] * d)

@@ -49,8 +49,16 @@ def test_json_golden(model: str) -> None:
     expected = json.loads(golden.read_text())
     data["lipcheck_version"] = expected["lipcheck_version"]
     assert_close_json(data, expected)
-    required = {"schema", "lipcheck_version", "model", "upper_bound", "bounded", "unbounded_reasons",
-                "lower_bound", "layers"}
+    required = {
+        "schema",
+        "lipcheck_version",
+        "model",
+        "upper_bound",
+        "bounded",
+        "unbounded_reasons",
+        "lower_bound",
+        "layers",
+    }
     assert required <= data.keys()
     for layer in data["layers"]:
         assert {"name", "op", "lipschitz", "method", "certified"} <= layer.keys()
@@ -84,8 +92,13 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
     empty.write_bytes(b"")
     truncated = tmp_path / "truncated.onnx"
     truncated.write_bytes((SAMPLES / "resnet_small.onnx").read_bytes()[:5000])
-    return {"missing": tmp_path / "missing.onnx", "text": text, "empty": empty, "truncated": truncated,
-            "directory": tmp_path}
+    return {
+        "missing": tmp_path / "missing.onnx",
+        "text": text,
+        "empty": empty,
+        "truncated": truncated,
+        "directory": tmp_path,
+    }
 
 
 @pytest.mark.parametrize("kind", ["missing", "text", "empty", "truncated", "directory"])

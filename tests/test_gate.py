@@ -172,8 +172,20 @@ def test_report_github_golden(workdir: Path) -> None:
 def test_report_sarif_file_and_markdown_step_summary_golden(workdir: Path) -> None:
     summary = workdir / "summary.md"
     summary.write_text("earlier step\n")
-    result = run("report", "cnn_bn.onnx", "--device", "cpu", "-f", "sarif", "-o", "out.sarif", "--github-summary",
-                 *GATE_FLAGS, cwd=workdir, env={"GITHUB_STEP_SUMMARY": str(summary)})
+    result = run(
+        "report",
+        "cnn_bn.onnx",
+        "--device",
+        "cpu",
+        "-f",
+        "sarif",
+        "-o",
+        "out.sarif",
+        "--github-summary",
+        *GATE_FLAGS,
+        cwd=workdir,
+        env={"GITHUB_STEP_SUMMARY": str(summary)},
+    )
     assert result.returncode == 1, result.stderr
     assert result.stdout == ""  # the data went to the file
     data = json.loads((workdir / "out.sarif").read_text())
@@ -190,12 +202,13 @@ def test_report_sarif_file_and_markdown_step_summary_golden(workdir: Path) -> No
     assert {r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] for r in results} == {"cnn_bn.onnx"}
     appended = summary.read_text()
     assert appended.startswith("earlier step\n")  # appended, not replaced
-    check_golden("gate_cnn_bn.md", appended[len("earlier step\n"):])
+    check_golden("gate_cnn_bn.md", appended[len("earlier step\n") :])
 
 
 def test_report_passes_exit_0_and_save_baseline_refuses_to_overwrite(workdir: Path) -> None:
-    first = run("report", "cnn_bn.onnx", "--device", "cpu", "--fail-above", "10", "--save-baseline", "saved.json",
-                cwd=workdir)
+    first = run(
+        "report", "cnn_bn.onnx", "--device", "cpu", "--fail-above", "10", "--save-baseline", "saved.json", cwd=workdir
+    )
     assert first.returncode == 0, first.stderr
     assert "lipcheck: gate passed: cnn_bn.onnx" in first.stderr
     assert "Certified upper bound" in first.stdout  # the table still goes to stdout
@@ -211,8 +224,9 @@ def test_report_passes_exit_0_and_save_baseline_refuses_to_overwrite(workdir: Pa
 
 
 def test_report_exit_zero_reports_but_exits_0(workdir: Path) -> None:
-    result = run("report", "cnn_bn.onnx", "--device", "cpu", "-f", "json", "--fail-above", "0.5", "--exit-zero",
-                 cwd=workdir)
+    result = run(
+        "report", "cnn_bn.onnx", "--device", "cpu", "-f", "json", "--fail-above", "0.5", "--exit-zero", cwd=workdir
+    )
     assert result.returncode == 0
     assert json.loads(result.stdout)["gate"]["passed"] is False
     assert "gate failed: cnn_bn.onnx: upper bound 0.505662 is above the limit 0.5" in result.stderr
@@ -356,8 +370,12 @@ def test_fail_above_and_unbounded(cnn_dict: dict[str, Any]) -> None:
     failed = evaluate(cnn_dict, GateOptions(fail_above=bound * 0.999))
     assert [f.check for f in failed.failures] == ["bound_above"] and failed.failures[0].value == bound
     assert evaluate(cnn_dict, GateOptions()).passed and not GateOptions().active
-    unbounded = {**cnn_dict, "upper_bound": None, "bounded": False,
-                 "unbounded_reasons": [{"node": "/ln", "op": "LayerNormalization", "reason": "divides"}]}
+    unbounded = {
+        **cnn_dict,
+        "upper_bound": None,
+        "bounded": False,
+        "unbounded_reasons": [{"node": "/ln", "op": "LayerNormalization", "reason": "divides"}],
+    }
     gate = evaluate(unbounded, GateOptions(fail_above=100))
     assert not gate.passed and gate.failures[0].check == "unbounded" and "/ln" in gate.failures[0].message
     allowed = evaluate(unbounded, GateOptions(fail_above=100, allow_unbounded=True))
@@ -408,8 +426,10 @@ def test_new_and_missing_layers_are_named(cnn_dict: dict[str, Any]) -> None:
     assert gate.passed
     assert gate.new_layers == ["/2/Relu"] and gate.missing_layers == ["/gone/Conv"]
     messages = [w.message for w in gate.warnings]
-    assert messages == ["1 layer(s) not in the baseline (new, not compared): /2/Relu",
-                        "1 baseline layer(s) missing from the model: /gone/Conv"]
+    assert messages == [
+        "1 layer(s) not in the baseline (new, not compared): /2/Relu",
+        "1 baseline layer(s) missing from the model: /gone/Conv",
+    ]
 
 
 def test_baseline_of_another_model_warns(cnn_dict: dict[str, Any]) -> None:
@@ -440,7 +460,9 @@ def test_config_found_upward_and_paths_relative_to_it(tmp_path: Path) -> None:
 
 
 def test_config_precedence_defaults_model_flags(tmp_path: Path) -> None:
-    path = write_config(tmp_path, """
+    path = write_config(
+        tmp_path,
+        """
 [tool.lipcheck]
 fail_above = 10
 max-increase = "5%"
@@ -457,7 +479,8 @@ fail_above = 3
 max_increase = 0.1
 input_shape = [1, 3, 32, 32]
 assume = { Erf = 3 }
-""")
+""",
+    )
     a, b = load_config(path).models
     assert (a.settings.fail_above, a.settings.max_increase, a.settings.allow_unbounded) == (10, 0.05, True)
     assert a.settings.input_shape == ("1,3,8,8",) and a.settings.assume == {"Einsum": 1.5, "Erf": 2}
@@ -476,17 +499,21 @@ assume = { Erf = 3 }
     "body, message",
     [
         ('[tool.lipcheck]\nfail_abov = 3\n[[tool.lipcheck.models]]\npath = "a"\n', "unknown key 'fail_abov'"),
-        ('[tool.lipcheck]\n[[tool.lipcheck.models]]\npath = "a"\nthreshold = 3\n',
-         r"\[\[tool.lipcheck.models\]\] #1: unknown key 'threshold'"),
+        (
+            '[tool.lipcheck]\n[[tool.lipcheck.models]]\npath = "a"\nthreshold = 3\n',
+            r"\[\[tool.lipcheck.models\]\] #1: unknown key 'threshold'",
+        ),
         ('[tool.lipcheck]\nbaseline = "b.json"\n[[tool.lipcheck.models]]\npath = "a"\n', "belongs in each"),
-        ('[tool.lipcheck]\n[[tool.lipcheck.models]]\nfail_above = 3\n', "missing key 'path'"),
+        ("[tool.lipcheck]\n[[tool.lipcheck.models]]\nfail_above = 3\n", "missing key 'path'"),
         ("[tool.lipcheck]\nfail_above = 3\n", "no models configured"),
-        ('[tool.lipcheck]\nfail_above = "high"\n[[tool.lipcheck.models]]\npath = "a"\n',
-         "fail_above: expected a number"),
+        (
+            '[tool.lipcheck]\nfail_above = "high"\n[[tool.lipcheck.models]]\npath = "a"\n',
+            "fail_above: expected a number",
+        ),
         ('[tool.lipcheck]\nallow_unbounded = "yes"\n[[tool.lipcheck.models]]\npath = "a"\n', "true or false"),
         ('[tool.lipcheck]\ndevice = "tpu"\n[[tool.lipcheck.models]]\npath = "a"\n', "device must be one of"),
         ('[tool.lipcheck]\nmax_increase = "5"\n[[tool.lipcheck.models]]\npath = "a"\n', "write 5% if you meant it"),
-        ('[tool.lipcheck\n', "invalid TOML"),
+        ("[tool.lipcheck\n", "invalid TOML"),
         ('[tool.lipcheck]\nfail_above = 1\nfail-above = 2\n[[tool.lipcheck.models]]\npath = "a"\n', "given twice"),
     ],
 )
@@ -507,8 +534,11 @@ def test_run_model_turns_errors_into_results(tmp_path: Path) -> None:
     from lipcheck.runner import run_model
 
     mlp = (SAMPLES / "mlp.onnx").as_posix()
-    path = write_config(tmp_path, '[tool.lipcheck]\n[[tool.lipcheck.models]]\npath = "nope.onnx"\n'
-                                  f'[[tool.lipcheck.models]]\npath = "{mlp}"\nbaseline = "b.json"\n')
+    path = write_config(
+        tmp_path,
+        '[tool.lipcheck]\n[[tool.lipcheck.models]]\npath = "nope.onnx"\n'
+        f'[[tool.lipcheck.models]]\npath = "{mlp}"\nbaseline = "b.json"\n',
+    )
     missing, no_baseline = (run_model(model, cwd=tmp_path) for model in load_config(path).models)
     assert missing.status == "error" and missing.path == "nope.onnx" and missing.error == "no such file"
     assert no_baseline.status == "error" and "baseline b.json: no such file" in no_baseline.error
@@ -558,9 +588,11 @@ def test_sarif_for_every_kind_of_run_is_valid(cnn: Any, cnn_dict: dict[str, Any]
 def test_markdown_escapes_cells_and_summarises_several_models(cnn: Any, cnn_dict: dict[str, Any]) -> None:
     assert text("max |f'| = 1 <b> -> x_y") == "max \\|f'\\| = 1 \\<b> -> x\\_y"
     assert code("a|b") == "`a\\|b`" and code("x`y") == "``x`y``"
-    runs = [ModelRun("a.onnx", cnn, evaluate(cnn_dict, GateOptions(fail_above=0.5))),
-            ModelRun("b|c.onnx", cnn, evaluate(cnn_dict, GateOptions())),
-            ModelRun("gone.onnx", error="gone.onnx: no such file")]
+    runs = [
+        ModelRun("a.onnx", cnn, evaluate(cnn_dict, GateOptions(fail_above=0.5))),
+        ModelRun("b|c.onnx", cnn, evaluate(cnn_dict, GateOptions())),
+        ModelRun("gone.onnx", error="gone.onnx: no such file"),
+    ]
     out = render_markdown(runs)
     assert out.startswith("### ❗ lipcheck: 3 models: 1 failed the gate, 1 with errors\n")
     assert "| ❌ | `a.onnx` | 0.505662 | failed (1) |" in out
@@ -579,10 +611,19 @@ def test_json_documents_match_the_shipped_schemas(cnn: Any, cnn_dict: dict[str, 
     assert "gate" not in report_document(ModelRun("cnn.onnx", cnn, evaluate(cnn_dict, GateOptions())))
     with pytest.raises(jsonschema.ValidationError):
         validate_report({**cnn_dict, "unexpected": 1})
-    validate_check({"schema": "lipcheck.check/1", "lipcheck_version": "0", "config": "pyproject.toml",
-                    "passed": False, "exit_code": 2,
-                    "models": [{"path": "cnn.onnx", "status": "pass", "error": None, "report": document},
-                               {"path": "x.onnx", "status": "error", "error": "no such file", "report": None}]})
+    validate_check(
+        {
+            "schema": "lipcheck.check/1",
+            "lipcheck_version": "0",
+            "config": "pyproject.toml",
+            "passed": False,
+            "exit_code": 2,
+            "models": [
+                {"path": "cnn.onnx", "status": "pass", "error": None, "report": document},
+                {"path": "x.onnx", "status": "error", "error": "no such file", "report": None},
+            ],
+        }
+    )
 
 
 def test_summary_lines_respect_no_color(cnn: Any, cnn_dict: dict[str, Any]) -> None:

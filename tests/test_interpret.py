@@ -78,8 +78,9 @@ def test_linear_cases_agree_with_onnxruntime(case, tmp_path) -> None:
 
 @pytest.mark.parametrize("case", ACTIVATIONS, ids=lambda c: c.id)
 def test_activations_agree_with_onnxruntime(case, tmp_path) -> None:
-    proto = model([node(case.op, ["x", *case.consts], ["y"], **case.attrs)], {"x": ["N"]}, ["y"],
-                  case.consts, opset=case.opset)
+    proto = model(
+        [node(case.op, ["x", *case.consts], ["y"], **case.attrs)], {"x": ["N"]}, ["y"], case.consts, opset=case.opset
+    )
     path = save(proto, tmp_path)
     graph = load_graph(path, ["4001"])
     x = np.linspace(-8, 8, 4001).astype(np.float32)
@@ -118,9 +119,14 @@ def test_every_rule_op_has_an_interpreter() -> None:
 
 def test_unsupported_ops_are_listed_together() -> None:
     graph = Graph(
-        nodes=[Node("a", "Einsum", ["x"], ["e"]), Node("b", "com.x:Custom", ["e"], ["c"]),
-               Node("c", "Resize", ["c"], ["y"], {"mode": "cubic"}), Node("d", "Einsum", ["y"], ["z"])],
-        inputs=["x"], outputs=["z"],
+        nodes=[
+            Node("a", "Einsum", ["x"], ["e"]),
+            Node("b", "com.x:Custom", ["e"], ["c"]),
+            Node("c", "Resize", ["c"], ["y"], {"mode": "cubic"}),
+            Node("d", "Einsum", ["y"], ["z"]),
+        ],
+        inputs=["x"],
+        outputs=["z"],
     )
     with pytest.raises(UninterpretableOpsError) as info:
         interpret(graph)
@@ -157,8 +163,12 @@ def test_run_returns_intermediate_values_and_starts_anywhere() -> None:
 
 
 def test_float_casts_follow_the_compute_dtype(tmp_path) -> None:
-    proto = model([node("Cast", ["x"], ["c"], to=onnx.TensorProto.FLOAT16), node("Mul", ["c", "k"], ["y"])],
-                  {"x": (3,)}, ["y"], {"k": np.array(1 / 3, np.float32)})
+    proto = model(
+        [node("Cast", ["x"], ["c"], to=onnx.TensorProto.FLOAT16), node("Mul", ["c", "k"], ["y"])],
+        {"x": (3,)},
+        ["y"],
+        {"k": np.array(1 / 3, np.float32)},
+    )
     graph = load_graph(save(proto, tmp_path))
     y = interpret(graph)(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
     assert y.dtype == torch.float64

@@ -90,8 +90,12 @@ def test_one_layer_relu_net_reaches_the_weight_norm(tmp_path) -> None:
 
 def test_tanh_mlp_beats_the_jacobian_at_zero(tmp_path) -> None:
     rng = rng_for("tanh-mlp")
-    inits = {"W1": rng.standard_normal((6, 12)).astype(np.float32), "b1": rng.standard_normal(12).astype(np.float32),
-             "W2": rng.standard_normal((12, 4)).astype(np.float32), "b2": rng.standard_normal(4).astype(np.float32)}
+    inits = {
+        "W1": rng.standard_normal((6, 12)).astype(np.float32),
+        "b1": rng.standard_normal(12).astype(np.float32),
+        "W2": rng.standard_normal((12, 4)).astype(np.float32),
+        "b2": rng.standard_normal(4).astype(np.float32),
+    }
     nodes = [node("Gemm", ["x", "W1", "b1"], ["h"]), node("Tanh", ["h"], ["t"]), node("Gemm", ["t", "W2", "b2"], ["y"])]
     graph = load_graph(save(model(nodes, {"x": (1, 6)}, ["y"], inits), tmp_path))
     at_zero = brute_force_norm(graph, {"x": np.zeros((1, 6))})
@@ -99,8 +103,10 @@ def test_tanh_mlp_beats_the_jacobian_at_zero(tmp_path) -> None:
     assert found.value >= at_zero * (1 - 1e-6)
     assert found.value <= brute_force_norm(graph, found.point) * (1 + 1e-9)
     assert not found.piecewise_linear
-    upper = float(np.linalg.svd(inits["W1"].astype(np.float64), compute_uv=False)[0]
-                  * np.linalg.svd(inits["W2"].astype(np.float64), compute_uv=False)[0])
+    upper = float(
+        np.linalg.svd(inits["W1"].astype(np.float64), compute_uv=False)[0]
+        * np.linalg.svd(inits["W2"].astype(np.float64), compute_uv=False)[0]
+    )
     assert found.value <= upper
 
 
@@ -168,8 +174,9 @@ def test_bad_input_ranges(text: str) -> None:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {"PYTHONPATH": str(ROOT), "NO_COLOR": "1", "COLUMNS": "160", "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "lipcheck", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "lipcheck", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_cli_lower_table_and_json(tmp_path) -> None:
@@ -177,8 +184,20 @@ def test_cli_lower_table_and_json(tmp_path) -> None:
     assert table.returncode == 0, table.stderr
     assert "running lower" in table.stdout and "Lower bound (largest Jacobian norm found):" in table.stdout
     assert "bracket [" in table.stdout
-    data = json.loads(run_cli("report", str(SAMPLES / "mlp.onnx"), "-f", "json", "--input-range", "-1,1",
-                              "--lower-budget", "60", "--seed", "2").stdout)
+    data = json.loads(
+        run_cli(
+            "report",
+            str(SAMPLES / "mlp.onnx"),
+            "-f",
+            "json",
+            "--input-range",
+            "-1,1",
+            "--lower-budget",
+            "60",
+            "--seed",
+            "2",
+        ).stdout
+    )
     jsonschema.validate(data, load_schema(REPORT))
     assert data["lower_bound_search"]["input_range"] == [-1.0, 1.0] and data["lower_bound_search"]["seed"] == 2
     assert 0 < data["lower_bound"] <= data["upper_bound"]
@@ -192,14 +211,17 @@ def test_cli_without_lower_has_no_lower_fields() -> None:
     assert data["lower_bound"] is None and "bracket" not in data and "running_lower_bound" not in data["layers"][0]
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--input-range", "1,0"], "--input-range '1,0': LO must be below HI"),
-    (["--input-range", "x"], "expected LO,HI"),
-    (["--lower-budget", "0"], "--lower-budget 0: must be at least 1"),
-    (["--inputs", "missing.npy"], "--inputs missing.npy: no such file"),
-    (["--inputs", "BAD"], "fits neither the model's input shape [1,16]"),
-    (["--inputs", "TEXT"], "not a readable .npy or .npz file"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--input-range", "1,0"], "--input-range '1,0': LO must be below HI"),
+        (["--input-range", "x"], "expected LO,HI"),
+        (["--lower-budget", "0"], "--lower-budget 0: must be at least 1"),
+        (["--inputs", "missing.npy"], "--inputs missing.npy: no such file"),
+        (["--inputs", "BAD"], "fits neither the model's input shape [1,16]"),
+        (["--inputs", "TEXT"], "not a readable .npy or .npz file"),
+    ],
+)
 def test_cli_errors_name_the_flag(tmp_path, args: list[str], message: str) -> None:
     """In process (cli.main turns these errors into one line and exit code 2: checked below)."""
     from typer.testing import CliRunner
@@ -227,8 +249,10 @@ def test_config_keys_turn_the_search_on(tmp_path) -> None:
     from lipcheck.config import ConfigError, load_config
 
     config = tmp_path / "lipcheck.toml"
-    config.write_text(f'lower_budget = 50\nseed = 4\n[[models]]\npath = "{SAMPLES / "mlp.onnx"}"\n'
-                      f'input_range = [0, 1]\n[[models]]\npath = "{SAMPLES / "cnn_bn.onnx"}"\nlower = false\n')
+    config.write_text(
+        f'lower_budget = 50\nseed = 4\n[[models]]\npath = "{SAMPLES / "mlp.onnx"}"\n'
+        f'input_range = [0, 1]\n[[models]]\npath = "{SAMPLES / "cnn_bn.onnx"}"\nlower = false\n'
+    )
     first, second = load_config(config).models
     assert first.settings.lower == LowerSettings(budget=50, seed=4, input_range=(0.0, 1.0))
     assert second.settings.lower is None
@@ -243,8 +267,9 @@ def test_linear_cases_lower_bound_meets_the_certified_bound(case, tmp_path) -> N
     nodes, inits = case.build(rng_for(case.id))
     proto = model(nodes, {"x": case.dims or case.shape}, _outputs(nodes), inits, opset=case.opset)
     spec = [",".join(map(str, case.shape))]
-    report = analyse(save(proto, tmp_path), input_shapes=spec, device="cpu",
-                     lower=LowerSettings(budget=60, per_layer=False))
+    report = analyse(
+        save(proto, tmp_path), input_shapes=spec, device="cpu", lower=LowerSettings(budget=60, per_layer=False)
+    )
     assert report.upper_bound is not None and report.lower_bound is not None
     assert report.lower_bound <= report.upper_bound
     if case.exact:

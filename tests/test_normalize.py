@@ -84,8 +84,10 @@ def test_other_checkpoint_keys_and_prefixes_are_kept(tmp_path: Path) -> None:
     assert written["model_state_dict"].keys() == original["model_state_dict"].keys()  # 'module.' prefix kept
     assert not torch.equal(written["model_state_dict"]["module.stem.0.weight"],
                            original["model_state_dict"]["module.stem.0.weight"])  # fmt: skip
-    assert torch.equal(written["model_state_dict"]["module.stem.1.running_mean"],
-                       original["model_state_dict"]["module.stem.1.running_mean"])  # no --fold-bn: BN untouched
+    assert torch.equal(
+        written["model_state_dict"]["module.stem.1.running_mean"],
+        original["model_state_dict"]["module.stem.1.running_mean"],
+    )  # no --fold-bn: BN untouched
 
 
 def test_outputs_load_without_lipcheck(tmp_path: Path) -> None:
@@ -99,11 +101,11 @@ def test_outputs_load_without_lipcheck(tmp_path: Path) -> None:
 import sys, torch, onnxruntime as ort, numpy as np
 from safetensors.torch import load_file
 x = torch.randn(1, 3, 16, 16)
-ort.InferenceSession({str(outs['cnn_external.onnx'])!r}).run(None, {{"input": x.numpy()}})
-torch.load({str(outs['resnet_small.ckpt'])!r}, weights_only=True)
-torch.jit.load({str(outs['resnet_small_ts.pt'])!r})(x)
-torch.export.load({str(outs['resnet_small.pt2'])!r}).module()(x)
-load_file({str(outs['cnn_bn.safetensors'])!r})
+ort.InferenceSession({str(outs["cnn_external.onnx"])!r}).run(None, {{"input": x.numpy()}})
+torch.load({str(outs["resnet_small.ckpt"])!r}, weights_only=True)
+torch.jit.load({str(outs["resnet_small_ts.pt"])!r})(x)
+torch.export.load({str(outs["resnet_small.pt2"])!r}).module()(x)
+load_file({str(outs["cnn_bn.safetensors"])!r})
 assert not any(m.startswith("lipcheck") for m in sys.modules)
 print("ok")
 """

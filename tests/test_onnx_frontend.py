@@ -93,8 +93,9 @@ def empirical_ratio(path: Path, shape: tuple[int, ...], pairs: int = 200, seed: 
     return best
 
 
-def jacobian_lower_bound(model: nn.Module, shape: tuple[int, ...], points: int = 2,
-                         iterations: int = 20, seed: int = 0) -> float:
+def jacobian_lower_bound(
+    model: nn.Module, shape: tuple[int, ...], points: int = 2, iterations: int = 20, seed: int = 0
+) -> float:
     """max over random points of ||J(x) v|| for unit v from power iteration on J^T J.
 
     Every value found is a true lower bound on the Lipschitz constant (J v by forward-mode AD,
@@ -189,7 +190,9 @@ def test_every_opset_and_dynamo_give_the_same_sound_bound(tmp_path: Path) -> Non
         bounds[label] = report.upper_bound
         ops = {layer.op for layer in report.layers}
         assert {"Conv", "Relu", "Pad", "MaxPool", "AveragePool", "Concat", "Resize", "Softmax", "Add"} <= ops, (
-            label, ops)
+            label,
+            ops,
+        )
         # every size is known: no layer falls back to a size-independent bound
         assert not any("size-independent" in layer.method for layer in report.layers), label
     reference = bounds["opset 13"]
@@ -234,8 +237,7 @@ def test_dynamo_unfused_linear_matches_torchscript(tmp_path: Path) -> None:
         # the weight transpose is folded away: only three MatMuls carry the network's norm
         assert [layer.op for layer in report.layers].count("MatMul") == 3
         assert "Transpose" not in [layer.op for layer in report.layers]
-    exact = math.prod(torch.linalg.matrix_norm(m.weight.double(), 2).item()
-                      for m in model if isinstance(m, nn.Linear))
+    exact = math.prod(torch.linalg.matrix_norm(m.weight.double(), 2).item() for m in model if isinstance(m, nn.Linear))
     assert reference.upper_bound == pytest.approx(exact, rel=1e-9)
     assert empirical_ratio(unfused, (1, 5, 16), pairs=100) <= reference.upper_bound
 
@@ -253,8 +255,10 @@ def test_weights_in_constant_nodes(tmp_path: Path) -> None:
     base = export(_cnn_head(), (torch.randn(1, 3, 8, 8),), tmp_path / "base.onnx", opset_version=13)
     model = onnx.load(str(base))
     graph = model.graph
-    constants = [helper.make_node("Constant", [], [init.name], name=f"weight_{i}", value=init)
-                 for i, init in enumerate(graph.initializer)]
+    constants = [
+        helper.make_node("Constant", [], [init.name], name=f"weight_{i}", value=init)
+        for i, init in enumerate(graph.initializer)
+    ]
     assert len(constants) == 4
     nodes = list(graph.node)
     del graph.initializer[:]
@@ -272,8 +276,14 @@ def test_weights_in_constant_nodes(tmp_path: Path) -> None:
 
     # Constant-node tensors stored as external data too
     external = tmp_path / "constant_nodes_external.onnx"
-    onnx.save_model(onnx.load(str(moved)), str(external), save_as_external_data=True,
-                    location="constant_nodes_external.bin", size_threshold=0, convert_attribute=True)
+    onnx.save_model(
+        onnx.load(str(moved)),
+        str(external),
+        save_as_external_data=True,
+        location="constant_nodes_external.bin",
+        size_threshold=0,
+        convert_attribute=True,
+    )
     assert (tmp_path / "constant_nodes_external.bin").stat().st_size > 0
     assert analyse(external, device="cpu").upper_bound == pytest.approx(expected.upper_bound, rel=1e-12)
 
@@ -284,8 +294,14 @@ def test_external_data_and_missing_data_file(tmp_path: Path) -> None:
     sub = tmp_path / "external"
     sub.mkdir()
     path = sub / "model.onnx"
-    onnx.save_model(onnx.load(str(base)), str(path), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
+    onnx.save_model(
+        onnx.load(str(base)),
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
     assert path.stat().st_size < (sub / "model.onnx.data").stat().st_size
     assert analyse(path, device="cpu").upper_bound == pytest.approx(expected, rel=1e-12)
 
@@ -380,9 +396,12 @@ def test_decomposed_and_native_activations_agree(tmp_path: Path, name: str) -> N
 def _fully_convolutional() -> nn.Module:
     torch.manual_seed(51)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2), nn.ReLU(),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2),
+        nn.ReLU(),
         nn.Conv2d(8, 4, 1),
     )
 
@@ -391,9 +410,16 @@ def _fully_convolutional() -> nn.Module:
 def dynamic_fcn(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
     model = _fully_convolutional().eval()
     path = tmp_path_factory.mktemp("fcn") / "fcn_dynamic.onnx"
-    export(model, (torch.randn(1, 3, 16, 16),), path, opset_version=17,
-           dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"},
-                         "output": {0: "batch", 2: "out_height", 3: "out_width"}})
+    export(
+        model,
+        (torch.randn(1, 3, 16, 16),),
+        path,
+        opset_version=17,
+        dynamic_axes={
+            "input": {0: "batch", 2: "height", 3: "width"},
+            "output": {0: "batch", 2: "out_height", 3: "out_width"},
+        },
+    )
     return model, path
 
 
@@ -433,8 +459,13 @@ def test_size_aware_conv_bound_against_its_true_norm(tmp_path: Path) -> None:
     """
     torch.manual_seed(52)
     model = nn.Conv2d(3, 6, 3, stride=2, padding=1, dilation=2).eval()
-    path = export(model, (torch.randn(1, 3, 16, 16),), tmp_path / "conv.onnx", opset_version=17,
-                  dynamic_axes={"input": {2: "height", 3: "width"}, "output": {2: "oh", 3: "ow"}})
+    path = export(
+        model,
+        (torch.randn(1, 3, 16, 16),),
+        tmp_path / "conv.onnx",
+        opset_version=17,
+        dynamic_axes={"input": {2: "height", 3: "width"}, "output": {2: "oh", 3: "ow"}},
+    )
     free = analyse(path, device="cpu").upper_bound
     assert free is not None
     for size in (5, 16, 32):
@@ -446,17 +477,20 @@ def test_size_aware_conv_bound_against_its_true_norm(tmp_path: Path) -> None:
             assert bound <= 1.1 * norm, (size, norm, bound)
 
 
-@pytest.mark.parametrize("spec", [
-    ["3,32,32"],  # wrong rank
-    ["1,3,32,32,1"],  # wrong rank
-    ["1,3,a,32"],  # not an integer
-    ["1,3,32.5,32"],  # not an integer
-    ["1,3,,32"],
-    ["image=1,3,32,32"],  # no input of that name
-    ["1,4,32,32"],  # 4 channels where the model fixes 3
-    ["1,3,0,32"],  # not positive
-    ["1,3,32,32", "1,3,32,32"],  # more shapes than inputs
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ["3,32,32"],  # wrong rank
+        ["1,3,32,32,1"],  # wrong rank
+        ["1,3,a,32"],  # not an integer
+        ["1,3,32.5,32"],  # not an integer
+        ["1,3,,32"],
+        ["image=1,3,32,32"],  # no input of that name
+        ["1,4,32,32"],  # 4 channels where the model fixes 3
+        ["1,3,0,32"],  # not positive
+        ["1,3,32,32", "1,3,32,32"],  # more shapes than inputs
+    ],
+)
 def test_bad_input_shapes(dynamic_fcn: tuple[nn.Module, Path], spec: list[str]) -> None:
     _, path = dynamic_fcn
     with pytest.raises(InputShapeError) as info:
@@ -465,8 +499,7 @@ def test_bad_input_shapes(dynamic_fcn: tuple[nn.Module, Path], spec: list[str]) 
 
 
 def test_input_shape_contradicting_a_static_model(tmp_path: Path) -> None:
-    path = export(_fully_convolutional(), (torch.randn(1, 3, 16, 16),), tmp_path / "static.onnx",
-                  opset_version=17)
+    path = export(_fully_convolutional(), (torch.randn(1, 3, 16, 16),), tmp_path / "static.onnx", opset_version=17)
     with pytest.raises(InputShapeError):
         analyse(path, input_shapes=["1,3,32,32"], device="cpu")
     with pytest.raises(InputShapeError):
@@ -564,8 +597,7 @@ def test_layer_names_are_onnx_node_names(tmp_path: Path) -> None:
     unnamed = tmp_path / "unnamed.onnx"
     onnx.save(proto, str(unnamed))
     report = analyse(unnamed, device="cpu")
-    assert [layer.name for layer in report.layers] == [
-        node.output[0] for node in input_dependent_nodes(unnamed)]
+    assert [layer.name for layer in report.layers] == [node.output[0] for node in input_dependent_nodes(unnamed)]
 
     proto = onnx.load(str(path))
     for node in proto.graph.node:
@@ -586,8 +618,11 @@ def test_batchnorm_folded_into_conv_is_listed(tmp_path: Path, exporter: str) -> 
     else:
         kept = export(model, (x,), tmp_path / "bn.onnx", dynamo=True, optimize=False)
     prefolded = export(model, (x,), tmp_path / "prefolded.onnx", opset_version=17)
-    bn_nodes = [node for node in onnx.load(str(kept), load_external_data=False).graph.node
-                if node.op_type == "BatchNormalization"]
+    bn_nodes = [
+        node
+        for node in onnx.load(str(kept), load_external_data=False).graph.node
+        if node.op_type == "BatchNormalization"
+    ]
     assert len(bn_nodes) == 1 and "BatchNormalization" not in op_types(prefolded)
 
     report = analyse(kept, device="cpu")
@@ -595,8 +630,9 @@ def test_batchnorm_folded_into_conv_is_listed(tmp_path: Path, exporter: str) -> 
     assert len(folded) == 1
     assert folded[0].op == "Conv" and folded[0].folded == [layer_name(bn_nodes[0])]
     assert "BatchNormalization" not in {layer.op for layer in report.layers}
-    first_conv = next(node for node in onnx.load(str(kept), load_external_data=False).graph.node
-                      if node.op_type == "Conv")
+    first_conv = next(
+        node for node in onnx.load(str(kept), load_external_data=False).graph.node if node.op_type == "Conv"
+    )
     assert folded[0].name == layer_name(first_conv)
     reference = analyse(prefolded, device="cpu").upper_bound
     assert report.upper_bound is not None and relative_gap(report.upper_bound, reference) <= 1e-6
@@ -623,14 +659,17 @@ def test_shapes_computed_by_constant_subgraphs_are_known(tmp_path: Path) -> None
     model = _ExportTimeShapes()
     shape = (1, 3, 12, 12)
     bounds = {}
-    for label, kwargs in {"opset 9": {"opset_version": 9}, "opset 13": {"opset_version": 13},
-                          "opset 17": {"opset_version": 17}, "dynamo": {"dynamo": True}}.items():
+    for label, kwargs in {
+        "opset 9": {"opset_version": 9},
+        "opset 13": {"opset_version": 13},
+        "opset 17": {"opset_version": 17},
+        "dynamo": {"dynamo": True},
+    }.items():
         path = export(model, (torch.randn(shape),), tmp_path / f"{label.replace(' ', '')}.onnx", **kwargs)
         report = analyse(path, device="cpu")
         assert report.upper_bound is not None, (label, report.unbounded_reasons)
         assert not any("size-independent" in layer.method for layer in report.layers), label
-        assert all(layer.output_shape is not None and None not in layer.output_shape
-                   for layer in report.layers), label
+        assert all(layer.output_shape is not None and None not in layer.output_shape for layer in report.layers), label
         bounds[label] = report.upper_bound
         assert empirical_ratio(path, shape, pairs=50) <= report.upper_bound, label
     for bound in bounds.values():

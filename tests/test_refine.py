@@ -212,8 +212,12 @@ def test_every_method_is_sound_on_random_nets(slope: Slope) -> None:
         worst = _jacobian_norms(weights, biases, slope, rng.standard_normal((400, 4)) * 3).max()
         slopes = [slope] * (depth - 1)
         certified = [exact(w) for w in weights]
-        for value in (folded_bound(certified, slopes), combettes_pesquet_bound(certified, slopes),
-                      eclipse_fast_bound(certified, slopes), lipsdp_bound(certified, slopes).value):
+        for value in (
+            folded_bound(certified, slopes),
+            combettes_pesquet_bound(certified, slopes),
+            eclipse_fast_bound(certified, slopes),
+            lipsdp_bound(certified, slopes).value,
+        ):
             assert value >= worst, (value, worst)
 
 
@@ -222,11 +226,16 @@ def test_exact_constant_of_tiny_relu_nets() -> None:
     activation patterns occur and L = max over patterns of ||W2 D W1||."""
     for seed in range(5):
         weights = random_net(f"tiny{seed}", [2, 2, 1])
-        true = max(np.linalg.norm(weights[1] @ np.diag(d) @ weights[0], 2)
-                   for d in itertools.product([0.0, 1.0], repeat=2))
+        true = max(
+            np.linalg.norm(weights[1] @ np.diag(d) @ weights[0], 2) for d in itertools.product([0.0, 1.0], repeat=2)
+        )
         certified = [exact(w) for w in weights]
-        for value in (folded_bound(certified, [RELU]), combettes_pesquet_bound(certified, [RELU]),
-                      eclipse_fast_bound(certified, [RELU]), lipsdp_bound(certified, [RELU]).value):
+        for value in (
+            folded_bound(certified, [RELU]),
+            combettes_pesquet_bound(certified, [RELU]),
+            eclipse_fast_bound(certified, [RELU]),
+            lipsdp_bound(certified, [RELU]).value,
+        ):
             assert value >= true * (1 - 1e-12), (value, true)
 
 
@@ -243,8 +252,11 @@ def test_lipsdp_verified_and_no_method_below_it() -> None:
         assert found.value >= found.solver_value  # the certified value is the solver's, inflated and checked
         assert found.value <= found.solver_value * (1 + 1e-6)
         tolerance = 1e-4
-        for value in (folded_bound(weights, slopes), combettes_pesquet_bound(weights, slopes),
-                      eclipse_fast_bound(weights, slopes)):
+        for value in (
+            folded_bound(weights, slopes),
+            combettes_pesquet_bound(weights, slopes),
+            eclipse_fast_bound(weights, slopes),
+        ):
             assert value >= found.solver_value * (1 - tolerance), (value, found.solver_value)
 
 
@@ -321,16 +333,36 @@ def test_cli_method_option() -> None:
     from tests.conftest import ROOT
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
-    result = subprocess.run([sys.executable, "-m", "lipcheck", "report", str(SAMPLES / "mlp.onnx"), "--device", "cpu",
-                             "-m", "combettes-pesquet", "-f", "json"], capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lipcheck",
+            "report",
+            str(SAMPLES / "mlp.onnx"),
+            "--device",
+            "cpu",
+            "-m",
+            "combettes-pesquet",
+            "-f",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["bound_method"] == "combettes-pesquet"
     assert set(data["method_bounds"]) == {"product", "combettes-pesquet"}
     assert data["upper_bound"] == data["method_bounds"]["combettes-pesquet"] < data["method_bounds"]["product"]
     assert [layer.get("refined_by") for layer in data["layers"]][-1] == "combettes-pesquet"
-    bad = subprocess.run([sys.executable, "-m", "lipcheck", "report", str(SAMPLES / "mlp.onnx"), "-m", "nope"],
-                         capture_output=True, text=True, env=env)
+    bad = subprocess.run(
+        [sys.executable, "-m", "lipcheck", "report", str(SAMPLES / "mlp.onnx"), "-m", "nope"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert bad.returncode == 2
 
 
@@ -338,8 +370,9 @@ def test_config_method_key(tmp_path) -> None:
     from lipcheck.config import ConfigError, Overrides, load_config
 
     config = tmp_path / "lipcheck.toml"
-    config.write_text('method = "eclipse-fast"\n[[models]]\npath = "a.onnx"\n[[models]]\npath = "b.onnx"\n'
-                      'method = "product"\n')
+    config.write_text(
+        'method = "eclipse-fast"\n[[models]]\npath = "a.onnx"\n[[models]]\npath = "b.onnx"\nmethod = "product"\n'
+    )
     loaded = load_config(config)
     assert [m.settings.method for m in loaded.models] == ["eclipse-fast", "product"]
     overridden = load_config(config, overrides=Overrides(method="lipsdp"))

@@ -71,8 +71,14 @@ class Linear:
     layers: int | None = None  # expected number of report layers (after folding)
 
 
-def single(op: str, weights: dict[str, tuple[int, ...]] | None = None, *, inputs: list[str] | None = None,
-           consts: dict[str, np.ndarray] | None = None, **attrs):
+def single(
+    op: str,
+    weights: dict[str, tuple[int, ...]] | None = None,
+    *,
+    inputs: list[str] | None = None,
+    consts: dict[str, np.ndarray] | None = None,
+    **attrs,
+):
     """Build function for one node ``op(x, *weights)`` with random normal weights."""
 
     def build(rng):
@@ -84,8 +90,17 @@ def single(op: str, weights: dict[str, tuple[int, ...]] | None = None, *, inputs
     return build
 
 
-def conv(cid: str, x: tuple[int, ...], w: tuple[int, ...], *, bias: bool = False, exact: bool = False,
-         circulant: bool = False, dims=None, **attrs) -> Linear:
+def conv(
+    cid: str,
+    x: tuple[int, ...],
+    w: tuple[int, ...],
+    *,
+    bias: bool = False,
+    exact: bool = False,
+    circulant: bool = False,
+    dims=None,
+    **attrs,
+) -> Linear:
     d = len(w) - 2
     weights = {"W": w, **({"B": (w[0],)} if bias else {})}
     spec = None
@@ -149,8 +164,10 @@ def bn_conv(kernel: int, pads: int, groups: int = 1):
 
 def convt_bn(rng):
     inits = {"W": randn(rng, 4, 3, 3, 3), **bn_params(rng, 6)}
-    return [node("ConvTranspose", ["x", "W"], ["c"], group=2, strides=[2, 2], pads=[1, 1, 1, 1]),
-            bn_node("c", "y")], inits
+    return [
+        node("ConvTranspose", ["x", "W"], ["c"], group=2, strides=[2, 2], pads=[1, 1, 1, 1]),
+        bn_node("c", "y"),
+    ], inits
 
 
 def gemm_bn(trans_b: int):
@@ -185,8 +202,11 @@ def two_branches(join: str):
     def build(rng):
         inits = {"W1": randn(rng, 4, 3, 3, 3), "W2": randn(rng, 4 if join != "Concat" else 2, 3, 1, 1)}
         extra = {"axis": 1} if join == "Concat" else {}
-        return [node("Conv", ["x", "W1"], ["a"], pads=[1, 1, 1, 1]), node("Conv", ["x", "W2"], ["b"]),
-                node(join, ["a", "b"], ["y"], **extra)], inits
+        return [
+            node("Conv", ["x", "W1"], ["a"], pads=[1, 1, 1, 1]),
+            node("Conv", ["x", "W2"], ["b"]),
+            node(join, ["a", "b"], ["y"], **extra),
+        ], inits
 
     return build
 
@@ -204,20 +224,22 @@ I64 = np.int64
 LINEAR = [
     # dense layers
     Linear("gemm", (3, 8), single("Gemm", {"W": (8, 5), "C": (5,)}), exact=True),
-    Linear("gemm-transB-alpha-beta", (3, 8), single("Gemm", {"W": (5, 8), "C": (3, 5)}, transB=1,
-                                                      alpha=0.7, beta=0.3), exact=True),
+    Linear(
+        "gemm-transB-alpha-beta",
+        (3, 8),
+        single("Gemm", {"W": (5, 8), "C": (3, 5)}, transB=1, alpha=0.7, beta=0.3),
+        exact=True,
+    ),
     Linear("gemm-transA-neg-alpha", (8, 3), single("Gemm", {"W": (8, 5)}, transA=1, alpha=-2.0), exact=True),
     Linear("gemm-const-A", (6, 3), single("Gemm", {"A": (4, 6)}, inputs=["A", "x"], alpha=1.3), exact=True),
-    Linear("gemm-const-A-transB", (3, 6), single("Gemm", {"A": (4, 6)}, inputs=["A", "x"], transB=1),
-           exact=True),
+    Linear("gemm-const-A-transB", (3, 6), single("Gemm", {"A": (4, 6)}, inputs=["A", "x"], transB=1), exact=True),
     Linear("gemm-variable-C", (4, 4), gemm_variable_c(broadcast=False)),
     Linear("gemm-variable-C-broadcast", (3, 4), gemm_variable_c(broadcast=True)),
     Linear("matmul-right", (2, 3, 6), single("MatMul", {"W": (6, 4)}), exact=True),
     Linear("matmul-left", (6, 4), single("MatMul", {"W": (5, 6)}, inputs=["W", "x"]), exact=True),
     Linear("matmul-batched-3d", (3, 4, 6), single("MatMul", {"W": (3, 6, 5)}), exact=True),
     Linear("matmul-broadcast-batch", (4, 6), single("MatMul", {"W": (3, 6, 5)}), exact=True),
-    Linear("matmul-left-broadcast-batch", (6, 4), single("MatMul", {"W": (3, 5, 6)}, inputs=["W", "x"]),
-           exact=True),
+    Linear("matmul-left-broadcast-batch", (6, 4), single("MatMul", {"W": (3, 5, 6)}, inputs=["W", "x"]), exact=True),
     Linear("matmul-vector", (2, 6), single("MatMul", {"w": (6,)}), exact=True),
     Linear("matmul-1d-input", (6,), single("MatMul", {"W": (6, 4)}), exact=True),
     Linear("matmul-1d-input-batched-weight", (6,), single("MatMul", {"W": (3, 6, 4)}), exact=True),
@@ -239,30 +261,47 @@ LINEAR = [
     conv("conv2d-depthwise", (1, 4, 6, 6), (4, 1, 3, 3), group=4, pads=[1, 1, 1, 1], circulant=True),
     conv("conv2d-dilation2", (1, 2, 7, 7), (3, 2, 3, 3), dilations=[2, 2], pads=[2, 2, 2, 2], circulant=True),
     conv("conv2d-stride2", (1, 3, 7, 7), (4, 3, 3, 3), strides=[2, 2], pads=[1, 1, 1, 1]),
-    conv("conv2d-stride2-groups2-dil2", (1, 4, 8, 8), (4, 2, 3, 3), strides=[2, 2], group=2,
-         dilations=[2, 2], pads=[2, 1, 2, 1]),
+    conv(
+        "conv2d-stride2-groups2-dil2",
+        (1, 4, 8, 8),
+        (4, 2, 3, 3),
+        strides=[2, 2],
+        group=2,
+        dilations=[2, 2],
+        pads=[2, 1, 2, 1],
+    ),
     conv("conv2d-stride-equals-kernel", (1, 3, 6, 6), (5, 3, 2, 2), strides=[2, 2]),
     conv("conv2d-1x1", (1, 5, 4, 4), (3, 5, 1, 1), bias=True, exact=True),
     conv("conv2d-1x1-groups", (1, 6, 3, 3), (4, 3, 1, 1), group=2, exact=True),
     conv("conv2d-k3-unknown-size", (1, 2, 5, 5), (3, 2, 3, 3), pads=[1, 1, 1, 1], dims=(1, 2, "H", "W")),
-    conv("conv2d-s2-unknown-size", (1, 2, 6, 6), (3, 2, 3, 3), strides=[2, 2], pads=[1, 1, 1, 1],
-         dims=(1, 2, "H", "W")),
+    conv(
+        "conv2d-s2-unknown-size", (1, 2, 6, 6), (3, 2, 3, 3), strides=[2, 2], pads=[1, 1, 1, 1], dims=(1, 2, "H", "W")
+    ),
     conv("conv3d-k3-pad1", (1, 2, 4, 4, 4), (3, 2, 3, 3, 3), pads=[1] * 6, circulant=True),
     conv("conv3d-same-upper-k2", (1, 2, 3, 4, 3), (2, 2, 2, 2, 2), auto_pad="SAME_UPPER", circulant=True),
     conv("conv1d-same-lower-k4-s3", (1, 2, 10), (3, 2, 4), auto_pad="SAME_LOWER", strides=[3]),
     conv("conv3d-stride-mixed", (1, 2, 5, 4, 5), (3, 2, 3, 2, 3), strides=[2, 1, 2], pads=[1, 0, 1, 1, 1, 0]),
     conv_t("convtranspose1d-s2-outpad", (1, 3, 6), (3, 2, 3), strides=[2], pads=[1, 1], output_padding=[1]),
     conv_t("convtranspose1d-k4-s3", (1, 2, 5), (2, 3, 4), strides=[3], pads=[0, 2]),
-    conv_t("convtranspose2d-s2-outpad", (1, 3, 4, 4), (3, 2, 3, 3), strides=[2, 2], pads=[1, 1, 1, 1],
-           output_padding=[1, 1]),
+    conv_t(
+        "convtranspose2d-s2-outpad",
+        (1, 3, 4, 4),
+        (3, 2, 3, 3),
+        strides=[2, 2],
+        pads=[1, 1, 1, 1],
+        output_padding=[1, 1],
+    ),
     conv_t("convtranspose2d-groups2", (1, 4, 4, 4), (4, 3, 3, 3), group=2, pads=[1, 1, 1, 1]),
     conv_t("convtranspose2d-dilation2-s2", (1, 2, 4, 3), (2, 3, 3, 2), strides=[2, 2], dilations=[2, 2]),
     conv_t("convtranspose2d-groups2-s2", (1, 4, 3, 3), (4, 1, 2, 2), strides=[2, 2], group=2),
     conv_t("convtranspose2d-same-upper-s2", (1, 2, 3, 4), (2, 2, 3, 3), strides=[2, 2], auto_pad="SAME_UPPER"),
     conv_t("convtranspose2d-output-shape", (1, 2, 3, 3), (2, 2, 3, 3), strides=[2, 2], output_shape=[8, 7]),
-    Linear("convtranspose2d-unknown-size", (1, 2, 4, 4),
-           single("ConvTranspose", {"W": (2, 3, 3, 3)}, strides=[2, 2], pads=[1, 1, 1, 1]),
-           dims=(1, 2, "H", "W")),
+    Linear(
+        "convtranspose2d-unknown-size",
+        (1, 2, 4, 4),
+        single("ConvTranspose", {"W": (2, 3, 3, 3)}, strides=[2, 2], pads=[1, 1, 1, 1]),
+        dims=(1, 2, "H", "W"),
+    ),
     # BatchNormalization, alone and folded
     Linear("batchnorm", (1, 3, 2, 3), lambda rng: ([bn_node("x", "y")], bn_params(rng, 3)), exact=True),
     Linear("conv-bn", (1, 3, 5, 5), conv_bn, layers=1),
@@ -274,166 +313,439 @@ LINEAR = [
     Linear("gemm-bn", (2, 8), gemm_bn(0), exact=True, layers=1),
     Linear("bn-gemm", (2, 8), bn_gemm, exact=True, layers=1),
     # pooling and reductions
-    Linear("avgpool-k3-s2-pad1-exclude", (1, 2, 7, 7),
-           single("AveragePool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]), exact=True),
-    Linear("avgpool-k3-s2-pad1-include", (1, 2, 7, 7),
-           single("AveragePool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1),
-           exact=True),
-    Linear("avgpool-ceil-exclude", (1, 1, 8, 6),
-           single("AveragePool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 0, 1, 0], ceil_mode=1),
-           exact=True),
-    Linear("avgpool-ceil-include", (1, 1, 8, 6),
-           single("AveragePool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 0, 1, 0], ceil_mode=1,
-                  count_include_pad=1), exact=True),
-    Linear("avgpool-ceil-window-in-right-pad", (1, 1, 4, 4),
-           single("AveragePool", kernel_shape=[3, 3], strides=[3, 3], pads=[2, 2, 2, 2], ceil_mode=1,
-                  count_include_pad=1), exact=True),
-    Linear("avgpool-ceil-window-in-right-pad-exclude", (1, 1, 4, 4),
-           single("AveragePool", kernel_shape=[3, 3], strides=[3, 3], pads=[2, 2, 2, 2], ceil_mode=1),
-           exact=True),
-    Linear("avgpool-same-lower-s2", (1, 1, 7, 6),
-           single("AveragePool", kernel_shape=[3, 2], strides=[2, 2], auto_pad="SAME_LOWER"), exact=True),
+    Linear(
+        "avgpool-k3-s2-pad1-exclude",
+        (1, 2, 7, 7),
+        single("AveragePool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        exact=True,
+    ),
+    Linear(
+        "avgpool-k3-s2-pad1-include",
+        (1, 2, 7, 7),
+        single("AveragePool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1),
+        exact=True,
+    ),
+    Linear(
+        "avgpool-ceil-exclude",
+        (1, 1, 8, 6),
+        single("AveragePool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 0, 1, 0], ceil_mode=1),
+        exact=True,
+    ),
+    Linear(
+        "avgpool-ceil-include",
+        (1, 1, 8, 6),
+        single("AveragePool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 0, 1, 0], ceil_mode=1, count_include_pad=1),
+        exact=True,
+    ),
+    Linear(
+        "avgpool-ceil-window-in-right-pad",
+        (1, 1, 4, 4),
+        single("AveragePool", kernel_shape=[3, 3], strides=[3, 3], pads=[2, 2, 2, 2], ceil_mode=1, count_include_pad=1),
+        exact=True,
+    ),
+    Linear(
+        "avgpool-ceil-window-in-right-pad-exclude",
+        (1, 1, 4, 4),
+        single("AveragePool", kernel_shape=[3, 3], strides=[3, 3], pads=[2, 2, 2, 2], ceil_mode=1),
+        exact=True,
+    ),
+    Linear(
+        "avgpool-same-lower-s2",
+        (1, 1, 7, 6),
+        single("AveragePool", kernel_shape=[3, 2], strides=[2, 2], auto_pad="SAME_LOWER"),
+        exact=True,
+    ),
     Linear("avgpool-k2-s2", (1, 3, 4, 6), single("AveragePool", kernel_shape=[2, 2], strides=[2, 2]), exact=True),
-    Linear("avgpool1d-k3-s1-same", (1, 2, 9), single("AveragePool", kernel_shape=[3], auto_pad="SAME_UPPER"),
-           exact=True),
-    Linear("avgpool-dilation2-opset19", (1, 1, 9, 7),
-           single("AveragePool", kernel_shape=[2, 3], dilations=[2, 2], pads=[1, 1, 1, 1]), exact=True, opset=19),
-    Linear("avgpool-unknown-size-include", (1, 1, 7, 7),
-           single("AveragePool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1),
-           dims=(1, 1, "H", "W")),
-    Linear("avgpool-unknown-size-ceil", (1, 1, 8, 8),
-           single("AveragePool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1),
-           dims=(1, 1, "H", "W")),
+    Linear(
+        "avgpool1d-k3-s1-same", (1, 2, 9), single("AveragePool", kernel_shape=[3], auto_pad="SAME_UPPER"), exact=True
+    ),
+    Linear(
+        "avgpool-dilation2-opset19",
+        (1, 1, 9, 7),
+        single("AveragePool", kernel_shape=[2, 3], dilations=[2, 2], pads=[1, 1, 1, 1]),
+        exact=True,
+        opset=19,
+    ),
+    Linear(
+        "avgpool-unknown-size-include",
+        (1, 1, 7, 7),
+        single("AveragePool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1),
+        dims=(1, 1, "H", "W"),
+    ),
+    Linear(
+        "avgpool-unknown-size-ceil",
+        (1, 1, 8, 8),
+        single("AveragePool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1),
+        dims=(1, 1, "H", "W"),
+    ),
     Linear("globalavgpool", (1, 3, 4, 5), single("GlobalAveragePool"), exact=True),
     Linear("reducemean-spatial", (1, 3, 4, 5), single("ReduceMean", axes=[2, 3], keepdims=1), exact=True),
-    Linear("reducemean-opset18-axes-input", (1, 3, 4, 5),
-           single("ReduceMean", consts={"axes": np.array([-1, 1], I64)}, keepdims=0), exact=True, opset=18),
-    Linear("reducesum-spatial", (1, 3, 4, 5),
-           single("ReduceSum", consts={"axes": np.array([2, 3], I64)}, keepdims=1), exact=True),
+    Linear(
+        "reducemean-opset18-axes-input",
+        (1, 3, 4, 5),
+        single("ReduceMean", consts={"axes": np.array([-1, 1], I64)}, keepdims=0),
+        exact=True,
+        opset=18,
+    ),
+    Linear(
+        "reducesum-spatial",
+        (1, 3, 4, 5),
+        single("ReduceSum", consts={"axes": np.array([2, 3], I64)}, keepdims=1),
+        exact=True,
+    ),
     Linear("reducesum-all", (2, 3, 4), single("ReduceSum", keepdims=0), exact=True),
     # padding and resizing
-    Linear("pad-constant", (1, 2, 3, 4), single("Pad", consts={"pads": np.array([0, 0, 1, 2, 0, 0, 2, 1], I64),
-                                                                "value": np.array(0.5, np.float32)}), exact=True),
-    Linear("pad-edge", (1, 2, 3, 4), single("Pad", consts={"pads": np.array([0, 0, 2, 3, 0, 0, 2, 1], I64)},
-                                            mode="edge"), exact=True),
-    Linear("pad-reflect", (1, 2, 4, 5), single("Pad", consts={"pads": np.array([0, 0, 3, 2, 0, 0, 2, 4], I64)},
-                                               mode="reflect"), exact=True),
-    Linear("pad-reflect-crop", (1, 2, 4, 5),
-           single("Pad", consts={"pads": np.array([0, 0, 2, -1, 0, 0, -1, 3], I64)}, mode="reflect"), exact=True),
-    Linear("pad-edge-axes-opset18", (1, 2, 3, 4),
-           single("Pad", consts={"pads": np.array([2, 1, 0, 3], I64), "value": np.array(0.0, np.float32),
-                                 "axes": np.array([-1, 2], I64)}, inputs=["x", "pads", "value", "axes"],
-                  mode="edge"), exact=True, opset=18),
-    Linear("pad-wrap-opset19", (1, 1, 3, 4), single("Pad", consts={"pads": np.array([0, 0, 2, 5, 0, 0, 1, 1], I64)},
-                                                    mode="wrap"), exact=True, opset=19),
-    Linear("resize-nearest-x2", (1, 2, 3, 4),
-           single("Resize", consts={"roi": np.array([], np.float32),
-                                    "scales": np.array([1, 1, 2, 2], np.float32)}, mode="nearest"), exact=True),
-    Linear("resize-nearest-x1.5", (1, 1, 4, 6),
-           single("Resize", consts={"roi": np.array([], np.float32),
-                                    "scales": np.array([1, 1, 1.5, 1.5], np.float32)}, mode="nearest"), exact=True),
-    Linear("resize-nearest-x1.5-opset11", (1, 1, 4, 6),
-           single("Resize", consts={"roi": np.array([], np.float32),
-                                    "scales": np.array([1, 1, 1.5, 1.5], np.float32)}, mode="nearest"),
-           exact=True, opset=11),
-    Linear("resize-nearest-sizes-asymmetric-floor", (1, 1, 4, 5),
-           single("Resize", consts={"roi": np.array([], np.float32), "scales": np.array([], np.float32),
-                                    "sizes": np.array([1, 1, 7, 13], I64)}, mode="nearest",
-                  coordinate_transformation_mode="asymmetric", nearest_mode="floor"), exact=True),
-    Linear("resize-nearest-x3-round-prefer-ceil", (1, 1, 3, 3),
-           single("Resize", consts={"roi": np.array([], np.float32),
-                                    "scales": np.array([1, 1, 3, 3], np.float32)}, mode="nearest",
-                  nearest_mode="round_prefer_ceil"), exact=True),
-    Linear("resize-nearest-align-corners", (1, 1, 3, 4),
-           single("Resize", consts={"roi": np.array([], np.float32), "scales": np.array([], np.float32),
-                                    "sizes": np.array([1, 1, 7, 9], I64)}, mode="nearest",
-                  coordinate_transformation_mode="align_corners"), exact=True),
-    Linear("resize-nearest-align-corners-size-1", (1, 1, 1, 3),
-           single("Resize", consts={"roi": np.array([], np.float32), "scales": np.array([], np.float32),
-                                    "sizes": np.array([1, 1, 5, 5], I64)}, mode="nearest",
-                  coordinate_transformation_mode="align_corners"), exact=True),
-    Linear("resize-nearest-tf-crop-zoom", (1, 1, 4, 4),
-           single("Resize", consts={"roi": np.array([0, 0, 0, 0, 1, 1, 0.25, 0.25], np.float32),
-                                    "scales": np.array([1, 1, 2, 2], np.float32)}, mode="nearest",
-                  coordinate_transformation_mode="tf_crop_and_resize")),
-    Linear("resize-nearest-tf-crop-flip-axes-opset18", (1, 1, 5, 6),
-           single("Resize", consts={"roi": np.array([0.1, 0.7, 0.9, 0.2], np.float32),
-                                    "scales": np.array([1.5, 2], np.float32)}, mode="nearest", axes=[2, 3],
-                  coordinate_transformation_mode="tf_crop_and_resize"), opset=18),
-    Linear("resize-nearest-axes-opset18", (1, 1, 3, 4),
-           single("Resize", consts={"roi": np.array([], np.float32), "scales": np.array([2, 1.5], np.float32)},
-                  mode="nearest", axes=[2, 3]), exact=True, opset=18),
-    Linear("resize-nearest-x2-opset10", (1, 1, 3, 4),
-           single("Resize", consts={"scales": np.array([1, 1, 2, 2], np.float32)}, mode="nearest"),
-           exact=True, opset=10),
-    Linear("upsample-nearest-x3x2-opset8", (1, 1, 3, 4), single("Upsample", scales=[1.0, 1.0, 3.0, 2.0]),
-           exact=True, opset=8),
-    Linear("upsample-nearest-x2-opset9", (1, 2, 3, 4),
-           single("Upsample", consts={"scales": np.array([1, 1, 2, 2], np.float32)}, mode="nearest"),
-           exact=True, opset=9),
+    Linear(
+        "pad-constant",
+        (1, 2, 3, 4),
+        single("Pad", consts={"pads": np.array([0, 0, 1, 2, 0, 0, 2, 1], I64), "value": np.array(0.5, np.float32)}),
+        exact=True,
+    ),
+    Linear(
+        "pad-edge",
+        (1, 2, 3, 4),
+        single("Pad", consts={"pads": np.array([0, 0, 2, 3, 0, 0, 2, 1], I64)}, mode="edge"),
+        exact=True,
+    ),
+    Linear(
+        "pad-reflect",
+        (1, 2, 4, 5),
+        single("Pad", consts={"pads": np.array([0, 0, 3, 2, 0, 0, 2, 4], I64)}, mode="reflect"),
+        exact=True,
+    ),
+    Linear(
+        "pad-reflect-crop",
+        (1, 2, 4, 5),
+        single("Pad", consts={"pads": np.array([0, 0, 2, -1, 0, 0, -1, 3], I64)}, mode="reflect"),
+        exact=True,
+    ),
+    Linear(
+        "pad-edge-axes-opset18",
+        (1, 2, 3, 4),
+        single(
+            "Pad",
+            consts={
+                "pads": np.array([2, 1, 0, 3], I64),
+                "value": np.array(0.0, np.float32),
+                "axes": np.array([-1, 2], I64),
+            },
+            inputs=["x", "pads", "value", "axes"],
+            mode="edge",
+        ),
+        exact=True,
+        opset=18,
+    ),
+    Linear(
+        "pad-wrap-opset19",
+        (1, 1, 3, 4),
+        single("Pad", consts={"pads": np.array([0, 0, 2, 5, 0, 0, 1, 1], I64)}, mode="wrap"),
+        exact=True,
+        opset=19,
+    ),
+    Linear(
+        "resize-nearest-x2",
+        (1, 2, 3, 4),
+        single(
+            "Resize",
+            consts={"roi": np.array([], np.float32), "scales": np.array([1, 1, 2, 2], np.float32)},
+            mode="nearest",
+        ),
+        exact=True,
+    ),
+    Linear(
+        "resize-nearest-x1.5",
+        (1, 1, 4, 6),
+        single(
+            "Resize",
+            consts={"roi": np.array([], np.float32), "scales": np.array([1, 1, 1.5, 1.5], np.float32)},
+            mode="nearest",
+        ),
+        exact=True,
+    ),
+    Linear(
+        "resize-nearest-x1.5-opset11",
+        (1, 1, 4, 6),
+        single(
+            "Resize",
+            consts={"roi": np.array([], np.float32), "scales": np.array([1, 1, 1.5, 1.5], np.float32)},
+            mode="nearest",
+        ),
+        exact=True,
+        opset=11,
+    ),
+    Linear(
+        "resize-nearest-sizes-asymmetric-floor",
+        (1, 1, 4, 5),
+        single(
+            "Resize",
+            consts={
+                "roi": np.array([], np.float32),
+                "scales": np.array([], np.float32),
+                "sizes": np.array([1, 1, 7, 13], I64),
+            },
+            mode="nearest",
+            coordinate_transformation_mode="asymmetric",
+            nearest_mode="floor",
+        ),
+        exact=True,
+    ),
+    Linear(
+        "resize-nearest-x3-round-prefer-ceil",
+        (1, 1, 3, 3),
+        single(
+            "Resize",
+            consts={"roi": np.array([], np.float32), "scales": np.array([1, 1, 3, 3], np.float32)},
+            mode="nearest",
+            nearest_mode="round_prefer_ceil",
+        ),
+        exact=True,
+    ),
+    Linear(
+        "resize-nearest-align-corners",
+        (1, 1, 3, 4),
+        single(
+            "Resize",
+            consts={
+                "roi": np.array([], np.float32),
+                "scales": np.array([], np.float32),
+                "sizes": np.array([1, 1, 7, 9], I64),
+            },
+            mode="nearest",
+            coordinate_transformation_mode="align_corners",
+        ),
+        exact=True,
+    ),
+    Linear(
+        "resize-nearest-align-corners-size-1",
+        (1, 1, 1, 3),
+        single(
+            "Resize",
+            consts={
+                "roi": np.array([], np.float32),
+                "scales": np.array([], np.float32),
+                "sizes": np.array([1, 1, 5, 5], I64),
+            },
+            mode="nearest",
+            coordinate_transformation_mode="align_corners",
+        ),
+        exact=True,
+    ),
+    Linear(
+        "resize-nearest-tf-crop-zoom",
+        (1, 1, 4, 4),
+        single(
+            "Resize",
+            consts={
+                "roi": np.array([0, 0, 0, 0, 1, 1, 0.25, 0.25], np.float32),
+                "scales": np.array([1, 1, 2, 2], np.float32),
+            },
+            mode="nearest",
+            coordinate_transformation_mode="tf_crop_and_resize",
+        ),
+    ),
+    Linear(
+        "resize-nearest-tf-crop-flip-axes-opset18",
+        (1, 1, 5, 6),
+        single(
+            "Resize",
+            consts={"roi": np.array([0.1, 0.7, 0.9, 0.2], np.float32), "scales": np.array([1.5, 2], np.float32)},
+            mode="nearest",
+            axes=[2, 3],
+            coordinate_transformation_mode="tf_crop_and_resize",
+        ),
+        opset=18,
+    ),
+    Linear(
+        "resize-nearest-axes-opset18",
+        (1, 1, 3, 4),
+        single(
+            "Resize",
+            consts={"roi": np.array([], np.float32), "scales": np.array([2, 1.5], np.float32)},
+            mode="nearest",
+            axes=[2, 3],
+        ),
+        exact=True,
+        opset=18,
+    ),
+    Linear(
+        "resize-nearest-x2-opset10",
+        (1, 1, 3, 4),
+        single("Resize", consts={"scales": np.array([1, 1, 2, 2], np.float32)}, mode="nearest"),
+        exact=True,
+        opset=10,
+    ),
+    Linear(
+        "upsample-nearest-x3x2-opset8",
+        (1, 1, 3, 4),
+        single("Upsample", scales=[1.0, 1.0, 3.0, 2.0]),
+        exact=True,
+        opset=8,
+    ),
+    Linear(
+        "upsample-nearest-x2-opset9",
+        (1, 2, 3, 4),
+        single("Upsample", consts={"scales": np.array([1, 1, 2, 2], np.float32)}, mode="nearest"),
+        exact=True,
+        opset=9,
+    ),
     # branches and arithmetic with constants
     Linear("concat-two-convs", (1, 3, 4, 4), two_branches("Concat")),
     Linear("add-two-convs", (1, 3, 4, 4), two_branches("Add")),
     Linear("sub-two-convs", (1, 3, 4, 4), two_branches("Sub")),
     Linear("residual-add", (1, 3, 5, 5), residual),
-    Linear("concat-input-with-itself", (2, 3), lambda rng: ([node("Concat", ["x", "x"], ["y"], axis=0)], {}),
-           exact=True),
-    Linear("sum-mean-of-branches", (2, 3), chain(("MatMul", ["x", "W1"], "a", {"W1": (3, 3)}, {}),
-                                                 ("Neg", ["x"], "b", {}, {}),
-                                                 ("Sum", ["a", "b", "x"], "s", {}, {}),
-                                                 ("Mean", ["a", "s"], "y", {}, {}))),
+    Linear(
+        "concat-input-with-itself", (2, 3), lambda rng: ([node("Concat", ["x", "x"], ["y"], axis=0)], {}), exact=True
+    ),
+    Linear(
+        "sum-mean-of-branches",
+        (2, 3),
+        chain(
+            ("MatMul", ["x", "W1"], "a", {"W1": (3, 3)}, {}),
+            ("Neg", ["x"], "b", {}, {}),
+            ("Sum", ["a", "b", "x"], "s", {}, {}),
+            ("Mean", ["a", "s"], "y", {}, {}),
+        ),
+    ),
     Linear("add-const-broadcast-input", (1, 3, 1, 4), single("Add", {"c": (1, 1, 5, 1)}), exact=True),
     Linear("mul-const-per-channel", (1, 3, 2, 4), single("Mul", {"c": (3, 1, 1)}), exact=True),
     Linear("mul-const-broadcast-input", (1, 3, 1, 4), single("Mul", {"c": (1, 1, 5, 1)})),
     Linear("mul-const-left", (2, 5), single("Mul", {"c": (5,)}, inputs=["c", "x"]), exact=True),
-    Linear("div-const", (1, 3, 2, 4), chain(("Div", ["x", "c"], "y", {"c": const(np.array(
-        [[[0.5]], [[-4.0]], [[2.5]]], np.float32))}, {})), exact=True),
+    Linear(
+        "div-const",
+        (1, 3, 2, 4),
+        chain(("Div", ["x", "c"], "y", {"c": const(np.array([[[0.5]], [[-4.0]], [[2.5]]], np.float32))}, {})),
+        exact=True,
+    ),
     Linear("neg", (2, 3), single("Neg"), exact=True),
     # rearrangements, selections, copies
     Linear("transpose", (2, 3, 4), single("Transpose", perm=[2, 0, 1]), exact=True),
     Linear("reshape", (2, 3, 4), single("Reshape", consts={"s": np.array([4, -1], I64)}), exact=True),
     Linear("flatten", (1, 3, 2, 2), single("Flatten", axis=2), exact=True),
-    Linear("slice-steps", (1, 4, 6), single("Slice", consts={"st": np.array([1, 5], I64),
-                                                              "en": np.array([4, 0], I64),
-                                                              "ax": np.array([1, 2], I64),
-                                                              "sp": np.array([2, -2], I64)}), exact=True),
-    Linear("split-3", (2, 6), lambda rng: ([node("Split", ["x", "s"], ["y0", "y1", "y2"], axis=1)],
-                                           {"s": np.array([1, 2, 3], I64)})),
-    Linear("gather-repeated", (2, 4, 3), single("Gather", consts={"i": np.array([[0, 2], [2, -2], [1, 3]], I64)},
-                                                axis=1), exact=True),
+    Linear(
+        "slice-steps",
+        (1, 4, 6),
+        single(
+            "Slice",
+            consts={
+                "st": np.array([1, 5], I64),
+                "en": np.array([4, 0], I64),
+                "ax": np.array([1, 2], I64),
+                "sp": np.array([2, -2], I64),
+            },
+        ),
+        exact=True,
+    ),
+    Linear(
+        "split-3",
+        (2, 6),
+        lambda rng: ([node("Split", ["x", "s"], ["y0", "y1", "y2"], axis=1)], {"s": np.array([1, 2, 3], I64)}),
+    ),
+    Linear(
+        "gather-repeated",
+        (2, 4, 3),
+        single("Gather", consts={"i": np.array([[0, 2], [2, -2], [1, 3]], I64)}, axis=1),
+        exact=True,
+    ),
     Linear("gather-scalar-index", (4, 3), single("Gather", consts={"i": np.array(2, I64)}), exact=True),
     Linear("expand", (1, 3, 1, 4), single("Expand", consts={"s": np.array([2, 3, 5, 4], I64)}), exact=True),
     Linear("tile", (1, 2, 3), single("Tile", consts={"r": np.array([2, 1, 3], I64)}), exact=True),
     Linear("depth-to-space", (1, 8, 2, 3), single("DepthToSpace", blocksize=2), exact=True),
     Linear("space-to-depth", (1, 2, 4, 6), single("SpaceToDepth", blocksize=2), exact=True),
-    Linear("squeeze-unsqueeze", (1, 3, 1, 4), chain(("Squeeze", ["x", "a"], "s", {"a": const(np.array([2], I64))}, {}),
-                                                    ("Unsqueeze", ["s", "b"], "y", {"b": const(np.array([0], I64))},
-                                                     {}))),
+    Linear(
+        "squeeze-unsqueeze",
+        (1, 3, 1, 4),
+        chain(
+            ("Squeeze", ["x", "a"], "s", {"a": const(np.array([2], I64))}, {}),
+            ("Unsqueeze", ["s", "b"], "y", {"b": const(np.array([0], I64))}, {}),
+        ),
+    ),
     # weights reached through constant subgraphs (folded by the frontend)
-    Linear("weight-from-constant-node", (3, 8), lambda rng: (
-        [helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(randn(rng, 8, 5), "W")),
-         node("Gemm", ["x", "W"], ["y"])], {}), exact=True, layers=1),
-    Linear("weight-through-transpose", (3, 8), chain(("Transpose", ["W0"], "W", {"W0": (5, 8)}, {}),
-                                                     ("MatMul", ["x", "W"], "y", {}, {})), exact=True, layers=1),
-    Linear("weight-through-reshape", (1, 3, 5, 5), chain(
-        ("Reshape", ["W0", "s"], "W", {"W0": (4, 27), "s": const(np.array([4, 3, 3, 3], I64))}, {}),
-        ("Conv", ["x", "W"], "y", {}, {"pads": [1, 1, 1, 1]})), layers=1),
-    Linear("weight-through-identity", (3, 8), chain(("Identity", ["W0"], "W", {"W0": (8, 5)}, {}),
-                                                    ("Gemm", ["x", "W"], "y", {}, {})), exact=True, layers=1),
-    Linear("weight-cast-from-float16", (3, 8), chain(
-        ("Cast", ["W0"], "W", {"W0": lambda rng: randn(rng, 8, 5).astype(np.float16)}, {"to": TensorProto.FLOAT}),
-        ("MatMul", ["x", "W"], "y", {}, {})), exact=True, layers=1),
-    Linear("weight-dequantize-int8", (3, 8), chain(
-        ("DequantizeLinear", ["Wq", "sc", "zp"], "W",
-         {"Wq": lambda rng: rng.integers(-128, 128, (8, 5)).astype(np.int8),
-          "sc": const(np.array(0.02, np.float32)), "zp": const(np.array(3, np.int8))}, {}),
-        ("MatMul", ["x", "W"], "y", {}, {})), exact=True, layers=1),
-    Linear("weight-dequantize-int8-per-channel-conv", (1, 3, 4, 4), chain(
-        ("DequantizeLinear", ["Wq", "sc", "zp"], "W",
-         {"Wq": lambda rng: rng.integers(-128, 128, (4, 3, 1, 1)).astype(np.int8),
-          "sc": const(np.array([0.01, 0.02, 0.03, 0.05], np.float32)),
-          "zp": const(np.array([0, 1, -2, 5], np.int8))}, {"axis": 0}),
-        ("Conv", ["x", "W"], "y", {}, {})), exact=True, layers=1),
+    Linear(
+        "weight-from-constant-node",
+        (3, 8),
+        lambda rng: (
+            [
+                helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(randn(rng, 8, 5), "W")),
+                node("Gemm", ["x", "W"], ["y"]),
+            ],
+            {},
+        ),
+        exact=True,
+        layers=1,
+    ),
+    Linear(
+        "weight-through-transpose",
+        (3, 8),
+        chain(("Transpose", ["W0"], "W", {"W0": (5, 8)}, {}), ("MatMul", ["x", "W"], "y", {}, {})),
+        exact=True,
+        layers=1,
+    ),
+    Linear(
+        "weight-through-reshape",
+        (1, 3, 5, 5),
+        chain(
+            ("Reshape", ["W0", "s"], "W", {"W0": (4, 27), "s": const(np.array([4, 3, 3, 3], I64))}, {}),
+            ("Conv", ["x", "W"], "y", {}, {"pads": [1, 1, 1, 1]}),
+        ),
+        layers=1,
+    ),
+    Linear(
+        "weight-through-identity",
+        (3, 8),
+        chain(("Identity", ["W0"], "W", {"W0": (8, 5)}, {}), ("Gemm", ["x", "W"], "y", {}, {})),
+        exact=True,
+        layers=1,
+    ),
+    Linear(
+        "weight-cast-from-float16",
+        (3, 8),
+        chain(
+            ("Cast", ["W0"], "W", {"W0": lambda rng: randn(rng, 8, 5).astype(np.float16)}, {"to": TensorProto.FLOAT}),
+            ("MatMul", ["x", "W"], "y", {}, {}),
+        ),
+        exact=True,
+        layers=1,
+    ),
+    Linear(
+        "weight-dequantize-int8",
+        (3, 8),
+        chain(
+            (
+                "DequantizeLinear",
+                ["Wq", "sc", "zp"],
+                "W",
+                {
+                    "Wq": lambda rng: rng.integers(-128, 128, (8, 5)).astype(np.int8),
+                    "sc": const(np.array(0.02, np.float32)),
+                    "zp": const(np.array(3, np.int8)),
+                },
+                {},
+            ),
+            ("MatMul", ["x", "W"], "y", {}, {}),
+        ),
+        exact=True,
+        layers=1,
+    ),
+    Linear(
+        "weight-dequantize-int8-per-channel-conv",
+        (1, 3, 4, 4),
+        chain(
+            (
+                "DequantizeLinear",
+                ["Wq", "sc", "zp"],
+                "W",
+                {
+                    "Wq": lambda rng: rng.integers(-128, 128, (4, 3, 1, 1)).astype(np.int8),
+                    "sc": const(np.array([0.01, 0.02, 0.03, 0.05], np.float32)),
+                    "zp": const(np.array([0, 1, -2, 5], np.int8)),
+                },
+                {"axis": 0},
+            ),
+            ("Conv", ["x", "W"], "y", {}, {}),
+        ),
+        exact=True,
+        layers=1,
+    ),
 ]
 
 
@@ -464,8 +776,7 @@ def test_linear_rule_against_dense_jacobian(case: Linear, tmp_path) -> None:
     if case.circulant is not None:
         weight = inits["W"]
         d = weight.ndim - 2
-        grid = [n + case.circulant["pads"][i] + case.circulant["pads"][i + d]
-                for i, n in enumerate(case.shape[2:])]
+        grid = [n + case.circulant["pads"][i] + case.circulant["pads"][i + d] for i, n in enumerate(case.shape[2:])]
         circular = circular_embedding_norm(weight, grid, case.circulant["groups"], case.circulant["dilation"])
         assert bound <= circular * (1 + 1e-9), f"{case.id}: {bound} above the circular embedding {circular}"
 
@@ -506,35 +817,56 @@ ACTIVATIONS = [
     Activation("leakyrelu-0.1", "LeakyRelu", lambda t: torch.where(t >= 0, t, f32(0.1) * t), {"alpha": 0.1}),
     Activation("leakyrelu-2.5", "LeakyRelu", lambda t: torch.where(t >= 0, t, 2.5 * t), {"alpha": 2.5}),
     Activation("leakyrelu--1.5", "LeakyRelu", lambda t: torch.where(t >= 0, t, -1.5 * t), {"alpha": -1.5}),
-    Activation("prelu-0.25", "PRelu", lambda t: torch.where(t >= 0, t, 0.25 * t),
-               consts={"slope": np.array([0.25], np.float32)}),
-    Activation("prelu--2", "PRelu", lambda t: torch.where(t >= 0, t, -2.0 * t),
-               consts={"slope": np.array([-2.0], np.float32)}),
+    Activation(
+        "prelu-0.25",
+        "PRelu",
+        lambda t: torch.where(t >= 0, t, 0.25 * t),
+        consts={"slope": np.array([0.25], np.float32)},
+    ),
+    Activation(
+        "prelu--2", "PRelu", lambda t: torch.where(t >= 0, t, -2.0 * t), consts={"slope": np.array([-2.0], np.float32)}
+    ),
     Activation("elu", "Elu", lambda t: torch.where(t > 0, t, torch.expm1(t))),
     Activation("elu-2", "Elu", lambda t: torch.where(t > 0, t, 2.0 * torch.expm1(t)), {"alpha": 2.0}),
     Activation("elu-0.5", "Elu", lambda t: torch.where(t > 0, t, 0.5 * torch.expm1(t)), {"alpha": 0.5}),
-    Activation("selu", "Selu", lambda t: f32(1.0507009873554805) * torch.where(
-        t > 0, t, f32(1.6732632423543772) * torch.expm1(t))),
-    Activation("selu-custom", "Selu", lambda t: 1.5 * torch.where(t > 0, t, 0.5 * torch.expm1(t)),
-               {"alpha": 0.5, "gamma": 1.5}),
+    Activation(
+        "selu",
+        "Selu",
+        lambda t: f32(1.0507009873554805) * torch.where(t > 0, t, f32(1.6732632423543772) * torch.expm1(t)),
+    ),
+    Activation(
+        "selu-custom", "Selu", lambda t: 1.5 * torch.where(t > 0, t, 0.5 * torch.expm1(t)), {"alpha": 0.5, "gamma": 1.5}
+    ),
     Activation("celu", "Celu", lambda t: t.clamp_min(0) + (torch.expm1(t)).clamp_max(0)),
-    Activation("celu-0.5", "Celu", lambda t: t.clamp_min(0) + (0.5 * torch.expm1(t / 0.5)).clamp_max(0),
-               {"alpha": 0.5}),
+    Activation(
+        "celu-0.5", "Celu", lambda t: t.clamp_min(0) + (0.5 * torch.expm1(t / 0.5)).clamp_max(0), {"alpha": 0.5}
+    ),
     Activation("tanh", "Tanh", torch.tanh),
     Activation("sigmoid", "Sigmoid", torch.sigmoid),
     Activation("hardsigmoid", "HardSigmoid", lambda t: (0.2 * t + 0.5).clamp(0, 1)),
-    Activation("hardsigmoid-1/6", "HardSigmoid", lambda t: (f32(1 / 6) * t + 0.5).clamp(0, 1),
-               {"alpha": 1 / 6, "beta": 0.5}),
-    Activation("hardsigmoid--0.7", "HardSigmoid", lambda t: (f32(-0.7) * t + f32(0.2)).clamp(0, 1),
-               {"alpha": -0.7, "beta": 0.2}),
+    Activation(
+        "hardsigmoid-1/6", "HardSigmoid", lambda t: (f32(1 / 6) * t + 0.5).clamp(0, 1), {"alpha": 1 / 6, "beta": 0.5}
+    ),
+    Activation(
+        "hardsigmoid--0.7",
+        "HardSigmoid",
+        lambda t: (f32(-0.7) * t + f32(0.2)).clamp(0, 1),
+        {"alpha": -0.7, "beta": 0.2},
+    ),
     Activation("hardswish", "HardSwish", lambda t: t * (t / 6 + 0.5).clamp(0, 1), opset=14),
     Activation("gelu", "Gelu", lambda t: 0.5 * t * (1 + torch.erf(t / math.sqrt(2))), opset=20),
-    Activation("gelu-tanh", "Gelu", lambda t: 0.5 * t * (1 + torch.tanh(SQRT_2_OVER_PI * (t + 0.044715 * t**3))),
-               {"approximate": "tanh"}, opset=20),
+    Activation(
+        "gelu-tanh",
+        "Gelu",
+        lambda t: 0.5 * t * (1 + torch.tanh(SQRT_2_OVER_PI * (t + 0.044715 * t**3))),
+        {"approximate": "tanh"},
+        opset=20,
+    ),
     Activation("softplus", "Softplus", _softplus),
     Activation("mish", "Mish", lambda t: t * torch.tanh(_softplus(t)), opset=18),
-    Activation("clip", "Clip", _clip(-1.0, 2.0),
-               consts={"lo": np.array(-1.0, np.float32), "hi": np.array(2.0, np.float32)}),
+    Activation(
+        "clip", "Clip", _clip(-1.0, 2.0), consts={"lo": np.array(-1.0, np.float32), "hi": np.array(2.0, np.float32)}
+    ),
     Activation("clip-opset6", "Clip", _clip(-0.5, 0.5), {"min": -0.5, "max": 0.5}, opset=6),
     Activation("softsign", "Softsign", lambda t: t / (1 + t.abs())),
     Activation("sin", "Sin", torch.sin),
@@ -564,8 +896,9 @@ def check_formula(path, formula: Callable[[torch.Tensor], torch.Tensor]) -> None
 
 @pytest.mark.parametrize("case", ACTIVATIONS, ids=lambda c: c.id)
 def test_activation_constant_is_max_slope(case: Activation, tmp_path) -> None:
-    proto = model([node(case.op, ["x", *case.consts], ["y"], **case.attrs)], {"x": ["N"]}, ["y"],
-                  case.consts, opset=case.opset)
+    proto = model(
+        [node(case.op, ["x", *case.consts], ["y"], **case.attrs)], {"x": ["N"]}, ["y"], case.consts, opset=case.opset
+    )
     path = save(proto, tmp_path)
     check_formula(path, case.formula)
     numeric = max_slope(case.formula)
@@ -599,35 +932,85 @@ def _window_norm(x: torch.Tensor, k: int, s: int, p: float, pad: int = 0) -> tor
 VECTOR = [
     Vector("softmax", (2, 5), "Softmax", {"axis": -1}, lambda t: torch.softmax(t, -1)),
     Vector("softmax-axis0", (4, 3), "Softmax", {"axis": 0}, lambda t: torch.softmax(t, 0)),
-    Vector("softmax-opset11-coerce", (1, 2, 3), "Softmax", {"axis": 1},
-           lambda t: torch.softmax(t.reshape(1, -1), -1).reshape(t.shape), opset=11),
+    Vector(
+        "softmax-opset11-coerce",
+        (1, 2, 3),
+        "Softmax",
+        {"axis": 1},
+        lambda t: torch.softmax(t.reshape(1, -1), -1).reshape(t.shape),
+        opset=11,
+    ),
     Vector("logsoftmax", (1, 5), "LogSoftmax", {"axis": -1}, lambda t: torch.log_softmax(t, -1), tight=False),
     Vector("logsoftmax-n2", (3, 2), "LogSoftmax", {"axis": 1}, lambda t: torch.log_softmax(t, 1), tight=False),
-    Vector("maxpool2d-k3-s1-pad1", (1, 1, 6, 6), "MaxPool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]},
-           lambda t: F.max_pool2d(t, 3, 1, 1)),
-    Vector("maxpool2d-k3-s2", (1, 1, 7, 7), "MaxPool", {"kernel_shape": [3, 3], "strides": [2, 2]},
-           lambda t: F.max_pool2d(t, 3, 2)),
-    Vector("maxpool2d-k2-s2", (1, 2, 4, 4), "MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]},
-           lambda t: F.max_pool2d(t, 2, 2)),
-    Vector("maxpool2d-k3-s1-dil2", (1, 1, 9, 9), "MaxPool", {"kernel_shape": [3, 3], "dilations": [2, 2]},
-           lambda t: F.max_pool2d(t, 3, 1, dilation=2)),
-    Vector("maxpool1d-k3-s2-pad1-ceil", (1, 2, 8), "MaxPool",
-           {"kernel_shape": [3], "strides": [2], "pads": [1, 1], "ceil_mode": 1},
-           lambda t: F.max_pool1d(t, 3, 2, 1, ceil_mode=True)),
+    Vector(
+        "maxpool2d-k3-s1-pad1",
+        (1, 1, 6, 6),
+        "MaxPool",
+        {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]},
+        lambda t: F.max_pool2d(t, 3, 1, 1),
+    ),
+    Vector(
+        "maxpool2d-k3-s2",
+        (1, 1, 7, 7),
+        "MaxPool",
+        {"kernel_shape": [3, 3], "strides": [2, 2]},
+        lambda t: F.max_pool2d(t, 3, 2),
+    ),
+    Vector(
+        "maxpool2d-k2-s2",
+        (1, 2, 4, 4),
+        "MaxPool",
+        {"kernel_shape": [2, 2], "strides": [2, 2]},
+        lambda t: F.max_pool2d(t, 2, 2),
+    ),
+    Vector(
+        "maxpool2d-k3-s1-dil2",
+        (1, 1, 9, 9),
+        "MaxPool",
+        {"kernel_shape": [3, 3], "dilations": [2, 2]},
+        lambda t: F.max_pool2d(t, 3, 1, dilation=2),
+    ),
+    Vector(
+        "maxpool1d-k3-s2-pad1-ceil",
+        (1, 2, 8),
+        "MaxPool",
+        {"kernel_shape": [3], "strides": [2], "pads": [1, 1], "ceil_mode": 1},
+        lambda t: F.max_pool1d(t, 3, 2, 1, ceil_mode=True),
+    ),
     Vector("globalmaxpool", (1, 3, 3, 4), "GlobalMaxPool", {}, lambda t: t.amax(dim=(2, 3), keepdim=True)),
-    Vector("lppool1d-p2-k3-s1", (1, 2, 8), "LpPool", {"kernel_shape": [3], "p": 2},
-           lambda t: _window_norm(t, 3, 1, 2.0)),
-    Vector("lppool1d-p1-k4-s4", (1, 2, 8), "LpPool", {"kernel_shape": [4], "strides": [4], "p": 1},
-           lambda t: _window_norm(t, 4, 4, 1.0)),
-    Vector("lppool1d-p1-k3-s2-pad1", (1, 1, 9), "LpPool",
-           {"kernel_shape": [3], "strides": [2], "pads": [1, 1], "p": 1},
-           lambda t: _window_norm(t, 3, 2, 1.0, pad=1), tight=False),
-    Vector("lppool1d-p3-k2-s2", (1, 2, 6), "LpPool", {"kernel_shape": [2], "strides": [2], "p": 3},
-           lambda t: _window_norm(t, 2, 2, 3.0)),
-    Vector("globallppool-p1", (1, 2, 2, 3), "GlobalLpPool", {"p": 1},
-           lambda t: t.abs().sum(dim=(2, 3), keepdim=True)),
-    Vector("globallppool-p2", (1, 2, 2, 3), "GlobalLpPool", {"p": 2},
-           lambda t: t.pow(2).sum(dim=(2, 3), keepdim=True).sqrt()),
+    Vector(
+        "lppool1d-p2-k3-s1", (1, 2, 8), "LpPool", {"kernel_shape": [3], "p": 2}, lambda t: _window_norm(t, 3, 1, 2.0)
+    ),
+    Vector(
+        "lppool1d-p1-k4-s4",
+        (1, 2, 8),
+        "LpPool",
+        {"kernel_shape": [4], "strides": [4], "p": 1},
+        lambda t: _window_norm(t, 4, 4, 1.0),
+    ),
+    Vector(
+        "lppool1d-p1-k3-s2-pad1",
+        (1, 1, 9),
+        "LpPool",
+        {"kernel_shape": [3], "strides": [2], "pads": [1, 1], "p": 1},
+        lambda t: _window_norm(t, 3, 2, 1.0, pad=1),
+        tight=False,
+    ),
+    Vector(
+        "lppool1d-p3-k2-s2",
+        (1, 2, 6),
+        "LpPool",
+        {"kernel_shape": [2], "strides": [2], "p": 3},
+        lambda t: _window_norm(t, 2, 2, 3.0),
+    ),
+    Vector("globallppool-p1", (1, 2, 2, 3), "GlobalLpPool", {"p": 1}, lambda t: t.abs().sum(dim=(2, 3), keepdim=True)),
+    Vector(
+        "globallppool-p2",
+        (1, 2, 2, 3),
+        "GlobalLpPool",
+        {"p": 2},
+        lambda t: t.pow(2).sum(dim=(2, 3), keepdim=True).sqrt(),
+    ),
 ]
 
 
@@ -642,8 +1025,9 @@ def largest_jacobian_norm(fn: Callable[[torch.Tensor], torch.Tensor], shape: tup
     """A lower bound of the Lipschitz constant: random points, spikes, then gradient ascent."""
     gen = torch.Generator().manual_seed(zlib.crc32(tag.encode()))
     n = math.prod(shape)
-    candidates = [torch.randn(shape, generator=gen, dtype=T64) * scale for scale in (0.1, 1.0, 3.0, 10.0)
-                  for _ in range(10)]
+    candidates = [
+        torch.randn(shape, generator=gen, dtype=T64) * scale for scale in (0.1, 1.0, 3.0, 10.0) for _ in range(10)
+    ]
     for i in range(n):  # one entry far above the others: the max-pool worst case
         spike = torch.randn(n, generator=gen, dtype=T64) * 0.01
         spike[i] = 10.0
@@ -694,8 +1078,12 @@ def _silu(rng):
 
 
 def _silu_div(rng):
-    return [node("Neg", ["x"], ["n"]), node("Exp", ["n"], ["e"]), node("Add", ["e", "one"], ["d"]),
-            node("Div", ["x", "d"], ["y"])], {"one": np.array(1.0, np.float32)}
+    return [
+        node("Neg", ["x"], ["n"]),
+        node("Exp", ["n"], ["e"]),
+        node("Add", ["e", "one"], ["d"]),
+        node("Div", ["x", "d"], ["y"]),
+    ], {"one": np.array(1.0, np.float32)}
 
 
 def _hardswish(rng):
@@ -707,19 +1095,32 @@ def _mish(rng):
 
 
 def _gelu_erf(rng):
-    return [node("Div", ["x", "r2"], ["d"]), node("Erf", ["d"], ["e"]), node("Add", ["e", "one"], ["a"]),
-            node("Mul", ["x", "a"], ["m"]), node("Mul", ["m", "half"], ["y"])], {
-        "r2": np.array(1.4142135, np.float32), "one": np.array(1.0, np.float32),
-        "half": np.array(0.5, np.float32)}
+    return [
+        node("Div", ["x", "r2"], ["d"]),
+        node("Erf", ["d"], ["e"]),
+        node("Add", ["e", "one"], ["a"]),
+        node("Mul", ["x", "a"], ["m"]),
+        node("Mul", ["m", "half"], ["y"]),
+    ], {"r2": np.array(1.4142135, np.float32), "one": np.array(1.0, np.float32), "half": np.array(0.5, np.float32)}
 
 
 def _gelu_tanh(rng):
-    return [node("Pow", ["x", "three"], ["p"]), node("Mul", ["p", "c"], ["pc"]), node("Add", ["x", "pc"], ["s"]),
-            node("Mul", ["s", "k"], ["sk"]), node("Tanh", ["sk"], ["t"]), node("Add", ["t", "one"], ["a"]),
-            node("Mul", ["x", "a"], ["m"]), node("Mul", ["m", "half"], ["y"])], {
-        "three": np.array(3.0, np.float32), "c": np.array(0.044715, np.float32),
-        "k": np.array(SQRT_2_OVER_PI, np.float32), "one": np.array(1.0, np.float32),
-        "half": np.array(0.5, np.float32)}
+    return [
+        node("Pow", ["x", "three"], ["p"]),
+        node("Mul", ["p", "c"], ["pc"]),
+        node("Add", ["x", "pc"], ["s"]),
+        node("Mul", ["s", "k"], ["sk"]),
+        node("Tanh", ["sk"], ["t"]),
+        node("Add", ["t", "one"], ["a"]),
+        node("Mul", ["x", "a"], ["m"]),
+        node("Mul", ["m", "half"], ["y"]),
+    ], {
+        "three": np.array(3.0, np.float32),
+        "c": np.array(0.044715, np.float32),
+        "k": np.array(SQRT_2_OVER_PI, np.float32),
+        "one": np.array(1.0, np.float32),
+        "half": np.array(0.5, np.float32),
+    }
 
 
 DECOMPOSED = [
@@ -728,8 +1129,12 @@ DECOMPOSED = [
     ("hardswish", _hardswish, "HardSwish", lambda t: t * (f32(1 / 6) * t + 0.5).clamp(0, 1)),
     ("mish", _mish, "Mish", lambda t: t * torch.tanh(_softplus(t))),
     ("gelu-erf", _gelu_erf, "GELU", lambda t: 0.5 * t * (1 + torch.erf(t / f32(1.4142135)))),
-    ("gelu-tanh-pow", _gelu_tanh, "GELU (tanh)",
-     lambda t: 0.5 * t * (1 + torch.tanh(f32(SQRT_2_OVER_PI) * (t + f32(0.044715) * t**3)))),
+    (
+        "gelu-tanh-pow",
+        _gelu_tanh,
+        "GELU (tanh)",
+        lambda t: 0.5 * t * (1 + torch.tanh(f32(SQRT_2_OVER_PI) * (t + f32(0.044715) * t**3))),
+    ),
 ]
 
 
@@ -751,33 +1156,51 @@ def _x_times_relu(rng):
 
 
 def _two_linear_branches(rng):
-    return [node("MatMul", ["x", "W1"], ["a"]), node("MatMul", ["x", "W2"], ["b"]),
-            node("Mul", ["a", "b"], ["y"], name="gate")], {"W1": randn(rng, 4, 4), "W2": randn(rng, 4, 4)}
+    return [
+        node("MatMul", ["x", "W1"], ["a"]),
+        node("MatMul", ["x", "W2"], ["b"]),
+        node("Mul", ["a", "b"], ["y"], name="gate"),
+    ], {"W1": randn(rng, 4, 4), "W2": randn(rng, 4, 4)}
 
 
 def _x_times_sigmoid_of_other(rng):  # a gated unit: Linear_a(x) * sigmoid(Linear_b(x))
-    return [node("MatMul", ["x", "W1"], ["a"]), node("MatMul", ["x", "W2"], ["b"]), node("Sigmoid", ["b"], ["s"]),
-            node("Mul", ["a", "s"], ["y"], name="gate")], {"W1": randn(rng, 4, 4), "W2": randn(rng, 4, 4)}
+    return [
+        node("MatMul", ["x", "W1"], ["a"]),
+        node("MatMul", ["x", "W2"], ["b"]),
+        node("Sigmoid", ["b"], ["s"]),
+        node("Mul", ["a", "s"], ["y"], name="gate"),
+    ], {"W1": randn(rng, 4, 4), "W2": randn(rng, 4, 4)}
 
 
 def _layernorm(rng):
-    return [node("LayerNormalization", ["x", "g", "b"], ["n"], name="gate", axis=-1),
-            node("MatMul", ["n", "W"], ["y"])], {"g": randn(rng, 4), "b": randn(rng, 4), "W": randn(rng, 4, 3)}
+    return [
+        node("LayerNormalization", ["x", "g", "b"], ["n"], name="gate", axis=-1),
+        node("MatMul", ["n", "W"], ["y"]),
+    ], {"g": randn(rng, 4), "b": randn(rng, 4), "W": randn(rng, 4, 3)}
 
 
 def _exp(rng):
-    return [node("MatMul", ["x", "W"], ["a"]), node("Exp", ["a"], ["e"], name="gate"),
-            node("Relu", ["e"], ["y"])], {"W": randn(rng, 4, 4)}
+    return [node("MatMul", ["x", "W"], ["a"]), node("Exp", ["a"], ["e"], name="gate"), node("Relu", ["e"], ["y"])], {
+        "W": randn(rng, 4, 4)
+    }
 
 
 def _div_by_activation(rng):
-    return [node("MatMul", ["x", "W1"], ["a"]), node("MatMul", ["x", "W2"], ["b"]), node("Sigmoid", ["b"], ["s"]),
-            node("Div", ["a", "s"], ["y"], name="gate")], {"W1": randn(rng, 4, 4), "W2": randn(rng, 4, 4)}
+    return [
+        node("MatMul", ["x", "W1"], ["a"]),
+        node("MatMul", ["x", "W2"], ["b"]),
+        node("Sigmoid", ["b"], ["s"]),
+        node("Div", ["a", "s"], ["y"], name="gate"),
+    ], {"W1": randn(rng, 4, 4), "W2": randn(rng, 4, 4)}
 
 
 def _attention_scores(rng):
-    return [node("MatMul", ["x", "Wq"], ["q"]), node("Transpose", ["x"], ["xt"], perm=[1, 0]),
-            node("MatMul", ["q", "xt"], ["s"], name="gate"), node("Softmax", ["s"], ["y"])], {"Wq": randn(rng, 4, 4)}
+    return [
+        node("MatMul", ["x", "Wq"], ["q"]),
+        node("Transpose", ["x"], ["xt"], perm=[1, 0]),
+        node("MatMul", ["q", "xt"], ["s"], name="gate"),
+        node("Softmax", ["s"], ["y"]),
+    ], {"Wq": randn(rng, 4, 4)}
 
 
 NOT_LIPSCHITZ = [
@@ -810,13 +1233,17 @@ def test_not_globally_lipschitz_is_named(build, op, tmp_path) -> None:
 
 
 def _conv_variable_bias(rng):
-    return [node("ReduceMean", ["x"], ["b"], axes=[0, 2, 3], keepdims=0),
-            node("Conv", ["x", "W", "b"], ["y"], pads=[1, 1, 1, 1])], {"W": randn(rng, 3, 3, 3, 3) * 0.01}
+    return [
+        node("ReduceMean", ["x"], ["b"], axes=[0, 2, 3], keepdims=0),
+        node("Conv", ["x", "W", "b"], ["y"], pads=[1, 1, 1, 1]),
+    ], {"W": randn(rng, 3, 3, 3, 3) * 0.01}
 
 
 def _convtranspose_variable_bias(rng):
-    return [node("ReduceMean", ["x"], ["b"], axes=[0, 2, 3], keepdims=0),
-            node("ConvTranspose", ["x", "W", "b"], ["y"], strides=[2, 2])], {"W": randn(rng, 3, 3, 2, 2) * 0.01}
+    return [
+        node("ReduceMean", ["x"], ["b"], axes=[0, 2, 3], keepdims=0),
+        node("ConvTranspose", ["x", "W", "b"], ["y"], strides=[2, 2]),
+    ], {"W": randn(rng, 3, 3, 2, 2) * 0.01}
 
 
 def _clip_variable_min(rng):
@@ -824,12 +1251,12 @@ def _clip_variable_min(rng):
 
 
 def _shape_of_unknown_size(rng):
-    return [node("Shape", ["x"], ["s"]), node("MatMul", ["x", "W"], ["m"]),
-            node("Reshape", ["m", "s"], ["y"])], {"W": randn(rng, 4, 4)}
+    return [node("Shape", ["x"], ["s"]), node("MatMul", ["x", "W"], ["m"]), node("Reshape", ["m", "s"], ["y"])], {
+        "W": randn(rng, 4, 4)
+    }
 
 
-@pytest.mark.parametrize("build", [_conv_variable_bias, _convtranspose_variable_bias],
-                         ids=["conv", "convtranspose"])
+@pytest.mark.parametrize("build", [_conv_variable_bias, _convtranspose_variable_bias], ids=["conv", "convtranspose"])
 def test_bias_computed_from_the_input(build, tmp_path) -> None:
     nodes, inits = build(rng_for(build.__name__))
     path = save(model(nodes, {"x": (1, 3, 4, 4)}, ["y"], inits), tmp_path)
@@ -892,7 +1319,10 @@ def test_assumed_constants_make_an_uncertified_bound(tmp_path) -> None:
     assert report.certified is False
     assert report.assumptions == {"Einsum": 2.0, "my.domain:Foo": 1.5}  # only those used
     assert [(layer.op, layer.certified) for layer in report.layers] == [
-        ("Einsum", False), ("my.domain:Foo", False), ("Relu", True)]
+        ("Einsum", False),
+        ("my.domain:Foo", False),
+        ("Relu", True),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,8 +62,14 @@ def _proto(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
 def _save_external(weights: dict[str, np.ndarray], folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
-    onnx.save_model(_proto(weights), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=0)
+    onnx.save_model(
+        _proto(weights),
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
     return path
 
 
@@ -236,8 +242,12 @@ def test_cache_ignores_corrupt_and_tampered_entries(tmp_path: Path, count_conv_n
     expected = analyse(path, device="cpu", cache=folder).to_dict()
     entries = sorted(folder.rglob("*.json"))
     assert len(entries) == len(expected["layers"])
-    conv_entries = [e for e in entries if "Conv" in json.loads(e.read_text())["bound"]["method"]
-                    or "circular" in json.loads(e.read_text())["bound"]["method"]]
+    conv_entries = [
+        e
+        for e in entries
+        if "Conv" in json.loads(e.read_text())["bound"]["method"]
+        or "circular" in json.loads(e.read_text())["bound"]["method"]
+    ]
     assert conv_entries
     # a torn write, and a well-formed entry whose value was edited (checksum no longer matches)
     entries[0].write_text(entries[0].read_text()[:40])
@@ -354,8 +364,10 @@ def test_config_max_memory_and_cache(tmp_path: Path) -> None:
     from lipcheck.config import ConfigError, Overrides, load_config
 
     config = tmp_path / "lipcheck.toml"
-    config.write_text('max_memory = "2GiB"\ncache = ".lipcheck-cache"\n[[models]]\npath = "a.onnx"\n'
-                      '[[models]]\npath = "b.onnx"\nmax-memory = 1000000\n')
+    config.write_text(
+        'max_memory = "2GiB"\ncache = ".lipcheck-cache"\n[[models]]\npath = "a.onnx"\n'
+        '[[models]]\npath = "b.onnx"\nmax-memory = 1000000\n'
+    )
     cfg = load_config(config)
     assert cfg.models[0].settings.max_memory == 2 * GIB and cfg.models[1].settings.max_memory == 1_000_000
     assert cfg.models[0].settings.cache == tmp_path / ".lipcheck-cache"

@@ -24,8 +24,9 @@ def _ratios(session: ort.InferenceSession, input_name: str, x: np.ndarray, y: np
     fy = session.run(None, {input_name: y.astype(np.float32)})[0].astype(np.float64)
     # each batch element is one sample: the bound is per sample
     num = np.linalg.norm((fx - fy).reshape(len(x), -1), axis=1)
-    den = np.linalg.norm((x.astype(np.float32).astype(np.float64) - y.astype(np.float32).astype(np.float64))
-                         .reshape(len(x), -1), axis=1)
+    den = np.linalg.norm(
+        (x.astype(np.float32).astype(np.float64) - y.astype(np.float32).astype(np.float64)).reshape(len(x), -1), axis=1
+    )
     return num / den
 
 

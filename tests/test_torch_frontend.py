@@ -456,18 +456,18 @@ def test_check_config_takes_the_pytorch_keys(tmp_path: Path, capsys: pytest.Capt
     config = tmp_path / "lipcheck.toml"
     config.write_text(f"""
 [[models]]
-path = "{SAMPLES / 'resnet_small_ckpt.pt'}"
+path = "{SAMPLES / "resnet_small_ckpt.pt"}"
 model = "{RESNET}"
 input_shape = "{IMG}"
 fail_above = 100
 
 [[models]]
-path = "{SAMPLES / 'cnn_bn_module.pt'}"
+path = "{SAMPLES / "cnn_bn_module.pt"}"
 trust_pickle = true
 input_shape = "{IMG}"
 
 [[models]]
-path = "{SAMPLES / 'mlp_state_dict.pt'}"
+path = "{SAMPLES / "mlp_state_dict.pt"}"
 model = "sample_models.build:make_mlp"
 model_kwargs = {{ unexpected = 1 }}
 input_shape = "1,16"

@@ -24,29 +24,65 @@ class Rule:
 
 
 RULES = (
-    Rule("bound-above-limit", "bound_above", "Lipschitz bound above the limit",
-         "The network's certified upper bound on its l2 Lipschitz constant is above the configured limit "
-         "(fail-above).", "error"),
-    Rule("layer-bound-above-limit", "layer_above", "Layer Lipschitz bound above the limit",
-         "A layer's certified local Lipschitz bound is above the configured per-layer limit (layer-fail-above).",
-         "error"),
-    Rule("not-globally-lipschitz", "unbounded", "Network is not globally Lipschitz",
-         "Some node (LayerNorm, a product of two activations, attention, ...) makes the network not globally "
-         "Lipschitz, so it has no finite certified bound. Accept it with allow-unbounded.", "error"),
-    Rule("bound-regression", "bound_increase", "Lipschitz bound grew against the baseline",
-         "The network's certified upper bound grew by more than the allowed fraction (max-increase) against "
-         "the baseline report.", "error"),
-    Rule("layer-bound-regression", "layer_increase", "Layer Lipschitz bound grew against the baseline",
-         "A layer's certified local bound grew by more than the allowed fraction (max-increase) against the "
-         "baseline report; layers are matched by name.", "error"),
-    Rule("layers-differ-from-baseline", "layers_changed", "Layers differ from the baseline",
-         "Some layers are new (not in the baseline, so not compared) or are in the baseline but no longer in "
-         "the model.", "warning"),
-    Rule("baseline-mismatch", "baseline_mismatch", "Baseline is for another model or input shape",
-         "The baseline report names another model file or other input shapes than this report.", "warning"),
-    Rule("model-error", "model_error", "Model could not be analysed",
-         "lipcheck could not read or analyse the model (missing file, unsupported ops, bad baseline, ...).",
-         "error"),
+    Rule(
+        "bound-above-limit",
+        "bound_above",
+        "Lipschitz bound above the limit",
+        "The network's certified upper bound on its l2 Lipschitz constant is above the configured limit (fail-above).",
+        "error",
+    ),
+    Rule(
+        "layer-bound-above-limit",
+        "layer_above",
+        "Layer Lipschitz bound above the limit",
+        "A layer's certified local Lipschitz bound is above the configured per-layer limit (layer-fail-above).",
+        "error",
+    ),
+    Rule(
+        "not-globally-lipschitz",
+        "unbounded",
+        "Network is not globally Lipschitz",
+        "Some node (LayerNorm, a product of two activations, attention, ...) makes the network not globally "
+        "Lipschitz, so it has no finite certified bound. Accept it with allow-unbounded.",
+        "error",
+    ),
+    Rule(
+        "bound-regression",
+        "bound_increase",
+        "Lipschitz bound grew against the baseline",
+        "The network's certified upper bound grew by more than the allowed fraction (max-increase) against "
+        "the baseline report.",
+        "error",
+    ),
+    Rule(
+        "layer-bound-regression",
+        "layer_increase",
+        "Layer Lipschitz bound grew against the baseline",
+        "A layer's certified local bound grew by more than the allowed fraction (max-increase) against the "
+        "baseline report; layers are matched by name.",
+        "error",
+    ),
+    Rule(
+        "layers-differ-from-baseline",
+        "layers_changed",
+        "Layers differ from the baseline",
+        "Some layers are new (not in the baseline, so not compared) or are in the baseline but no longer in the model.",
+        "warning",
+    ),
+    Rule(
+        "baseline-mismatch",
+        "baseline_mismatch",
+        "Baseline is for another model or input shape",
+        "The baseline report names another model file or other input shapes than this report.",
+        "warning",
+    ),
+    Rule(
+        "model-error",
+        "model_error",
+        "Model could not be analysed",
+        "lipcheck could not read or analyse the model (missing file, unsupported ops, bad baseline, ...).",
+        "error",
+    ),
 )
 RULE_BY_CHECK = {rule.check: rule for rule in RULES}
 

@@ -31,9 +31,13 @@ def render_github(runs: list[ModelRun]) -> str:
     lines = []
     for run in runs:
         for note in annotations(run):
-            lines.append(workflow_command(note.level, f"{run.path}: {note.message}", file=run.path,
-                                          title=f"lipcheck: {note.rule.title}"))
+            lines.append(
+                workflow_command(
+                    note.level, f"{run.path}: {note.message}", file=run.path, title=f"lipcheck: {note.rule.title}"
+                )
+            )
         if run.error is None:
-            lines.append(workflow_command("notice", f"{run.path}: {summary_line(run)}", file=run.path,
-                                          title="lipcheck"))
+            lines.append(
+                workflow_command("notice", f"{run.path}: {summary_line(run)}", file=run.path, title="lipcheck")
+            )
     return "".join(line + "\n" for line in lines)

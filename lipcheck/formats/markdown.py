@@ -46,8 +46,9 @@ def _gate_sentence(gate: GateResult) -> str:
     if options.layer_fail_above is not None:
         parts.append(f"every layer ≤ {format_number(options.layer_fail_above)} (layer-fail-above)")
     if options.baseline is not None:
-        parts.append(f"growth ≤ {format_percent(options.allowed_increase)} against {code(options.baseline.path)} "
-                     "(max-increase)")
+        parts.append(
+            f"growth ≤ {format_percent(options.allowed_increase)} against {code(options.baseline.path)} (max-increase)"
+        )
     if options.allow_unbounded:
         parts.append("unbounded networks accepted (allow-unbounded)")
     verdict = "**Gate passed**" if gate.passed else "**Gate failed**"
@@ -61,8 +62,9 @@ def _lower_sentence(report) -> str:
     line = f"Lower bound{domain} (largest Jacobian norm found): **{format_number(lower.value)}**"
     if report.upper_bound is not None:
         ratio = report.ratio
-        line += (f"; bracket [{format_number(lower.value)}, {format_number(report.upper_bound)}], upper/lower "
-                 + (format_number(ratio) if ratio is not None else "undefined"))
+        line += f"; bracket [{format_number(lower.value)}, {format_number(report.upper_bound)}], upper/lower " + (
+            format_number(ratio) if ratio is not None else "undefined"
+        )
     return line + f" ({lower.evaluations} Jacobian-vector products, {lower.seconds:.1f} s, seed {lower.seed})."
 
 
@@ -87,8 +89,10 @@ def _model_section(run: ModelRun, heading: str) -> list[str]:
             line += f"; {text(method_note(report))}"
         lines.append(line + ".")
     elif report.scope == "weights":
-        lines.append(f"**No network bound**: {text(report.unbounded_reasons[0].reason)}. "
-                     "Each row is one weight tensor's certified norm.")
+        lines.append(
+            f"**No network bound**: {text(report.unbounded_reasons[0].reason)}. "
+            "Each row is one weight tensor's certified norm."
+        )
     else:
         nodes = ", ".join(f"{code(r.node)} ({text(r.op)}: {text(r.reason)})" for r in report.unbounded_reasons)
         lines.append(f"**Not globally Lipschitz**: {nodes}.")

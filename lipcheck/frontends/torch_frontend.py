@@ -414,8 +414,9 @@ def build_module(spec: str, kwargs_text: str | Mapping[str, Any] | None = None) 
         with quiet():
             module = target(**kwargs)
     except Exception as exc:
-        raise LipcheckError(f"--model {spec!r}: calling {attr_path}(**kwargs) failed ({type(exc).__name__}: "
-                            f"{_short(exc)})") from None  # fmt: skip
+        raise LipcheckError(
+            f"--model {spec!r}: calling {attr_path}(**kwargs) failed ({type(exc).__name__}: {_short(exc)})"
+        ) from None
     if not isinstance(module, nn.Module):
         raise LipcheckError(f"--model {spec!r}: {attr_path} returned a {type(module).__name__}, not a torch.nn.Module")
     return module
@@ -441,8 +442,11 @@ def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], shown: st
     missing = sorted(wanted - set(state))
     unexpected = sorted(set(state) - wanted)
     own = module.state_dict()
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(wanted & set(state))
-                  if tuple(state[k].shape) != tuple(own[k].shape)]  # fmt: skip
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in sorted(wanted & set(state))
+        if tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or mismatched:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
@@ -487,8 +491,9 @@ def _check_runs(module: nn.Module, inputs: list, shapes: dict[str, tuple[int, ..
             module(*inputs)
     except Exception as exc:
         given = ", ".join(f"{name}={','.join(map(str, s))}" for name, s in shapes.items())
-        raise InputShapeError(f"{shown}: the module does not run on --input-shape {given} "
-                              f"({type(exc).__name__}: {_short(exc)})") from None  # fmt: skip
+        raise InputShapeError(
+            f"{shown}: the module does not run on --input-shape {given} ({type(exc).__name__}: {_short(exc)})"
+        ) from None
 
 
 def module_to_graph(module: nn.Module, input_shapes: Sequence[str], shown: str) -> Graph:

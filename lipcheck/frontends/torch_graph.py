@@ -26,19 +26,62 @@ CONVERTERS: dict[str, Converter] = {}
 
 # ATen ops that only alias, copy or reformat their first argument (in eval mode).
 IDENTITY_OPS = {
-    "alias", "clone", "contiguous", "detach", "lift_fresh_copy", "dropout", "feature_dropout", "alpha_dropout",
-    "feature_alpha_dropout", "native_dropout", "_assert_tensor_metadata", "lift_fresh",
-}  # fmt: skip
+    "alias",
+    "clone",
+    "contiguous",
+    "detach",
+    "lift_fresh_copy",
+    "dropout",
+    "feature_dropout",
+    "alpha_dropout",
+    "feature_alpha_dropout",
+    "native_dropout",
+    "_assert_tensor_metadata",
+    "lift_fresh",
+}
 # Ops that draw random numbers: never evaluated to constants.
-RANDOM_OPS = ("rand", "randn", "randint", "randperm", "normal", "bernoulli", "multinomial", "uniform", "empty",
-              "native_dropout", "dropout", "poisson")
+RANDOM_OPS = (
+    "rand",
+    "randn",
+    "randint",
+    "randperm",
+    "normal",
+    "bernoulli",
+    "multinomial",
+    "uniform",
+    "empty",
+    "native_dropout",
+    "dropout",
+    "poisson",
+)
 # Unary ATen ops with an ONNX namesake and no attributes.
 UNARY_OPS = {
-    "relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "abs": "Abs", "neg": "Neg", "exp": "Exp", "log": "Log",
-    "sqrt": "Sqrt", "rsqrt": "Reciprocal", "reciprocal": "Reciprocal", "sin": "Sin", "cos": "Cos", "atan": "Atan",
-    "erf": "Erf", "softsign": "Softsign", "mish": "Mish", "selu": "Selu", "floor": "Floor", "ceil": "Ceil",
-    "round": "Round", "sign": "Sign", "tan": "Tan", "sinh": "Sinh", "cosh": "Cosh", "hardswish": "HardSwish",
-}  # fmt: skip
+    "relu": "Relu",
+    "sigmoid": "Sigmoid",
+    "tanh": "Tanh",
+    "abs": "Abs",
+    "neg": "Neg",
+    "exp": "Exp",
+    "log": "Log",
+    "sqrt": "Sqrt",
+    "rsqrt": "Reciprocal",
+    "reciprocal": "Reciprocal",
+    "sin": "Sin",
+    "cos": "Cos",
+    "atan": "Atan",
+    "erf": "Erf",
+    "softsign": "Softsign",
+    "mish": "Mish",
+    "selu": "Selu",
+    "floor": "Floor",
+    "ceil": "Ceil",
+    "round": "Round",
+    "sign": "Sign",
+    "tan": "Tan",
+    "sinh": "Sinh",
+    "cosh": "Cosh",
+    "hardswish": "HardSwish",
+}
 
 
 def converts(*names: str) -> Callable[[Converter], Converter]:
@@ -145,8 +188,9 @@ class GraphBuilder:
         raise UnmappedOps({f"argument {type(arg).__name__}": [self.layer_base(self.current)]})
 
     def is_const(self, arg: Any) -> bool:
-        return not isinstance(arg, fx.Node) or (isinstance(self.values.get(arg.name), str) and self.values[arg.name]
-                                                 in self.graph.constants)
+        return not isinstance(arg, fx.Node) or (
+            isinstance(self.values.get(arg.name), str) and self.values[arg.name] in self.graph.constants
+        )
 
     def tensor(self, arg: Any) -> torch.Tensor | None:
         if not isinstance(arg, fx.Node):
@@ -306,8 +350,10 @@ class GraphBuilder:
         if not all(self.values[a.name] in self.tensors for a in tensor_args):
             return False
         try:
-            result = node.target(*fx.node.map_arg(node.args, lambda n: self.tensors[self.values[n.name]]),
-                                 **fx.node.map_arg(node.kwargs, lambda n: self.tensors[self.values[n.name]]))
+            result = node.target(
+                *fx.node.map_arg(node.args, lambda n: self.tensors[self.values[n.name]]),
+                **fx.node.map_arg(node.kwargs, lambda n: self.tensors[self.values[n.name]]),
+            )
         except Exception:
             return False
         if isinstance(result, torch.Tensor):
@@ -362,8 +408,16 @@ def _same_pads(kernel: Sequence[int], dilation: Sequence[int]) -> list[int]:
     return [t // 2 for t in total] + [t - t // 2 for t in total]
 
 
-@converts("conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d", "conv_transpose2d",
-          "conv_transpose3d")  # fmt: skip
+@converts(
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "convolution",
+    "_convolution",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+)
 def _convolution(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     name = aten_name(node.target)
     weight = args["weight"]
@@ -372,8 +426,13 @@ def _convolution(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
         raise UnmappedOps({f"aten.{name} without a known weight shape": [b.layer_base(node)]})
     transposed = bool(args.get("transposed", False)) or name.startswith("conv_transpose")
     padding = args.get("padding", 0)
-    attrs = _conv_attrs(w_shape, args.get("stride", 1), 0 if isinstance(padding, str) else padding,
-                        args.get("dilation", 1), args.get("groups", 1))  # fmt: skip
+    attrs = _conv_attrs(
+        w_shape,
+        args.get("stride", 1),
+        0 if isinstance(padding, str) else padding,
+        args.get("dilation", 1),
+        args.get("groups", 1),
+    )
     if padding == "same":
         attrs["pads"] = _same_pads(attrs["kernel_shape"], attrs["dilations"])
     inputs = [b.value(args["input"]), b.value(weight)]
@@ -419,8 +478,13 @@ def _matmul(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     b.emit("MatMul", [b.value(values[0]), b.value(values[1])])
 
 
-@converts("batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm", "_native_batch_norm_legit",
-          "cudnn_batch_norm")  # fmt: skip
+@converts(
+    "batch_norm",
+    "_native_batch_norm_legit_no_training",
+    "native_batch_norm",
+    "_native_batch_norm_legit",
+    "cudnn_batch_norm",
+)
 def _batch_norm(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     training = bool(args.get("training", False))
     x = args["input"]
@@ -439,8 +503,12 @@ def _batch_norm(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
         b.value(var) if var is not None else b.constant(ones, "bn_var"),
     ]
     multi = aten_name(node.target) != "batch_norm"
-    outs = b.emit("BatchNormalization", inputs, {"epsilon": float(args.get("eps", 1e-5)),
-                                                 "training_mode": int(training)}, final=False)  # fmt: skip
+    outs = b.emit(
+        "BatchNormalization",
+        inputs,
+        {"epsilon": float(args.get("eps", 1e-5)), "training_mode": int(training)},
+        final=False,
+    )
     b.values[node.name] = [outs[0], None, None] if multi else outs[0]  # type: ignore[list-item]
 
 
@@ -453,8 +521,9 @@ def _layer_norm(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
             inputs.append(b.value(args[key]))
         elif key == "weight":
             inputs.append(b.constant(torch.ones(shape), "ln_scale"))
-    outs = b.emit("LayerNormalization", inputs, {"axis": -len(shape), "epsilon": float(args.get("eps", 1e-5))},
-                  final=False)  # fmt: skip
+    outs = b.emit(
+        "LayerNormalization", inputs, {"axis": -len(shape), "epsilon": float(args.get("eps", 1e-5))}, final=False
+    )
     b.values[node.name] = [outs[0], None, None] if aten_name(node.target).startswith("native") else outs[0]  # type: ignore[list-item]
 
 
@@ -498,8 +567,10 @@ CONVERTERS.update(
 @converts("div")
 def _div(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     if args.get("rounding_mode") is not None:
-        b.emit("Floor", [b.emit("Div", [b.value(args["self"]), b.value(args["other"], b.dtype(args["self"]))],
-                                final=False)[0]])  # fmt: skip
+        b.emit(
+            "Floor",
+            [b.emit("Div", [b.value(args["self"]), b.value(args["other"], b.dtype(args["self"]))], final=False)[0]],
+        )
         return
     _binary("Div")(b, node, args)
 
@@ -509,10 +580,12 @@ def _clamp(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     name = aten_name(node.target).rstrip("_")
     x = _first(args)
     low, high = (
-        (args.get("min_val", -1.0), args.get("max_val", 1.0)) if name == "hardtanh"
-        else (0.0, 6.0) if name == "relu6"
+        (args.get("min_val", -1.0), args.get("max_val", 1.0))
+        if name == "hardtanh"
+        else (0.0, 6.0)
+        if name == "relu6"
         else (args.get("min"), args.get("max"))
-    )  # fmt: skip
+    )
     inputs = [b.value(x)]
     for bound in (low, high):
         inputs.append("" if bound is None else b.value(bound, b.dtype(x)))
@@ -554,8 +627,11 @@ def _gelu(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
 
 @converts("silu")
 def _silu(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
-    b.emit("Recognised", [b.value(args["self"])],
-           {"lipschitz": SILU_MAX_SLOPE, "method": "SiLU: max |f'|", "activation": "SiLU", "scale": 1.0})  # fmt: skip
+    b.emit(
+        "Recognised",
+        [b.value(args["self"])],
+        {"lipschitz": SILU_MAX_SLOPE, "method": "SiLU: max |f'|", "activation": "SiLU", "scale": 1.0},
+    )
 
 
 @converts("hardsigmoid")
@@ -695,8 +771,10 @@ def _slice(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     if size is not None and start == 0 and end >= size and step == 1:
         b.alias(node, b.value(values[0]))
         return
-    consts = [b.constant(torch.tensor([v], dtype=torch.int64), n) for v, n in
-              ((start, "starts"), (end, "ends"), (dim, "axes"), (step, "steps"))]  # fmt: skip
+    consts = [
+        b.constant(torch.tensor([v], dtype=torch.int64), n)
+        for v, n in ((start, "starts"), (end, "ends"), (dim, "axes"), (step, "steps"))
+    ]
     b.emit("Slice", [b.value(values[0]), *consts])
 
 
@@ -762,13 +840,25 @@ def _spatial_dims(name: str) -> int:
     return int(name[-2]) if name[-2:] in ("1d", "2d", "3d") else 2
 
 
-@converts("max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
-          "max_pool3d_with_indices")  # fmt: skip
+@converts(
+    "max_pool1d",
+    "max_pool2d",
+    "max_pool3d",
+    "max_pool1d_with_indices",
+    "max_pool2d_with_indices",
+    "max_pool3d_with_indices",
+)
 def _max_pool(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     name = aten_name(node.target)
     d = int(name.split("_pool")[1][0])
-    attrs = _pool_attrs(args["kernel_size"], args.get("stride"), args.get("padding", 0), args.get("dilation", 1),
-                        args.get("ceil_mode", False), d)  # fmt: skip
+    attrs = _pool_attrs(
+        args["kernel_size"],
+        args.get("stride"),
+        args.get("padding", 0),
+        args.get("dilation", 1),
+        args.get("ceil_mode", False),
+        d,
+    )
     outs = b.emit("MaxPool", [b.value(args["self"])], attrs, final=False)
     b.values[node.name] = [outs[0], None] if name.endswith("indices") else outs[0]  # type: ignore[list-item]
 
@@ -778,14 +868,27 @@ def _avg_pool(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     name = aten_name(node.target)
     if args.get("divisor_override") is not None:
         raise UnmappedOps({f"aten.{name}(divisor_override)": [b.layer_base(node)]})
-    attrs = _pool_attrs(args["kernel_size"], args.get("stride"), args.get("padding", 0), 1,
-                        args.get("ceil_mode", False), _spatial_dims(name))  # fmt: skip
+    attrs = _pool_attrs(
+        args["kernel_size"],
+        args.get("stride"),
+        args.get("padding", 0),
+        1,
+        args.get("ceil_mode", False),
+        _spatial_dims(name),
+    )
     attrs["count_include_pad"] = int(bool(args.get("count_include_pad", True)))
     b.emit("AveragePool", [b.value(args["self"])], attrs)
 
 
-@converts("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d",
-          "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d")  # fmt: skip
+@converts(
+    "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d",
+    "_adaptive_avg_pool2d",
+    "adaptive_max_pool1d",
+    "adaptive_max_pool2d",
+    "adaptive_max_pool3d",
+)
 def _adaptive_pool(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     """Output 1: a global pool. Output dividing the input: a plain pool with kernel = stride = n / out."""
     name = aten_name(node.target)
@@ -818,15 +921,22 @@ def _reduce(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     keepdim = bool(args.get("keepdim", False))
     if name in ("max", "min") and isinstance(dims, int):
         op = "ReduceMax" if name == "max" else "ReduceMin"
-        outs = b.emit(op, [b.value(x)], {"axes": [dims % rank], "keepdims": int(keepdim), "noop_with_empty_axes": 0},
-                      final=False)  # fmt: skip
+        outs = b.emit(
+            op, [b.value(x)], {"axes": [dims % rank], "keepdims": int(keepdim), "noop_with_empty_axes": 0}, final=False
+        )
         b.values[node.name] = [outs[0], None]  # type: ignore[list-item]
         return
     if name in ("max", "min") and len(values) > 1 and isinstance(values[1], fx.Node):
         b.emit("Max" if name == "max" else "Min", [b.value(values[0]), b.value(values[1])])
         return
-    op = {"mean": "ReduceMean", "sum": "ReduceSum", "amax": "ReduceMax", "amin": "ReduceMin", "max": "ReduceMax",
-          "min": "ReduceMin"}[name]  # fmt: skip
+    op = {
+        "mean": "ReduceMean",
+        "sum": "ReduceSum",
+        "amax": "ReduceMax",
+        "amin": "ReduceMin",
+        "max": "ReduceMax",
+        "min": "ReduceMin",
+    }[name]
     if dims is None or (isinstance(dims, list | tuple) and not dims):
         axes = list(range(rank))
     else:
@@ -834,9 +944,19 @@ def _reduce(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     b.emit(op, [b.value(x)], {"axes": axes, "keepdims": int(keepdim), "noop_with_empty_axes": 0})
 
 
-@converts("constant_pad_nd", "pad", "reflection_pad1d", "reflection_pad2d", "reflection_pad3d",
-          "replication_pad1d", "replication_pad2d", "replication_pad3d", "circular_pad1d", "circular_pad2d",
-          "circular_pad3d")  # fmt: skip
+@converts(
+    "constant_pad_nd",
+    "pad",
+    "reflection_pad1d",
+    "reflection_pad2d",
+    "reflection_pad3d",
+    "replication_pad1d",
+    "replication_pad2d",
+    "replication_pad3d",
+    "circular_pad1d",
+    "circular_pad2d",
+    "circular_pad3d",
+)
 def _pad(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     """torch lists (left, right) pairs from the last axis backwards; ONNX wants all begins, then all ends."""
     name = aten_name(node.target)
@@ -864,8 +984,16 @@ def _pad(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     b.emit("Pad", inputs, {"mode": mode, "pads": pads})
 
 
-@converts("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "upsample_bilinear2d",
-          "upsample_linear1d", "upsample_trilinear3d", "upsample_bicubic2d", "_upsample_nearest_exact2d")  # fmt: skip
+@converts(
+    "upsample_nearest1d",
+    "upsample_nearest2d",
+    "upsample_nearest3d",
+    "upsample_bilinear2d",
+    "upsample_linear1d",
+    "upsample_trilinear3d",
+    "upsample_bicubic2d",
+    "_upsample_nearest_exact2d",
+)
 def _upsample(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     name = aten_name(node.target)
     x = _first(args)
@@ -879,8 +1007,11 @@ def _upsample(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     else:
         mode = "cubic" if "bicubic" in name else "linear"
         transform = "align_corners" if args.get("align_corners") else "pytorch_half_pixel"
-    b.emit("Resize", [b.value(x)], {"mode": mode, "scales": scales, "coordinate_transformation_mode": transform,
-                                    "nearest_mode": "floor"})  # fmt: skip
+    b.emit(
+        "Resize",
+        [b.value(x)],
+        {"mode": mode, "scales": scales, "coordinate_transformation_mode": transform, "nearest_mode": "floor"},
+    )
 
 
 @converts("pixel_shuffle", "pixel_unshuffle")
@@ -924,4 +1055,3 @@ def module_parameter_names(program: torch.export.ExportedProgram) -> dict[str, s
                 names[node.name] = key[: -len(".weight")]
                 break
     return names
-

@@ -24,8 +24,21 @@ from lipcheck.spectral.dense import UNIT_ROUNDOFF, batched_sigma_max_upper
 # ops evaluated here; Identity-like reshapes keep C order, so only the target shape matters
 RESHAPES = ("Identity", "Dropout", "Flatten", "Reshape", "Squeeze", "Unsqueeze")
 LINEAR_OPS = (
-    "Gemm", "MatMul", "Conv", "AveragePool", "GlobalAveragePool", "BatchNormalization",
-    "Mul", "Div", "Add", "Sub", "Neg", "Pad", "Transpose", "ReduceMean", *RESHAPES,
+    "Gemm",
+    "MatMul",
+    "Conv",
+    "AveragePool",
+    "GlobalAveragePool",
+    "BatchNormalization",
+    "Mul",
+    "Div",
+    "Add",
+    "Sub",
+    "Neg",
+    "Pad",
+    "Transpose",
+    "ReduceMean",
+    *RESHAPES,
 )
 
 
@@ -121,8 +134,15 @@ def apply_node(node: Node, graph: Graph, x: torch.Tensor, mode: str) -> torch.Te
             raise NotFoldable("Conv padding unknown")
         padded = F.pad(x, [p for i in reversed(range(d)) for p in (int(pads[i]), int(pads[i + d]))])
         conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
-        y = conv(padded, _tensor(w, absolute), None, tuple(node.attrs["strides"]), 0,
-                 tuple(node.attrs["dilations"]), int(node.attrs.get("group", 1)))
+        y = conv(
+            padded,
+            _tensor(w, absolute),
+            None,
+            tuple(node.attrs["strides"]),
+            0,
+            tuple(node.attrs["dilations"]),
+            int(node.attrs.get("group", 1)),
+        )
         if shifts and b is not None:
             y = y + torch.from_numpy(b).reshape(-1, *([1] * d))
         return y.reshape(n, *out_shape[1:])

@@ -150,9 +150,7 @@ def refine(
     compositions: dict[str, Composition] = {PRODUCT: product}
     for method in methods:
         refinements = {
-            r.chain.end: (r.chain.start, value, method)
-            for r in results
-            if (value := r.bounds.get(method)) is not None
+            r.chain.end: (r.chain.start, value, method) for r in results if (value := r.bounds.get(method)) is not None
         }
         compositions[method] = walk(refinements)
         method_bounds[method] = compositions[method].upper_bound

@@ -183,7 +183,12 @@ def _step_matrix(
 
 
 def _step_error(
-    w: CertifiedMatrix, x_prev: torch.Tensor, lam: float, mid: float, prod: float, x_new: torch.Tensor,
+    w: CertifiedMatrix,
+    x_prev: torch.Tensor,
+    lam: float,
+    mid: float,
+    prod: float,
+    x_new: torch.Tensor,
     gram: torch.Tensor,
 ) -> float:
     """Frobenius bound on (exact block for the exact W) - (computed block)."""
@@ -193,6 +198,7 @@ def _step_error(
     return (
         abs(prod) * lam * ((2 * g + g * g) + 2.0 * k * UNIT_ROUNDOFF) * gram_bound * (1 + 1e-10)
         + math.sqrt(2.0) * abs(mid) * lam * (g + 4 * UNIT_ROUNDOFF) * _fro(bound)
-        + 4 * UNIT_ROUNDOFF
+        + 4
+        * UNIT_ROUNDOFF
         * (_fro(x_prev) + abs(prod) * lam * _fro(gram) + _fro(x_new) + lam * math.sqrt(x_new.shape[0]))
     )

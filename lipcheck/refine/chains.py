@@ -64,8 +64,10 @@ def activation_slope(node: Node, graph: Graph) -> Slope | None:
         return Slope(min(0.0, alpha), max(0.0, alpha))
     if op == "Clip":
         bounds = [graph.constants.get(v) for v in node.inputs[1:3] if v]
-        if any(b is None for b in bounds) or len(node.inputs) > 1 and any(
-            v and v not in graph.constants for v in node.inputs[1:]
+        if (
+            any(b is None for b in bounds)
+            or len(node.inputs) > 1
+            and any(v and v not in graph.constants for v in node.inputs[1:])
         ):
             return None
         return Slope(0.0, 1.0)

@@ -70,8 +70,9 @@ def lmi_matrix(
     return f
 
 
-def _assembly_error(weights: list[CertifiedMatrix], slopes: list[Slope], multipliers: list[torch.Tensor],
-                    rho: float) -> float:
+def _assembly_error(
+    weights: list[CertifiedMatrix], slopes: list[Slope], multipliers: list[torch.Tensor], rho: float
+) -> float:
     """Frobenius bound on F(exact W) - computed F: weight errors (gamma) and the rounding of each product."""
     error = 4 * UNIT_ROUNDOFF * rho * math.sqrt(weights[0].shape[1])
     for w, slope, t in zip(weights[:-1], slopes, multipliers, strict=True):
@@ -80,8 +81,8 @@ def _assembly_error(weights: list[CertifiedMatrix], slopes: list[Slope], multipl
         p, mid = abs(slope.low * slope.high), abs(slope.mid)
         quad = float(torch.linalg.matrix_norm(b.T @ (t[:, None] * b), ord="fro"))
         error += p * ((2 * g + g * g) * (1 + 1e-10) + 2.0 * k * UNIT_ROUNDOFF) * quad
-        error += math.sqrt(2.0) * mid * (g + 4 * UNIT_ROUNDOFF) * float(
-            torch.linalg.matrix_norm(t[:, None] * b, ord="fro")
+        error += (
+            math.sqrt(2.0) * mid * (g + 4 * UNIT_ROUNDOFF) * float(torch.linalg.matrix_norm(t[:, None] * b, ord="fro"))
         )
         error += 4 * UNIT_ROUNDOFF * float(t.abs().sum())
     last = weights[-1]
@@ -163,7 +164,8 @@ def lipsdp_bound(weights: list[CertifiedMatrix], slopes: list[Slope]) -> LipSDPR
         f_num = lmi_matrix(tensors, slopes, multipliers, candidate)
         error = _assembly_error(weights, slopes, multipliers, candidate)
         if min_eigenvalue_lower(f_num, error) >= 0.0:
-            return LipSDPResult(math.sqrt(candidate) * (1 + 2 * UNIT_ROUNDOFF), math.sqrt(max(solver_rho, 0.0)),
-                                solver_used.lower())
+            return LipSDPResult(
+                math.sqrt(candidate) * (1 + 2 * UNIT_ROUNDOFF), math.sqrt(max(solver_rho, 0.0)), solver_used.lower()
+            )
         inflation *= 4
     return None

@@ -289,15 +289,22 @@ def _check_output(path: Path, out: Path | None, force: bool) -> None:
 def _plan_weights_only(source: WeightSource, weights: WeightTensors, options: NormalizeOptions) -> NormalizeResult:
     if options.lipschitz is not None:
         raise LipcheckError("--lipschitz needs the architecture (--model); this file holds weights only")
-    norms = _weights_only_norms({k: v for k, v in weights.tensors.items() if _selected(k, options.layers)},
-                                options.device)  # fmt: skip
+    norms = _weights_only_norms(
+        {k: v for k, v in weights.tensors.items() if _selected(k, options.layers)}, options.device
+    )
     changes = []
     for key, norm in norms.items():
         factor = _factor(norm, options.target, options.clip)
         source.set(key, np.asarray(source.get(key), dtype=np.float64) * factor)
         changes.append(LayerChange(key, "Conv" if weights.tensors[key].dim() > 2 else "MatMul", key, norm, factor))
-    return NormalizeResult(weights.name, source.format, changes, [], None,
-                           budget_note="weights only: each tensor by its size-independent certified norm")  # fmt: skip
+    return NormalizeResult(
+        weights.name,
+        source.format,
+        changes,
+        [],
+        None,
+        budget_note="weights only: each tensor by its size-independent certified norm",
+    )
 
 
 def _factor(norm: float, target: float, clip: bool) -> float:
@@ -313,8 +320,10 @@ def _plan_graph(
     _, bound_before = _norms_and_bound(graph, True, options.device)
     layers, skipped = _find_layers(graph, source, options.layers)
     if not layers:
-        raise LipcheckError(f"{source.path}: no layer to normalise" + (f" matches --layers {options.layers!r}"
-                                                                      if options.layers else ""))  # fmt: skip
+        raise LipcheckError(
+            f"{source.path}: no layer to normalise"
+            + (f" matches --layers {options.layers!r}" if options.layers else "")
+        )
     folded: dict[str, str] = {}
     if fold_bn:
         for layer in layers:
@@ -328,8 +337,16 @@ def _plan_graph(
         _sync_graph(graph, source)
     note("certifying each layer")
     norms = _layer_norms(_certify(graph, fold_bn, options.device))
-    changes = [LayerChange(layer.node.name, layer.node.op, layer.source_name, norms[layer.node.name],
-                           folded_bn=folded.get(layer.node.name)) for layer in layers]  # fmt: skip
+    changes = [
+        LayerChange(
+            layer.node.name,
+            layer.node.op,
+            layer.source_name,
+            norms[layer.node.name],
+            folded_bn=folded.get(layer.node.name),
+        )
+        for layer in layers
+    ]
     budget = ""
     if options.lipschitz is None:
         for change in changes:
@@ -338,8 +355,10 @@ def _plan_graph(
         t, bound = _uniform_target(graph, source, layers, changes, options, fold_bn, note)
         for change in changes:
             change.factor = t / change.norm_before if change.norm_before > 0 else 1.0
-        budget = (f"every selected layer at norm {t:.6g}, the largest (bisection, {BISECTION_STEPS} re-certifications) "
-                  f"with a certified bound <= {options.lipschitz:g} ({bound:.6g})")  # fmt: skip
+        budget = (
+            f"every selected layer at norm {t:.6g}, the largest (bisection, {BISECTION_STEPS} re-certifications) "
+            f"with a certified bound <= {options.lipschitz:g} ({bound:.6g})"
+        )
     for layer, change in zip(layers, changes, strict=True):
         _scale(source, graph, layer, change.factor)
     return NormalizeResult(graph.name, source.format, changes, skipped, bound_before, budget_note=budget)
@@ -394,8 +413,10 @@ def _uniform_target(
         high_bound = bound_at(high)
     low_bound = bound_at(low) if low > 0 else 0.0
     if low == 0.0 and bound_at(1e-9) > goal:
-        raise LipcheckError(f"--lipschitz {options.lipschitz:g}: unreachable by scaling the selected layers (the rest "
-                            "of the network alone is above it)")  # fmt: skip
+        raise LipcheckError(
+            f"--lipschitz {options.lipschitz:g}: unreachable by scaling the selected layers (the rest "
+            "of the network alone is above it)"
+        )
     for step in range(BISECTION_STEPS):
         note(f"bisection {step + 1}/{BISECTION_STEPS}")
         middle = math.sqrt(low * high) if low > 0 else high / 16
@@ -430,12 +451,18 @@ def _verify(path: Path, out: Path, result: NormalizeResult, options: NormalizeOp
             limit = change.norm_before
         if change.norm_after is None or change.norm_after > limit * (1 + TOLERANCE):
             worst.append(f"{change.name} {change.norm_after} > {limit:.9g}")
-    checks.append(Check("layer norms", not worst, "; ".join(worst[:3]) or
-                        f"every normalised layer's certified norm <= its target x (1 + {TOLERANCE:g})"))  # fmt: skip
+    checks.append(
+        Check(
+            "layer norms",
+            not worst,
+            "; ".join(worst[:3]) or f"every normalised layer's certified norm <= its target x (1 + {TOLERANCE:g})",
+        )
+    )
     if options.lipschitz is not None:
         ok = result.bound_after is not None and result.bound_after <= options.lipschitz
-        checks.append(Check("network bound", ok, f"certified bound {result.bound_after} vs --lipschitz "
-                                                 f"{options.lipschitz:g}"))  # fmt: skip
+        checks.append(
+            Check("network bound", ok, f"certified bound {result.bound_after} vs --lipschitz {options.lipschitz:g}")
+        )
     if result.format.startswith("ONNX"):
         _check_onnx(path, out, result, options)
     else:
@@ -448,8 +475,12 @@ def _random_inputs(shapes: list[tuple[int, ...]], count: int = 4) -> list[list[n
 
 
 def _relative_change(before: list[np.ndarray], after: list[np.ndarray]) -> float:
-    num = math.sqrt(sum(float(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-                        for a, b in zip(after, before, strict=True)))  # fmt: skip
+    num = math.sqrt(
+        sum(
+            float(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+            for a, b in zip(after, before, strict=True)
+        )
+    )
     den = math.sqrt(sum(float(np.sum(np.asarray(b, np.float64) ** 2)) for b in before))
     return num / den if den > 0 else num
 
@@ -474,8 +505,13 @@ def _check_onnx(path: Path, out: Path, result: NormalizeResult, options: Normali
         return inputs, [(o.name, o.type) for o in session.get_outputs()]
 
     same = signature(before) == signature(after)
-    result.checks.append(Check("signature", same, "same inputs and outputs as the original" if same else
-                               "inputs or outputs differ from the original"))  # fmt: skip
+    result.checks.append(
+        Check(
+            "signature",
+            same,
+            "same inputs and outputs as the original" if same else "inputs or outputs differ from the original",
+        )
+    )
     from lipcheck.frontends.onnx_frontend import parse_input_shapes
 
     given = parse_input_shapes(list(options.input_shapes), [i.name for i in before.get_inputs()])
@@ -536,7 +572,6 @@ def _as_list(value: object) -> list[np.ndarray]:
     return []
 
 
-
 # ---------------------------------------------------------------------- parametrize (PyTorch, for training)
 
 
@@ -567,8 +602,10 @@ def parametrize_file(
         onnx = path.suffix.lower() == ".onnx"
         module = None if onnx else load_runnable(path, options.torch_options)
         if not isinstance(module, torch.nn.Module) or isinstance(module, torch.jit.ScriptModule | torch.fx.GraphModule):
-            raise LipcheckError(f"{path}: --mode parametrize needs an nn.Module: a state_dict or checkpoint with "
-                                "--model, or a pickled module (--trust-pickle)")  # fmt: skip
+            raise LipcheckError(
+                f"{path}: --mode parametrize needs an nn.Module: a state_dict or checkpoint with "
+                "--model, or a pickled module (--trust-pickle)"
+            )
         return module
 
     def normalised(module: torch.nn.Module) -> torch.nn.Module:
@@ -580,8 +617,10 @@ def parametrize_file(
     module = normalised(fresh_module())
     names = normalised_layers(module)
     changes = [LayerChange(name, ops.get(name, "?"), f"{name}.weight", before.get(name, math.nan)) for name in names]
-    note = (f"parametrization (conv_norm={conv_norm}, power iteration while training); output: the parametrized "
-            "state_dict; norms after: a fresh module loaded from it and baked with remove_parametrizations")
+    note = (
+        f"parametrization (conv_norm={conv_norm}, power iteration while training); output: the parametrized "
+        "state_dict; norms after: a fresh module loaded from it and baked with remove_parametrizations"
+    )
     result = NormalizeResult(path.name, "parametrized state_dict", changes, [], None, budget_note=note)
     if out is None:
         return result

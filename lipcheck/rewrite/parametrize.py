@@ -151,8 +151,9 @@ class MatrixSpectralNorm(SpectralNormalisation):
     quantity (``dim=0``; ``dim=1`` for ConvTranspose), which can be several times below the operator norm.
     """
 
-    def __init__(self, weight: torch.Tensor, target: float = 1.0, n_power_iterations: int = 1,
-                 eps: float = 1e-12, dim: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self, weight: torch.Tensor, target: float = 1.0, n_power_iterations: int = 1, eps: float = 1e-12, dim: int = 0
+    ) -> None:
         super().__init__(target, n_power_iterations, eps)
         self.dim = dim
         rows, cols = self._matrix(weight).shape
@@ -186,9 +187,16 @@ class ZeroPaddedConvSpectralNorm(SpectralNormalisation):
     modes other than zeros, ``padding="same"``), the adjoint is taken by autograd.
     """
 
-    def __init__(self, layer: nn.Module, weight: torch.Tensor, input_shape: Sequence[int],
-                 output_shape: Sequence[int], target: float = 1.0, n_power_iterations: int = 1,
-                 eps: float = 1e-12) -> None:  # fmt: skip
+    def __init__(
+        self,
+        layer: nn.Module,
+        weight: torch.Tensor,
+        input_shape: Sequence[int],
+        output_shape: Sequence[int],
+        target: float = 1.0,
+        n_power_iterations: int = 1,
+        eps: float = 1e-12,
+    ) -> None:
         super().__init__(target, n_power_iterations, eps)
         self.transposed = isinstance(layer, CONV_TRANSPOSE_TYPES)
         self.spatial_dims = weight.dim() - 2
@@ -236,8 +244,9 @@ class ZeroPaddedConvSpectralNorm(SpectralNormalisation):
     def apply_map(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         d = self.spatial_dims
         if self.transposed:
-            return _CONV_TRANSPOSE_FN[d](x, weight, None, self.stride, self.padding, self.output_padding,
-                                         self.groups, self.dilation)  # fmt: skip
+            return _CONV_TRANSPOSE_FN[d](
+                x, weight, None, self.stride, self.padding, self.output_padding, self.groups, self.dilation
+            )
         if self.padding_mode != "zeros":
             x = F.pad(x, self.explicit_pad, mode=self.padding_mode)
             return _CONV_FN[d](x, weight, None, self.stride, 0, self.dilation, self.groups)
@@ -249,8 +258,9 @@ class ZeroPaddedConvSpectralNorm(SpectralNormalisation):
             return _autograd_adjoint(self, weight, y)
         if self.transposed:
             return _CONV_FN[d](y, weight, None, self.stride, self.padding, self.dilation, self.groups)
-        return _CONV_TRANSPOSE_FN[d](y, weight, None, self.stride, self.padding, self.adjoint_padding,
-                                     self.groups, self.dilation)  # fmt: skip
+        return _CONV_TRANSPOSE_FN[d](
+            y, weight, None, self.stride, self.padding, self.adjoint_padding, self.groups, self.dilation
+        )
 
 
 class CircularConvSpectralNorm(SpectralNormalisation):
@@ -264,9 +274,17 @@ class CircularConvSpectralNorm(SpectralNormalisation):
     padding), which has the same norm. ``input_length`` is the circular grid's length per spatial dim.
     """
 
-    def __init__(self, weight: torch.Tensor, input_length: Sequence[int], stride: Sequence[int],
-                 dilation: Sequence[int], groups: int, target: float = 1.0, n_power_iterations: int = 1,
-                 eps: float = 1e-12) -> None:  # fmt: skip
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        input_length: Sequence[int],
+        stride: Sequence[int],
+        dilation: Sequence[int],
+        groups: int,
+        target: float = 1.0,
+        n_power_iterations: int = 1,
+        eps: float = 1e-12,
+    ) -> None:
         super().__init__(target, n_power_iterations, eps)
         self.spatial_dims = weight.dim() - 2
         self.stride, self.dilation, self.groups = tuple(stride), tuple(dilation), int(groups)
@@ -281,8 +299,13 @@ class CircularConvSpectralNorm(SpectralNormalisation):
 
     def converged_sigma(self, weight: torch.Tensor) -> float:
         """lipcheck's certified norm of this circular conv (per-frequency SVDs, with its rounding margin)."""
-        geometry = ConvGeometry.default(self.spatial_dims, stride=self.stride, dilation=self.dilation,
-                                        groups=self.groups, input_size=self.input_length)  # fmt: skip
+        geometry = ConvGeometry.default(
+            self.spatial_dims,
+            stride=self.stride,
+            dilation=self.dilation,
+            groups=self.groups,
+            input_size=self.input_length,
+        )
         return conv_operator_norm(weight.detach().double(), geometry).value
 
     def exact_sigma(self, weight: torch.Tensor) -> torch.Tensor:
@@ -323,8 +346,9 @@ class CircularConvSpectralNorm(SpectralNormalisation):
         if not self.closed_form_adjoint:
             return _autograd_adjoint(self, weight, y)
         output_padding = tuple(s - 1 for s in self.stride)
-        x = _CONV_TRANSPOSE_FN[self.spatial_dims](y, weight, None, self.stride, 0, output_padding, self.groups,
-                                                  self.dilation)  # fmt: skip
+        x = _CONV_TRANSPOSE_FN[self.spatial_dims](
+            y, weight, None, self.stride, 0, output_padding, self.groups, self.dilation
+        )
         for axis in range(self.spatial_dims):  # the adjoint of the wrap-around: add the tail back onto the head
             shape = list(x.shape)
             shape[2 + axis] = self.input_length[axis]
@@ -482,8 +506,9 @@ def parametrize(
         shapes = _record_shapes(module, convs, _example(module, example_inputs, input_shape))
         missing = sorted(set(convs) - set(shapes))
         if missing:
-            raise ParametrizeError(f"these layers did not run on the example input, so their input size is unknown: "
-                             f"{', '.join(missing)}")  # fmt: skip
+            raise ParametrizeError(
+                f"these layers did not run on the example input, so their input size is unknown: {', '.join(missing)}"
+            )
     for name, layer in chosen.items():
         weight = layer.weight.detach()
         normalisation: SpectralNormalisation
@@ -495,8 +520,9 @@ def parametrize(
         elif conv_norm == "exact" or getattr(layer, "padding_mode", "zeros") != "zeros":
             # reflect / replicate / circular padding repeats entries: only the exact operator includes that
             in_shape, out_shape = shapes[name]
-            normalisation = ZeroPaddedConvSpectralNorm(layer, weight, in_shape, out_shape, target,
-                                                       n_power_iterations, eps)  # fmt: skip
+            normalisation = ZeroPaddedConvSpectralNorm(
+                layer, weight, in_shape, out_shape, target, n_power_iterations, eps
+            )
         else:
             normalisation = CircularConvSpectralNorm(
                 weight,

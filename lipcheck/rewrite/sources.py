@@ -90,8 +90,15 @@ class OnnxSource(WeightSource):
         seen = 0
         while value not in self.initializers and seen < 16:
             node = producers.get(value)
-            if node is None or node.op_type not in ("Transpose", "Reshape", "Identity", "Cast", "Squeeze",
-                                                    "Unsqueeze", "Flatten"):  # fmt: skip
+            if node is None or node.op_type not in (
+                "Transpose",
+                "Reshape",
+                "Identity",
+                "Cast",
+                "Squeeze",
+                "Unsqueeze",
+                "Flatten",
+            ):
                 return None
             value = node.input[0]
             seen += 1
@@ -118,8 +125,14 @@ class OnnxSource(WeightSource):
         model = self.model
         if self.external:
             model = copy.deepcopy(self.model)
-            onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=target.name + ".data", size_threshold=1024)  # fmt: skip
+            onnx.save_model(
+                model,
+                str(target),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=target.name + ".data",
+                size_threshold=1024,
+            )
         else:
             onnx.save_model(model, str(target))
 

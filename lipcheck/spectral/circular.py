@@ -56,7 +56,6 @@ MIN_CHUNK = 8  # but at least this many frequencies (large channel counts: fewer
 EIGEN_TOL = 1e-10
 
 
-
 def eigen_tol(order: int) -> float:
     """Tolerance of the Cholesky certificate for matrices of this order: ``EIGEN_TOL``, or 8 times
     Rump's relative shift (at most alpha * n) where that is larger, so that the test at

@@ -41,7 +41,6 @@ EXACT_BELOW = 2  # this many pending matrices or fewer go straight to the exact 
 SINGLE_MAX_MARGIN = 1e-2
 
 
-
 def rump_alpha(order: int, single: bool = False) -> float:
     """Relative factor of Rump's shift, ``c = alpha * trace(A)`` (+ underflow), made twice as large.
 
@@ -308,9 +307,7 @@ class RunningMaxEigenvalue:
             self.add_exact(mats[pending])
 
 
-def _test(
-    mats: torch.Tensor, mu: float, single_first: bool = True, workspace: Workspace | None = None
-) -> torch.Tensor:
+def _test(mats: torch.Tensor, mu: float, single_first: bool = True, workspace: Workspace | None = None) -> torch.Tensor:
     """``certify_below``, in single precision first where that is cheap and decisive enough."""
     if (
         not single_first
