@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "sample_models"))
 
+from lipcheck.pipeline import analyse  # noqa: E402
 from lipcheck.refine import lipsdp  # noqa: E402
-from lipcheck.report import analyse  # noqa: E402
 
 METHODS = ("product", "folded", "combettes-pesquet", "eclipse-fast", "lipsdp", "best")
 

@@ -195,7 +195,8 @@ t1 = time.perf_counter()
 from lipcheck.compose import compose
 from lipcheck.frontends import load_graph
 from lipcheck.passes import prepare
-from lipcheck.report import Report, resolve_device
+from lipcheck.pipeline import resolve_device
+from lipcheck.report import Report
 t2 = time.perf_counter()
 device = resolve_device("auto")
 graph = load_graph(sys.argv[1], [a.split("=", 1)[1] for a in sys.argv[2:] if a.startswith("--input-shape=")])

@@ -30,7 +30,7 @@ import numpy as np
 
 import lipcheck
 from lipcheck.errors import LipcheckError
-from lipcheck.rules.registry import LocalBound, RegisteredRule, RuleContext
+from lipcheck.ops import LocalBound, Op, RuleContext
 
 CACHE_FORMAT = "lipcheck.cache/1"
 
@@ -138,12 +138,12 @@ class LayerCache:
         self._digests: dict[str, str] = {}  # constant name -> digest, for that graph
 
     # -- keys
-    def key(self, ctx: RuleContext, registered: RegisteredRule) -> str:
+    def key(self, ctx: RuleContext, op: Op) -> str:
         node, graph = ctx.node, ctx.graph
         if graph is not self._graph:
             self._graph, self._digests = graph, {}
         digests = self._digests
-        inputs = []
+        inputs: list[dict[str, Any] | None] = []
         for index, name in enumerate(node.inputs):
             if not name:
                 inputs.append(None)
@@ -160,7 +160,7 @@ class LayerCache:
             "lipcheck": lipcheck.__version__,
             "code": code_fingerprint(),
             "device": ctx.device.type,
-            "rule": f"{registered.function.__module__}.{registered.function.__qualname__}",
+            "rule": f"{type(op).__module__}.{type(op).__qualname__}",
             "op": node.op,
             "attrs": _canonical(node.attrs),
             "folded": list(node.folded),
@@ -173,16 +173,16 @@ class LayerCache:
         return self.folder / key[:2] / f"{key}.json"
 
     # -- lookup and store
-    def bound(self, ctx: RuleContext, registered: RegisteredRule) -> LocalBound:
-        """The cached answer for this node, or the rule's (then stored)."""
-        key = self.key(ctx, registered)
+    def bound(self, ctx: RuleContext, op: Op) -> LocalBound:
+        """The cached answer for this node, or the op's rule's (then stored)."""
+        key = self.key(ctx, op)
         inputs_l = [float(v).hex() for v in ctx.input_lipschitz]
         found = self._read(key, inputs_l)
         if found is not None:
             self.stats.hits += 1
             return found
         self.stats.misses += 1
-        bound = registered.function(ctx)
+        bound = op.lipschitz(ctx)
         self._write(key, bound, inputs_l)
         return bound
 

@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lipcheck.errors import LipcheckError
+from lipcheck.options import parse_increase as parse_increase  # the gate's limits are options
+from lipcheck.options import parse_limit as parse_limit
 
-if TYPE_CHECKING:  # lipcheck.report imports torch: kept out of the way of fast config and usage errors
+if TYPE_CHECKING:
     from lipcheck.report import Report
 
 REL_TOLERANCE = 1e-9
@@ -58,38 +60,6 @@ def format_percent(fraction: float | None) -> str:
     if not math.isfinite(fraction):
         return "inf%"
     return f"{fraction * 100:.4g}%"
-
-
-def parse_increase(value: str | float | int, what: str = "--max-increase") -> float:
-    """'5%' or 0.05 (or '0.05') -> 0.05. A bare number is a fraction, so it must be <= 1 (write '150%')."""
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise LipcheckError(f"{what}: expected a percentage like 5% or a fraction like 0.05, got {value!r}")
-    text = str(value).strip()
-    percent = text.endswith("%")
-    try:
-        number = float(text[:-1].strip() if percent else text)
-    except ValueError:
-        raise LipcheckError(f"{what} {text!r}: expected a percentage like 5% or a fraction like 0.05") from None
-    if not math.isfinite(number) or number < 0:
-        raise LipcheckError(f"{what} {text!r}: must be a finite value >= 0")
-    if percent:
-        return number / 100
-    if number > 1:
-        raise LipcheckError(f"{what} {text!r}: a bare number is a fraction (0.05 = 5%); write {text}% if you meant it")
-    return number
-
-
-def parse_limit(value: Any, what: str) -> float:
-    """A threshold: a finite number >= 0."""
-    if isinstance(value, bool):
-        raise LipcheckError(f"{what}: expected a number, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise LipcheckError(f"{what}: expected a number, got {value!r}") from None
-    if not math.isfinite(number) or number < 0:
-        raise LipcheckError(f"{what}: expected a finite number >= 0, got {value!r}")
-    return number
 
 
 @dataclass(frozen=True)

@@ -62,23 +62,26 @@ class Graph:
             return constant_shape(self.constants, value)
         return self.shapes.get(value)
 
-    def live_nodes(self) -> list[Node]:
-        """Nodes that some graph output depends on, in topological order."""
-        producers = self.producers()
-        needed: set[str] = set()
-        stack = list(self.outputs)
-        seen_values: set[str] = set()
+    def needed_nodes(self, wanted: Iterable[str] | None = None, given: Iterable[str] = ()) -> list[Node]:
+        """The nodes that ``wanted`` values (default: the outputs) depend on, in topological order.
+
+        Values in ``given`` and constants need no node. One pass over the graph: linear time.
+        """
+        producers = {out: node for node in self.nodes for out in node.outputs if out}
+        given = set(given)
+        needed: set[int] = set()
+        stack = list(self.outputs if wanted is None else wanted)
+        seen: set[str] = set()
         while stack:
             value = stack.pop()
-            if value in seen_values:
+            if value in seen or value in given or value in self.constants:
                 continue
-            seen_values.add(value)
+            seen.add(value)
             node = producers.get(value)
-            if node is None or node.name in needed:
-                continue
-            needed.add(node.name)
-            stack.extend(v for v in node.inputs if v)
-        return [node for node in self.nodes if node.name in needed]
+            if node is not None and id(node) not in needed:
+                needed.add(id(node))
+                stack.extend(v for v in node.inputs if v)
+        return [node for node in self.nodes if id(node) in needed]
 
     def copy(self) -> Graph:
         """A copy that passes can rewrite without touching this graph (constant arrays are shared, not copied)."""
@@ -95,7 +98,7 @@ class Graph:
 
     def prune(self) -> None:
         """Drop nodes no output depends on (e.g. parts of a recognised pattern)."""
-        self.nodes = self.live_nodes()
+        self.nodes = self.needed_nodes()
 
     def __iter__(self) -> Iterator[Node]:
         return iter(self.nodes)

@@ -45,8 +45,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from lipcheck import ops
 from lipcheck.errors import LipcheckError
-from lipcheck.graph import Graph
+from lipcheck.graph import Graph, Node
 from lipcheck.interpret import GraphFunction, interpret
 
 DEFAULT_BUDGET = 1000
@@ -63,57 +64,11 @@ SECANT_WIDTHS = (1e-6, 1e-8)  # secant half-widths, relative to max(1, max |x|)
 NUDGE = 1e-9  # random move of the certified point, relative to max(1, max |x|)
 CERTIFY_CANDIDATES = 4
 
-PIECEWISE_LINEAR_OPS = {
-    "Relu",
-    "LeakyRelu",
-    "PRelu",
-    "Abs",
-    "Neg",
-    "Clip",
-    "HardSigmoid",
-    "Max",
-    "Min",
-    "MaxPool",
-    "GlobalMaxPool",
-    "ReduceMax",
-    "ReduceMin",
-    "Gemm",
-    "MatMul",
-    "Conv",
-    "ConvTranspose",
-    "BatchNormalization",
-    "Add",
-    "Sub",
-    "Sum",
-    "Mean",
-    "Mul",
-    "Div",
-    "AveragePool",
-    "GlobalAveragePool",
-    "ReduceMean",
-    "ReduceSum",
-    "Identity",
-    "Dropout",
-    "Flatten",
-    "Reshape",
-    "Squeeze",
-    "Unsqueeze",
-    "Transpose",
-    "DepthToSpace",
-    "SpaceToDepth",
-    "Slice",
-    "Split",
-    "Compress",
-    "Concat",
-    "Gather",
-    "Expand",
-    "Tile",
-    "Pad",
-    "Shape",
-    "Size",
-    "Cast",
-    "CastLike",
-}
+
+def _op_flag(node: Node, flag: str) -> bool:
+    """An op's flag (``kinked``, ``piecewise_linear``); False for an op lipcheck does not know."""
+    op = ops.get(node.op)
+    return op is not None and bool(getattr(op, flag))
 
 
 class LowerBoundError(LipcheckError):
@@ -168,17 +123,18 @@ class LowerBound:
 # Settings from the command line and files
 
 
-def parse_input_range(text: str) -> tuple[float, float]:
-    """'lo,hi' -> (lo, hi) with finite lo < hi."""
+def parse_input_range(text: str, prefix: str | None = None) -> tuple[float, float]:
+    """'lo,hi' -> (lo, hi) with finite lo < hi; errors start with ``prefix`` (default: the flag and the text)."""
+    prefix = prefix or f"--input-range {text!r}:"
     parts = text.split(",")
     try:
         lo, hi = (float(p) for p in parts) if len(parts) == 2 else (math.nan, math.nan)
     except ValueError:
         lo = hi = math.nan
     if not (math.isfinite(lo) and math.isfinite(hi)) or len(parts) != 2:
-        raise LowerBoundError(f"--input-range {text!r}: expected LO,HI with two finite numbers, e.g. 0,1 or -1,1")
+        raise LowerBoundError(f"{prefix} expected LO,HI with two finite numbers, e.g. 0,1 or -1,1")
     if not lo < hi:
-        raise LowerBoundError(f"--input-range {text!r}: LO must be below HI")
+        raise LowerBoundError(f"{prefix} LO must be below HI")
     return lo, hi
 
 
@@ -458,14 +414,26 @@ def lower_bound(
 def _search(
     graph: Graph, settings: LowerSettings, device: torch.device, layer_outputs: Mapping[str, str] | None
 ) -> LowerBound:
+    _check_settings(settings)
+    began = time.perf_counter()
+    fixed, data_starts = _search_shapes(graph, settings)
+    search = _Search(interpret(graph, dtype=torch.float64, device=device), fixed, settings, device)
+    screened = search.screen(search.starts(data_starts))
+    search.climb(screened)
+    return search.result(len(screened), layer_outputs, began)
+
+
+def _check_settings(settings: LowerSettings) -> None:
     if settings.budget < 1:
         raise LowerBoundError(f"--lower-budget {settings.budget}: must be at least 1")
     if settings.input_range is not None:
         lo, hi = settings.input_range
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise LowerBoundError(f"--input-range {lo},{hi}: expected finite LO < HI")
-    began = time.perf_counter()
-    dtype = torch.float64
+
+
+def _search_shapes(graph: Graph, settings: LowerSettings) -> tuple[dict[str, tuple[int, ...]], list[dict]]:
+    """Every input's full shape (from the graph, or completed by the --inputs samples), and those samples."""
     shapes = input_shapes_for_search(graph)
     data_starts: list[dict[str, np.ndarray]] = []
     if settings.inputs is not None:
@@ -479,128 +447,142 @@ def _search(
         raise LowerBoundError(
             f"the lower bound needs every input's full shape ({listed}); give --input-shape or --inputs"
         )
-    fixed: dict[str, tuple[int, ...]] = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
-    function = interpret(graph, dtype=dtype, device=device)
-    network = _FlatFunction(function, fixed, graph.outputs)
-    gen = torch.Generator(device="cpu").manual_seed(int(settings.seed))
-    n = network.dim
+    return {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}, data_starts  # type: ignore[arg-type]
 
-    def randn(*size: int) -> torch.Tensor:
-        return torch.randn(*size, generator=gen, dtype=dtype).to(device)
 
-    bounds = settings.input_range
+class _Search:
+    """One search: screen the starts, climb from the best, restart while budget remains, certify the best."""
 
-    def project(x: torch.Tensor) -> torch.Tensor:
-        return x if bounds is None else x.clamp(bounds[0], bounds[1])
+    def __init__(
+        self, function: GraphFunction, fixed: dict[str, tuple[int, ...]], settings: LowerSettings, device: torch.device
+    ):
+        self.function, self.fixed, self.settings, self.device = function, fixed, settings, device
+        self.network = _FlatFunction(function, fixed, function.graph.outputs)
+        self.gen = torch.Generator(device="cpu").manual_seed(int(settings.seed))
+        self.bounds = settings.input_range
+        self.n = self.network.dim
+        self.finalists: list[_Candidate] = []
+        self.scale = (self.bounds[1] - self.bounds[0]) if self.bounds is not None else 1.0
+        self.trial_cost = 4 + 2 * ASCENT_ITERATIONS
+        self.kinked = any(_op_flag(node, "kinked") for node in function.nodes)
 
-    starts: list[tuple[str, torch.Tensor]] = []
-    for i, sample in enumerate(data_starts):
-        flat = torch.cat([torch.as_tensor(sample[name], dtype=dtype).reshape(-1) for name in fixed]).to(device)
-        starts.append((f"data {i}", project(flat)))
-    if bounds is None:
-        starts.append(("zero", torch.zeros(n, dtype=dtype, device=device)))
-        starts += [(f"random {i}", randn(n)) for i in range(RANDOM_STARTS)]
-    else:
-        lo, hi = bounds
-        starts.append(("centre", torch.full((n,), (lo + hi) / 2, dtype=dtype, device=device)))
-        uniform = torch.rand(RANDOM_STARTS, n, generator=gen, dtype=dtype).to(device)
-        starts += [(f"random {i}", lo + (hi - lo) * uniform[i]) for i in range(RANDOM_STARTS)]
+    def randn(self, *size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=self.gen, dtype=torch.float64).to(self.device)
 
-    budget = settings.budget
-    screened: list[_Candidate] = []
-    for label, x in starts:
-        if screened and network.evaluations >= budget // 2:
-            break  # many samples: screen what half the budget allows
-        value, v = network.top_singular(x, _unit(randn(n)), SCREEN_ITERATIONS)
-        if math.isfinite(value) and value >= 0:
-            screened.append(_Candidate(value, x, v, label))
-    if not screened:
-        raise LowerBoundError("the network's Jacobian is not finite at any starting point")
-    screened.sort(key=lambda c: -c.value)
-    chosen = screened[:ASCENT_STARTS]
-    finalists: list[_Candidate] = list(screened[:CERTIFY_CANDIDATES])
-    scale = (bounds[1] - bounds[0]) if bounds is not None else 1.0
-    trial_cost = 4 + 2 * ASCENT_ITERATIONS
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.bounds is None else x.clamp(self.bounds[0], self.bounds[1])
 
-    kinked = any(node.op in ("Relu", "LeakyRelu", "PRelu") for node in function.nodes)
+    def starts(self, data_starts: list[dict[str, np.ndarray]]) -> list[tuple[str, torch.Tensor]]:
+        """The data samples, then zero (or the box's centre) and random points."""
+        n, found = self.n, []
+        for i, sample in enumerate(data_starts):
+            parts = [torch.as_tensor(sample[name], dtype=torch.float64).reshape(-1) for name in self.fixed]
+            found.append((f"data {i}", self.project(torch.cat(parts).to(self.device))))
+        if self.bounds is None:
+            found.append(("zero", torch.zeros(n, dtype=torch.float64, device=self.device)))
+            return found + [(f"random {i}", self.randn(n)) for i in range(RANDOM_STARTS)]
+        lo, hi = self.bounds
+        found.append(("centre", torch.full((n,), (lo + hi) / 2, dtype=torch.float64, device=self.device)))
+        uniform = torch.rand(RANDOM_STARTS, n, generator=self.gen, dtype=torch.float64).to(self.device)
+        return found + [(f"random {i}", lo + (hi - lo) * uniform[i]) for i in range(RANDOM_STARTS)]
 
-    def ascend(current: _Candidate, stop_at: int) -> None:
+    def screen(self, starts: list[tuple[str, torch.Tensor]]) -> list[_Candidate]:
+        """A few power iterations at each start, best first (many samples: what half the budget allows)."""
+        screened: list[_Candidate] = []
+        for label, x in starts:
+            if screened and self.network.evaluations >= self.settings.budget // 2:
+                break
+            value, v = self.network.top_singular(x, _unit(self.randn(self.n)), SCREEN_ITERATIONS)
+            if math.isfinite(value) and value >= 0:
+                screened.append(_Candidate(value, x, v, label))
+        if not screened:
+            raise LowerBoundError("the network's Jacobian is not finite at any starting point")
+        screened.sort(key=lambda c: -c.value)
+        self.finalists = list(screened[:CERTIFY_CANDIDATES])
+        return screened
+
+    def climb(self, screened: list[_Candidate]) -> None:
+        """Ascend from the best starts, sharing the budget; restart from random points while budget remains."""
+        budget, network = self.settings.budget, self.network
+        chosen = screened[:ASCENT_STARTS]
+        for index, candidate in enumerate(chosen):
+            self.ascend(candidate, network.evaluations + (budget - network.evaluations) // (len(chosen) - index))
+        restart = 0
+        while budget - network.evaluations >= 8 * self.trial_cost:  # the ascents collapsed early: restart
+            if self.bounds is None:
+                x = self.randn(self.n)
+            else:
+                uniform = torch.rand(self.n, generator=self.gen, dtype=torch.float64).to(self.device)
+                x = self.bounds[0] + (self.bounds[1] - self.bounds[0]) * uniform
+            value, v = network.top_singular(x, _unit(self.randn(self.n)), SCREEN_ITERATIONS)
+            restart += 1
+            if math.isfinite(value):
+                share = max((budget - network.evaluations) // 2, 8 * self.trial_cost)
+                self.ascend(_Candidate(value, x, v, f"restart {restart}"), network.evaluations + share)
+
+    def ascend(self, current: _Candidate, stop_at: int) -> None:
         """Normalised gradient steps while they pay, until PATIENCE failures in a row or the share is spent.
 
         With ReLUs the Jacobian is piecewise constant: the gradient comes from the smoothed network, and
         every second step of a failing streak explores a random direction."""
-        step = 0.25 * scale * math.sqrt(n)
+        network, n = self.network, self.n
+        step = 0.25 * self.scale * math.sqrt(n)
         failures = 0
-        while network.evaluations + trial_cost <= stop_at and failures < PATIENCE:
-            if kinked and failures % 2 == 1:
-                gradient = randn(n)
+        while network.evaluations + self.trial_cost <= stop_at and failures < PATIENCE:
+            if self.kinked and failures % 2 == 1:
+                gradient = self.randn(n)
             else:
-                gradient = network.ascent_direction(current.x, current.v, smooth=kinked)
+                gradient = network.ascent_direction(current.x, current.v, smooth=self.kinked)
             if not torch.isfinite(gradient).all() or float(gradient.norm()) <= 1e-12 * max(current.value, 1e-300):
-                gradient = randn(n)  # a locally constant Jacobian (piecewise-linear networks): explore
-            trial_x = project(current.x + step * _unit(gradient))
+                gradient = self.randn(n)  # a locally constant Jacobian (piecewise-linear networks): explore
+            trial_x = self.project(current.x + step * _unit(gradient))
             value, v = network.top_singular(trial_x, current.v, ASCENT_ITERATIONS)
             if math.isfinite(value) and value > current.value:
-                finalists.append(current)
+                self.finalists.append(current)
                 current = _Candidate(value, trial_x, v, current.start)
                 step *= 1.5
                 failures = 0
             else:
                 step *= 0.5
                 failures += 1
-        finalists.append(current)
+        self.finalists.append(current)
 
-    for index, candidate in enumerate(chosen):
-        ascend(candidate, network.evaluations + (budget - network.evaluations) // (len(chosen) - index))
-    restart = 0
-    while budget - network.evaluations >= 8 * trial_cost:  # budget left after the ascents collapsed: restart
-        if bounds is None:
-            x = randn(n)
-        else:
-            x = bounds[0] + (bounds[1] - bounds[0]) * torch.rand(n, generator=gen, dtype=dtype).to(device)
-        value, v = network.top_singular(x, _unit(randn(n)), SCREEN_ITERATIONS)
-        restart += 1
-        if math.isfinite(value):
-            ascend(
-                _Candidate(value, x, v, f"restart {restart}"),
-                network.evaluations + max((budget - network.evaluations) // 2, 8 * trial_cost),
-            )
+    def result(self, starts: int, layer_outputs: Mapping[str, str] | None, began: float) -> LowerBound:
+        """The best finalist certified, and the per-layer lower bounds at its point."""
+        network, settings = self.network, self.settings
+        self.finalists.sort(key=lambda c: -c.value)
+        iterations = min(50, max(2 * SCREEN_ITERATIONS, settings.budget // 20))
+        best = _certify(network, self.finalists[:CERTIFY_CANDIDATES], self.bounds, self.gen, iterations)
+        certified, check, x_certified, v_certified, best_start = best
+        layers: dict[str, float] = {}
+        if settings.per_layer and layer_outputs:
+            for layer, value_name in layer_outputs.items():
+                found, spent = _layer_bound(self.function, self.fixed, value_name, x_certified, v_certified)
+                network.evaluations += spent
+                if found is not None:
+                    layers[layer] = found
+        return LowerBound(
+            value=certified,
+            start=best_start,
+            point=self.unflatten(x_certified),
+            direction=self.unflatten(v_certified),
+            check=check,
+            evaluations=network.evaluations,
+            seconds=time.perf_counter() - began,
+            seed=int(settings.seed),
+            budget=settings.budget,
+            starts=starts,
+            input_range=self.bounds,
+            piecewise_linear=all(_op_flag(node, "piecewise_linear") for node in self.function.nodes),
+            layers=layers,
+        )
 
-    finalists.sort(key=lambda c: -c.value)
-    iterations = min(50, max(2 * SCREEN_ITERATIONS, budget // 20))
-    certified, check, x_certified, v_certified, best_start = _certify(
-        network, finalists[:CERTIFY_CANDIDATES], bounds, gen, iterations
-    )
-    layers: dict[str, float] = {}
-    if settings.per_layer and layer_outputs:
-        for layer, value_name in layer_outputs.items():
-            found, spent = _layer_bound(function, fixed, value_name, x_certified, v_certified)
-            network.evaluations += spent
-            if found is not None:
-                layers[layer] = found
-    point = {
-        name: part.reshape(shape).cpu().numpy()
-        for (name, shape), part in zip(fixed.items(), torch.split(x_certified, network.sizes), strict=True)
-    }
-    direction = {
-        name: part.reshape(shape).cpu().numpy()
-        for (name, shape), part in zip(fixed.items(), torch.split(v_certified, network.sizes), strict=True)
-    }
-    return LowerBound(
-        value=certified,
-        start=best_start,
-        point=point,
-        direction=direction,
-        check=check,
-        evaluations=network.evaluations,
-        seconds=time.perf_counter() - began,
-        seed=int(settings.seed),
-        budget=budget,
-        starts=len(screened),
-        input_range=bounds,
-        piecewise_linear=all(node.op in PIECEWISE_LINEAR_OPS for node in function.nodes),
-        layers=layers,
-    )
+    def unflatten(self, flat: torch.Tensor) -> dict[str, np.ndarray]:
+        parts = torch.split(flat, self.network.sizes)
+        return {
+            name: part.reshape(shape).cpu().numpy()
+            for (name, shape), part in zip(self.fixed.items(), parts, strict=True)
+        }
 
 
 def _nudged(x: torch.Tensor, bounds: tuple[float, float] | None, gen: torch.Generator, t: float) -> torch.Tensor:

@@ -11,7 +11,7 @@ import sys
 import time
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 
 def progress_wanted(json_output: bool, stream=None) -> bool:
@@ -31,7 +31,7 @@ class LayerProgress:
         self.console = console or Console(stderr=True, no_color=no_color or None, highlight=False)
         self._started = time.monotonic()  # loading the model counts towards the delay
         self._progress: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
 
     def __call__(self, done: int, total: int, name: str) -> None:
         if done >= total:
@@ -51,7 +51,8 @@ class LayerProgress:
             )
             self._progress.start()
             self._task = self._progress.add_task(self.label, total=total, layer=name)
-        self._progress.update(self._task, completed=done, layer=name)
+        if self._task is not None:
+            self._progress.update(self._task, completed=done, layer=name)
 
     @property
     def shown(self) -> bool:

@@ -1,28 +1,46 @@
 """The report: what ``lipcheck report`` computes, as plain data, and its versioned JSON schema.
 
-This module has no presentation code; tables and text live in ``lipcheck.render``.
+It is made by ``lipcheck.pipeline``; tables and text live in ``lipcheck.render`` and ``lipcheck.formats``.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 import lipcheck
-from lipcheck.compose import Composition, LayerResult, ProgressCallback, UnboundedReason, compose
-from lipcheck.frontends import load_model
-from lipcheck.graph import Graph, Shape
-from lipcheck.passes import prepare
+from lipcheck.graph import Shape
 
 if TYPE_CHECKING:
-    from lipcheck.cache import LayerCache
-    from lipcheck.frontends.torch_frontend import TorchOptions, WeightTensors
-    from lipcheck.lower import LowerBound, LowerSettings
+    from lipcheck.lower import LowerBound
+
+
+@dataclass
+class LayerResult:
+    """One node's line in the report."""
+
+    name: str
+    op: str
+    input_shape: Shape | None  # of the first input that depends on the network input
+    output_shape: Shape | None
+    lipschitz: float  # the local constant (inf when not globally Lipschitz)
+    method: str
+    certified: bool
+    exact: bool
+    running: float  # L of the node's output w.r.t. the network input
+    folded: list[str] = field(default_factory=list)
+    reason: str | None = None
+    assumed: bool = False
+    refined_by: str | None = None  # a chain bound (lipcheck.refine) replaced the product at this node
+
+
+@dataclass
+class UnboundedReason:
+    node: str
+    op: str
+    reason: str
+
 
 SCHEMA = "lipcheck.report/1"
 NO_ARCHITECTURE = "no architecture"
@@ -132,98 +150,3 @@ def _layer_dict(layer: LayerResult) -> dict[str, Any]:
         **({"reason": layer.reason} if layer.reason else {}),
         **({"refined_by": layer.refined_by} if layer.refined_by else {}),
     }
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' picks CUDA when torch sees a GPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        from lipcheck.errors import LipcheckError
-
-        raise LipcheckError("--device cuda: torch sees no CUDA device")
-    return torch.device(device)
-
-
-def analyse(
-    path: str | os.PathLike[str],
-    input_shapes: list[str] | tuple[str, ...] = (),
-    assume: dict[str, float] | None = None,
-    device: str = "auto",
-    torch_options: TorchOptions | None = None,
-    lower: bool | LowerSettings = False,
-    max_memory: int | None = None,
-    cache: str | os.PathLike[str] | LayerCache | None = None,
-    progress: ProgressCallback | None = None,
-    method: str = "best",
-) -> Report:
-    """Load a model file and compute its certified Lipschitz report (the library entry point).
-
-    ``torch_options`` carries what PyTorch files may need: ``--model`` for a bare state_dict, and
-    whether a pickle is trusted. ``lower``: also search for an empirical lower bound (True for the
-    default settings, or a ``lipcheck.lower.LowerSettings``); the report then holds ``lower_bound``
-    and the bracket. ``max_memory``: bytes of memory to stay within (weights are then read a layer at
-    a time); ``cache``: a folder (or ``LayerCache``) of per-layer results reused across runs;
-    ``progress``: see ``compose``. ``method``: best (default), product, folded, combettes-pesquet,
-    eclipse-fast, lipsdp or all (see ``lipcheck.refine``); the report's ``upper_bound`` is the smallest
-    certified bound computed.
-    """
-    from lipcheck.refine import refine
-
-    torch_device = resolve_device(device)
-    layer_cache = None
-    if cache is not None:
-        from lipcheck.cache import LayerCache
-
-        layer_cache = cache if isinstance(cache, LayerCache) else LayerCache(cache)
-    graph = load_model(path, input_shapes, torch_options, max_memory=max_memory)
-    if not isinstance(graph, Graph):
-        return weights_report(graph, torch_device)
-    loaded = graph.copy() if lower else None
-    prepare(graph)
-    rule_cache: dict = {}
-    product: Composition = compose(
-        graph, assume=assume, device=torch_device, progress=progress, cache=layer_cache, rule_cache=rule_cache
-    )
-    refined = refine(graph, product, method, assume=assume, device=torch_device, cache=rule_cache)
-    composition = refined.composition
-    result = Report(
-        model=Path(path).name,
-        upper_bound=composition.upper_bound,
-        layers=composition.layers,
-        unbounded_reasons=composition.unbounded,
-        input_shapes={name: graph.shape(name) or () for name in graph.inputs},
-        assumptions=composition.assumptions,
-        device=str(torch_device),
-        bound_method=refined.bound_method,
-        method_bounds=refined.method_bounds,
-        chains=refined.chains,
-    )
-    if loaded is not None:
-        from lipcheck.lower import LowerSettings, lower_bound
-
-        settings = lower if isinstance(lower, LowerSettings) else LowerSettings()
-        outputs = {node.name: node.outputs[0] for node in graph.nodes if node.outputs and node.outputs[0]}
-        shown = {layer.name: outputs[layer.name] for layer in composition.layers if layer.name in outputs}
-        result.lower = lower_bound(loaded, settings, torch_device, shown)
-        result.lower_bound = result.lower.value
-    return result
-
-
-def weights_report(weights: WeightTensors, device: torch.device) -> Report:
-    """A state_dict without its architecture: every weight's certified norm, and no network bound."""
-    from lipcheck.weights import weight_norms
-
-    reason = (
-        f"{weights.source} holds weights only; a network bound needs the architecture: "
-        "pass --model package.module:factory and --input-shape"
-    )
-    return Report(
-        model=weights.name,
-        upper_bound=None,
-        layers=weight_norms(weights.tensors, device),
-        unbounded_reasons=[UnboundedReason("(whole model)", NO_ARCHITECTURE, reason)],
-        input_shapes={},
-        device=str(device),
-        scope="weights",
-    )

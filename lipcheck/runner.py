@@ -11,10 +11,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lipcheck.config import ModelConfig, Settings
+from lipcheck.config import ModelConfig
 from lipcheck.errors import LipcheckError
 from lipcheck.files import write_new_file
-from lipcheck.gate import Baseline, GateOptions, ModelRun, display_path, evaluate, load_baseline
+from lipcheck.gate import Baseline, ModelRun, display_path, evaluate, load_baseline
+from lipcheck.options import Settings
 
 
 def report_document(run: ModelRun) -> dict[str, Any]:
@@ -30,40 +31,17 @@ def json_text(data: dict[str, Any]) -> str:
     return json.dumps(data, indent=2) + "\n"
 
 
-def gate_options(settings: Settings, baseline: Baseline | None) -> GateOptions:
-    return GateOptions(
-        fail_above=settings.fail_above,
-        layer_fail_above=settings.layer_fail_above,
-        allow_unbounded=settings.allow_unbounded,
-        baseline=baseline,
-        max_increase=settings.max_increase,
-    )
-
-
 def analyse_and_gate(
     path: Path, settings: Settings, baseline: Baseline | None, shown: str, progress: Any = None
 ) -> ModelRun:
     """Analyse one model and apply its gate; raises LipcheckError for the user's errors.
 
     ``progress``: a ``lipcheck.compose.ProgressCallback`` (the CLI's progress bar)."""
-    from lipcheck.frontends.torch_frontend import TorchOptions
-    from lipcheck.report import analyse
+    from lipcheck.pipeline import analyse_with
 
-    torch_options = TorchOptions(settings.model, settings.model_kwargs, settings.trust_pickle)
-    report = analyse(
-        path,
-        input_shapes=list(settings.input_shape),
-        assume=dict(settings.assume),
-        device=settings.device,
-        torch_options=torch_options,
-        **({"lower": settings.lower} if settings.lower is not None else {}),
-        max_memory=settings.max_memory,
-        cache=settings.cache,
-        progress=progress,
-        method=settings.method,
-    )
+    report = analyse_with(path, settings, progress)
     run = ModelRun(shown, report)
-    run.gate = evaluate(report.to_dict(), gate_options(settings, baseline))
+    run.gate = evaluate(report.to_dict(), settings.gate_options(baseline))
     return run
 
 

@@ -13,7 +13,9 @@ from collections.abc import Mapping
 
 import torch
 
-from lipcheck.compose import LayerResult
+from lipcheck.ops.conv import Conv
+from lipcheck.ops.linear import MatMul
+from lipcheck.report import LayerResult
 from lipcheck.spectral import ConvGeometry, conv_operator_norm, dense_sigma_max
 
 
@@ -31,12 +33,12 @@ def weight_norms(tensors: Mapping[str, torch.Tensor], device: torch.device | str
         weight = tensor.detach().to(device=device, dtype=torch.float64)
         if weight.dim() == 2:
             found = dense_sigma_max(weight)
-            op, method = "MatMul", found.method
+            op, method = MatMul.name, found.method
         else:
             d = weight.dim() - 2
             geometry = ConvGeometry(stride=(1,) * d, dilation=(1,) * d, pads=(0,) * (2 * d), groups=1, input_size=None)
             found = conv_operator_norm(weight, geometry)
-            op, method = "Conv", f"any stride/padding/size: {found.method.removeprefix('size-independent: ')}"
+            op, method = Conv.name, f"any stride/padding/size: {found.method.removeprefix('size-independent: ')}"
         rows.append(
             LayerResult(
                 name=layer_name(key),

@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, SAMPLES, assert_close_json
-
-GOLDEN = Path(__file__).parent / "golden"
-UPDATE = bool(os.environ.get("LIPCHECK_UPDATE_GOLDEN"))
+from tests.golden_files import GOLDEN, UPDATE, rewrite, write_or_compare
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -25,10 +23,7 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]
 
 
 def check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if UPDATE:
-        path.write_text(text)
-    assert text == path.read_text()
+    write_or_compare(GOLDEN / name, text)
 
 
 @pytest.mark.parametrize("model", ["cnn_bn.onnx", "gated.onnx"])
@@ -45,7 +40,7 @@ def test_json_golden(model: str) -> None:
     data = json.loads(result.stdout)
     golden = GOLDEN / model.replace(".onnx", ".json")
     if UPDATE:
-        golden.write_text(result.stdout)
+        rewrite(golden, result.stdout)
     expected = json.loads(golden.read_text())
     data["lipcheck_version"] = expected["lipcheck_version"]
     assert_close_json(data, expected)

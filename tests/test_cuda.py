@@ -16,7 +16,7 @@ import torch
 from lipcheck.frontends import load_graph
 from lipcheck.interpret import interpret
 from lipcheck.lower import LowerSettings, lower_bound
-from lipcheck.report import analyse
+from lipcheck.pipeline import analyse
 from lipcheck.spectral import (
     ConvGeometry,
     circular_conv_norm,
@@ -30,7 +30,7 @@ from tests.conftest import ROOT, SAMPLE_MODELS, SAMPLES
 from tests.jacobian import brute_force_norm
 from tests.test_spectral import _fft_reference, hermitian_psd, randn
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 AGREE = 1e-6  # issue 7: CPU and GPU results agree within this (relative)
 

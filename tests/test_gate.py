@@ -37,7 +37,8 @@ from lipcheck.gate import (
 )
 from lipcheck.schemas import CHECK, REPORT, load_schema
 from tests.conftest import ROOT, SAMPLES, assert_close_json
-from tests.test_cli import GOLDEN, UPDATE, check_golden
+from tests.golden_files import GOLDEN, UPDATE, rewrite
+from tests.test_cli import check_golden
 
 jsonschema = pytest.importorskip("jsonschema")
 from referencing import Registry, Resource  # noqa: E402  (installed with jsonschema)
@@ -84,7 +85,7 @@ def validate_sarif(data: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def cnn() -> Any:
-    from lipcheck.report import analyse
+    from lipcheck.pipeline import analyse
 
     return analyse(SAMPLES / "cnn_bn.onnx", device="cpu")
 
@@ -141,7 +142,7 @@ def test_report_gate_fails_json_golden_and_stderr(workdir: Path) -> None:
     validate_report(data)
     golden = GOLDEN / "gate_cnn_bn.json"
     if UPDATE:
-        golden.write_text(result.stdout)
+        rewrite(golden, result.stdout)
     expected = json.loads(golden.read_text())
     data["lipcheck_version"] = expected["lipcheck_version"]
     assert_close_json(data, expected)
@@ -192,7 +193,7 @@ def test_report_sarif_file_and_markdown_step_summary_golden(workdir: Path) -> No
     validate_sarif(data)
     golden = GOLDEN / "gate_cnn_bn.sarif"
     if UPDATE:
-        golden.write_text((workdir / "out.sarif").read_text())
+        rewrite(golden, (workdir / "out.sarif").read_text())
     expected = json.loads(golden.read_text())
     for log in (data, expected):
         log["runs"][0]["tool"]["driver"]["version"] = log["runs"][0]["tool"]["driver"]["semanticVersion"] = "X"

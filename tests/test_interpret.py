@@ -16,8 +16,8 @@ import torch
 from lipcheck.frontends import load_graph
 from lipcheck.graph import Graph, Node
 from lipcheck.interpret import GraphFunction, UninterpretableOpsError, interpret, interpreted_ops
+from lipcheck.ops import registered_rules
 from lipcheck.passes import prepare
-from lipcheck.rules import registered_rules
 from tests.conftest import SAMPLE_MODELS, SAMPLES
 from tests.onnx_builders import Runner, model, node, rng_for, save
 from tests.test_rules import ACTIVATIONS, DECOMPOSED, LINEAR, NOT_LIPSCHITZ, VECTOR, _outputs

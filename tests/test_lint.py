@@ -1,4 +1,5 @@
-"""The code base stays ruff-clean (part of the suite so CI and users run the same check)."""
+"""The code base stays ruff-clean and ruff-formatted (part of the suite, so CI and users run the same checks;
+the repository's .pre-commit-config.yaml runs them before a commit)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,20 @@ import pytest
 from tests.conftest import ROOT
 
 
+def _tool(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed (pip install -e '.[test]')")
+    return found
+
+
 def test_ruff_clean() -> None:
-    ruff = shutil.which("ruff")
-    if ruff is None:
-        pytest.skip("ruff is not installed (pip install -e '.[test]')")
-    result = subprocess.run([ruff, "check", "."], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([_tool("ruff"), "check", "."], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_formatted() -> None:
+    result = subprocess.run(
+        [_tool("ruff"), "format", "--check", "."], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr

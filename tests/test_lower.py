@@ -16,7 +16,7 @@ from lipcheck.frontends import load_graph
 from lipcheck.graph import Graph, Node
 from lipcheck.interpret import UninterpretableOpsError
 from lipcheck.lower import LowerBoundError, LowerSettings, load_starts, lower_bound, parse_input_range
-from lipcheck.report import analyse
+from lipcheck.pipeline import analyse
 from lipcheck.schemas import REPORT, load_schema
 from tests.conftest import ROOT, SAMPLE_MODELS, SAMPLES
 from tests.jacobian import brute_force_norm

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lipcheck.frontends.torch_frontend import TorchOptions
-from lipcheck.report import analyse
+from lipcheck.pipeline import analyse
 from lipcheck.rewrite.normalize import NormalizeOptions, normalize
 from tests.conftest import ROOT, SAMPLES
 from tests.test_torch_frontend import run_cli

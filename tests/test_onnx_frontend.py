@@ -25,7 +25,7 @@ from torch.autograd import forward_ad
 from torch.nn import functional as F
 
 from lipcheck.errors import InputShapeError, ModelLoadError
-from lipcheck.report import analyse
+from lipcheck.pipeline import analyse
 
 torch.set_num_threads(2)
 

@@ -27,11 +27,11 @@ import torch
 from lipcheck.compose import compose
 from lipcheck.frontends import load_graph
 from lipcheck.passes import prepare
+from lipcheck.pipeline import analyse
 from lipcheck.refine import Slope, find_chains
 from lipcheck.refine.affine import CertifiedMatrix, apply_segment, segment_operator
 from lipcheck.refine.bounds import combettes_pesquet_bound, eclipse_fast_bound, folded_bound, min_eigenvalue_lower
 from lipcheck.refine.lipsdp import lipsdp_bound
-from lipcheck.report import analyse
 from lipcheck.schemas import REPORT, load_schema
 from tests.conftest import SAMPLES
 from tests.onnx_builders import Runner, model, node, ort_jacobian, rng_for, save, sigma_max

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from lipcheck.frontends.torch_frontend import TorchOptions
-from lipcheck.report import analyse
+from lipcheck.pipeline import analyse
 from tests.conftest import SAMPLES
 from tests.golden_files import GOLDEN, write_or_compare
 

@@ -25,9 +25,12 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
+from lipcheck import ops
 from lipcheck.errors import UnsupportedOpsError
-from lipcheck.report import Report, analyse
-from lipcheck.rules import LocalBound, registered_rules, rule
+from lipcheck.frontends import load_graph
+from lipcheck.ops import LocalBound, registered_rules, rule
+from lipcheck.pipeline import analyse
+from lipcheck.report import Report
 from tests.onnx_builders import (
     Runner,
     circular_embedding_norm,
@@ -864,6 +867,10 @@ ACTIVATIONS = [
     ),
     Activation("softplus", "Softplus", _softplus),
     Activation("mish", "Mish", lambda t: t * torch.tanh(_softplus(t)), opset=18),
+    Activation("swish", "Swish", lambda t: t * torch.sigmoid(t), opset=24),
+    Activation("swish-2.5", "Swish", lambda t: t * torch.sigmoid(f32(2.5) * t), {"alpha": 2.5}, opset=24),
+    Activation("swish--0.4", "Swish", lambda t: t * torch.sigmoid(f32(-0.4) * t), {"alpha": -0.4}, opset=24),
+    Activation("swish-0", "Swish", lambda t: t * 0.5, {"alpha": 0.0}, opset=24),
     Activation(
         "clip", "Clip", _clip(-1.0, 2.0), consts={"lo": np.array(-1.0, np.float32), "hi": np.array(2.0, np.float32)}
     ),
@@ -907,6 +914,31 @@ def test_activation_constant_is_max_slope(case: Activation, tmp_path) -> None:
     assert layer.certified and report.upper_bound == layer.lipschitz
     assert layer.lipschitz >= numeric * (1 - 1e-9), f"{case.id}: {layer.lipschitz} < max slope {numeric}"
     assert layer.lipschitz <= numeric * (1 + SLOPE_TOL), f"{case.id}: {layer.lipschitz} vs max slope {numeric}"
+
+
+def slope_range(formula: Callable[[torch.Tensor], torch.Tensor], h: float = 1e-5) -> tuple[float, float]:
+    """(min f', max f') over GRID by central differences in float64."""
+    t = torch.as_tensor(GRID, dtype=T64)
+    quotients = (formula(t + h) - formula(t - h)) / (2 * h)
+    return float(quotients.min()), float(quotients.max())
+
+
+@pytest.mark.parametrize("case", ACTIVATIONS, ids=lambda c: c.id)
+def test_activation_slope_interval_holds_every_derivative(case: Activation, tmp_path) -> None:
+    """The chain bounds' slope facet: every f'(x) (hence every difference quotient) lies in [low, high]."""
+    proto = model(
+        [node(case.op, ["x", *case.consts], ["y"], **case.attrs)], {"x": ["N"]}, ["y"], case.consts, opset=case.opset
+    )
+    graph = load_graph(save(proto, tmp_path), ["16"])
+    (layer,) = graph.nodes
+    op = ops.get(layer.op)
+    slope = op.slope(layer, graph) if op is not None else None
+    if slope is None:
+        pytest.skip(f"{case.op} has no slope interval (not used in chain bounds)")
+    low, high = slope_range(case.formula)
+    tolerance = 1e-7 * max(1.0, abs(low), abs(high))
+    assert slope.low <= low + tolerance and high <= slope.high + tolerance, (case.id, slope, low, high)
+    assert slope.lipschitz >= max(abs(low), abs(high)) - tolerance
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-import lipcheck.rules.linear as linear_rules
+import lipcheck.ops.conv as linear_rules
 from lipcheck.cache import LayerCache, code_fingerprint
 from lipcheck.compose import compose
 from lipcheck.frontends.onnx_frontend import load_onnx_model, onnx_to_graph
@@ -24,7 +24,7 @@ from lipcheck.memory import (
     working_memory,
 )
 from lipcheck.passes import prepare
-from lipcheck.report import analyse
+from lipcheck.pipeline import analyse
 from tests.onnx_builders import model, node, rng_for
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +269,8 @@ def test_cache_key_changes_with_device_shape_weights_and_code(tmp_path: Path, mo
     import torch
 
     import lipcheck.cache as cache_module
-    from lipcheck.rules import RuleContext, get_rule
+    from lipcheck.ops import RuleContext
+    from lipcheck.ops import get as get_rule
 
     path = _save_external(_weights(), tmp_path / "m")
     graph = onnx_to_graph(load_onnx_model(path, load_weights=False), base_dir=path.parent)

@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from lipcheck.report import analyse
+from lipcheck.pipeline import analyse
 from tests.conftest import SAMPLE_MODELS, SAMPLES
 
 

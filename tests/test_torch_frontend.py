@@ -31,7 +31,7 @@ from lipcheck.frontends.torch_frontend import (
 )
 from lipcheck.graph import Graph
 from lipcheck.passes import prepare
-from lipcheck.report import analyse
+from lipcheck.pipeline import analyse
 from tests.conftest import ROOT, SAMPLES
 from tests.torch_nets import FunctionalForms, ParityNet, WithSort, make_parity_net
 

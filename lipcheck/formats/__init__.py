@@ -8,8 +8,19 @@ summary lines live in ``lipcheck.render``; JSON documents in ``lipcheck.runner``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 from lipcheck.gate import Finding, ModelRun, format_number
+
+
+class Format(str, Enum):
+    """What ``lipcheck report`` and ``lipcheck check`` write."""
+
+    table = "table"  # for people (lipcheck.render)
+    json = "json"  # the versioned report schema (lipcheck.runner)
+    markdown = "markdown"  # pull-request comments and job summaries
+    github = "github"  # GitHub Actions workflow commands
+    sarif = "sarif"  # SARIF 2.1.0, for code scanning
 
 
 @dataclass(frozen=True)
@@ -98,7 +109,7 @@ class Annotation:
     finding: Finding | None = None
 
 
-def annotations(run: ModelRun) -> list[Annotation]:
+def findings(run: ModelRun) -> list[Annotation]:
     """Errors and warnings of one run: gate failures, gate warnings, load errors, and (without a gate) an
     unbounded network as a warning."""
     if run.error is not None:

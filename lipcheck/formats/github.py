@@ -8,7 +8,7 @@ title would start a new property.
 
 from __future__ import annotations
 
-from lipcheck.formats import annotations, summary_line
+from lipcheck.formats import findings, summary_line
 from lipcheck.gate import ModelRun
 
 
@@ -30,7 +30,7 @@ def render_github(runs: list[ModelRun]) -> str:
     """One command per failure, warning and error; a notice with the bound for every model analysed."""
     lines = []
     for run in runs:
-        for note in annotations(run):
+        for note in findings(run):
             lines.append(
                 workflow_command(
                     note.level, f"{run.path}: {note.message}", file=run.path, title=f"lipcheck: {note.rule.title}"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
-from lipcheck.formats import annotations
+from lipcheck.formats import findings
 from lipcheck.formats.methods import method_note
 from lipcheck.gate import REL_TOLERANCE, GateResult, ModelRun, format_number, format_percent
+from lipcheck.report import LayerResult, Report
 
 ICONS = {"pass": "✅", "fail": "❌", "error": "❗", "ok": "ℹ️"}
 _ESCAPED = set("\\`*_{}[]<|~#")
@@ -75,6 +76,21 @@ def _model_section(run: ModelRun, heading: str) -> list[str]:
         return lines
     report = run.report
     assert report is not None
+    lines += [_verdict_sentence(report), ""]
+    if report.lower is not None:
+        lines += [_lower_sentence(report), ""]
+    gate = run.gate
+    if gate is not None and gate.options.active:
+        lines += [_gate_sentence(gate), ""]
+    notes = findings(run)
+    if notes:
+        lines += [f"- {'❌' if note.level == 'error' else '⚠️'} {text(note.message)}" for note in notes]
+        lines.append("")
+    return lines + _layer_table(report, gate if gate is not None and gate.options.baseline is not None else None)
+
+
+def _verdict_sentence(report: Report) -> str:
+    """The bound (or why there is none), with the input shapes and the method that gave it."""
     shapes = ", ".join(
         f"{name} [{','.join('?' if d is None else str(d) for d in shape)}]"
         for name, shape in report.input_shapes.items()
@@ -87,30 +103,22 @@ def _model_section(run: ModelRun, heading: str) -> list[str]:
             line += f"; not certified: assumes {text(listed)}"
         if method_note(report):
             line += f"; {text(method_note(report))}"
-        lines.append(line + ".")
-    elif report.scope == "weights":
-        lines.append(
+        return line + "."
+    if report.scope == "weights":
+        return (
             f"**No network bound**: {text(report.unbounded_reasons[0].reason)}. "
             "Each row is one weight tensor's certified norm."
         )
-    else:
-        nodes = ", ".join(f"{code(r.node)} ({text(r.op)}: {text(r.reason)})" for r in report.unbounded_reasons)
-        lines.append(f"**Not globally Lipschitz**: {nodes}.")
-    lines.append("")
-    if report.lower is not None:
-        lines += [_lower_sentence(report), ""]
-    gate = run.gate
-    if gate is not None and gate.options.active:
-        lines += [_gate_sentence(gate), ""]
-    notes = annotations(run)
-    if notes:
-        lines += [f"- {'❌' if note.level == 'error' else '⚠️'} {text(note.message)}" for note in notes]
-        lines.append("")
-    with_baseline = gate is not None and gate.options.baseline is not None
-    lines += [f"<details><summary>{len(report.layers)} layers</summary>", ""]
+    nodes = ", ".join(f"{code(r.node)} ({text(r.op)}: {text(r.reason)})" for r in report.unbounded_reasons)
+    return f"**Not globally Lipschitz**: {nodes}."
+
+
+def _layer_table(report: Report, gate: GateResult | None) -> list[str]:
+    """The layers in a collapsed table (with the baseline's values when ``gate`` compared with one)."""
+    lines = [f"<details><summary>{len(report.layers)} layers</summary>", ""]
     header = ["#", "layer", "op", "local L"]
     align = ["--:", "---", "---", "--:"]
-    if with_baseline:
+    if gate is not None:
         header += ["baseline", "change"]
         align += ["--:", "--:"]
     header += ["method", "cert.", "running L"]
@@ -121,29 +129,29 @@ def _model_section(run: ModelRun, heading: str) -> list[str]:
         align.append("--:")
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for i, layer in enumerate(report.layers, 1):
-        if layer.assumed:
-            cert = "assumed"
-        elif not math.isfinite(layer.lipschitz):
-            cert = "–"
-        else:
-            cert = "exact" if layer.exact else "yes"
         row = [str(i), code(layer.name), text(layer.op), format_number(layer.lipschitz)]
-        if with_baseline:
-            assert gate is not None
+        if gate is not None:
             comparison = gate.comparison(layer.name)
             if comparison is None:
                 row += ["–", "new"]
             else:
                 row += [format_number(comparison.baseline), _signed_percent(comparison.increase)]
-        row += [text(layer.reason or layer.method), cert, format_number(layer.running)]
+        row += [text(layer.reason or layer.method), _certainty(layer), format_number(layer.running)]
         if lower_layers is not None:
             found = lower_layers.get(layer.name)
             row.append("–" if found is None else format_number(found))
         lines.append("| " + " | ".join(row) + " |")
-    if with_baseline and gate is not None and gate.missing_layers:
+    if gate is not None and gate.missing_layers:
         lines += ["", "Baseline layers no longer in the model: " + ", ".join(code(n) for n in gate.missing_layers)]
-    lines += ["", "</details>", ""]
-    return lines
+    return lines + ["", "</details>", ""]
+
+
+def _certainty(layer: LayerResult) -> str:
+    if layer.assumed:
+        return "assumed"
+    if not math.isfinite(layer.lipschitz):
+        return "–"
+    return "exact" if layer.exact else "yes"
 
 
 def render_markdown(runs: list[ModelRun]) -> str:

@@ -15,7 +15,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import lipcheck
-from lipcheck.formats import RULES, annotations
+from lipcheck.formats import RULES, findings
 from lipcheck.gate import ModelRun
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
@@ -50,7 +50,7 @@ def sarif_log(runs: list[ModelRun]) -> dict[str, Any]:
     index = {rule.id: i for i, rule in enumerate(RULES)}
     results = []
     for run in runs:
-        for note in annotations(run):
+        for note in findings(run):
             finding = note.finding
             layer = finding.layer if finding is not None else None
             # numbers change from run to run and must not make a new alert; which layers changed may

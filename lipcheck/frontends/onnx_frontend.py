@@ -18,7 +18,8 @@ import contextlib
 import functools
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,14 @@ from lipcheck.graph import (
     unique_name,
 )
 from lipcheck.memory import current_rss, plan_memory
+from lipcheck.ops.spatial import same_pads
+from lipcheck.options import InputShape
 
 # Ops whose output never depends on the values of their inputs (only on shapes or on nothing).
 VALUE_INDEPENDENT_OPS = {"Shape", "Size", "ConstantOfShape", "EyeLike", "RandomNormalLike", "RandomUniformLike"}
+# Ops through which a layer may read an initializer as it is, rearranged or cast (``lipcheck normalize``
+# rescales the initializer itself).
+WEIGHT_VIEW_OPS = ("Transpose", "Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze", "Flatten")
 # Ops that are never folded even when all inputs are constant (random, or not reproducible).
 NEVER_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
@@ -158,25 +164,18 @@ def _short(exc: BaseException) -> str:
 
 
 def parse_input_shapes(specs: Sequence[str], input_names: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """``["1,3,32,32"]`` or ``["input=1,3,32,32", "mask=1,8"]`` -> {name: shape}."""
+    """``["1,3,32,32"]`` or ``["input=1,3,32,32", "mask=1,8"]`` (or InputShapes) -> {input name: shape}."""
     result: dict[str, tuple[int, ...]] = {}
     for i, spec in enumerate(specs):
-        name, _, dims = spec.rpartition("=")
-        if not name:
+        shape = spec if isinstance(spec, InputShape) else InputShape(spec)
+        name = shape.name
+        if name is None:
             if i >= len(input_names):
                 raise InputShapeError(f"--input-shape {spec!r}: the model has only {len(input_names)} input(s)")
             name = input_names[i]
         elif name not in input_names:
             raise InputShapeError(f"--input-shape {spec!r}: no input named {name!r} (inputs: {', '.join(input_names)})")
-        try:
-            shape = tuple(int(d) for d in dims.replace("x", ",").split(","))
-        except ValueError:
-            raise InputShapeError(
-                f"--input-shape {spec!r}: expected comma-separated integers like 1,3,224,224"
-            ) from None
-        if any(d <= 0 for d in shape):
-            raise InputShapeError(f"--input-shape {spec!r}: dimensions must be positive")
-        result[name] = shape
+        result[name] = shape.dims
     return result
 
 
@@ -302,6 +301,28 @@ def onnx_to_graph(
     opsets = {op.domain or "": op.version for op in model.opset_import}
     opset = opsets.get("", opsets.get("ai.onnx", 21))
     g = model.graph
+    constants = _constants(g, base_dir, max_memory)
+    inputs = [v for v in g.input if v.name not in constants]
+    input_names = [v.name for v in inputs]
+    _fix_input_shapes(model, list(inputs), parse_input_shapes(list(input_shapes), input_names))
+    shapes = _inferred_shapes(model, constants, inputs)
+    kept = _fold(model, constants, shapes, inputs, opsets, opset)
+    graph = Graph(
+        nodes=_nodes(kept, opsets, opset, constants, shapes),
+        inputs=input_names,
+        outputs=[o.name for o in g.output],
+        constants=constants,
+        shapes=shapes,
+        name=name or g.name,
+    )
+    graph.prune()
+    used = {v for node in graph.nodes for v in node.inputs} | set(graph.outputs)
+    constants.restrict(used)
+    return graph
+
+
+def _constants(g: onnx.GraphProto, base_dir: str | os.PathLike[str] | None, max_memory: int | None) -> LazyConstants:
+    """The initializers, large ones read on access, with a cache sized by the memory budget."""
     constants = LazyConstants()
     for init in g.initializer:
         _add_initializer(constants, init, base_dir)
@@ -315,12 +336,15 @@ def onnx_to_graph(
         resident=current_rss(),
     )
     constants.cache_bytes = plan.cache_bytes
-    inputs = [v for v in g.input if v.name not in constants]
-    input_names = [v.name for v in inputs]
-    given = parse_input_shapes(list(input_shapes), input_names)
-    _fix_input_shapes(model, list(inputs), given)
+    return constants
 
+
+def _inferred_shapes(
+    model: onnx.ModelProto, constants: LazyConstants, inputs: list[onnx.ValueInfoProto]
+) -> dict[str, Shape]:
+    """Shapes from ONNX shape inference (the file's value_info where inference fails); inputs as fixed."""
     shapes: dict[str, Shape] = {}
+    g = model.graph
     try:
         inferred = shape_inference.infer_shapes(_without_weights(model, constants), data_prop=True)
         for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
@@ -335,9 +359,20 @@ def onnx_to_graph(
     for name_, shape in ((v.name, _shape_of(v)) for v in inputs):
         if shape is not None:
             shapes[name_] = shape
+    return shapes
 
+
+def _fold(
+    model: onnx.ModelProto,
+    constants: LazyConstants,
+    shapes: dict[str, Shape],
+    inputs: list[onnx.ValueInfoProto],
+    opsets: dict[str, int],
+    opset: int,
+) -> list[onnx.NodeProto]:
+    """The nodes left once everything computable from constants is folded (shapes refined in between)."""
     folder = _Folder(opsets)
-    kept = _fold_pass(_topological(g), constants, shapes, folder, opsets, opset)
+    kept = _fold_pass(_topological(model.graph), constants, shapes, folder, opsets, opset)
     for _ in range(2):  # folded subgraphs often compute shapes (Pad amounts, Expand targets): infer again
         if not _refine_shapes(model, kept, constants, inputs, shapes):
             break
@@ -345,6 +380,13 @@ def onnx_to_graph(
         kept = _fold_pass(kept, constants, shapes, folder, opsets, opset)
         if len(kept) == before:
             break
+    return kept
+
+
+def _nodes(
+    kept: list[onnx.NodeProto], opsets: dict[str, int], opset: int, constants: LazyConstants, shapes: dict[str, Shape]
+) -> list[Node]:
+    """lipcheck's nodes, uniquely named (the first output's name for an unnamed node), attributes normalised."""
     nodes: list[Node] = []
     taken: set[str] = set()
     for proto in kept:
@@ -354,18 +396,7 @@ def onnx_to_graph(
         node = Node(node_name, op, list(proto.input), list(proto.output), attrs)
         _normalise(node, opset, constants, shapes)
         nodes.append(node)
-    graph = Graph(
-        nodes=nodes,
-        inputs=input_names,
-        outputs=[o.name for o in g.output],
-        constants=constants,
-        shapes=shapes,
-        name=name or g.name,
-    )
-    graph.prune()
-    used = {v for node in graph.nodes for v in node.inputs} | set(graph.outputs)
-    constants.restrict(used)
-    return graph
+    return nodes
 
 
 def _add_initializer(constants: LazyConstants, init: onnx.TensorProto, base_dir: str | os.PathLike[str] | None) -> None:
@@ -682,72 +713,111 @@ def _const_list(constants: dict[str, np.ndarray], node: Node, index: int) -> lis
 
 def _normalise(node: Node, opset: int, constants: dict[str, np.ndarray], shapes: dict[str, Shape]) -> None:
     """Fill op-specific attributes so rules never look at opsets (see module docstring)."""
-    op, a = node.op, node.attrs
-    in_shape = shapes.get(node.inputs[0]) if node.inputs and node.inputs[0] else None
-    if op in ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool"):
-        if op in ("Conv", "ConvTranspose"):
-            weight = node.inputs[1] if len(node.inputs) > 1 else ""
-            if not a.get("kernel_shape") and weight in constants:
-                a["kernel_shape"] = list(constant_shape(constants, weight)[2:])
-        k = list(a.get("kernel_shape") or [])
-        d = len(k) if k else (len(in_shape) - 2 if in_shape else 0)
-        a["strides"] = list(a.get("strides") or [1] * d)
-        a["dilations"] = list(a.get("dilations") or [1] * d)
-        a["group"] = int(a.get("group", 1) or 1)
-        pads = list(a.get("pads") or [0] * (2 * d))
-        auto_pad = a.get("auto_pad", "NOTSET") or "NOTSET"
-        spatial = in_shape[2:] if in_shape and len(in_shape) == d + 2 else None
-        if auto_pad == "VALID":
-            pads = [0] * (2 * d)
-        elif auto_pad in ("SAME_UPPER", "SAME_LOWER") and op != "ConvTranspose":
-            if spatial is None or any(n is None for n in spatial):
-                pads = None  # unknown until the input size is known
-            else:
-                pads = [0] * (2 * d)
-                for i, (n, s, kk, dl) in enumerate(zip(spatial, a["strides"], k, a["dilations"], strict=True)):
-                    total = max((math.ceil(n / s) - 1) * s + (kk - 1) * dl + 1 - n, 0)
-                    small, large = total // 2, total - total // 2
-                    pads[i], pads[i + d] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
-        a["pads"] = pads
-        a["spatial_dims"] = d
-    elif op in ("Softmax", "LogSoftmax", "Hardmax"):
-        if "axis" not in a or a["axis"] is None:
-            a["axis"] = -1 if opset >= 13 else 1
-        a["coerce_2d"] = opset < 13
-    elif op == "Pad":
-        pads = _const_list(constants, node, 1) if opset >= 11 else a.get("pads")
-        a["pads"] = pads
-        axes = _const_list(constants, node, 3)
-        if axes is not None and pads is not None and in_shape is not None:
-            full = [0] * (2 * len(in_shape))
-            rank = len(in_shape)
-            for j, axis in enumerate(axes):
-                axis = axis % rank
-                full[axis], full[axis + rank] = pads[j], pads[j + len(axes)]
-            a["pads"] = full
-        a["mode"] = a.get("mode", "constant") or "constant"
-    elif op in ("Resize", "Upsample"):
-        scales = None
-        if op == "Upsample" and opset < 9:
-            scales = a.get("scales")
+    normaliser = _NORMALISERS.get(node.op)
+    if normaliser is not None:
+        in_shape = shapes.get(node.inputs[0]) if node.inputs and node.inputs[0] else None
+        normaliser(node, _Opset(opset, constants, shapes, in_shape))
+
+
+@dataclass
+class _Opset:
+    """What a normaliser reads besides the node: the opset, the constants, the shapes, the first input's shape."""
+
+    version: int
+    constants: dict[str, np.ndarray]
+    shapes: dict[str, Shape]
+    in_shape: Shape | None
+
+
+def _window(node: Node, at: _Opset) -> None:
+    """Convolutions and pools: kernel, strides, dilations, group, and pads [begin..., end...] (None while a
+    SAME padding waits for an unknown input size)."""
+    a = node.attrs
+    if node.op in ("Conv", "ConvTranspose"):
+        weight = node.inputs[1] if len(node.inputs) > 1 else ""
+        if not a.get("kernel_shape") and weight in at.constants:
+            a["kernel_shape"] = list(constant_shape(at.constants, weight)[2:])
+    k = list(a.get("kernel_shape") or [])
+    d = len(k) if k else (len(at.in_shape) - 2 if at.in_shape else 0)
+    a["strides"] = list(a.get("strides") or [1] * d)
+    a["dilations"] = list(a.get("dilations") or [1] * d)
+    a["group"] = int(a.get("group", 1) or 1)
+    pads: list[int] | None = list(a.get("pads") or [0] * (2 * d))
+    auto_pad = a.get("auto_pad", "NOTSET") or "NOTSET"
+    spatial = at.in_shape[2:] if at.in_shape and len(at.in_shape) == d + 2 else None
+    if auto_pad == "VALID":
+        pads = [0] * (2 * d)
+    elif auto_pad in ("SAME_UPPER", "SAME_LOWER") and node.op != "ConvTranspose":
+        if spatial is None or any(n is None for n in spatial):
+            pads = None  # unknown until the input size is known
         else:
-            idx = 1 if op == "Upsample" else (2 if opset >= 11 else 1)
-            scales = _const_list(constants, node, idx)
-            if not scales and op == "Resize" and opset >= 11:
-                sizes = _const_list(constants, node, 3)
-                out_shape = shapes.get(node.outputs[0])
-                if sizes and in_shape and len(sizes) == len(in_shape) and all(in_shape):
-                    scales = [s / n for s, n in zip(sizes, in_shape, strict=True)]
-                elif out_shape and in_shape and all(out_shape) and all(in_shape):
-                    scales = [o / n for o, n in zip(out_shape, in_shape, strict=True)]
-        node.op = "Resize"
-        a["scales"] = scales
-        a["mode"] = a.get("mode", "nearest") or "nearest"
-    elif op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2"):
-        if "axes" not in a or a.get("axes") is None:
-            axes = _const_list(constants, node, 1)
-            a["axes"] = axes
-        a["keepdims"] = int(a.get("keepdims", 1))
-        a["noop_with_empty_axes"] = int(a.get("noop_with_empty_axes", 0) or 0)
-    elif op == "BatchNormalization" and int(a.get("training_mode", 0) or 0):
-        a["training_mode"] = 1
+            pads = same_pads(auto_pad, spatial, k, a["strides"], a["dilations"])  # type: ignore[arg-type]
+    a["pads"] = pads
+    a["spatial_dims"] = d
+
+
+def _softmax(node: Node, at: _Opset) -> None:
+    """Before opset 13 the axis defaulted to 1 and the input was flattened from it on."""
+    if node.attrs.get("axis") is None:
+        node.attrs["axis"] = -1 if at.version >= 13 else 1
+    node.attrs["coerce_2d"] = at.version < 13
+
+
+def _pad(node: Node, at: _Opset) -> None:
+    """Pads as an attribute over every axis (an input from opset 11, with optional axes from opset 18)."""
+    a = node.attrs
+    pads = _const_list(at.constants, node, 1) if at.version >= 11 else a.get("pads")
+    a["pads"] = pads
+    axes = _const_list(at.constants, node, 3)
+    if axes is not None and pads is not None and at.in_shape is not None:
+        rank = len(at.in_shape)
+        full = [0] * (2 * rank)
+        for j, axis in enumerate(axes):
+            axis = axis % rank
+            full[axis], full[axis + rank] = pads[j], pads[j + len(axes)]
+        a["pads"] = full
+    a["mode"] = a.get("mode", "constant") or "constant"
+
+
+def _resize(node: Node, at: _Opset) -> None:
+    """Upsample becomes Resize; scales as an attribute (from the scales or sizes input, or the shapes)."""
+    a, op, in_shape = node.attrs, node.op, at.in_shape
+    if op == "Upsample" and at.version < 9:
+        scales = a.get("scales")
+    else:
+        idx = 1 if op == "Upsample" else (2 if at.version >= 11 else 1)
+        scales = _const_list(at.constants, node, idx)
+        if not scales and op == "Resize" and at.version >= 11:
+            sizes = _const_list(at.constants, node, 3)
+            out_shape = at.shapes.get(node.outputs[0])
+            if sizes and in_shape and len(sizes) == len(in_shape) and all(in_shape):
+                scales = [s / n for s, n in zip(sizes, in_shape, strict=True)]
+            elif out_shape and in_shape and all(out_shape) and all(in_shape):
+                scales = [o / n for o, n in zip(out_shape, in_shape, strict=True)]  # type: ignore[operator]
+    node.op = "Resize"
+    a["scales"] = scales
+    a["mode"] = a.get("mode", "nearest") or "nearest"
+
+
+def _reduce(node: Node, at: _Opset) -> None:
+    """Axes as an attribute (an input from opset 18 for ReduceMean and the like)."""
+    a = node.attrs
+    if a.get("axes") is None:
+        a["axes"] = _const_list(at.constants, node, 1)
+    a["keepdims"] = int(a.get("keepdims", 1))
+    a["noop_with_empty_axes"] = int(a.get("noop_with_empty_axes", 0) or 0)
+
+
+def _batch_norm(node: Node, at: _Opset) -> None:
+    if int(node.attrs.get("training_mode", 0) or 0):
+        node.attrs["training_mode"] = 1
+
+
+_NORMALISERS: dict[str, Callable[[Node, _Opset], None]] = {
+    **dict.fromkeys(("Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool"), _window),
+    **dict.fromkeys(("Softmax", "LogSoftmax", "Hardmax"), _softmax),
+    "Pad": _pad,
+    **dict.fromkeys(("Resize", "Upsample"), _resize),
+    **dict.fromkeys(("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2"), _reduce),
+    "BatchNormalization": _batch_norm,
+}

@@ -19,7 +19,6 @@ import torch
 from torch import fx
 
 from lipcheck.graph import Graph, Node, Shape, unique_name
-from lipcheck.rules.activations import SILU_MAX_SLOPE
 
 Converter = Callable[["GraphBuilder", fx.Node, dict[str, Any]], None]
 CONVERTERS: dict[str, Converter] = {}
@@ -627,11 +626,7 @@ def _gelu(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
 
 @converts("silu")
 def _silu(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
-    b.emit(
-        "Recognised",
-        [b.value(args["self"])],
-        {"lipschitz": SILU_MAX_SLOPE, "method": "SiLU: max |f'|", "activation": "SiLU", "scale": 1.0},
-    )
+    b.emit("SiLU", [b.value(args["self"])])
 
 
 @converts("hardsigmoid")

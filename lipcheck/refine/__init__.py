@@ -2,6 +2,7 @@
 (Combettes & Pesquet 2020, ECLipsE-Fast 2024, LipSDP-neuron 2019) over linear layers separated by
 slope-restricted activations, applied wherever the graph has such a chain."""
 
+from lipcheck.ops import Slope
 from lipcheck.refine.apply import (
     CHAIN_METHODS,
     CHEAP_METHODS,
@@ -11,7 +12,7 @@ from lipcheck.refine.apply import (
     methods_for,
     refine,
 )
-from lipcheck.refine.chains import Chain, Slope, activation_slope, find_chains
+from lipcheck.refine.chains import Chain, activation_slope, find_chains
 
 __all__ = [
     "CHAIN_METHODS",

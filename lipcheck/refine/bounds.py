@@ -25,8 +25,8 @@ import math
 
 import torch
 
+from lipcheck.ops import Slope
 from lipcheck.refine.affine import CertifiedMatrix
-from lipcheck.refine.chains import Slope
 from lipcheck.spectral.dense import UNIT_ROUNDOFF
 
 
@@ -99,52 +99,55 @@ def eclipse_fast_bound(weights: list[CertifiedMatrix], slopes: list[Slope]) -> f
     """ECLipsE-Fast, certified (None when a step cannot be certified, e.g. a degenerate layer)."""
     m = len(weights)
     assert len(slopes) == m - 1
-    n0 = weights[0].shape[1]
-    x_prev = torch.eye(n0, dtype=torch.float64)
+    x_prev: torch.Tensor | None = torch.eye(weights[0].shape[1], dtype=torch.float64)
     for i in range(m - 1):
-        w = weights[i]
-        mid, prod = slopes[i].mid, slopes[i].low * slopes[i].high
-        if mid == 0.0:
+        x_prev = _eclipse_step(weights[i], slopes[i], x_prev)  # type: ignore[arg-type]
+        if x_prev is None:
             return None
-        a, g = w.matrix, w.gamma
-        n_out = a.shape[0]
+    return _eclipse_last(weights[-1], x_prev)  # type: ignore[arg-type]
+
+
+def _eclipse_step(w: CertifiedMatrix, slope: Slope, x_prev: torch.Tensor) -> torch.Tensor | None:
+    """X_i from X_{i-1} for one hidden layer, its step inequality verified for the stored (shrunk) X_i."""
+    mid, prod = slope.mid, slope.low * slope.high
+    if mid == 0.0:
+        return None
+    a = w.matrix
+    n_out = a.shape[0]
+    try:
+        solved = torch.linalg.solve(x_prev, a.T)  # X^-1 W^T
+    except RuntimeError:
+        return None
+    k = a @ solved
+    k = (k + k.T) / 2
+    top = float(torch.linalg.eigvalsh(k)[-1])
+    if not top > 0:
+        return None
+    lam = 1.0 / (2.0 * mid * mid * top)
+    for _ in range(40):
+        gram = a.T @ a
+        m_mat = x_prev + (prod * lam) * gram
         try:
-            solved = torch.linalg.solve(x_prev, a.T)  # X^-1 W^T
+            inner = torch.linalg.solve(m_mat, a.T)
         except RuntimeError:
-            return None
-        k = a @ solved
-        k = (k + k.T) / 2
-        top = float(torch.linalg.eigvalsh(k)[-1])
-        if not top > 0:
-            return None
-        lam = 1.0 / (2.0 * mid * mid * top)
-        for _ in range(40):
-            gram = a.T @ a
-            m_mat = x_prev + (prod * lam) * gram
-            try:
-                inner = torch.linalg.solve(m_mat, a.T)
-            except RuntimeError:
-                lam /= 2
-                continue
-            x_new = lam * torch.eye(n_out, dtype=torch.float64) - (lam * lam * mid * mid) * (a @ inner)
-            x_new = (x_new + x_new.T) / 2
-            shrink = 1e-8 * float(x_new.diagonal().abs().max()) + 1e-300  # rounding needs ~1e-10
-            verified = None
-            for _ in range(30):
-                stored = x_new - shrink * torch.eye(n_out, dtype=torch.float64)
-                block = _step_matrix(x_prev, a, lam, mid, prod, stored)
-                error = _step_error(w, x_prev, lam, mid, prod, stored, gram)
-                if min_eigenvalue_lower(block, error) >= 0.0:
-                    verified = stored
-                    break
-                shrink *= 4
-            if verified is not None:
-                x_prev = verified
-                break
-            lam /= 2  # with a_i b_i < 0 a smaller multiplier keeps M_i positive definite
-        else:
-            return None
-    last = weights[-1]
+            lam /= 2
+            continue
+        x_new = lam * torch.eye(n_out, dtype=torch.float64) - (lam * lam * mid * mid) * (a @ inner)
+        x_new = (x_new + x_new.T) / 2
+        shrink = 1e-8 * float(x_new.diagonal().abs().max()) + 1e-300  # rounding needs ~1e-10
+        for _ in range(30):
+            stored = x_new - shrink * torch.eye(n_out, dtype=torch.float64)
+            block = _step_matrix(x_prev, a, lam, mid, prod, stored)
+            error = _step_error(w, x_prev, lam, mid, prod, stored, gram)
+            if min_eigenvalue_lower(block, error) >= 0.0:
+                return stored
+            shrink *= 4
+        lam /= 2  # with a_i b_i < 0 a smaller multiplier keeps M_i positive definite
+    return None
+
+
+def _eclipse_last(last: CertifiedMatrix, x_prev: torch.Tensor) -> float | None:
+    """L = sqrt(lambda_max(W^T W X^-1)), inflated until rho X - W^T W is proven PSD."""
     a = last.matrix
     gram = a.T @ a
     try:

@@ -13,81 +13,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
-
+from lipcheck import ops
 from lipcheck.graph import Graph, Node
-from lipcheck.refine.affine import full_shape, is_foldable, variable_inputs
+from lipcheck.ops import Slope, variable_inputs
+from lipcheck.refine.affine import full_shape, is_foldable
 
 # default limits: a folded segment is an explicit n_out x n_in float64 matrix
 MAX_DIM = 1024
 MAX_ENTRIES = 1024 * 1024
 
 
-@dataclass(frozen=True)
-class Slope:
-    """Every difference quotient (f(x) - f(y)) / (x - y) of the activation lies in [low, high]."""
-
-    low: float
-    high: float
-
-    @property
-    def lipschitz(self) -> float:
-        return max(abs(self.low), abs(self.high))
-
-    @property
-    def mid(self) -> float:
-        return (self.low + self.high) / 2
-
-    @property
-    def radius(self) -> float:
-        return (self.high - self.low) / 2
-
-
 def activation_slope(node: Node, graph: Graph) -> Slope | None:
-    """The slope interval of an elementwise activation (None for anything else)."""
-    op, a = node.op, node.attrs
-    if op in ("Relu", "Tanh", "Softplus", "Softsign", "Atan", "Celu"):
-        return Slope(0.0, 1.0)
-    if op == "Sigmoid":
-        return Slope(0.0, 0.25)
-    if op == "LeakyRelu":
-        alpha = float(a.get("alpha", 0.01))
-        return Slope(min(alpha, 1.0), max(alpha, 1.0))
-    if op == "Elu":
-        alpha = float(a.get("alpha", 1.0))
-        return Slope(0.0, max(1.0, alpha)) if alpha >= 0 else None
-    if op == "Selu":
-        alpha, gamma = float(a.get("alpha", 1.6732632423543772)), float(a.get("gamma", 1.0507009873554805))
-        return Slope(0.0, gamma * max(1.0, alpha) * (1 + 1e-15)) if alpha >= 0 and gamma >= 0 else None
-    if op == "HardSigmoid":
-        alpha = float(a.get("alpha", 0.2))
-        return Slope(min(0.0, alpha), max(0.0, alpha))
-    if op == "Clip":
-        bounds = [graph.constants.get(v) for v in node.inputs[1:3] if v]
-        if (
-            any(b is None for b in bounds)
-            or len(node.inputs) > 1
-            and any(v and v not in graph.constants for v in node.inputs[1:])
-        ):
-            return None
-        return Slope(0.0, 1.0)
-    if op == "PRelu":
-        slope = graph.constants.get(node.inputs[1]) if len(node.inputs) > 1 else None
-        if slope is None:
-            return None
-        s = np.asarray(slope, dtype=np.float64)
-        return Slope(min(1.0, float(s.min())), max(1.0, float(s.max())))
-    if op == "Gelu":  # GELU'(x) + GELU'(-x) = 1 (also for the tanh form): slopes in [1 - S, S]
-        from lipcheck.rules.activations import GELU_MAX_SLOPE, GELU_TANH_MAX_SLOPE
-
-        top = (GELU_TANH_MAX_SLOPE if a.get("approximate", "none") == "tanh" else GELU_MAX_SLOPE) * (1 + 1e-6)
-        return Slope(1.0 - top, top)
-    if op == "Recognised" and str(a.get("activation", "")).split(" ")[0] in ("SiLU", "GELU"):
-        # x * s(x) with s(x) + s(-x) = 1 has f'(x) + f'(-x) = 1: slopes in [1 - S, S] for S = max f'
-        scale, bound = float(a["scale"]), float(a["lipschitz"])
-        if scale > 0:
-            return Slope(scale - bound, bound)
-    return None
+    """The slope interval of an elementwise activation (its op's ``slope`` facet; None for anything else)."""
+    op = ops.get(node.op)
+    return op.slope(node, graph) if op is not None else None
 
 
 @dataclass

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lipcheck.ops import Slope
 from lipcheck.refine.affine import CertifiedMatrix
 from lipcheck.refine.bounds import min_eigenvalue_lower
-from lipcheck.refine.chains import Slope
 from lipcheck.spectral.dense import UNIT_ROUNDOFF
 
 MAX_SIZE = 128  # side of the LMI (inputs + hidden neurons): cvxpy + Clarabel took 640 s at side 160 here
@@ -101,25 +101,47 @@ def fits(weights: list[CertifiedMatrix]) -> bool:
 
 def lipsdp_bound(weights: list[CertifiedMatrix], slopes: list[Slope]) -> LipSDPResult | None:
     """Solve LipSDP-neuron and certify it; None when cvxpy is missing, the chain is too large or not verified."""
-    if not available() or len(weights) < 2:
+    if not available() or len(weights) < 2 or not fits(weights):
         return None
-    if not fits(weights):
-        return None
-    import cvxpy as cp
-
     mats = [w.matrix.numpy() for w in weights]
     # scale the problem so the product bound is ~1: better conditioned for the solver
     scales = [max(float(np.linalg.norm(m, 2)), 1e-300) for m in mats]
-    scaled = [m / s for m, s in zip(mats, scales, strict=True)]
+    solved = _solve([m / s for m, s in zip(mats, scales, strict=True)], slopes)
+    if solved is None:
+        return None
+    t_values, rho_value, solver_used = solved
+    # undo the scaling: W_i = s_i V_i. With T_i' = T_i * (prod_{j>i} s_j^2) / s_i^2 ... the LMI is
+    # homogeneous, so rescale by verifying on the real weights with multipliers mapped accordingly.
+    multipliers = []
+    for i, t in enumerate(t_values):
+        later = math.prod(scales[i + 1 :])
+        factor = later * later  # T_i multiplies z_i, where z_i scales like prod_{j<=i} s_j
+        multipliers.append(torch.from_numpy(np.clip(np.asarray(t, dtype=np.float64), 0.0, None) * factor))
     total_scale = math.prod(scales)
+    solver_rho = rho_value * total_scale * total_scale
+    tensors = [w.matrix for w in weights]
+    inflation = 1e-9
+    for _ in range(30):
+        candidate = max(solver_rho, 0.0) * (1 + inflation) + 1e-300
+        f_num = lmi_matrix(tensors, slopes, multipliers, candidate)
+        error = _assembly_error(weights, slopes, multipliers, candidate)
+        if min_eigenvalue_lower(f_num, error) >= 0.0:
+            return LipSDPResult(
+                math.sqrt(candidate) * (1 + 2 * UNIT_ROUNDOFF), math.sqrt(max(solver_rho, 0.0)), solver_used.lower()
+            )
+        inflation *= 4
+    return None
+
+
+def _solve(scaled: list[np.ndarray], slopes: list[Slope]) -> tuple[list[np.ndarray], float, str] | None:
+    """The solver's multipliers T_i and rho for the scaled weights (None when no solver succeeds)."""
+    import cvxpy as cp
+
     ts = [cp.Variable(m.shape[0], nonneg=True) for m in scaled[:-1]]
     rho = cp.Variable(nonneg=True)
     n0 = scaled[0].shape[1]
     sizes = [n0] + [m.shape[0] for m in scaled[:-1]]
-    blocks: list[list] = [[None] * len(sizes) for _ in sizes]
-    for i in range(len(sizes)):
-        for j in range(len(sizes)):
-            blocks[i][j] = np.zeros((sizes[i], sizes[j]))
+    blocks: list[list] = [[np.zeros((sizes[i], sizes[j])) for j in range(len(sizes))] for i in range(len(sizes))]
     blocks[0][0] = rho * np.eye(n0)
     for i, (w, slope, t) in enumerate(zip(scaled[:-1], slopes, ts, strict=True)):
         p, mid = slope.low * slope.high, slope.mid
@@ -132,11 +154,8 @@ def lipsdp_bound(weights: list[CertifiedMatrix], slopes: list[Slope]) -> LipSDPR
     last = scaled[-1]
     blocks[-1][-1] = blocks[-1][-1] - last.T @ last
     f = cp.bmat(blocks)
-    total = sum(sizes)
     margin = 1e-7
-    constraints = [(f + f.T) / 2 >> margin * np.eye(total)]
-    problem = cp.Problem(cp.Minimize(rho), constraints)
-    solver_used = None
+    problem = cp.Problem(cp.Minimize(rho), [(f + f.T) / 2 >> margin * np.eye(sum(sizes))])
     for solver in ("CLARABEL", "SCS"):
         if solver not in cp.installed_solvers():
             continue
@@ -145,27 +164,5 @@ def lipsdp_bound(weights: list[CertifiedMatrix], slopes: list[Slope]) -> LipSDPR
         except cp.SolverError:
             continue
         if problem.status in ("optimal", "optimal_inaccurate") and rho.value is not None:
-            solver_used = solver
-            break
-    if solver_used is None:
-        return None
-    # undo the scaling: W_i = s_i V_i. With T_i' = T_i * (prod_{j>i} s_j^2) / s_i^2 ... the LMI is
-    # homogeneous, so rescale by verifying on the real weights with multipliers mapped accordingly.
-    multipliers = []
-    for i, t in enumerate(ts):
-        later = math.prod(scales[i + 1 :])
-        factor = later * later  # T_i multiplies z_i, where z_i scales like prod_{j<=i} s_j
-        multipliers.append(torch.from_numpy(np.clip(np.asarray(t.value, dtype=np.float64), 0.0, None) * factor))
-    solver_rho = float(rho.value) * total_scale * total_scale
-    tensors = [w.matrix for w in weights]
-    inflation = 1e-9
-    for _ in range(30):
-        candidate = max(solver_rho, 0.0) * (1 + inflation) + 1e-300
-        f_num = lmi_matrix(tensors, slopes, multipliers, candidate)
-        error = _assembly_error(weights, slopes, multipliers, candidate)
-        if min_eigenvalue_lower(f_num, error) >= 0.0:
-            return LipSDPResult(
-                math.sqrt(candidate) * (1 + 2 * UNIT_ROUNDOFF), math.sqrt(max(solver_rho, 0.0)), solver_used.lower()
-            )
-        inflation *= 4
+            return [np.asarray(t.value) for t in ts], float(rho.value), solver
     return None

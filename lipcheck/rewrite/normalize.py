@@ -24,16 +24,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lipcheck.compose import Composition, compose
+from lipcheck import ops
+from lipcheck.compose import Composition
 from lipcheck.errors import LipcheckError
 from lipcheck.files import check_writable, write_new_model
 from lipcheck.frontends import load_model
 from lipcheck.frontends.torch_frontend import TorchOptions, WeightTensors
 from lipcheck.graph import Graph, Node
-from lipcheck.passes import prepare
+from lipcheck.ops.conv import Conv
+from lipcheck.ops.linear import MatMul
+from lipcheck.options import Device, InputShape, Settings
+from lipcheck.pipeline import certify, resolve_device
 from lipcheck.rewrite.sources import OnnxSource, WeightSource, load_runnable, open_source
 
-LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 TOLERANCE = 1e-6  # a normalised layer's re-certified norm may exceed the target by this much (float32 rounding)
 BISECTION_STEPS = 14
 
@@ -48,6 +51,22 @@ class NormalizeOptions:
     input_shapes: tuple[str, ...] = ()
     torch_options: TorchOptions = field(default_factory=TorchOptions)
     device: str = "cpu"
+
+    @staticmethod
+    def from_settings(
+        settings: Settings, target: float, clip: bool, lipschitz: float | None, layers: str | None, fold_bn: bool
+    ) -> NormalizeOptions:
+        """The options of ``lipcheck normalize``: its own, and the model's (input shapes, --model, device)."""
+        return NormalizeOptions(
+            target=target,
+            clip=clip,
+            lipschitz=lipschitz,
+            layers=layers,
+            fold_bn=fold_bn,
+            input_shapes=tuple(settings.input_shape),
+            torch_options=TorchOptions(settings.model, settings.model_kwargs, settings.trust_pickle),
+            device=str(resolve_device(Device(settings.device).value)),
+        )
 
 
 @dataclass
@@ -101,13 +120,6 @@ def _selected(name: str, patterns: str | None) -> bool:
     return any(fnmatch.fnmatchcase(name, p.strip()) for p in patterns.split(",") if p.strip())
 
 
-def _weight_index(node: Node, graph: Graph) -> int | None:
-    if node.op in ("Conv", "ConvTranspose"):
-        return 1
-    constant = [i for i, v in enumerate(node.inputs[:2]) if v and v in graph.constants]
-    return constant[0] if len(constant) == 1 else None
-
-
 def _source_name(source: WeightSource, value: str) -> str | None:
     if value in source.names():
         return value
@@ -126,10 +138,9 @@ def _find_layers(
         for v in node.inputs:
             uses[v] = uses.get(v, 0) + 1
     for node in graph.nodes:
-        if node.op not in LINEAR_OPS or not _selected(node.name, patterns):
-            continue
-        index = _weight_index(node, graph)
-        if index is None:
+        op = ops.get(node.op)
+        index = op.weight_input(node, graph) if op is not None else None
+        if index is None or not _selected(node.name, patterns):
             continue
         value = node.inputs[index]
         name = _source_name(source, value)
@@ -146,47 +157,28 @@ def _find_layers(
 
 
 def _following_batchnorm(graph: Graph, node: Node, source: WeightSource) -> Node | None:
+    """The per-channel affine node (BatchNorm) right after a layer, when its parameters are the file's tensors."""
     consumers = graph.consumers().get(node.outputs[0], [])
     if len(consumers) != 1 or node.outputs[0] in graph.outputs:
         return None
     bn = consumers[0]
-    if bn.op != "BatchNormalization" or int(bn.attrs.get("training_mode", 0)) or bn.inputs[0] != node.outputs[0]:
+    op = ops.get(bn.op)
+    if op is None or bn.inputs[0] != node.outputs[0] or op.channel_affine(graph, bn) is None:
         return None
-    return bn if all(v in source.names() for v in bn.inputs[1:5]) else None
-
-
-def _channel_axis_scale(node: Node, weight: np.ndarray, multiplier: np.ndarray) -> np.ndarray | None:
-    """The weight with each output channel scaled, or None when the layout does not allow it."""
-    if node.op == "Conv" and weight.shape[0] == multiplier.size:
-        return weight * multiplier.reshape(-1, *([1] * (weight.ndim - 1)))
-    if node.op == "ConvTranspose":
-        groups = int(node.attrs.get("group", 1))
-        if weight.shape[1] * groups != multiplier.size:
-            return None
-        grouped = weight.reshape(groups, weight.shape[0] // groups, weight.shape[1], *weight.shape[2:])
-        return (grouped * multiplier.reshape(groups, 1, -1, *([1] * (weight.ndim - 2)))).reshape(weight.shape)
-    if node.op == "Gemm" and weight.ndim == 2 and not int(node.attrs.get("transA", 0)):
-        if int(node.attrs.get("transB", 0)) and weight.shape[0] == multiplier.size:
-            return weight * multiplier[:, None]
-        if not int(node.attrs.get("transB", 0)) and weight.shape[1] == multiplier.size:
-            return weight * multiplier[None, :]
-    return None
+    return bn if all(v in source.names() for v in op.parameter_inputs(bn)) else None
 
 
 def _fold_batchnorm(layer: _Layer, bn: Node, source: WeightSource, graph: Graph) -> bool:
     """W' = W * m, b' = b * m, and the BatchNorm becomes the pure shift x + s (removed when a bias can take s)."""
-    scale, beta, mean, var = (np.asarray(source.get(v), dtype=np.float64) for v in bn.inputs[1:5])
-    eps = float(bn.attrs.get("epsilon", 1e-5))
-    multiplier = scale / np.sqrt(var + eps)
-    shift = beta - mean * multiplier
+    bn_op, layer_op = ops.get(bn.op), ops.get(layer.node.op)
+    assert bn_op is not None and layer_op is not None
+    multiplier, shift = bn_op.channel_affine(graph, bn)  # type: ignore[misc]
     weight = np.asarray(source.get(layer.source_name), dtype=np.float64)
-    new_weight = _channel_axis_scale(layer.node, weight, multiplier)
+    new_weight = layer_op.scale_output_channels(layer.node, weight, multiplier)
     if new_weight is None:
         return False
     bias_value = layer.node.inputs[2] if len(layer.node.inputs) > 2 and layer.node.inputs[2] else None
-    if bias_value is not None and bias_value not in source.names():
-        return False
-    if layer.node.op == "Gemm" and bias_value is not None and float(layer.node.attrs.get("beta", 1.0)) != 1.0:
+    if bias_value is not None and (bias_value not in source.names() or layer_op.bias_scale(layer.node) != 1.0):
         return False
     source.set(layer.source_name, new_weight)
     if bias_value is not None:
@@ -198,11 +190,8 @@ def _fold_batchnorm(layer: _Layer, bn: Node, source: WeightSource, graph: Graph)
             source.set(bias_value, bias * multiplier)
         else:
             source.set(bias_value, bias * multiplier)
-    # keep the BatchNorm as x + shift: var = 1 - eps makes its scale 1
-    source.set(bn.inputs[1], np.ones_like(scale))
-    source.set(bn.inputs[2], shift)
-    source.set(bn.inputs[3], np.zeros_like(mean))
-    source.set(bn.inputs[4], np.full_like(var, 1.0 - eps))
+    for name, value in bn_op.shift_parameters(bn, shift):  # keep the BatchNorm as x + shift
+        source.set(name, value)
     return True
 
 
@@ -214,22 +203,16 @@ def _load_graph(path: Path, options: NormalizeOptions) -> Graph | WeightTensors:
 
 
 def _certify(graph: Graph, fold_bn: bool, device: str) -> Composition:
-    working = graph.copy()
-    prepare(working, fold_batchnorms=fold_bn)
-    return compose(working, device=device)
+    """Per-layer certified bounds and their product (the graph itself stays as it is)."""
+    return certify(graph, method="product", device=device, fold_batchnorms=fold_bn, copy=True).product
 
 
 def _norms_and_bound(graph: Graph, fold_bn: bool, device: str) -> tuple[dict[str, float], float | None]:
     """Per-layer certified norms (BatchNorms folded or not) and the network's bound as ``lipcheck report``
     gives it (the smallest certified method, lipcheck.refine). One walk when BatchNorms are folded anyway."""
-    from lipcheck.refine import refine
-
-    working = graph.copy()
-    prepare(working)
-    product = compose(working, device=device)
-    bound = refine(working, product, "best", device=device).composition.upper_bound
-    norms = _layer_norms(product if fold_bn else _certify(graph, False, device))
-    return norms, bound
+    found = certify(graph, device=device, copy=True)
+    norms = _layer_norms(found.product if fold_bn else _certify(graph, False, device))
+    return norms, found.upper_bound
 
 
 def _layer_norms(result: Composition) -> dict[str, float]:
@@ -277,6 +260,15 @@ def normalize(
     return result
 
 
+def normalize_file(
+    path: Path, output: Path | None, options: NormalizeOptions, mode: str, conv_norm: str, force: bool
+) -> NormalizeResult:
+    """``lipcheck normalize`` in either mode: bake (rescaled weights, any format) or parametrize (PyTorch)."""
+    if mode == "parametrize":
+        return parametrize_file(path, output, options, conv_norm, force=force)
+    return normalize(path, output, options, force=force)
+
+
 def _check_output(path: Path, out: Path | None, force: bool) -> None:
     """Refuse, before any work, an output that is the input or an existing file (unless --force)."""
     if out is None:
@@ -296,7 +288,8 @@ def _plan_weights_only(source: WeightSource, weights: WeightTensors, options: No
     for key, norm in norms.items():
         factor = _factor(norm, options.target, options.clip)
         source.set(key, np.asarray(source.get(key), dtype=np.float64) * factor)
-        changes.append(LayerChange(key, "Conv" if weights.tensors[key].dim() > 2 else "MatMul", key, norm, factor))
+        op = Conv.name if weights.tensors[key].dim() > 2 else MatMul.name
+        changes.append(LayerChange(key, op, key, norm, factor))
     return NormalizeResult(
         weights.name,
         source.format,
@@ -394,7 +387,8 @@ def _uniform_target(
     note: Callable[[str], None],
 ) -> tuple[float, float]:
     """The largest common layer norm t whose re-certified network bound is <= K (the bound grows with t)."""
-    goal = float(options.lipschitz) * (1 - 1e-6)  # room for the float32 rounding of the written weights
+    assert options.lipschitz is not None
+    goal = options.lipschitz * (1 - 1e-6)  # room for the float32 rounding of the written weights
 
     def bound_at(t: float) -> float:
         trial = graph.copy()
@@ -537,7 +531,7 @@ def _check_torch(path: Path, out: Path, result: NormalizeResult, options: Normal
         return
     if before is None or after is None:
         return  # weights only: nothing to run
-    shapes = [tuple(int(d) for d in spec.rpartition("=")[2].split(",")) for spec in options.input_shapes]
+    shapes = [InputShape(spec).dims for spec in options.input_shapes]
     if not shapes:
         shapes = _pt2_input_shapes(path)
     if not shapes:
@@ -596,7 +590,7 @@ def parametrize_file(
     _check_output(path, out, force)
     if not options.input_shapes:
         raise LipcheckError(f"{path}: --mode parametrize needs --input-shape (the layers' input sizes set the norms)")
-    shape = tuple(int(d) for d in options.input_shapes[0].rpartition("=")[2].split(","))
+    shape = InputShape(options.input_shapes[0]).dims
 
     def fresh_module() -> torch.nn.Module:
         onnx = path.suffix.lower() == ".onnx"

@@ -29,6 +29,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ from lipcheck.spectral.conv import ConvGeometry, conv_operator_norm
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_TRANSPOSE_TYPES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-NORMALISED_TYPES = (nn.Linear, *CONV_TYPES, *CONV_TRANSPOSE_TYPES)
+NORMALISED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, *CONV_TYPES, *CONV_TRANSPOSE_TYPES)
 CONV_NORMS = ("operator", "exact", "reshape")
 
 # Most power-iteration steps at registration, so that sigma starts out converged (a handful usually
@@ -69,6 +70,9 @@ class SpectralNormalisation(nn.Module):
     ``_v`` in its input space. Power iteration gives an estimate of sigma from below (it converges to
     the largest singular value): the certified check is lipcheck's report on the saved model.
     """
+
+    _u: torch.Tensor  # buffers (registered in ``start``)
+    _v: torch.Tensor
 
     def __init__(self, target: float, n_power_iterations: int, eps: float) -> None:
         super().__init__()
@@ -189,7 +193,7 @@ class ZeroPaddedConvSpectralNorm(SpectralNormalisation):
 
     def __init__(
         self,
-        layer: nn.Module,
+        layer: Any,
         weight: torch.Tensor,
         input_shape: Sequence[int],
         output_shape: Sequence[int],
@@ -203,7 +207,7 @@ class ZeroPaddedConvSpectralNorm(SpectralNormalisation):
         self.stride = tuple(layer.stride)
         self.dilation = tuple(layer.dilation)
         self.groups = int(layer.groups)
-        self.padding = layer.padding if isinstance(layer.padding, str) else tuple(layer.padding)
+        self.padding: Any = layer.padding if isinstance(layer.padding, str) else tuple(layer.padding)
         self.padding_mode = layer.padding_mode
         self.explicit_pad = tuple(getattr(layer, "_reversed_padding_repeated_twice", ()))
         in_shape = (1, *input_shape[-self.spatial_dims - 1 :])
@@ -404,7 +408,7 @@ def _matches(name: str, layers: str | None) -> bool:
 def _is_ours(layer: nn.Module) -> bool:
     if not torch_parametrize.is_parametrized(layer, "weight"):
         return False
-    return any(isinstance(p, SpectralNormalisation) for p in layer.parametrizations["weight"])
+    return any(isinstance(p, SpectralNormalisation) for p in layer.parametrizations["weight"])  # type: ignore[index]
 
 
 def _record_shapes(module: nn.Module, layers: dict[str, nn.Module], example: tuple[torch.Tensor, ...]) -> LayerShapes:
@@ -433,7 +437,7 @@ def _record_shapes(module: nn.Module, layers: dict[str, nn.Module], example: tup
     return shapes
 
 
-def circular_grid(layer: nn.Module, input_shape: Sequence[int]) -> tuple[int, ...]:
+def circular_grid(layer: Any, input_shape: Sequence[int]) -> tuple[int, ...]:
     """Length per spatial dim of the circular grid lipcheck embeds the layer's conv in (a multiple of the stride).
 
     Conv: the padded input, rounded up to the stride. ConvTranspose: its adjoint conv's input, the
@@ -510,34 +514,31 @@ def parametrize(
                 f"these layers did not run on the example input, so their input size is unknown: {', '.join(missing)}"
             )
     for name, layer in chosen.items():
-        weight = layer.weight.detach()
-        normalisation: SpectralNormalisation
-        if isinstance(layer, nn.Linear):
-            normalisation = MatrixSpectralNorm(weight, target, n_power_iterations, eps)
-        elif conv_norm == "reshape":
-            dim = 1 if isinstance(layer, CONV_TRANSPOSE_TYPES) else 0
-            normalisation = MatrixSpectralNorm(weight, target, n_power_iterations, eps, dim=dim)
-        elif conv_norm == "exact" or getattr(layer, "padding_mode", "zeros") != "zeros":
-            # reflect / replicate / circular padding repeats entries: only the exact operator includes that
-            in_shape, out_shape = shapes[name]
-            normalisation = ZeroPaddedConvSpectralNorm(
-                layer, weight, in_shape, out_shape, target, n_power_iterations, eps
-            )
-        else:
-            normalisation = CircularConvSpectralNorm(
-                weight,
-                circular_grid(layer, shapes[name][0]),
-                layer.stride,
-                layer.dilation,
-                layer.groups,
-                target,
-                n_power_iterations,
-                eps,
-            )
+        normalisation = _normalisation(layer, shapes.get(name), conv_norm, target, n_power_iterations, eps)
         normalisation.use_exact_sigma = exact_sigma
         normalisation.train(layer.training)
         torch_parametrize.register_parametrization(layer, "weight", normalisation)
     return module
+
+
+def _normalisation(
+    layer: Any, shapes: Any, conv_norm: str, target: float, n_power_iterations: int, eps: float
+) -> SpectralNormalisation:
+    """The parametrization of one layer: matrix, reshaped kernel, exact operator or circular embedding."""
+    weight = layer.weight.detach()
+    if isinstance(layer, nn.Linear):
+        return MatrixSpectralNorm(weight, target, n_power_iterations, eps)
+    if conv_norm == "reshape":
+        dim = 1 if isinstance(layer, CONV_TRANSPOSE_TYPES) else 0
+        return MatrixSpectralNorm(weight, target, n_power_iterations, eps, dim=dim)
+    in_shape, out_shape = shapes
+    if conv_norm == "exact" or getattr(layer, "padding_mode", "zeros") != "zeros":
+        # reflect / replicate / circular padding repeats entries: only the exact operator includes that
+        return ZeroPaddedConvSpectralNorm(layer, weight, in_shape, out_shape, target, n_power_iterations, eps)
+    grid = circular_grid(layer, in_shape)
+    return CircularConvSpectralNorm(
+        weight, grid, layer.stride, layer.dilation, layer.groups, target, n_power_iterations, eps
+    )
 
 
 def normalised_layers(module: nn.Module) -> list[str]:

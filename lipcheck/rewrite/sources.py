@@ -86,19 +86,13 @@ class OnnxSource(WeightSource):
 
     def source_of(self, value: str) -> str | None:
         """The initializer a weight comes from through shape-only ops (Transpose, Reshape, Cast, ...)."""
+        from lipcheck.frontends.onnx_frontend import WEIGHT_VIEW_OPS
+
         producers = {out: node for node in self.model.graph.node for out in node.output}
         seen = 0
         while value not in self.initializers and seen < 16:
             node = producers.get(value)
-            if node is None or node.op_type not in (
-                "Transpose",
-                "Reshape",
-                "Identity",
-                "Cast",
-                "Squeeze",
-                "Unsqueeze",
-                "Flatten",
-            ):
+            if node is None or node.op_type not in WEIGHT_VIEW_OPS:
                 return None
             value = node.input[0]
             seen += 1

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -101,11 +102,12 @@ def gram_taps(kernel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         bs = list(_product([range(lo, hi) for lo, hi in zip(lows, highs, strict=True)]))
         most_pairs = max(most_pairs, len(bs))
         shift = sum(x * s for x, s in zip(delta, strides, strict=True))
-        acc = None
+        acc: torch.Tensor | None = None
         for bb in bs:
             flat = sum(b * s for b, s in zip(bb, strides, strict=True))
             term = by_tap[flat + shift] @ by_tap[flat].mT
             acc = term if acc is None else acc.add_(term)
+        assert acc is not None
         mats.append(acc)
     h_half = torch.stack(mats)
     offsets_half = torch.tensor(half, dtype=torch.long, device=device).reshape(-1, d)
@@ -127,9 +129,8 @@ def grid_norm(kernel: torch.Tensor, grid: Sequence[int]) -> float:
     Within ``eigen_tol(n) / 2`` (relative, plus the rounding margin) above the exact value.
     """
     g, c_out, c_in, *taps = kernel.shape
-    d = len(taps)
-    if len(grid) != d:
-        raise ValueError(f"grid {tuple(grid)} does not match a {d}-d kernel")
+    if len(grid) != len(taps):
+        raise ValueError(f"grid {tuple(grid)} does not match a {len(taps)}-d kernel")
     k = to_float64(kernel)
     if c_out > c_in:  # K_hat(w)^T has the same singular values: Gram on the smaller side
         k = k.transpose(1, 2)
@@ -141,101 +142,136 @@ def grid_norm(kernel: torch.Tensor, grid: Sequence[int]) -> float:
     # exact power-of-two scaling: largest entry in [0.5, 1), undone at the end
     exponent = math.frexp(peak)[1]
     k = torch.ldexp(k, torch.tensor(-exponent, dtype=torch.float64, device=k.device))
-    n, c = k.shape[1], k.shape[2]
-    offsets, h, most_pairs = gram_taps(k)
-    n_offsets = offsets.shape[0]
-    # entrywise rounding of every Gram entry (real and imaginary part each) relative to S S^T:
-    # tap products (<= most_pairs * c terms), the sum over offsets, phases within 128 u
-    eta = rounding_gamma(most_pairs * c + n_offsets + 8)
-    eta += (1.0 + rounding_gamma(n_offsets + 8)) * 160.0 * UNIT_ROUNDOFF
-    s_fro2 = float((k.abs().sum(dim=tuple(range(3, k.dim())))).square().sum(dim=(1, 2)).max())
-    abs_margin = 2.0 * 2.0 * eta * s_fro2
+    grams = _Grams.of(k, grid)
+    running = _sweep(grams, half_grid_indices(grid, k.device), g)
+    top = running.upper + grams.abs_margin
+    value = math.sqrt(top) * (1.0 + 4.0 * UNIT_ROUNDOFF)
+    return math.ldexp(value, exponent)
 
-    freqs = half_grid_indices(grid, k.device)
-    sizes = torch.tensor(list(grid), device=k.device)
-    h_flat = h.reshape(n_offsets, -1)
 
-    # single-precision Gram matrices differ from the double ones by at most this (spectral norm):
-    # rounding h and the phases to float32 and the float32 sum over offsets, entrywise relative
-    # to S S^T like eta (both matrices' own errors counted)
-    single_error = 4.0 * (rounding_gamma(n_offsets + 8, SINGLE_ROUNDOFF) + 2.0 * eta) * s_fro2
-    use_single = (
-        single_margin(n) <= SINGLE_MAX_MARGIN
-        and math.isfinite(single_error)
-        and single_precision_is_exact_ieee(k.device)
-    )
-    h_single = h_flat.to(torch.float32) if use_single else h_flat
+@dataclass
+class _Grams:
+    """The Gram matrices of a scaled kernel at integer frequencies, assembled from its Gram taps."""
 
-    workspace = Workspace(k.device)
+    offsets: torch.Tensor
+    sizes: torch.Tensor
+    h_flat: torch.Tensor
+    h_single: torch.Tensor
+    n: int
+    abs_margin: float  # absolute rounding margin of every float64 Gram entry's effect on the spectrum
+    single_error: float  # spectral distance of the single-precision assembly from the double one
+    use_single: bool
+    workspace: Workspace
 
-    def grams_at(idx: torch.Tensor, single: bool = False, negated: bool = False, reuse: bool = False) -> torch.Tensor:
+    @staticmethod
+    def of(k: torch.Tensor, grid: Sequence[int]) -> _Grams:
+        n, c = k.shape[1], k.shape[2]
+        offsets, h, most_pairs = gram_taps(k)
+        n_offsets = offsets.shape[0]
+        # entrywise rounding of every Gram entry (real and imaginary part each) relative to S S^T:
+        # tap products (<= most_pairs * c terms), the sum over offsets, phases within 128 u
+        eta = rounding_gamma(most_pairs * c + n_offsets + 8)
+        eta += (1.0 + rounding_gamma(n_offsets + 8)) * 160.0 * UNIT_ROUNDOFF
+        s_fro2 = float((k.abs().sum(dim=tuple(range(3, k.dim())))).square().sum(dim=(1, 2)).max())
+        # single-precision Gram matrices differ from the double ones by at most this (spectral norm):
+        # rounding h and the phases to float32 and the float32 sum over offsets, entrywise relative
+        # to S S^T like eta (both matrices' own errors counted)
+        single_error = 4.0 * (rounding_gamma(n_offsets + 8, SINGLE_ROUNDOFF) + 2.0 * eta) * s_fro2
+        use_single = (
+            single_margin(n) <= SINGLE_MAX_MARGIN
+            and math.isfinite(single_error)
+            and single_precision_is_exact_ieee(k.device)
+        )
+        h_flat = h.reshape(n_offsets, -1)
+        return _Grams(
+            offsets=offsets,
+            sizes=torch.tensor(list(grid), device=k.device),
+            h_flat=h_flat,
+            h_single=h_flat.to(torch.float32) if use_single else h_flat,
+            n=n,
+            abs_margin=2.0 * 2.0 * eta * s_fro2,
+            single_error=single_error,
+            use_single=use_single,
+            workspace=Workspace(k.device),
+        )
+
+    def at(self, idx: torch.Tensor, single: bool = False, negated: bool = False, reuse: bool = False) -> torch.Tensor:
         """Gram matrices ``[len(idx) * g, n, n]`` (complex128, or complex64) at integer frequencies.
 
         With ``negated``, -G (for ``certify_below(..., negated=True)``: the sign is put on the small
         phase matrices, so no pass over the batch is spent on it). ``reuse``: into the workspace's
         buffers (the previous chunk's result is overwritten)."""
         # phase fraction (j . delta / m) mod 1 from exact integer products, one rounding per axis
-        residues = (idx[:, None, :] * offsets[None, :, :]) % sizes  # [F, D, d]
-        frac = (residues.to(torch.float64) / sizes.to(torch.float64)).sum(dim=-1)
+        residues = (idx[:, None, :] * self.offsets[None, :, :]) % self.sizes  # [F, D, d]
+        frac = (residues.to(torch.float64) / self.sizes.to(torch.float64)).sum(dim=-1)
         angle = (2.0 * math.pi) * torch.remainder(frac, 1.0)
         cos, sin = torch.cos(angle), torch.sin(angle)
         cos, sin = (-cos, sin) if negated else (cos, -sin)
         # one real product for both parts (the taps, often the largest operand, are read once)
         phases = torch.cat([cos, sin])
-        taps = h_single if single else h_flat
+        taps = self.h_single if single else self.h_flat
         count = len(idx)
-        parts_out = workspace.take("parts", (2 * count, taps.shape[1]), taps.dtype) if reuse else None
+        parts_out = self.workspace.take("parts", (2 * count, taps.shape[1]), taps.dtype) if reuse else None
         parts = torch.matmul(phases.to(taps.dtype), taps, out=parts_out)
         complex_dtype = torch.complex64 if single else torch.complex128
-        grams_out = workspace.take("grams", (count, taps.shape[1]), complex_dtype) if reuse else None
-        return torch.complex(parts[:count], parts[count:], out=grams_out).reshape(-1, n, n)
+        grams_out = self.workspace.take("grams", (count, taps.shape[1]), complex_dtype) if reuse else None
+        return torch.complex(parts[:count], parts[count:], out=grams_out).reshape(-1, self.n, self.n)
 
-    # One pass over chunks small enough to stay in cache between assembling and testing them (on a
-    # GPU: large chunks, few launches). The first chunk is estimated (Lanczos) to find the frequency
-    # whose exact value seeds the level (that value times 1 + tol); every chunk is then assembled as
-    # -G and tested in place by Cholesky at that level, in float32 where that is decisive enough
-    # (with the proven float32 assembly error), else in float64. What a float32 test cannot prove
-    # is assembled again in float64 and resolved at once (ranked, the most promising evaluated
-    # exactly, the rest retested), so the level rises early and later float32 tests pass. What a
-    # float64 test cannot prove lies above the level: those are set aside and resolved together at
-    # the end, since resolving them chunk by chunk would raise the level a little at a time, with
-    # an exact eigensolve per new record.
-    entries = CHUNK_ENTRIES_GPU if k.device.type == "cuda" else CHUNK_ENTRIES
+
+def _sweep(grams: _Grams, freqs: torch.Tensor, g: int) -> RunningMaxEigenvalue:
+    """Every frequency's top eigenvalue proven below a running level, which rises only to exact values.
+
+    One pass over chunks small enough to stay in cache between assembling and testing them (on a
+    GPU: large chunks, few launches). The first chunk is estimated (Lanczos) to find the frequency
+    whose exact value seeds the level (that value times 1 + tol); every chunk is then assembled as
+    -G and tested in place by Cholesky at that level, in float32 where that is decisive enough
+    (with the proven float32 assembly error), else in float64. What a float32 test cannot prove
+    is assembled again in float64 and resolved at once (ranked, the most promising evaluated
+    exactly, the rest retested), so the level rises early and later float32 tests pass. What a
+    float64 test cannot prove lies above the level: those are set aside and resolved together at
+    the end, since resolving them chunk by chunk would raise the level a little at a time, with
+    an exact eigensolve per new record.
+    """
+    n, single = grams.n, grams.use_single
+    entries = CHUNK_ENTRIES_GPU if freqs.device.type == "cuda" else CHUNK_ENTRIES
     chunk = max(MIN_CHUNK, entries // max(1, g * n * n))
-    running = RunningMaxEigenvalue(eigen_tol(n), workspace)
+    running = RunningMaxEigenvalue(eigen_tol(n), grams.workspace)
     set_aside: list[torch.Tensor] = []
     untested = False  # some set-aside chunk was never tested (zero seed)
     for start in range(0, freqs.shape[0], chunk):
         idx = freqs[start : start + chunk]
-        negated = grams_at(idx, single=use_single, negated=True, reuse=True)
+        negated = grams.at(idx, single=single, negated=True, reuse=True)
         if running.lower <= 0.0:
             best = int(torch.argmax(lanczos_estimate(negated, negated=True)))
-            running.add_exact(grams_at(idx[best // g : best // g + 1])[best % g : best % g + 1])
+            running.add_exact(grams.at(idx[best // g : best // g + 1])[best % g : best % g + 1])
         mu = running.level()
         if mu <= 0.0:  # a zero seed: the general resolution below handles it
             set_aside.append(idx)
             untested = True
             continue
-        error = single_error if use_single else None
-        proven = certify_below(negated, mu, single=use_single, error=error, negated=True, workspace=workspace)
+        error = grams.single_error if single else None
+        proven = certify_below(negated, mu, single=single, error=error, negated=True, workspace=grams.workspace)
         running.cholesky_evaluations += int(proven.numel())
         if bool(proven.any()):
             running.record_proven(mu)
         failed = torch.unique((~proven).nonzero().flatten() // g)
         if not failed.numel():
             continue
-        if use_single:  # resolved now: the level rises early and later float32 tests keep passing
-            running.certify(grams_at(idx[failed]), single_first=False)
+        if single:  # resolved now: the level rises early and later float32 tests keep passing
+            running.certify(grams.at(idx[failed]), single_first=False)
         else:
             set_aside.append(idx[failed])
     if set_aside:
-        rest = torch.cat(set_aside)
-        # the level is fixed once seeded: a float64 failure at it needs no second test before ranking
-        failed_at = None if untested else running.level()
-        step = 4 * chunk
-        for start in range(0, rest.shape[0], step):
-            mats = grams_at(rest[start : start + step])
-            running.certify(mats, failed_at=failed_at if start == 0 else None, single_first=False)
-    top = running.upper + abs_margin
-    value = math.sqrt(top) * (1.0 + 4.0 * UNIT_ROUNDOFF)
-    return math.ldexp(value, exponent)
+        _resolve(grams, running, torch.cat(set_aside), None if untested else running.level(), 4 * chunk)
+    return running
+
+
+def _resolve(
+    grams: _Grams, running: RunningMaxEigenvalue, rest: torch.Tensor, failed_at: float | None, step: int
+) -> None:
+    """The set-aside frequencies, ranked and resolved together (the level is fixed once seeded: a float64
+    failure at it needs no second test before ranking)."""
+    for start in range(0, rest.shape[0], step):
+        running.certify(
+            grams.at(rest[start : start + step]), failed_at=failed_at if start == 0 else None, single_first=False
+        )

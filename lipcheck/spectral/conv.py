@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -50,11 +51,11 @@ class ConvGeometry:
 
     @classmethod
     def default(cls, spatial_dims: int, **overrides) -> ConvGeometry:
-        base = dict(
-            stride=(1,) * spatial_dims,
-            dilation=(1,) * spatial_dims,
-            pads=(0,) * (2 * spatial_dims),
-        )
+        base: dict[str, Any] = {
+            "stride": (1,) * spatial_dims,
+            "dilation": (1,) * spatial_dims,
+            "pads": (0,) * (2 * spatial_dims),
+        }
         base.update(overrides)
         return cls(**base)
 
@@ -74,7 +75,8 @@ def polyphase_kernel(weight: torch.Tensor, stride: Sequence[int], dilation: Sequ
     eff = effective_kernel_size(kernel, dilation)
     taps = [math.ceil(e / s) for e, s in zip(eff, stride, strict=True)]
     padded = weight.new_zeros((c_out, c_in, *[a * s for a, s in zip(taps, stride, strict=True)]))
-    padded[(slice(None), slice(None), *[slice(0, e, dl) for e, dl in zip(eff, dilation, strict=True)])] = weight
+    index = (slice(None), slice(None), *[slice(0, e, dl) for e, dl in zip(eff, dilation, strict=True)])
+    padded[index] = weight
     shape = [c_out, c_in]
     for a, s in zip(taps, stride, strict=True):
         shape += [a, s]

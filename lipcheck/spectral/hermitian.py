@@ -169,7 +169,7 @@ def _factorizes(a: torch.Tensor, factor: torch.Tensor | None, info: torch.Tensor
     bounds = [a.shape[0] * i // parts for i in range(parts + 1)]
 
     def one(lo: int, hi: int) -> torch.Tensor:
-        if factor is None:
+        if factor is None or info is None:
             return torch.linalg.cholesky_ex(a[lo:hi]).info
         return torch.linalg.cholesky_ex(a[lo:hi], out=(factor[lo:hi], info[lo:hi])).info
 

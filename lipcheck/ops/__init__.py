@@ -1,0 +1,62 @@
+"""lipcheck's op vocabulary: one class per op, each holding everything lipcheck knows of it.
+
+Families (one module each): ``activations``, ``arithmetic``, ``linear`` (Gemm, MatMul), ``conv``,
+``normalization``, ``pooling``, ``reductions``, ``shape`` (rearrangements, casts), ``selection``
+(slices, gathers, concatenation, padding, copies), ``resize``, ``elementwise`` (math without a global
+constant, logic), ``generators``. ``base`` defines the facets (see ``Op``) and the registry; importing
+this package registers every op. CONTRIBUTING.md shows how to add one.
+"""
+
+from lipcheck.ops import (  # noqa: F401  (registration)
+    activations,
+    arithmetic,
+    conv,
+    elementwise,
+    generators,
+    linear,
+    normalization,
+    pooling,
+    reductions,
+    resize,
+    selection,
+    shape,
+)
+from lipcheck.ops.base import (
+    AffineContext,
+    EvalContext,
+    LocalBound,
+    NotFoldable,
+    Op,
+    RegisteredRule,
+    RuleContext,
+    Slope,
+    UnsupportedVariant,
+    get,
+    node_attrs,
+    register,
+    registered,
+    registered_rules,
+    rule,
+    unbounded,
+    variable_inputs,
+)
+
+__all__ = [
+    "AffineContext",
+    "EvalContext",
+    "LocalBound",
+    "NotFoldable",
+    "Op",
+    "RegisteredRule",
+    "RuleContext",
+    "Slope",
+    "UnsupportedVariant",
+    "get",
+    "node_attrs",
+    "register",
+    "registered",
+    "registered_rules",
+    "rule",
+    "unbounded",
+    "variable_inputs",
+]

@@ -1,0 +1,276 @@
+"""Arithmetic: sums of branches (residual connections), scaling by constants, and their elementwise kin.
+
+A sum of branches has L_a + L_b (AutoLip); a product or quotient of two activations is not globally
+Lipschitz; with one operand constant each is affine, and exact in a chain (``affine``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from lipcheck.ops.base import (
+    AffineContext,
+    EvalContext,
+    LocalBound,
+    NotFoldable,
+    Op,
+    RuleContext,
+    register,
+    unbounded,
+)
+
+PRODUCT_REASON = "product of two activations (not globally Lipschitz)"
+
+
+def same_float(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Promote an integer operand to the other's float dtype (ONNX graphs mix them after casts)."""
+    if a.is_floating_point() and not b.is_floating_point():
+        b = b.to(a.dtype)
+    elif b.is_floating_point() and not a.is_floating_point():
+        a = a.to(b.dtype)
+    return a, b
+
+
+def _constant_operand(ctx: AffineContext) -> torch.Tensor:
+    """The constant operand of a binary op, shaped for a batch of samples (NotFoldable otherwise)."""
+    if ctx.in_shape != ctx.out_shape:
+        raise NotFoldable(f"{ctx.node.op} broadcasts its variable input")
+    c = ctx.const(1 - ctx.variable)
+    rank = len(ctx.in_shape)
+    if c is None or c.ndim > rank or (c.ndim == rank and c.shape[0] != 1):
+        raise NotFoldable(f"{ctx.node.op} by a non-constant")
+    return torch.from_numpy(c.reshape(c.shape[1:]) if c.ndim == rank else c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sums of branches, and elementwise max/min
+
+
+class Branches(Op):
+    """Sum of branches: L = sum of the branches' L (AutoLip); Max/Min: sqrt of the sum of squares."""
+
+    single_method: ClassVar[str] = "bias (constant shift)"  # with one variable operand
+    elementwise_extremum: ClassVar[bool] = False
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        variables = ctx.variable_inputs()
+        copies = [ctx.broadcast_factor(i) for i in variables]
+        if any(c is None for c in copies):
+            return unbounded("input broadcast to an unknown size; give --input-shape", "unknown shape")
+        if len(variables) == 1 and self.single_method:
+            exact = copies[0] == 1.0 and not self.elementwise_extremum
+            return LocalBound(copies[0], self.single_method, exact=exact)  # type: ignore[arg-type]
+        terms = [c * ctx.input_lipschitz[i] for c, i in zip(copies, variables, strict=True)]  # type: ignore[operator]
+        if self.elementwise_extremum:
+            total = math.sqrt(sum(t * t for t in terms))
+            return LocalBound(1.0, "elementwise max/min: sqrt(sum L_i^2)", output_lipschitz=total)
+        scale = self.branch_scale(ctx)
+        return LocalBound(scale, "sum of branches (L_a + L_b)", output_lipschitz=scale * sum(terms))
+
+    def branch_scale(self, ctx: RuleContext) -> float:
+        return 1.0
+
+
+class Variadic(Branches):
+    """Reduces its operands pairwise with ``function``."""
+
+    @staticmethod
+    def function(a: torch.Tensor, b: torch.Tensor, /) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, ctx: EvalContext, *xs: Any) -> torch.Tensor:
+        function = self.function
+        return functools.reduce(lambda a, b: function(*same_float(a, b)), [x for x in xs if x is not None])
+
+
+@register
+class Add(Branches):
+    """a + b: L_a + L_b; a bias when b is constant."""
+
+    decomposes_activations = True
+
+    def evaluate(self, ctx: EvalContext, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.add(*same_float(a, b))
+
+    def affine(self, ctx: AffineContext, x: torch.Tensor) -> torch.Tensor:
+        t = _constant_operand(ctx)
+        return x + t if ctx.shifts else 1.0 * x
+
+
+@register
+class Sub(Branches):
+    """a - b: L_a + L_b; a shift when one operand is constant."""
+
+    decomposes_activations = True
+
+    def evaluate(self, ctx: EvalContext, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.sub(*same_float(a, b))
+
+    def affine(self, ctx: AffineContext, x: torch.Tensor) -> torch.Tensor:
+        t = _constant_operand(ctx)
+        y = (-1.0 if ctx.variable == 1 and not ctx.absolute else 1.0) * x
+        if ctx.shifts:
+            y = y - t if ctx.variable == 0 else y + t
+        return y
+
+
+@register
+class Sum(Variadic):
+    """a + b + ...: the sum of the branches' L."""
+
+    function = staticmethod(torch.add)
+
+
+@register
+class Mean(Variadic):
+    """(a + b + ...) / n: the sum of the branches' L, over n."""
+
+    function = staticmethod(torch.add)
+    single_method = ""  # one variable operand is still averaged with the constant ones
+
+    def branch_scale(self, ctx: RuleContext) -> float:
+        return 1.0 / len([i for i in ctx.node.inputs if i])
+
+    def evaluate(self, ctx: EvalContext, *xs: Any) -> torch.Tensor:
+        present = [x for x in xs if x is not None]
+        return super().evaluate(ctx, *present) / len(present)
+
+
+@register
+class Max(Variadic):
+    """Elementwise max: sqrt of the sum of the branches' squared L."""
+
+    function = staticmethod(torch.maximum)
+    single_method, elementwise_extremum = "clamp by constant", True
+
+
+@register
+class Min(Variadic):
+    """Elementwise min: sqrt of the sum of the branches' squared L."""
+
+    function = staticmethod(torch.minimum)
+    single_method, elementwise_extremum = "clamp by constant", True
+
+
+# ---------------------------------------------------------------------------------------------
+# Products and quotients
+
+
+@register
+class Mul(Op):
+    """x * c with a constant c: max |c| (times sqrt(copies) if x is broadcast)."""
+
+    piecewise_linear = decomposes_activations = True
+    recognition_root = True  # where an exporter's decomposition of an activation ends (x * sigmoid(x))
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        variables = ctx.variable_inputs()
+        if len(variables) == 2:
+            return unbounded(PRODUCT_REASON)
+        (var,) = variables
+        factor = ctx.const(1 - var)
+        if factor is None:
+            return unbounded("multiplied by a value lipschitz cannot know before running", "unknown factor")
+        copies = ctx.broadcast_factor(var)
+        if copies is None:
+            return unbounded("input broadcast to an unknown size; give --input-shape", "unknown shape")
+        value = float(np.abs(np.asarray(factor, dtype=np.float64)).max(initial=0.0)) * copies
+        return LocalBound(value, "scale by constant", exact=copies == 1.0)
+
+    def evaluate(self, ctx: EvalContext, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.mul(*same_float(a, b))
+
+    def affine(self, ctx: AffineContext, x: torch.Tensor) -> torch.Tensor:
+        t = _constant_operand(ctx)
+        return x * (t.abs() if ctx.absolute else t)
+
+
+@register
+class Div(Op):
+    """x / c with a constant c: 1 / min |c|; division by an activation is not Lipschitz."""
+
+    piecewise_linear = decomposes_activations = True
+    recognition_root = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        if ctx.is_variable(1):
+            return unbounded("division by an activation (not globally Lipschitz)")
+        divisor = ctx.const(1)
+        if divisor is None:
+            return unbounded("divided by a value lipschitz cannot know before running", "unknown factor")
+        smallest = float(np.abs(np.asarray(divisor, dtype=np.float64)).min())
+        if smallest == 0.0:
+            return unbounded("division by zero")
+        copies = ctx.broadcast_factor(0)
+        if copies is None:
+            return unbounded("input broadcast to an unknown size; give --input-shape", "unknown shape")
+        # the float32 division rounds 1/c at most half an ulp up
+        return LocalBound(copies / smallest * (1 + 2**-23), "scale by 1/constant", exact=copies == 1.0)
+
+    def evaluate(self, ctx: EvalContext, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if not a.is_floating_point() and not b.is_floating_point():
+            return torch.div(a, b, rounding_mode="trunc")
+        return torch.div(*same_float(a, b))
+
+    def affine(self, ctx: AffineContext, x: torch.Tensor) -> torch.Tensor:
+        t = _constant_operand(ctx)
+        if ctx.variable != 0 or bool((t == 0).any()):
+            raise NotFoldable("division by an activation or by zero")
+        return x / (t.abs() if ctx.absolute else t)
+
+
+@register
+class Pow(Op):
+    """x^p: not globally Lipschitz for p != 0, 1."""
+
+    decomposes_activations = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        exponent = ctx.const(1)
+        if exponent is not None and np.asarray(exponent).size == 1:
+            p = float(np.asarray(exponent).reshape(-1)[0])
+            if p == 1.0:
+                return LocalBound(1.0, "x^1", exact=True)
+            if p == 0.0:
+                return LocalBound(0.0, "x^0 is constant", exact=True)
+        return unbounded("x^p is not globally Lipschitz for p != 0, 1")
+
+    def evaluate(self, ctx: EvalContext, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.is_floating_point():
+            return torch.pow(a, b.to(a.dtype))
+        return torch.pow(a, b).to(a.dtype)
+
+
+@register
+class Neg(Op):
+    """-x: an isometry."""
+
+    piecewise_linear = decomposes_activations = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        return LocalBound(1.0, "isometry", exact=True)
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
+        return torch.neg(x)
+
+    def affine(self, ctx: AffineContext, x: torch.Tensor) -> torch.Tensor:
+        return x if ctx.absolute else -x
+
+
+@register
+class Abs(Op):
+    """|x|: 1-Lipschitz."""
+
+    piecewise_linear = decomposes_activations = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        return LocalBound(1.0, "1-Lipschitz", exact=True)
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
+        return torch.abs(x)

@@ -1,0 +1,495 @@
+"""What an op is to lipcheck: one class per op, holding every facet the analyses ask of it.
+
+An op's class declares its attribute defaults once and implements the facets it has:
+
+* ``lipschitz(ctx)``: its rule, a certified bound on its Lipschitz constant (``lipcheck.compose``);
+* ``slope(node, graph)``: for an elementwise activation, the interval of its difference quotients
+  (the chain bounds of ``lipcheck.refine``);
+* ``evaluate(ctx, *inputs)``: how it runs, as differentiable torch code (``lipcheck.interpret``);
+* ``affine(ctx, x)``: for a linear op, its action on a batch of vectors, exactly, with its linear part
+  and its absolute-value part (``lipcheck.refine.affine``);
+* ``value_range(ctx, *ranges)``: the range of its outputs from its inputs' ranges (room for input
+  domains: returns None, "unknown", until an op has one);
+* flags the analyses read (``piecewise_linear``, ``kinked``, ``decomposes_activations``) and the
+  folding facets of layers and per-channel affine ops.
+
+The registry (``register``) keys instances by op name and refuses a second registration of a name.
+Analyses never test op names: they ask the op (``get(node.op)``) for a facet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch
+
+from lipcheck.graph import Graph, Node, Shape, unique_name
+
+
+class UnsupportedVariant(Exception):
+    """A known op with attributes lipcheck has no rule (or no evaluation) for; reported like an unknown op."""
+
+    def __init__(self, label: str):
+        super().__init__(label)
+        self.label = label
+
+
+class NotFoldable(Exception):
+    """The node is not an affine map of its one variable input that ``affine`` evaluates exactly."""
+
+
+# ---------------------------------------------------------------------------------------------
+# What a rule returns, and what it is given
+
+
+@dataclass(frozen=True)
+class LocalBound:
+    """A rule's answer for one node.
+
+    ``value`` is the node's Lipschitz constant w.r.t. its variable inputs (``math.inf`` when it is not
+    globally Lipschitz, with ``reason`` saying why). ``certified``: a proven upper bound, rounding
+    included. ``exact``: equal to the true constant (up to rounding). By default the composition
+    multiplies ``value`` by the Lipschitz constant of the variable inputs taken together; rules for
+    ops such as Add set ``output_lipschitz`` (the constant of the output itself) instead.
+    """
+
+    value: float
+    method: str
+    certified: bool = True
+    exact: bool = False
+    output_lipschitz: float | None = None
+    reason: str | None = None
+
+    @property
+    def bounded(self) -> bool:
+        return math.isfinite(self.value) and (self.output_lipschitz is None or math.isfinite(self.output_lipschitz))
+
+
+def unbounded(reason: str, method: str = "not globally Lipschitz") -> LocalBound:
+    return LocalBound(math.inf, method, certified=True, reason=reason)
+
+
+@dataclass(frozen=True)
+class Slope:
+    """Every difference quotient (f(x) - f(y)) / (x - y) of an elementwise activation lies in [low, high]."""
+
+    low: float
+    high: float
+
+    @property
+    def lipschitz(self) -> float:
+        return max(abs(self.low), abs(self.high))
+
+    @property
+    def mid(self) -> float:
+        return (self.low + self.high) / 2
+
+    @property
+    def radius(self) -> float:
+        return (self.high - self.low) / 2
+
+
+class Attributes(Mapping[str, Any]):
+    """A node's attributes over its op's declared defaults (a value of None on the node is 'not given')."""
+
+    def __init__(self, node: Node, defaults: Mapping[str, Any]):
+        self._node, self._defaults = node, defaults
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._node.attrs.get(key)
+        if value is None and key in self._defaults:
+            return self._defaults[key]
+        if value is None and key not in self._node.attrs:
+            raise KeyError(key)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._node.attrs
+        yield from (k for k in self._defaults if k not in self._node.attrs)
+
+    def __len__(self) -> int:
+        return len(set(self._node.attrs) | set(self._defaults))
+
+
+def node_attrs(node: Node) -> Attributes:
+    """The node's attributes with its op's defaults filled in (see ``Op.attributes``)."""
+    op = get(node.op)
+    return Attributes(node, op.attributes if op is not None else {})
+
+
+@dataclass
+class RuleContext:
+    """What a rule sees of one node: its inputs' constants, shapes and Lipschitz constants."""
+
+    node: Node
+    graph: Graph
+    input_lipschitz: list[float]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def attrs(self) -> Attributes:
+        return node_attrs(self.node)
+
+    def const(self, index: int) -> np.ndarray | None:
+        """The value of input ``index`` when it is known before the network runs."""
+        if index >= len(self.node.inputs) or not self.node.inputs[index]:
+            return None
+        return self.graph.constants.get(self.node.inputs[index])
+
+    def has_input(self, index: int) -> bool:
+        return index < len(self.node.inputs) and bool(self.node.inputs[index])
+
+    def is_variable(self, index: int) -> bool:
+        return index < len(self.input_lipschitz) and self.input_lipschitz[index] > 0
+
+    def variable_inputs(self) -> list[int]:
+        return [i for i in range(len(self.node.inputs)) if self.is_variable(i)]
+
+    def shape(self, index: int) -> Shape | None:
+        if index >= len(self.node.inputs) or not self.node.inputs[index]:
+            return None
+        return self.graph.shape(self.node.inputs[index])
+
+    def output_shape(self, index: int = 0) -> Shape | None:
+        return self.graph.shape(self.node.outputs[index])
+
+    def tensor(self, index: int) -> torch.Tensor:
+        """A known constant input as a float64 tensor on the analysis device."""
+        value = self.const(index)
+        assert value is not None, f"input {index} of {self.node.name} is not a constant"
+        return torch.as_tensor(np.asarray(value, dtype=np.float64), device=self.device)
+
+    def broadcast_factor(self, index: int) -> float | None:
+        """sqrt(how many output elements copy one element of input ``index``); None when unknown.
+
+        Broadcasting repeats entries: an input copied r times enters the output's norm sqrt(r) times.
+        """
+        in_shape, out_shape = self.shape(index), self.output_shape()
+        if in_shape is None or out_shape is None:
+            return 1.0 if self._same_as_other_variable(index) else None
+        if len(in_shape) > len(out_shape):
+            return None
+        padded = (1,) * (len(out_shape) - len(in_shape)) + tuple(in_shape)
+        copies = 1
+        for i, o in zip(padded, out_shape, strict=True):
+            if i == o:
+                continue
+            if i == 1 and o is not None:
+                copies *= o
+            elif i == 1:  # broadcast to an unknown size
+                return None
+            # i is None or o is None with i != 1: shape inference lost track, sizes match at runtime
+        return math.sqrt(copies)
+
+    def _same_as_other_variable(self, index: int) -> bool:
+        # Without shapes we can only rule out broadcasting of an input whose partner is a scalar.
+        others = [i for i in range(len(self.node.inputs)) if i != index and self.has_input(i)]
+        return all(self.const(i) is not None and np.asarray(self.const(i)).size == 1 for i in others)
+
+
+@dataclass
+class EvalContext:
+    """What ``evaluate`` sees of one node: its attributes, the compute dtype and device, per-run options."""
+
+    node: Node
+    dtype: torch.dtype
+    device: torch.device
+    options: dict[str, Any] = field(default_factory=dict)  # shared by all nodes of a run (``smooth``)
+
+    def __post_init__(self) -> None:
+        self.attrs = node_attrs(self.node)
+
+    @property
+    def smooth(self) -> bool:
+        """ReLU-family kinks are rounded (a gradient search's view of a piecewise-linear network)."""
+        return bool(self.options.get("smooth"))
+
+    def float_tensor(self, values: Any) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=self.dtype, device=self.device)
+
+    def int_tensor(self, values: Any) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=torch.int64, device=self.device)
+
+
+def constant_tensor(value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Floats in the compute dtype; integers and bools keep their type (unsigned wider ones as int64)."""
+    array = np.asarray(value)
+    if array.dtype.kind in "fc":
+        return torch.as_tensor(np.array(array, dtype=np.float64), device=device).to(dtype)
+    torch_dtype = _INT_DTYPES.get(array.dtype, torch.int64)
+    kept = np.array(array, dtype=array.dtype if array.dtype in _INT_DTYPES else np.int64)
+    return torch.as_tensor(kept, device=device).to(torch_dtype)
+
+
+_INT_DTYPES = {
+    np.dtype(np.int8): torch.int8,
+    np.dtype(np.uint8): torch.uint8,
+    np.dtype(np.int16): torch.int16,
+    np.dtype(np.int32): torch.int32,
+    np.dtype(np.int64): torch.int64,
+    np.dtype(np.bool_): torch.bool,
+}
+
+
+@dataclass
+class AffineContext:
+    """What ``affine`` sees of a node with one variable input: its constants and full one-sample shapes.
+
+    ``mode``: 'affine' (the node as it is), 'linear' (shifts and biases dropped), 'abs' (the linear part
+    with every weight replaced by its absolute value: a bound for rounding errors).
+    """
+
+    node: Node
+    graph: Graph
+    variable: int
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    mode: str
+
+    @property
+    def attrs(self) -> Attributes:
+        return node_attrs(self.node)
+
+    @property
+    def absolute(self) -> bool:
+        return self.mode == "abs"
+
+    @property
+    def shifts(self) -> bool:
+        return self.mode == "affine"
+
+    def const(self, index: int) -> np.ndarray | None:
+        if index >= len(self.node.inputs) or not self.node.inputs[index]:
+            return None
+        value = self.graph.constants.get(self.node.inputs[index])
+        return None if value is None else np.asarray(value, dtype=np.float64)
+
+    def has_input(self, index: int) -> bool:
+        return index < len(self.node.inputs) and bool(self.node.inputs[index])
+
+    def weights(self, value: np.ndarray) -> torch.Tensor:
+        """A constant as the float64 tensor this mode multiplies by (absolute values in 'abs' mode)."""
+        tensor = torch.from_numpy(np.array(value, dtype=np.float64))
+        return tensor.abs() if self.absolute else tensor
+
+
+def axis_index(axis: int, rank: int) -> int:
+    """ONNX's axis convention: a negative axis counts from the end."""
+    return axis + rank if axis < 0 else axis
+
+
+def variable_inputs(node: Node, graph: Graph) -> list[int]:
+    """Indices of the inputs that are not constants (before any Lipschitz constant is known)."""
+    return [i for i, v in enumerate(node.inputs) if v and v not in graph.constants]
+
+
+def add_constant(graph: Graph, base: str, value: np.ndarray) -> str:
+    """A new constant of the graph, named after ``base``."""
+    name = unique_name(set(graph.constants) | set(graph.shapes), base)
+    graph.constants[name] = value
+    return name
+
+
+def replace_parameters(graph: Graph, node: Node, weight: np.ndarray, bias: np.ndarray) -> None:
+    """Give a layer (input, weight, bias) new weight and bias constants (a folded affine map)."""
+    node.inputs = [
+        node.inputs[0],
+        add_constant(graph, f"{node.name}.folded_weight", weight),
+        add_constant(graph, f"{node.name}.folded_bias", bias),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The op class and its registry
+
+
+class Op:
+    """Everything lipcheck knows of one op. Subclasses override the facets the op has.
+
+    The class docstring's first line is the op's summary in ``lipcheck rules``.
+    """
+
+    name: ClassVar[str] = ""  # set by ``register`` from the class name unless the class gives one
+    attributes: ClassVar[Mapping[str, Any]] = {}  # attribute defaults, as the ONNX schema has them
+    piecewise_linear: ClassVar[bool] = False  # with only such ops, J(x) is the exact map of x's linear region
+    kinked: ClassVar[bool] = False  # a ReLU-like kink that the lower-bound search smooths for its gradients
+    decomposes_activations: ClassVar[bool] = False  # may appear in an exporter's decomposition of an activation
+    recognition_root: ClassVar[bool] = False  # where such a decomposition ends (the product in x * sigmoid(x))
+
+    @property
+    def summary(self) -> str:
+        doc = (type(self).__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    # -- facets (a subclass overrides those it has)
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        """A certified bound on the op's Lipschitz constant; raises UnsupportedVariant for variants it cannot bound."""
+        raise NotImplementedError
+
+    def slope(self, node: Node, graph: Graph) -> Slope | None:
+        """For an elementwise activation, the interval of its difference quotients (None otherwise)."""
+        return None
+
+    def evaluate(self, ctx: EvalContext, *inputs: Any) -> Any:
+        """The op on torch tensors: a tensor, or a tuple for several outputs."""
+        raise NotImplementedError
+
+    def check(self, node: Node) -> None:
+        """Raise UnsupportedVariant for attribute variants ``evaluate`` does not implement."""
+
+    def affine(self, ctx: AffineContext, x: torch.Tensor) -> torch.Tensor:
+        """The node on a batch ``x`` [N, *sample] of its variable input, exactly (see AffineContext.mode)."""
+        raise NotFoldable(self.name)
+
+    def rounding_terms(self, node: Node, graph: Graph) -> int:
+        """Terms in the longest sum one output entry of ``affine`` is computed from (for rounding bounds)."""
+        return 2
+
+    def value_range(self, ctx: RuleContext, *ranges: Any) -> Any:
+        """The range of the outputs from the inputs' ranges: None (unknown) until the op has a range rule."""
+        return None
+
+    def display_name(self, node: Node) -> str:
+        """The op as the report shows it."""
+        return node.op
+
+    # -- folding (layers and per-channel affine ops)
+    def channel_affine(self, graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray] | None:
+        """(multiplier, shift) when the node computes y = multiplier * x + shift per channel (axis 1)."""
+        return None
+
+    def fold_output_affine(self, graph: Graph, node: Node, multiplier: np.ndarray, shift: np.ndarray) -> bool:
+        """Absorb a per-channel affine map applied to this layer's output into its weights (True if done)."""
+        return False
+
+    def fold_input_affine(self, graph: Graph, node: Node, multiplier: np.ndarray, shift: np.ndarray) -> bool:
+        """Absorb a per-channel affine map applied to this layer's input into its weights (True if done)."""
+        return False
+
+    def parameter_inputs(self, node: Node) -> list[str]:
+        """The inputs holding a per-channel affine node's parameters (the file's tensors ``normalize`` edits)."""
+        return []
+
+    def shift_parameters(self, node: Node, shift: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """New values of ``parameter_inputs`` that make the node the pure shift x + shift."""
+        return []
+
+    def bias_scale(self, node: Node) -> float:
+        """The factor the layer's bias input is multiplied by (Gemm's beta)."""
+        return 1.0
+
+    def weight_input(self, node: Node, graph: Graph) -> int | None:
+        """The input holding the weight that spectral normalization rescales (None: not a normalizable layer)."""
+        return None
+
+    def scale_output_channels(self, node: Node, weight: np.ndarray, multiplier: np.ndarray) -> np.ndarray | None:
+        """The weight with output channel c scaled by multiplier[c] (None when the layout does not allow it)."""
+        return None
+
+    # -- which facets the op has
+    @property
+    def has_rule(self) -> bool:
+        return type(self).lipschitz is not Op.lipschitz
+
+    @property
+    def has_evaluate(self) -> bool:
+        return type(self).evaluate is not Op.evaluate
+
+    @property
+    def has_affine(self) -> bool:
+        return type(self).affine is not Op.affine
+
+    def facets(self) -> list[str]:
+        """The facets this op implements, for ``lipcheck rules``."""
+        found = [
+            name
+            for name, present in (("rule", self.has_rule), ("evaluate", self.has_evaluate), ("affine", self.has_affine))
+            if present
+        ]
+        if type(self).slope is not Op.slope:
+            found.append("slope")
+        if type(self).value_range is not Op.value_range:
+            found.append("range")
+        return found
+
+
+_OPS: dict[str, Op] = {}
+OpClass = TypeVar("OpClass", bound=type[Op])
+
+
+def register(cls: OpClass) -> OpClass:
+    """Class decorator: register one instance of an op class under its name (a second one is refused)."""
+    name = cls.__dict__.get("name") or cls.__name__
+    if name in _OPS:
+        raise ValueError(f"duplicate op {name!r}: {type(_OPS[name]).__qualname__} and {cls.__qualname__}")
+    cls.name = name
+    _OPS[name] = cls()
+    return cls
+
+
+def get(name: str) -> Op | None:
+    """The registered op of that name (None for an op lipcheck does not know)."""
+    return _OPS.get(name)
+
+
+def registered() -> list[Op]:
+    """Every registered op, by name."""
+    return [_OPS[name] for name in sorted(_OPS)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules as plain functions: for ops lipcheck does not know (a custom domain's op, in a plugin)
+
+RuleFunction = Callable[[RuleContext], LocalBound]
+
+
+@dataclass(frozen=True)
+class RegisteredRule:
+    op: str
+    function: RuleFunction
+    summary: str
+
+
+class _FunctionRule(Op):
+    """An op known only by a rule function registered with ``rule``."""
+
+    def __init__(self, function: RuleFunction):
+        self._function = function
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        return self._function(ctx)
+
+    @property
+    def summary(self) -> str:
+        doc = (self._function.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+
+def rule(*ops: str) -> Callable[[RuleFunction], RuleFunction]:
+    """Register ``function(ctx) -> LocalBound`` as the rule of each op in ``ops``, ops lipcheck does not know yet.
+
+    An op that is already registered is refused (and nothing of this call is registered).
+    """
+
+    def add(function: RuleFunction) -> RuleFunction:
+        for op in ops:
+            if op in _OPS:
+                raise ValueError(f"duplicate rule for op {op!r}: {type(_OPS[op]).__qualname__}")
+        if len(set(ops)) != len(ops):
+            raise ValueError(f"op listed twice in one registration: {ops}")
+        for op in ops:
+            instance = _FunctionRule(function)
+            instance.name = op  # type: ignore[misc]  # per instance: one function may serve several names
+            _OPS[op] = instance
+        return function
+
+    return add
+
+
+def registered_rules() -> list[RegisteredRule]:
+    """Every op with a rule, by name, with its rule function and summary."""
+    return [RegisteredRule(op.name, op.lipschitz, op.summary) for op in registered() if op.has_rule]

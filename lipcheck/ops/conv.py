@@ -1,0 +1,265 @@
+"""Convolutions: the operator norm of the convolution, not of its reshaped kernel (``lipcheck.spectral``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lipcheck.graph import Graph, Node
+from lipcheck.ops.base import (
+    AffineContext,
+    EvalContext,
+    LocalBound,
+    NotFoldable,
+    Op,
+    RuleContext,
+    UnsupportedVariant,
+    node_attrs,
+    register,
+    replace_parameters,
+    unbounded,
+)
+from lipcheck.ops.linear import folded_note, layer_parameters
+from lipcheck.ops.spatial import CONV, CONV_TRANSPOSE, pad_spatial, spatial_pads
+from lipcheck.spectral import ConvGeometry, conv_operator_norm, conv_transpose_operator_norm
+
+CONV_ATTRIBUTES = {"group": 1, "auto_pad": "NOTSET"}
+
+
+def conv_geometry(ctx: RuleContext, weight: torch.Tensor) -> ConvGeometry:
+    """Strides, dilations, pads, groups and (when known) the input size of a Conv or ConvTranspose node."""
+    d = weight.dim() - 2
+    in_shape = ctx.shape(0)
+    spatial = None
+    pads = ctx.attrs.get("pads")
+    if in_shape is not None and len(in_shape) == d + 2 and all(n is not None for n in in_shape[2:]):
+        spatial = tuple(int(n) for n in in_shape[2:])  # type: ignore[arg-type]
+    if pads is None:  # auto_pad SAME with an unknown size
+        spatial, pads = None, [0] * (2 * d)
+    return ConvGeometry(
+        stride=tuple(ctx.attrs["strides"]),
+        dilation=tuple(ctx.attrs["dilations"]),
+        pads=tuple(pads),
+        groups=int(ctx.attrs["group"]),
+        input_size=spatial,
+    )
+
+
+def _with_variable_bias(ctx: RuleContext, local: LocalBound) -> LocalBound:
+    """conv(x) + b(x): each bias entry is added at every position of its output channel."""
+    if not ctx.is_variable(2):
+        return local
+    out = ctx.output_shape()
+    if out is None or len(out) < 2 or any(d is None for d in out):
+        return unbounded(
+            "bias computed from the input, added over an unknown size; give --input-shape", "unknown shape"
+        )
+    copies = math.prod(out) // max(1, int(out[1]))  # type: ignore[arg-type]
+    total = local.value * ctx.input_lipschitz[0] + math.sqrt(copies) * ctx.input_lipschitz[2]
+    return LocalBound(local.value, local.method + " + variable bias", certified=local.certified, output_lipschitz=total)
+
+
+def _window(ctx: EvalContext, w: torch.Tensor) -> tuple[int, list[int], list[int]]:
+    """(spatial rank, strides, dilations) of a convolution with weight ``w``."""
+    d = w.dim() - 2
+    strides = [int(s) for s in ctx.attrs.get("strides") or [1] * d]
+    dilations = [int(s) for s in ctx.attrs.get("dilations") or [1] * d]
+    return d, strides, dilations
+
+
+@register
+class Conv(Op):
+    """Convolution operator norm: circular embedding on the known input size, else size-independent."""
+
+    attributes = CONV_ATTRIBUTES
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        if ctx.is_variable(1):
+            return unbounded("convolution weight computed from the input (product of two activations)")
+        if ctx.const(1) is None:
+            return unbounded("convolution weight is not a known constant", "unknown weight")
+        weight = ctx.tensor(1)
+        found = conv_operator_norm(weight, conv_geometry(ctx, weight))
+        local = LocalBound(found.value, found.method + folded_note(ctx.node), exact=found.exact)
+        return _with_variable_bias(ctx, local)
+
+    def evaluate(
+        self, ctx: EvalContext, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        d, strides, dilations = _window(ctx, w)
+        if d not in CONV:
+            raise ValueError(f"{d}-d convolution")
+        pads = spatial_pads(ctx, x.shape[2:], list(w.shape[2:]), strides, dilations)
+        symmetric = pads[:d] == pads[d:]
+        if not symmetric:
+            x = pad_spatial(x, pads)
+        return CONV[d](
+            x, w, b, tuple(strides), tuple(pads[:d]) if symmetric else 0, tuple(dilations), int(ctx.attrs["group"])
+        )
+
+    def affine(self, ctx: AffineContext, x: torch.Tensor) -> torch.Tensor:
+        w, b = ctx.const(1), ctx.const(2)
+        if ctx.variable != 0 or w is None or (ctx.has_input(2) and b is None):
+            raise NotFoldable("Conv needs constant weights and bias")
+        d = w.ndim - 2
+        pads = ctx.attrs.get("pads")
+        if pads is None or d not in (1, 2, 3):
+            raise NotFoldable("Conv padding unknown")
+        padded = F.pad(x, [p for i in reversed(range(d)) for p in (int(pads[i]), int(pads[i + d]))])
+        y = CONV[d](
+            padded,
+            ctx.weights(w),
+            None,
+            tuple(ctx.attrs["strides"]),
+            0,
+            tuple(ctx.attrs["dilations"]),
+            int(ctx.attrs["group"]),
+        )
+        if ctx.shifts and b is not None:
+            y = y + torch.from_numpy(b).reshape(-1, *([1] * d))
+        return y.reshape(x.shape[0], *ctx.out_shape[1:])
+
+    def rounding_terms(self, node: Node, graph: Graph) -> int:
+        w = graph.constants.get(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] else None
+        return int(np.prod(np.shape(w)[1:])) + 2 if w is not None else 2
+
+    def weight_input(self, node: Node, graph: Graph) -> int | None:
+        return 1
+
+    def scale_output_channels(self, node: Node, weight: np.ndarray, multiplier: np.ndarray) -> np.ndarray | None:
+        if weight.shape[0] != multiplier.size:
+            return None
+        return weight * multiplier.reshape(-1, *([1] * (weight.ndim - 1)))
+
+    def fold_output_affine(self, graph: Graph, node: Node, multiplier: np.ndarray, shift: np.ndarray) -> bool:
+        return _fold_output_channels(self, graph, node, multiplier, shift)
+
+    def fold_input_affine(self, graph: Graph, node: Node, multiplier: np.ndarray, shift: np.ndarray) -> bool:
+        """W (m x + s): W's input channels scaled, and W s added to the bias.
+
+        Exact inside the input; for a padded Conv the shift's effect near the border is not a bias, so the
+        node is marked ``inexact_offset`` (its Lipschitz constant, which ignores the shift, is still exact).
+        """
+        parameters = layer_parameters(graph, node)
+        if parameters is None:
+            return False
+        w, old_bias = parameters
+        groups = int(node_attrs(node)["group"])
+        if w.shape[1] * groups != multiplier.shape[0]:
+            return False
+        grouped = w.reshape(groups, w.shape[0] // groups, w.shape[1], *w.shape[2:])
+        shape = (groups, 1, w.shape[1], *([1] * (w.ndim - 2)))
+        new_w = (grouped * multiplier.reshape(shape)).reshape(w.shape)
+        offset = (grouped * shift.reshape(shape)).sum(axis=tuple(range(2, grouped.ndim))).reshape(-1)
+        bias = (np.zeros(w.shape[0]) if old_bias is None else old_bias) + offset
+        if any(int(p) for p in (node.attrs.get("pads") or [1])):
+            node.attrs["inexact_offset"] = True
+        replace_parameters(graph, node, new_w, bias)
+        return True
+
+
+def _fold_output_channels(op: Op, graph: Graph, node: Node, multiplier: np.ndarray, shift: np.ndarray) -> bool:
+    """m * conv(x, W, b) + s = conv(x, m W, m b + s): output channels scaled."""
+    parameters = layer_parameters(graph, node)
+    if parameters is None:
+        return False
+    weight, bias = parameters
+    new_weight = op.scale_output_channels(node, weight, multiplier)
+    if new_weight is None:
+        return False
+    b = np.zeros(multiplier.shape[0]) if bias is None else bias
+    replace_parameters(graph, node, new_weight, b * multiplier + shift)
+    return True
+
+
+def transpose_pads(
+    ctx: EvalContext,
+    spatial: Sequence[int],
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    adjust: Sequence[int],
+) -> tuple[list[int], list[int]]:
+    """(begin pads, output sizes) of a ConvTranspose, as onnxruntime computes them."""
+    d = len(spatial)
+    output_shape = ctx.attrs.get("output_shape")
+    auto_pad = ctx.attrs["auto_pad"]
+    pads = list(ctx.attrs.get("pads") or [0] * (2 * d))
+    begins, sizes = [], []
+    for i in range(d):
+        full = (spatial[i] - 1) * strides[i] + adjust[i] + (kernel[i] - 1) * dilations[i] + 1
+        if output_shape:
+            out = int(output_shape[-d + i])
+            total = max(0, full - out)
+            begin = total - total // 2 if auto_pad == "SAME_UPPER" else total // 2
+        else:
+            if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+                total = max(0, full - spatial[i] * strides[i])
+                begin = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
+                end = total - begin
+            else:
+                begin, end = int(pads[i]), int(pads[i + d])
+            out = full - begin - end
+        begins.append(begin)
+        sizes.append(out)
+    return begins, sizes
+
+
+@register
+class ConvTranspose(Op):
+    """Transposed convolution: the norm of its adjoint convolution (uncropped output)."""
+
+    attributes = CONV_ATTRIBUTES
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        if ctx.is_variable(1):
+            return unbounded("weight computed from the input (product of two activations)")
+        if ctx.const(1) is None:
+            return unbounded("weight is not a known constant", "unknown weight")
+        weight = ctx.tensor(1)
+        found = conv_transpose_operator_norm(weight, conv_geometry(ctx, weight))
+        return _with_variable_bias(
+            ctx, LocalBound(found.value, "adjoint conv: " + found.method + folded_note(ctx.node))
+        )
+
+    def check(self, node: Node) -> None:
+        if node.attrs.get("auto_pad") in ("SAME_UPPER", "SAME_LOWER") and node.attrs.get("output_shape"):
+            raise UnsupportedVariant("ConvTranspose(auto_pad=SAME with output_shape)")
+
+    def evaluate(
+        self, ctx: EvalContext, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        d, strides, dilations = _window(ctx, w)
+        if d not in CONV_TRANSPOSE:
+            raise ValueError(f"{d}-d transposed convolution")
+        adjust = [int(a) for a in (ctx.attrs.get("output_padding") or [0] * d)]
+        y = CONV_TRANSPOSE[d](x, w, None, tuple(strides), 0, 0, int(ctx.attrs["group"]), tuple(dilations))
+        begins, sizes = transpose_pads(ctx, x.shape[2:], list(w.shape[2:]), strides, dilations, adjust)
+        # output_padding adds zero rows at the end; then crop [begin, begin + size) on each axis
+        y = pad_spatial(
+            y, [0] * d + [max(0, bg + sz - n) for bg, sz, n in zip(begins, sizes, y.shape[2:], strict=True)]
+        )
+        for i, (begin, size) in enumerate(zip(begins, sizes, strict=True)):
+            y = y.narrow(2 + i, begin, size)
+        if b is not None:
+            y = y + b.reshape(1, -1, *([1] * d))
+        return y
+
+    def weight_input(self, node: Node, graph: Graph) -> int | None:
+        return 1
+
+    def scale_output_channels(self, node: Node, weight: np.ndarray, multiplier: np.ndarray) -> np.ndarray | None:
+        groups = int(node_attrs(node)["group"])
+        if weight.shape[1] * groups != multiplier.size:
+            return None
+        grouped = weight.reshape(groups, weight.shape[0] // groups, weight.shape[1], *weight.shape[2:])
+        return (grouped * multiplier.reshape(groups, 1, -1, *([1] * (weight.ndim - 2)))).reshape(weight.shape)
+
+    def fold_output_affine(self, graph: Graph, node: Node, multiplier: np.ndarray, shift: np.ndarray) -> bool:
+        return _fold_output_channels(self, graph, node, multiplier, shift)

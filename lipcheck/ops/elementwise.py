@@ -1,0 +1,194 @@
+"""Elementwise functions without a global Lipschitz constant, and the logic ops exporters leave in graphs.
+
+Exp, Log, Sqrt, 1/x, tan, sinh and cosh have unbounded slopes; sign, floor, ceil and round are
+discontinuous. Comparisons, boolean logic and Where run (the interpreter needs them) but have no rule.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from lipcheck.ops.arithmetic import same_float
+from lipcheck.ops.base import EvalContext, LocalBound, Op, RuleContext, register, unbounded
+
+
+class Unary(Op):
+    """An elementwise ``function``."""
+
+    @staticmethod
+    def function(x: torch.Tensor, /) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
+        return self.function(x)
+
+
+class NotLipschitz(Unary):
+    """An elementwise function with no global Lipschitz constant (``reason`` says why)."""
+
+    reason: ClassVar[str]
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        return unbounded(self.reason)
+
+
+@register
+class Exp(NotLipschitz):
+    """e^x: unbounded slope."""
+
+    function, reason = staticmethod(torch.exp), "exp has unbounded slope"
+    decomposes_activations = True
+
+
+@register
+class Log(NotLipschitz):
+    """log x: unbounded slope near 0."""
+
+    function, reason = staticmethod(torch.log), "log has unbounded slope near 0"
+
+
+@register
+class Sqrt(NotLipschitz):
+    """sqrt x: unbounded slope near 0."""
+
+    function, reason = staticmethod(torch.sqrt), "sqrt has unbounded slope near 0"
+
+
+@register
+class Reciprocal(NotLipschitz):
+    """1/x: unbounded slope near 0."""
+
+    function, reason = staticmethod(torch.reciprocal), "1/x has unbounded slope near 0"
+
+
+@register
+class Tan(NotLipschitz):
+    """tan: unbounded slope."""
+
+    function, reason = staticmethod(torch.tan), "tan has unbounded slope"
+
+
+@register
+class Sinh(NotLipschitz):
+    """sinh: unbounded slope."""
+
+    function, reason = staticmethod(torch.sinh), "sinh has unbounded slope"
+
+
+@register
+class Cosh(NotLipschitz):
+    """cosh: unbounded slope."""
+
+    function, reason = staticmethod(torch.cosh), "cosh has unbounded slope"
+
+
+@register
+class Sign(NotLipschitz):
+    """sign: discontinuous."""
+
+    function, reason = staticmethod(torch.sign), "sign is discontinuous"
+
+
+@register
+class Floor(NotLipschitz):
+    """floor: discontinuous."""
+
+    function, reason = staticmethod(torch.floor), "floor is discontinuous"
+
+
+@register
+class Ceil(NotLipschitz):
+    """ceil: discontinuous."""
+
+    function, reason = staticmethod(torch.ceil), "ceil is discontinuous"
+
+
+@register
+class Round(NotLipschitz):
+    """round: discontinuous."""
+
+    function, reason = staticmethod(torch.round), "round is discontinuous"
+
+
+@register
+class Not(Unary):
+    """Logical not (no rule: booleans are not perturbed)."""
+
+    function = staticmethod(torch.logical_not)
+
+
+class Binary(Op):
+    """An elementwise ``function`` of two operands (a comparison or boolean logic: no rule)."""
+
+    @staticmethod
+    def function(a: torch.Tensor, b: torch.Tensor, /) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, ctx: EvalContext, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.function(*same_float(a, b))
+
+
+@register
+class Equal(Binary):
+    """a == b."""
+
+    function = staticmethod(torch.eq)
+
+
+@register
+class Less(Binary):
+    """a < b."""
+
+    function = staticmethod(torch.lt)
+
+
+@register
+class Greater(Binary):
+    """a > b."""
+
+    function = staticmethod(torch.gt)
+
+
+@register
+class LessOrEqual(Binary):
+    """a <= b."""
+
+    function = staticmethod(torch.le)
+
+
+@register
+class GreaterOrEqual(Binary):
+    """a >= b."""
+
+    function = staticmethod(torch.ge)
+
+
+@register
+class And(Binary):
+    """Logical and."""
+
+    function = staticmethod(torch.logical_and)
+
+
+@register
+class Or(Binary):
+    """Logical or."""
+
+    function = staticmethod(torch.logical_or)
+
+
+@register
+class Xor(Binary):
+    """Logical xor."""
+
+    function = staticmethod(torch.logical_xor)
+
+
+@register
+class Where(Op):
+    """condition ? a : b (no rule yet)."""
+
+    def evaluate(self, ctx: EvalContext, condition: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(condition.to(torch.bool), *same_float(a, b))

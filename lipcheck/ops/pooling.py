@@ -1,0 +1,280 @@
+"""Pooling: max pooling is 1-Lipschitz per window (sqrt(windows sharing an input) in all), average pooling
+is the linear map it is (its exact norm when sizes are known), l_p pooling compares l_p with l_2 norms."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lipcheck.graph import Graph, Node, Shape
+from lipcheck.ops.base import (
+    AffineContext,
+    EvalContext,
+    LocalBound,
+    NotFoldable,
+    Op,
+    RuleContext,
+    UnsupportedVariant,
+    node_attrs,
+    register,
+    unbounded,
+)
+from lipcheck.ops.spatial import (
+    CONV,
+    MAX_POOL,
+    avgpool_matrix,
+    pad_spatial,
+    pool_output_sizes,
+    spatial_pads,
+    window_overlap,
+)
+from lipcheck.spectral import dense_sigma_max
+
+POOL_ATTRIBUTES = {"ceil_mode": 0, "auto_pad": "NOTSET"}
+
+
+def lp_to_l2(p: float, count: int) -> float:
+    """max ||v||_p / ||v||_2 over vectors with ``count`` entries (1 for p >= 2)."""
+    return count ** (1.0 / p - 0.5) * (1 + 1e-15) if p < 2 else 1.0
+
+
+def spatial_count(shape: Sequence[int | None] | None, axes: Sequence[int]) -> int | None:
+    """How many entries the axes hold (None when a size is unknown)."""
+    if shape is None:
+        return None
+    dims = [shape[a % len(shape)] for a in axes]
+    return None if any(v is None for v in dims) else math.prod(dims)  # type: ignore[arg-type]
+
+
+def _window_overlaps(ctx: RuleContext) -> int:
+    k, s, d = ctx.attrs["kernel_shape"], ctx.attrs["strides"], ctx.attrs["dilations"]
+    return math.prod(window_overlap(kk, ss, dd) for kk, ss, dd in zip(k, s, d, strict=True))
+
+
+class Pool(Op):
+    """A window sliding over 1 to 3 spatial axes."""
+
+    attributes = POOL_ATTRIBUTES
+
+    def check(self, node: Node) -> None:
+        k = node.attrs.get("kernel_shape") or []
+        if len(k) not in (1, 2, 3):
+            raise UnsupportedVariant(f"{node.op}({len(k)}-d)")
+
+    @staticmethod
+    def geometry(ctx: EvalContext, x: torch.Tensor) -> tuple[list[int], list[int], list[int], list[int]]:
+        """(kernel, strides, dilations, pads) with SAME padding resolved for this input."""
+        k = [int(v) for v in ctx.attrs["kernel_shape"]]
+        d = len(k)
+        strides = [int(v) for v in ctx.attrs.get("strides") or [1] * d]
+        dilations = [int(v) for v in ctx.attrs.get("dilations") or [1] * d]
+        return k, strides, dilations, spatial_pads(ctx, x.shape[2:], k, strides, dilations)
+
+
+@register
+class MaxPool(Pool):
+    """sqrt(most windows sharing one input) = sqrt(prod ceil(k/s)) without dilation."""
+
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        overlap = _window_overlaps(ctx)
+        return LocalBound(math.sqrt(overlap), f"sqrt({overlap}) overlapping windows", exact=overlap == 1)
+
+    def check(self, node: Node) -> None:
+        super().check(node)
+        if len(node.outputs) > 1 and node.outputs[1]:
+            raise UnsupportedVariant("MaxPool(with Indices output)")
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
+        k, strides, dilations, pads = self.geometry(ctx, x)
+        d = len(k)
+        ceil_mode = bool(int(ctx.attrs["ceil_mode"]))
+        fits = pads[:d] == pads[d:] and all(2 * p <= kk for p, kk in zip(pads[:d], k, strict=True))
+        if not fits:
+            x = pad_spatial(x, pads, value=-math.inf)
+        return MAX_POOL[d](x, tuple(k), tuple(strides), tuple(pads[:d]) if fits else 0, tuple(dilations), ceil_mode)
+
+
+@register
+class LpPool(Pool):
+    """(sum |x|^p)^(1/p) per window: sqrt(overlap) x max ||v||_p / ||v||_2 over a window (p >= 1)."""
+
+    attributes = {**POOL_ATTRIBUTES, "p": 2}
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        p = float(ctx.attrs["p"])
+        if p < 1:
+            return unbounded("LpPool with p < 1 is not Lipschitz")
+        overlap = _window_overlaps(ctx)
+        value, method = math.sqrt(overlap), f"sqrt({overlap}) overlapping windows"
+        # | ||a||_p - ||b||_p | <= ||a - b||_p <= taps^(1/p - 1/2) ||a - b||_2 for 1 <= p < 2
+        factor = lp_to_l2(p, math.prod(ctx.attrs["kernel_shape"]))
+        method += f" x {factor:.6g} (l_p vs l_2 norm)" if factor != 1 else ""
+        return LocalBound(value * factor, method, exact=overlap == 1)
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
+        k, strides, dilations, pads = self.geometry(ctx, x)
+        p = float(ctx.attrs["p"])
+        total, _ = window_sums(x.abs().pow(p), k, strides, dilations, pads, bool(int(ctx.attrs["ceil_mode"])))
+        return total.pow(1 / p)
+
+
+def window_sums(
+    x: torch.Tensor,
+    k: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    pads: Sequence[int],
+    ceil_mode: bool,
+    counted: str = "input",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over every pooling window (zero padding) and the number of taps counted per window.
+
+    Any rank, ONNX's output size (ceil mode included). ``counted``: "input" counts taps inside the
+    input, "padded" those inside the padded input (count_include_pad); the ceil-mode overhang never counts.
+    """
+    d = len(k)
+    spatial = list(x.shape[2:])
+    sizes = pool_output_sizes(spatial, k, strides, dilations, pads, ceil_mode)
+    ends = []
+    for i, n in enumerate(spatial):
+        needed = (sizes[i] - 1) * strides[i] + (k[i] - 1) * dilations[i] + 1
+        ends.append(max(needed - n - pads[i], pads[i + d]))
+    padded = pad_spatial(x, list(pads[:d]) + ends)
+    mask = torch.ones((1, 1, *spatial), dtype=x.dtype, device=x.device)
+    if counted == "padded":
+        mask = pad_spatial(mask, pads, value=1.0)
+        mask = pad_spatial(mask, [0] * d + [e - p for e, p in zip(ends, pads[d:], strict=True)])
+    else:
+        mask = pad_spatial(mask, list(pads[:d]) + ends)
+    n, c = x.shape[0], x.shape[1]
+    ones = torch.ones((1, 1, *k), dtype=x.dtype, device=x.device)
+    crop = (slice(None), slice(None), *[slice(0, s) for s in sizes])
+
+    def window_sum(t: torch.Tensor) -> torch.Tensor:
+        return CONV[d](t, ones, None, tuple(strides), 0, tuple(dilations))[crop]
+
+    total = window_sum(padded.reshape(n * c, 1, *padded.shape[2:]))
+    return total.reshape(n, c, *total.shape[2:]), window_sum(mask)
+
+
+@register
+class AveragePool(Pool):
+    """Linear: exact norm of the (separable) pooling matrix when sizes are known; else a Schur bound."""
+
+    attributes = {**POOL_ATTRIBUTES, "count_include_pad": 0}
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        k, s, d = ctx.attrs["kernel_shape"], ctx.attrs["strides"], ctx.attrs["dilations"]
+        include_pad = bool(int(ctx.attrs["count_include_pad"]))
+        ceil_mode = bool(int(ctx.attrs["ceil_mode"]))
+        pads = ctx.attrs.get("pads")
+        shape = ctx.shape(0)
+        dims = len(k)
+        if pads is not None and shape is not None and len(shape) == dims + 2 and None not in shape[2:]:
+            value = 1.0
+            for i, n in enumerate(shape[2:]):
+                matrix = avgpool_matrix(int(n), k[i], s[i], d[i], pads[i], pads[i + dims], ceil_mode, include_pad)  # type: ignore[arg-type]
+                if matrix.size:
+                    value *= dense_sigma_max(torch.from_numpy(matrix)).value
+            return LocalBound(value, "exact norm of the pooling matrix", exact=True)
+        # Schur test: rows sum to <= 1; a column sums to <= overlap / (smallest divisor)
+        value = 1.0
+        for kk, ss, dd in zip(k, s, d, strict=True):
+            smallest_divisor = kk if include_pad and not ceil_mode else 1
+            value *= math.sqrt(window_overlap(kk, ss, dd) / smallest_divisor)
+        return LocalBound(value, "size-independent Schur bound")
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
+        k, strides, dilations, pads = self.geometry(ctx, x)
+        counted = "padded" if int(ctx.attrs["count_include_pad"]) else "input"
+        total, count = window_sums(x, k, strides, dilations, pads, bool(int(ctx.attrs["ceil_mode"])), counted)
+        return total / count.clamp_min(1)
+
+    def affine(self, ctx: AffineContext, x: torch.Tensor) -> torch.Tensor:
+        attrs = ctx.attrs
+        if int(attrs["ceil_mode"]) or attrs.get("pads") is None:
+            raise NotFoldable("AveragePool in ceil mode or with unknown padding")
+        k, s, dl, pads = (attrs[key] for key in ("kernel_shape", "strides", "dilations", "pads"))
+        include_pad = bool(int(attrs["count_include_pad"]))
+        d = len(k)
+        y = x
+        for i in range(d):
+            matrix = avgpool_matrix(ctx.in_shape[2 + i], k[i], s[i], dl[i], pads[i], pads[i + d], False, include_pad)
+            y = torch.movedim(torch.tensordot(y, torch.from_numpy(matrix), dims=([2 + i], [1])), -1, 2 + i)
+        return y.reshape(x.shape[0], *ctx.out_shape[1:])
+
+    def rounding_terms(self, node: Node, graph: Graph) -> int:
+        return int(math.prod(node_attrs(node)["kernel_shape"])) + 2
+
+
+def _global_count(shape: Shape | None) -> int | None:
+    return spatial_count(shape, range(2, len(shape))) if shape is not None else None
+
+
+@register
+class GlobalAveragePool(Op):
+    """Mean over H*W entries: 1/sqrt(H*W) (1 when the size is unknown)."""
+
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        count = _global_count(ctx.shape(0))
+        if count is None:
+            return LocalBound(1.0, "mean (size unknown): <= 1")
+        return LocalBound(1.0 / math.sqrt(count), f"mean of {count}: 1/sqrt({count})", exact=True)
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
+
+    def affine(self, ctx: AffineContext, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=tuple(range(2, x.dim())), keepdim=True).reshape(x.shape[0], *ctx.out_shape[1:])
+
+    def rounding_terms(self, node: Node, graph: Graph) -> int:
+        return mean_rounding_terms(node, graph)
+
+
+def mean_rounding_terms(node: Node, graph: Graph) -> int:
+    """A mean sums every entry of its input at most."""
+    shape = graph.shape(node.inputs[0])
+    return int(math.prod([d or 1 for d in shape])) + 2 if shape else 1
+
+
+@register
+class GlobalMaxPool(Op):
+    """Max over each channel's entries: 1."""
+
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        return LocalBound(1.0, "max over disjoint groups")
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
+        return x.amax(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+@register
+class GlobalLpPool(Op):
+    """l_p norm over H*W entries: 1 for p >= 2, (H*W)^(1/p - 1/2) for 1 <= p < 2."""
+
+    attributes = {"p": 2}
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        p = float(ctx.attrs["p"])
+        if p < 1:
+            return unbounded("GlobalLpPool with p < 1 is not Lipschitz")
+        if p >= 2:
+            return LocalBound(1.0, "l_p norm over disjoint groups (p >= 2)", exact=True)
+        count = _global_count(ctx.shape(0))
+        if count is None:
+            return unbounded("l_p norm (p < 2) over an unknown number of entries; give --input-shape", "unknown shape")
+        return LocalBound(lp_to_l2(p, count), f"l_p norm of {count} entries: {count}^(1/p - 1/2)", exact=True)
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> Any:
+        p = float(ctx.attrs["p"])
+        return x.abs().pow(p).sum(dim=tuple(range(2, x.dim())), keepdim=True).pow(1 / p)

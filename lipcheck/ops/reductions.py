@@ -1,0 +1,154 @@
+"""Reductions over axes: a mean of n entries is 1/sqrt(n)-Lipschitz, a sum sqrt(n), a max or an l2 norm 1."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from lipcheck.graph import Graph, Node
+from lipcheck.ops.base import (
+    AffineContext,
+    EvalContext,
+    LocalBound,
+    NotFoldable,
+    Op,
+    RuleContext,
+    axis_index,
+    register,
+    unbounded,
+)
+from lipcheck.ops.pooling import mean_rounding_terms, spatial_count
+
+Reduction = Callable[[torch.Tensor, tuple[int, ...], bool], torch.Tensor]
+
+
+def reduced_axes(ctx: RuleContext) -> list[int] | None:
+    """The axes a node reduces ([] for none, None when the input's rank is unknown)."""
+    shape = ctx.shape(0)
+    axes = ctx.attrs.get("axes")
+    if not axes:
+        if int(ctx.attrs["noop_with_empty_axes"]):
+            return []
+        return list(range(len(shape))) if shape is not None else None
+    return [int(a) for a in axes]
+
+
+def _count(ctx: RuleContext) -> int | None:
+    axes = reduced_axes(ctx)
+    return spatial_count(ctx.shape(0), axes) if axes is not None else None
+
+
+class Reduce(Op):
+    """Reduces the ``axes`` (an attribute, or the second input from opset 18) with ``function``."""
+
+    attributes = {"keepdims": 1, "noop_with_empty_axes": 0}
+
+    @staticmethod
+    def function(x: torch.Tensor, axes: tuple[int, ...], keepdims: bool, /) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor, axes_input: torch.Tensor | None = None) -> torch.Tensor:
+        axes = ctx.attrs.get("axes")
+        if axes is None and axes_input is not None:
+            axes = [int(v) for v in axes_input.reshape(-1).tolist()]
+        if not axes:
+            if int(ctx.attrs["noop_with_empty_axes"]):
+                return x
+            axes = list(range(x.dim()))
+        return self.function(x, tuple(axis_index(int(a), x.dim()) for a in axes), bool(int(ctx.attrs["keepdims"])))
+
+
+@register
+class ReduceMean(Reduce):
+    """Mean of n entries: 1/sqrt(n) (<= 1 when n is unknown)."""
+
+    function = staticmethod(lambda x, a, k: x.mean(dim=a, keepdim=k))
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        count = _count(ctx)
+        if count is None:
+            return LocalBound(1.0, "mean (size unknown): <= 1")
+        return LocalBound(1.0 / math.sqrt(max(count, 1)), f"mean of {count}: 1/sqrt({count})", exact=True)
+
+    def affine(self, ctx: AffineContext, x: torch.Tensor) -> torch.Tensor:
+        axes = ctx.attrs.get("axes")
+        rank = len(ctx.in_shape)
+        if not axes:
+            if int(ctx.attrs["noop_with_empty_axes"]):
+                return x
+            axes = list(range(rank))
+        axes = sorted({int(axis) % rank for axis in axes})
+        if 0 in axes:
+            raise NotFoldable("ReduceMean over the batch axis")
+        return x.mean(dim=tuple(axes), keepdim=True).reshape(x.shape[0], *ctx.out_shape[1:])
+
+    def rounding_terms(self, node: Node, graph: Graph) -> int:
+        return mean_rounding_terms(node, graph)
+
+
+@register
+class ReduceSum(Reduce):
+    """Sum of n entries: sqrt(n)."""
+
+    function = staticmethod(lambda x, a, k: x.sum(dim=a, keepdim=k))
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        count = _count(ctx)
+        if count is None:
+            return unbounded("sum over an axis of unknown size; give --input-shape", "unknown shape")
+        return LocalBound(math.sqrt(count), f"sum of {count}: sqrt({count})", exact=True)
+
+
+class DisjointGroups(Reduce):
+    """Max (or l2 norm) over disjoint groups: 1."""
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        return LocalBound(1.0, "max over disjoint groups")
+
+
+@register
+class ReduceMax(DisjointGroups):
+    """Max over disjoint groups: 1."""
+
+    function = staticmethod(lambda x, a, k: x.amax(dim=a, keepdim=k))
+    piecewise_linear = True
+
+
+@register
+class ReduceMin(DisjointGroups):
+    """Min over disjoint groups: 1."""
+
+    function = staticmethod(lambda x, a, k: x.amin(dim=a, keepdim=k))
+    piecewise_linear = True
+
+
+@register
+class ReduceL2(DisjointGroups):
+    """l2 norm over disjoint groups: 1 (the triangle inequality)."""
+
+    function = staticmethod(lambda x, a, k: x.pow(2).sum(dim=a, keepdim=k).sqrt())
+
+
+@register
+class ReduceL1(Reduce):
+    """l1 norm over axes (no rule yet)."""
+
+    function = staticmethod(lambda x, a, k: x.abs().sum(dim=a, keepdim=k))
+
+
+@register
+class ReduceSumSquare(Reduce):
+    """Sum of squares over axes (no rule yet)."""
+
+    function = staticmethod(lambda x, a, k: x.pow(2).sum(dim=a, keepdim=k))
+
+
+@register
+class ReduceLogSumExp(Reduce):
+    """log sum exp over axes (no rule yet)."""
+
+    function = staticmethod(lambda x, a, k: torch.logsumexp(x, dim=a, keepdim=k))

@@ -1,0 +1,267 @@
+"""Ops that select, copy or interpolate entries.
+
+An op that maps each input entry to at most r output entries (with coefficients of modulus <= 1)
+has Lipschitz constant <= sqrt(r): selections are <= 1, copies sqrt(r), concatenated branches
+sqrt(sum L_i^2).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lipcheck.ops.base import (
+    AffineContext,
+    EvalContext,
+    LocalBound,
+    NotFoldable,
+    Op,
+    RuleContext,
+    axis_index,
+    register,
+    unbounded,
+)
+from lipcheck.ops.shape import ints
+from lipcheck.ops.spatial import pad_spatial, padded_indices
+
+
+class Selection(Op):
+    """Selects entries, each at most once: <= 1."""
+
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        return LocalBound(1.0, "selection")
+
+
+def _slice_indices(start: int, end: int, step: int, n: int) -> range:
+    """ONNX Slice clamping rules for one axis."""
+    start = start + n if start < 0 else start
+    end = end + n if end < 0 else end
+    if step > 0:
+        start, end = min(max(start, 0), n), min(max(end, 0), n)
+    else:
+        start, end = min(max(start, 0), n - 1), min(max(end, -1), n - 1)
+    return range(start, end, step)
+
+
+@register
+class Slice(Selection):
+    """Selects a strided range on some axes: <= 1."""
+
+    def evaluate(
+        self,
+        ctx: EvalContext,
+        x: torch.Tensor,
+        starts: Any = None,
+        ends: Any = None,
+        axes: Any = None,
+        steps: Any = None,
+    ) -> torch.Tensor:
+        if starts is None:  # opset < 10: attributes
+            start_list, end_list = list(ctx.attrs["starts"]), list(ctx.attrs["ends"])
+            axis_list = list(ctx.attrs.get("axes") or range(len(start_list)))
+            step_list = [1] * len(start_list)
+        else:
+            start_list, end_list = ints(starts), ints(ends)
+            axis_list = ints(axes) if axes is not None else list(range(len(start_list)))
+            step_list = ints(steps) if steps is not None else [1] * len(start_list)
+        for start, end, axis, step in zip(start_list, end_list, axis_list, step_list, strict=True):
+            axis = axis_index(int(axis), x.dim())
+            picked = _slice_indices(int(start), int(end), int(step), x.shape[axis])
+            if step == 1:
+                x = x.narrow(axis, picked.start, max(len(picked), 0))
+            else:
+                x = x.index_select(axis, ctx.int_tensor(list(picked)))
+        return x
+
+
+@register
+class Split(Selection):
+    """Splits into parts along an axis: each entry goes to one output, <= 1."""
+
+    attributes = {"axis": 0}
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor, split: Any = None) -> tuple[torch.Tensor, ...]:
+        axis = axis_index(int(ctx.attrs["axis"]), x.dim())
+        sizes = ints(split) if split is not None else ctx.attrs.get("split")
+        count = len(ctx.node.outputs)
+        if not sizes:
+            n = x.shape[axis]
+            chunk = math.ceil(n / count)
+            sizes = [min(chunk, n - i * chunk) for i in range(count)]
+        return tuple(torch.split(x, [int(s) for s in sizes], dim=axis))
+
+
+@register
+class Compress(Selection):
+    """Keeps the entries a condition selects: <= 1."""
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        axis = ctx.attrs.get("axis")
+        if axis is None:
+            x, axis = x.reshape(-1), 0
+        axis = axis_index(int(axis), x.dim())
+        chosen = torch.nonzero(condition.reshape(-1).to(torch.bool)).reshape(-1)
+        return x.index_select(axis, chosen)
+
+
+@register
+class Concat(Op):
+    """Concatenated branches: sqrt(sum of L_i^2)."""
+
+    attributes = {"axis": 0}
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        total = math.sqrt(sum(lip * lip for lip in ctx.input_lipschitz))
+        return LocalBound(1.0, "concat: sqrt(sum L_i^2)", output_lipschitz=total)
+
+    def evaluate(self, ctx: EvalContext, *xs: Any) -> torch.Tensor:
+        present = [x for x in xs if x is not None]
+        if any(x.is_floating_point() for x in present):
+            present = [x.to(ctx.dtype) for x in present]
+        return torch.cat(present, dim=axis_index(int(ctx.attrs["axis"]), present[0].dim()))
+
+
+@register
+class Gather(Op):
+    """Constant indices: sqrt(most copies of one entry)."""
+
+    attributes = {"axis": 0}
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        if ctx.is_variable(1):
+            return unbounded("gather with indices computed from the input (discontinuous)")
+        indices = ctx.const(1)
+        if indices is None:
+            return unbounded("gather indices unknown before running", "unknown indices")
+        flat = np.asarray(indices).reshape(-1).astype(np.int64)
+        shape = ctx.shape(0)
+        axis = int(ctx.attrs["axis"])
+        if shape is not None and shape[axis % len(shape)] is not None:
+            flat = flat % int(shape[axis % len(shape)])  # type: ignore[arg-type]
+        elif (flat < 0).any() and (flat >= 0).any():
+            return unbounded("negative gather indices on an axis of unknown size", "unknown shape")
+        copies = int(np.bincount(flat - flat.min()).max()) if flat.size else 0
+        return LocalBound(
+            math.sqrt(copies), f"selection, {copies} cop{'y' if copies == 1 else 'ies'} max", exact=copies <= 1
+        )
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        axis = axis_index(int(ctx.attrs["axis"]), x.dim())
+        index = indices.to(torch.int64)
+        index = torch.where(index < 0, index + x.shape[axis], index)
+        picked = x.index_select(axis, index.reshape(-1))
+        return picked.reshape(*x.shape[:axis], *index.shape, *x.shape[axis + 1 :])
+
+
+class Copies(Op):
+    """Copies entries r times: sqrt(r)."""
+
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        in_shape, out_shape = ctx.shape(0), ctx.output_shape()
+        if self.repeats(ctx) is not None:
+            copies = self.repeats(ctx)
+        elif in_shape is not None and out_shape is not None and None not in in_shape and None not in out_shape:
+            copies = math.prod(out_shape) // max(1, math.prod(in_shape))  # type: ignore[arg-type]
+        else:
+            return unbounded("copy count unknown; give --input-shape", "unknown shape")
+        return LocalBound(math.sqrt(copies), f"sqrt({copies}) copies", exact=True)  # type: ignore[arg-type]
+
+    def repeats(self, ctx: RuleContext) -> int | None:
+        """The copy count read from the node itself, when it says."""
+        return None
+
+
+@register
+class Expand(Copies):
+    """Broadcasts to a larger shape: sqrt(copies)."""
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+        return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(ints(shape))))
+
+
+@register
+class Tile(Copies):
+    """Repeats the input along each axis: sqrt(product of the repeats)."""
+
+    def repeats(self, ctx: RuleContext) -> int | None:
+        repeats = ctx.const(1)
+        return None if repeats is None else math.prod(int(r) for r in np.asarray(repeats).reshape(-1))
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor, repeats: torch.Tensor) -> torch.Tensor:
+        return x.repeat(*ints(repeats))
+
+
+@register
+class Pad(Op):
+    """Zero padding: 1. Edge/reflect/wrap padding copies entries: sqrt(most copies of one entry)."""
+
+    attributes = {"mode": "constant"}
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        mode = str(ctx.attrs["mode"])
+        if mode == "constant":
+            return LocalBound(1.0, "zero padding (isometric embedding)", exact=True)
+        pads = ctx.attrs.get("pads")
+        if pads is None:
+            return unbounded("padding amounts unknown before running", "unknown pads")
+        rank = len(pads) // 2
+        shape = ctx.shape(0)
+        copies = 1
+        for axis in range(rank):
+            before, after = int(pads[axis]), int(pads[axis + rank])
+            n = shape[axis] if shape is not None and len(shape) == rank else None
+            if n is None:
+                copies *= 1 + max(before, 0) + max(after, 0)
+                continue
+            index = padded_indices(int(n), before, after, mode)
+            copies *= int(np.bincount(index).max()) if index.size else 1
+        return LocalBound(math.sqrt(copies), f"{mode} padding: sqrt({copies}) copies", exact=True)
+
+    def evaluate(
+        self, ctx: EvalContext, x: torch.Tensor, pads: Any = None, value: Any = None, axes: Any = None
+    ) -> torch.Tensor:
+        amounts = ctx.attrs.get("pads")
+        if amounts is None:
+            amounts = ints(pads)
+            if axes is not None:
+                listed = [axis_index(a, x.dim()) for a in ints(axes)]
+                full = [0] * (2 * x.dim())
+                for j, axis in enumerate(listed):
+                    full[axis], full[axis + x.dim()] = amounts[j], amounts[j + len(listed)]
+                amounts = full
+        amounts = [int(a) for a in amounts]
+        mode = str(ctx.attrs["mode"])
+        rank = x.dim()
+        if mode == "constant":
+            given = value is not None and value.numel()
+            fill = float(value.reshape(-1)[0]) if given else float(ctx.attrs.get("value") or 0.0)
+            return pad_spatial(x, amounts, value=fill) if len(amounts) == 2 * rank else x
+        for axis in range(rank):
+            before, after = amounts[axis], amounts[axis + rank]
+            if before or after:
+                index = padded_indices(x.shape[axis], before, after, mode).tolist()
+                x = x.index_select(axis, ctx.int_tensor(index))
+        return x
+
+    def affine(self, ctx: AffineContext, x: torch.Tensor) -> torch.Tensor:
+        pads = ctx.attrs.get("pads")
+        rank = len(ctx.in_shape)
+        if ctx.attrs["mode"] != "constant" or pads is None or len(pads) != 2 * rank:
+            raise NotFoldable("Pad that is not a constant pad of known size")
+        if pads[0] or pads[rank] or any(int(p) < 0 for p in pads):
+            raise NotFoldable("Pad of the batch axis or cropping")
+        value = ctx.const(2)
+        fill = float(value.reshape(-1)[0]) if value is not None and value.size else 0.0
+        widths = [int(p) for i in reversed(range(1, rank)) for p in (pads[i], pads[i + rank])]
+        return F.pad(x, widths, value=fill if ctx.shifts else 0.0)

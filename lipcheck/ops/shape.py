@@ -1,0 +1,234 @@
+"""Ops that rearrange entries (isometries), read only shapes (constant 0), or change the number type."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from lipcheck.ops.base import (
+    AffineContext,
+    EvalContext,
+    LocalBound,
+    NotFoldable,
+    Op,
+    RuleContext,
+    UnsupportedVariant,
+    axis_index,
+    register,
+    unbounded,
+)
+
+FLOAT_TYPES = {1, 10, 11, 16, 17, 18, 19, 20, 21, 22, 23}  # ONNX TensorProto data types that are floats
+CAST_TYPES: dict[int, torch.dtype | None] = {  # None: the compute dtype (every float type)
+    1: None,
+    10: None,
+    11: None,
+    16: None,
+    2: torch.uint8,
+    3: torch.int8,
+    5: torch.int16,
+    6: torch.int32,
+    7: torch.int64,
+    9: torch.bool,
+    12: torch.int64,
+    13: torch.int64,
+}
+
+
+def ints(value: torch.Tensor | Any) -> list[int]:
+    """A shape, axes or index operand as a list of Python ints."""
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.reshape(-1).tolist()]
+    return [int(v) for v in value]
+
+
+class Rearrangement(Op):
+    """Rearranges entries without copying: an isometry (1)."""
+
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        return LocalBound(1.0, "isometry", exact=True)
+
+
+class Reshaping(Rearrangement):
+    """Keeps the entries in C order: only the target shape matters (exact in a chain)."""
+
+    def affine(self, ctx: AffineContext, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], *ctx.out_shape[1:])
+
+
+@register
+class Identity(Reshaping):
+    """y = x: an isometry."""
+
+    decomposes_activations = True
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@register
+class Dropout(Reshaping):
+    """The identity at inference: an isometry."""
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor, *_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, torch.ones_like(x, dtype=torch.bool)
+
+
+@register
+class Flatten(Reshaping):
+    """To 2-D at ``axis``: an isometry."""
+
+    attributes = {"axis": 1}
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
+        axis = axis_index(int(ctx.attrs["axis"]), x.dim())
+        return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
+
+
+@register
+class Reshape(Reshaping):
+    """To another shape: an isometry."""
+
+    attributes = {"allowzero": 0}
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor, shape: torch.Tensor | None = None) -> torch.Tensor:
+        target = ints(shape) if shape is not None else ints(ctx.attrs["shape"])
+        if not int(ctx.attrs["allowzero"]):
+            target = [x.shape[i] if v == 0 else v for i, v in enumerate(target)]
+        return x.reshape(target)
+
+
+@register
+class Squeeze(Reshaping):
+    """Drops size-1 axes: an isometry."""
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor, axes: torch.Tensor | None = None) -> torch.Tensor:
+        listed = ints(axes) if axes is not None else ctx.attrs.get("axes")
+        if not listed:
+            return x.reshape([d for d in x.shape if d != 1])
+        drop = {axis_index(int(a), x.dim()) for a in listed}
+        return x.reshape([d for i, d in enumerate(x.shape) if i not in drop])
+
+
+@register
+class Unsqueeze(Reshaping):
+    """Adds size-1 axes: an isometry."""
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor, axes: torch.Tensor | None = None) -> torch.Tensor:
+        listed = ints(axes) if axes is not None else ints(ctx.attrs["axes"])
+        rank = x.dim() + len(listed)
+        for axis in sorted(axis_index(a, rank) for a in listed):
+            x = x.unsqueeze(axis)
+        return x
+
+
+@register
+class Transpose(Rearrangement):
+    """Permutes axes: an isometry."""
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
+        perm = ctx.attrs.get("perm")
+        return x.permute(*(perm if perm else reversed(range(x.dim()))))
+
+    def affine(self, ctx: AffineContext, x: torch.Tensor) -> torch.Tensor:
+        perm = ctx.attrs.get("perm") or list(reversed(range(len(ctx.in_shape))))
+        if int(perm[0]) != 0:
+            raise NotFoldable("Transpose that moves the batch axis")
+        return x.permute(*[int(p) for p in perm])
+
+
+@register
+class DepthToSpace(Rearrangement):
+    """Channels to blocks of pixels: an isometry."""
+
+    attributes = {"mode": "DCR"}
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
+        b = int(ctx.attrs["blocksize"])
+        n, c, h, w = x.shape
+        if str(ctx.attrs["mode"]) == "CRD":
+            y = x.reshape(n, c // (b * b), b, b, h, w).permute(0, 1, 4, 2, 5, 3)
+        else:
+            y = x.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)
+        return y.reshape(n, c // (b * b), h * b, w * b)
+
+
+@register
+class SpaceToDepth(Rearrangement):
+    """Blocks of pixels to channels: an isometry."""
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
+        b = int(ctx.attrs["blocksize"])
+        n, c, h, w = x.shape
+        y = x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
+        return y.reshape(n, c * b * b, h // b, w // b)
+
+
+class ShapeOnly(Op):
+    """Depends on the input's shape, never on its values: 0 (left when a dimension is unknown)."""
+
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        return LocalBound(0.0, "depends only on the shape", exact=True)
+
+
+@register
+class Shape(ShapeOnly):
+    """The input's shape (from ``start`` to ``end``): 0."""
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
+        start = ctx.attrs.get("start") or 0
+        return ctx.int_tensor(list(x.shape)[start : ctx.attrs.get("end")])
+
+
+@register
+class Size(ShapeOnly):
+    """The input's number of entries: 0."""
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
+        return ctx.int_tensor(x.numel())
+
+
+def _cast_bound(target: int | None) -> LocalBound:
+    """Float-to-float casts: 1. Casts to integer or bool types round, which is not continuous."""
+    if target is not None and int(target) not in FLOAT_TYPES:
+        return unbounded("cast of an activation to an integer type (discontinuous)")
+    return LocalBound(1.0, "float cast", exact=True)
+
+
+@register
+class Cast(Op):
+    """Float-to-float casts: 1. Casts to integer or bool types round, which is not continuous."""
+
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        return _cast_bound(ctx.attrs.get("to"))
+
+    def check(self, node: Any) -> None:
+        if int(node.attrs.get("to", 1)) not in CAST_TYPES:
+            raise UnsupportedVariant(f"Cast(to={node.attrs.get('to')})")
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
+        target = CAST_TYPES[int(ctx.attrs["to"])]
+        return x.to(ctx.dtype if target is None else target)
+
+
+@register
+class CastLike(Op):
+    """A cast to the type of a second input: 1 to a float type, not continuous to an integer type."""
+
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        like = ctx.const(1)
+        return _cast_bound(1 if like is None or np.issubdtype(np.asarray(like).dtype, np.floating) else 7)
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return x.to(ctx.dtype if like.is_floating_point() else like.dtype)

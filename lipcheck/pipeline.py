@@ -1,0 +1,185 @@
+"""From a model to its certificate: the one sequence ``report``, ``check`` and ``normalize`` run.
+
+``certify(graph)`` is what every command does with a loaded graph: ``prepare`` (recognise activations,
+fold BatchNorms), ``compose`` (each layer's certified bound and their product, AutoLip), ``refine``
+(chain bounds; the smallest certified bound wins). ``analyse(path)`` loads the file first, certifies
+it, adds the empirical lower bound when asked, and returns the ``Report``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from lipcheck.compose import Composition, ProgressCallback, UnboundedReason, compose
+from lipcheck.errors import LipcheckError
+from lipcheck.frontends import load_model
+from lipcheck.graph import Graph
+from lipcheck.options import Device, Method, Settings
+from lipcheck.passes import prepare
+from lipcheck.refine import Refinement, refine
+from lipcheck.report import NO_ARCHITECTURE, Report
+
+if TYPE_CHECKING:
+    from lipcheck.cache import LayerCache
+    from lipcheck.frontends.torch_frontend import TorchOptions, WeightTensors
+    from lipcheck.lower import LowerSettings
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' picks CUDA when torch sees a GPU."""
+    device = Device(device).value
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LipcheckError("--device cuda: torch sees no CUDA device")
+    return torch.device(device)
+
+
+@dataclass
+class Certificate:
+    """A prepared graph's per-layer bounds (``product``) and its refined bounds (``refinement``)."""
+
+    graph: Graph
+    product: Composition
+    refinement: Refinement
+
+    @property
+    def composition(self) -> Composition:
+        """The walk that gave the reported bound (the best method's)."""
+        return self.refinement.composition
+
+    @property
+    def upper_bound(self) -> float | None:
+        return self.composition.upper_bound
+
+
+def certify(
+    graph: Graph,
+    method: str = "best",
+    assume: dict[str, float] | None = None,
+    device: torch.device | str = "cpu",
+    progress: ProgressCallback | None = None,
+    cache: LayerCache | None = None,
+    fold_batchnorms: bool = True,
+    copy: bool = False,
+) -> Certificate:
+    """Prepare, compose and refine ``graph`` (a copy of it with ``copy``: the caller's graph stays as loaded).
+
+    ``method``: best (default), product, folded, combettes-pesquet, eclipse-fast, lipsdp or all
+    (``lipcheck.refine``). ``cache``: per-layer results reused across runs (``lipcheck.cache``);
+    ``progress``: told which layer comes next. ``fold_batchnorms=False`` keeps BatchNorms as layers.
+    """
+    working = graph.copy() if copy else graph
+    prepare(working, fold_batchnorms=fold_batchnorms)
+    rule_cache: dict = {}
+    product = compose(working, assume=assume, device=device, progress=progress, cache=cache, rule_cache=rule_cache)
+    refined = refine(working, product, Method(method).value, assume=assume, device=device, cache=rule_cache)
+    return Certificate(working, product, refined)
+
+
+def analyse(
+    path: str | os.PathLike[str],
+    input_shapes: Sequence[str] = (),
+    assume: dict[str, float] | None = None,
+    device: str = "auto",
+    torch_options: TorchOptions | None = None,
+    lower: bool | LowerSettings = False,
+    max_memory: int | None = None,
+    cache: str | os.PathLike[str] | LayerCache | None = None,
+    progress: ProgressCallback | None = None,
+    method: str = "best",
+) -> Report:
+    """Load a model file and compute its certified Lipschitz report (the library entry point).
+
+    ``torch_options`` carries what PyTorch files may need: ``--model`` for a bare state_dict, and
+    whether a pickle is trusted. ``lower``: also search for an empirical lower bound (True for the
+    default settings, or a ``lipcheck.lower.LowerSettings``); the report then holds ``lower_bound``
+    and the bracket. ``max_memory``: bytes of memory to stay within (weights are then read a layer at
+    a time); ``cache``: a folder (or ``LayerCache``) of per-layer results reused across runs;
+    ``progress``: see ``compose``. ``method``: see ``certify``; the report's ``upper_bound`` is the
+    smallest certified bound computed.
+    """
+    torch_device = resolve_device(device)
+    layer_cache = _layer_cache(cache)
+    graph = load_model(path, input_shapes, torch_options, max_memory=max_memory)
+    if not isinstance(graph, Graph):
+        return weights_report(graph, torch_device)
+    loaded = graph.copy() if lower else None
+    found = certify(graph, method, assume, torch_device, progress, layer_cache)
+    report = _report(Path(path).name, found, torch_device)
+    if loaded is not None:
+        from lipcheck.lower import LowerSettings, lower_bound
+
+        settings = lower if isinstance(lower, LowerSettings) else LowerSettings()
+        outputs = {node.name: node.outputs[0] for node in found.graph.nodes if node.outputs and node.outputs[0]}
+        shown = {layer.name: outputs[layer.name] for layer in found.composition.layers if layer.name in outputs}
+        report.lower = lower_bound(loaded, settings, torch_device, shown)
+        report.lower_bound = report.lower.value
+    return report
+
+
+def analyse_with(path: str | os.PathLike[str], settings: Settings, progress: ProgressCallback | None = None) -> Report:
+    """``analyse`` with the options of one run (``lipcheck.options.Settings``: flags and configuration)."""
+    from lipcheck.frontends.torch_frontend import TorchOptions
+
+    return analyse(
+        path,
+        input_shapes=list(settings.input_shape),
+        assume=dict(settings.assume),
+        device=Device(settings.device).value,
+        torch_options=TorchOptions(settings.model, settings.model_kwargs, settings.trust_pickle),
+        lower=settings.lower or False,
+        max_memory=settings.max_memory,
+        cache=settings.cache,
+        progress=progress,
+        method=Method(settings.method).value,
+    )
+
+
+def _layer_cache(cache: str | os.PathLike[str] | LayerCache | None) -> LayerCache | None:
+    if cache is None:
+        return None
+    from lipcheck.cache import LayerCache
+
+    return cache if isinstance(cache, LayerCache) else LayerCache(cache)
+
+
+def _report(model: str, found: Certificate, device: torch.device) -> Report:
+    composition = found.composition
+    return Report(
+        model=model,
+        upper_bound=composition.upper_bound,
+        layers=composition.layers,
+        unbounded_reasons=composition.unbounded,
+        input_shapes={name: found.graph.shape(name) or () for name in found.graph.inputs},
+        assumptions=composition.assumptions,
+        device=str(device),
+        bound_method=found.refinement.bound_method,
+        method_bounds=found.refinement.method_bounds,
+        chains=found.refinement.chains,
+    )
+
+
+def weights_report(weights: WeightTensors, device: torch.device) -> Report:
+    """A state_dict without its architecture: every weight's certified norm, and no network bound."""
+    from lipcheck.weights import weight_norms
+
+    reason = (
+        f"{weights.source} holds weights only; a network bound needs the architecture: "
+        "pass --model package.module:factory and --input-shape"
+    )
+    return Report(
+        model=weights.name,
+        upper_bound=None,
+        layers=weight_norms(weights.tensors, device),
+        unbounded_reasons=[UnboundedReason("(whole model)", NO_ARCHITECTURE, reason)],
+        input_shapes={},
+        device=str(device),
+        scope="weights",
+    )
