@@ -65,7 +65,9 @@ class _Walk:
     used_assumptions: dict[str, float] = field(default_factory=dict)
 
     def step(self, node: Node, inputs: list[float | None]) -> list[float]:
-        inputs_l = [value or 0.0 for value in inputs]
+        op = ops.get(node.op)
+        ignored = op.type_inputs if op is not None else ()
+        inputs_l = [0.0 if i in ignored else value or 0.0 for i, value in enumerate(inputs)]
         if all(value == 0.0 for value in inputs_l):
             return [0.0] * len(node.outputs)  # depends on weights only
         local, assumed_key = self.local_bound(node, inputs_l)
@@ -101,7 +103,8 @@ class _Walk:
             out_l = local.value * together
         if not local.bounded:
             out_l = math.inf
-            self.reasons.append(UnboundedReason(node.name, node.op, local.reason or local.method))
+            if _responsible(local, inputs_l):
+                self.reasons.append(UnboundedReason(node.name, node.op, local.reason or local.method))
         return math.inf if math.isnan(out_l) else out_l  # 0 * inf: unbounded on a branch scaled to zero
 
     def layer(
@@ -132,6 +135,12 @@ class _Walk:
         )
 
 
+def _responsible(local: LocalBound, inputs_l: list[float]) -> bool:
+    """Whether a node whose output is unbounded is a cause: its own constant is infinite (or it says why),
+    or its inputs were all bounded. A residual Add after the real culprit only passes the infinity on."""
+    return local.reason is not None or not math.isfinite(local.value) or all(math.isfinite(v) for v in inputs_l)
+
+
 def compose(
     graph: Graph,
     assume: dict[str, float] | None = None,
@@ -151,7 +160,8 @@ def compose(
     are not kept).
     """
     state = _Walk(graph, dict(assume or {}), torch.device(device), cache, refinements, rule_cache)
-    state.lipschitz.update({name: 1.0 for name in graph.inputs})
+    # integer and boolean inputs (indices, axes, masks) are not directions anyone perturbs
+    state.lipschitz.update({name: 0.0 if graph.is_discrete(name) else 1.0 for name in graph.inputs})
     walk(graph.nodes, state.lipschitz, state.step, progress=progress)
     if state.missing:
         raise UnsupportedOpsError(state.missing)

@@ -9,7 +9,7 @@ It imports neither onnx nor torch.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Container, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,7 @@ class Graph:
     constants: MutableMapping[str, np.ndarray] = field(default_factory=dict)  # a dict or LazyConstants
     shapes: dict[str, Shape] = field(default_factory=dict)
     name: str = ""
+    dtypes: dict[str, str] = field(default_factory=dict)  # number types by value, where known (see ``dtype``)
 
     def producers(self) -> dict[str, Node]:
         return {out: node for node in self.nodes for out in node.outputs if out}
@@ -61,6 +62,18 @@ class Graph:
         if value in self.constants:
             return constant_shape(self.constants, value)
         return self.shapes.get(value)
+
+    def dtype(self, value: str) -> str | None:
+        """The value's number type by ONNX's name in lower case ("float", "double", "int64", "bool",
+        "float8e4m3fn"...), where known."""
+        if value in self.constants:
+            return numpy_dtype_name(constant_dtype(self.constants, value))
+        return self.dtypes.get(value)
+
+    def is_discrete(self, value: str) -> bool:
+        """Integers, booleans, strings: values nobody perturbs (indices, axes, masks), not directions."""
+        dtype = self.dtype(value)
+        return dtype is not None and dtype.startswith(("int", "uint", "bool", "string"))
 
     def needed_nodes(self, wanted: Iterable[str] | None = None, given: Iterable[str] = ()) -> list[Node]:
         """The nodes that ``wanted`` values (default: the outputs) depend on, in topological order.
@@ -94,6 +107,7 @@ class Graph:
             constants=dict(self.constants),
             shapes=dict(self.shapes),
             name=self.name,
+            dtypes=dict(self.dtypes),
         )
 
     def prune(self) -> None:
@@ -104,8 +118,8 @@ class Graph:
         return iter(self.nodes)
 
 
-def unique_name(taken: Iterable[str], base: str) -> str:
-    taken = set(taken)
+def unique_name(taken: Container[str], base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``... the first not in ``taken`` (not copied: naming n values is linear)."""
     if base not in taken:
         return base
     i = 1
@@ -261,6 +275,16 @@ class LazyConstants(MutableMapping[str, np.ndarray]):
                 self._cache.move_to_end(oldest)
                 oldest = next(iter(self._cache))
             self._cached_bytes -= self._cache.pop(oldest).nbytes
+
+
+CONTINUOUS_DTYPES = ("float", "double", "float16", "bfloat16")  # casts among these change precision only
+_NUMPY_NAMES = {"float32": "float", "float64": "double", "bool_": "bool", "bool": "bool"}
+
+
+def numpy_dtype_name(dtype: np.dtype) -> str:
+    """ONNX's lower-case name of a numpy dtype (float32 -> "float", float8_e4m3fn -> "float8e4m3fn")."""
+    name = np.dtype(dtype).name
+    return _NUMPY_NAMES.get(name, name.replace("_", ""))
 
 
 def constant_dtype(constants: MutableMapping[str, np.ndarray], name: str) -> np.dtype:

@@ -538,11 +538,29 @@ def _layer_norm_net() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 4))
 
 
+@pytest.mark.parametrize("kwargs", [{"opset_version": 17}, {"dynamo": True}], ids=["opset17", "dynamo"])
+def test_layer_norm_with_epsilon_is_bounded(tmp_path: Path, kwargs: dict) -> None:
+    """LayerNormalization is Lipschitz with max|scale|/sqrt(eps): no sampled quotient exceeds the bound."""
+    path = export(_layer_norm_net(), (torch.randn(1, 5, 8),), tmp_path / "ln.onnx", **kwargs)
+    report = analyse(path, device="cpu")
+    assert report.upper_bound is not None and report.certified
+    (norm,) = [layer for layer in report.layers if layer.op == "LayerNormalization"]
+    assert "sqrt(eps)" in norm.method and norm.lipschitz > 100  # 1/sqrt(1e-5) times the scale's norm
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    rng = np.random.default_rng(5)
+    for scale in (1e-4, 1e-2, 1.0):
+        x = rng.standard_normal((64, 1, 5, 8)) * scale
+        y = x + rng.standard_normal(x.shape) * scale * 1e-2
+        fx = np.stack([session.run(None, {name: a.astype(np.float32)})[0] for a in x]).astype(np.float64)
+        fy = np.stack([session.run(None, {name: a.astype(np.float32)})[0] for a in y]).astype(np.float64)
+        ratios = np.linalg.norm((fx - fy).reshape(64, -1), axis=1) / np.linalg.norm((x - y).reshape(64, -1), axis=1)
+        assert ratios.max() <= report.upper_bound * (1 + 1e-3)
+
+
 UNBOUNDED_CASES = {
     # name: (model factory, export kwargs, op types that must be named as unbounded)
-    "layernorm_opset17": (_layer_norm_net, {"opset_version": 17}, {"LayerNormalization"}),
     "layernorm_opset13": (_layer_norm_net, {"opset_version": 13}, {"Div"}),  # decomposed
-    "layernorm_dynamo": (_layer_norm_net, {"dynamo": True}, {"LayerNormalization"}),
     "gated_product": (_Gated, {"opset_version": 17}, {"Mul"}),
     "gated_product_dynamo": (_Gated, {"dynamo": True}, {"Mul"}),
     "attention": (_Attention, {"opset_version": 17}, {"MatMul"}),

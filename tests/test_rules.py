@@ -1102,6 +1102,87 @@ def test_vector_op_bound_beats_search(case: Vector, tmp_path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Normalisations with epsilon: max|scale| / sqrt(eps), the slope at a constant input
+
+
+@dataclass
+class Normalisation:
+    id: str
+    shape: tuple[int, ...]
+    op: str
+    attrs: dict
+    consts: dict  # the scale and bias inputs, in order
+    torch_fn: Callable[[torch.Tensor], torch.Tensor]
+    opset: int = 17
+
+
+def _t(value: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=T64)
+
+
+_G8 = np.array([2.5, -0.5, 1.0, 0.75, -1.25, 0.5, 1.5, -2.0], np.float32)
+_B8 = np.linspace(-1, 1, 8).astype(np.float32)
+_G3 = np.array([0.5, -2.0, 1.5], np.float32)
+_B3 = np.array([0.1, 0.0, -0.3], np.float32)
+EPS32 = float(np.float32(1e-3))
+
+
+def _group_norm(t: torch.Tensor, groups: int, scale: np.ndarray, bias: np.ndarray) -> torch.Tensor:
+    grouped = t.reshape(t.shape[0], groups, -1)
+    centred = grouped - grouped.mean(-1, keepdim=True)
+    normalised = (centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + EPS32)).reshape(t.shape)
+    shape = (1, -1, *([1] * (t.dim() - 2)))
+    return normalised * _t(scale).reshape(shape) + _t(bias).reshape(shape)
+
+
+NORMALISATIONS = [
+    Normalisation("layernorm", (2, 8), "LayerNormalization", {"axis": -1, "epsilon": 1e-3},
+                  {"g": _G8, "b": _B8}, lambda t: F.layer_norm(t, (8,), _t(_G8), _t(_B8), EPS32)),
+    Normalisation("layernorm-2d", (1, 2, 4), "LayerNormalization", {"axis": 1, "epsilon": 1e-3},
+                  {"g": _G8.reshape(2, 4), "b": _B8.reshape(2, 4)},
+                  lambda t: F.layer_norm(t, (2, 4), _t(_G8.reshape(2, 4)), _t(_B8.reshape(2, 4)), EPS32)),
+    Normalisation("instancenorm", (1, 3, 2, 2), "InstanceNormalization", {"epsilon": 1e-3},
+                  {"g": _G3, "b": _B3}, lambda t: F.instance_norm(t, weight=_t(_G3), bias=_t(_B3), eps=EPS32)),
+    Normalisation("groupnorm", (1, 4, 3), "GroupNormalization", {"epsilon": 1e-3, "num_groups": 2},
+                  {"g": _G8[:4], "b": _B8[:4]},
+                  lambda t: _group_norm(t, 2, _G8[:4], _B8[:4]), opset=21),
+    Normalisation("rmsnorm", (2, 8), "RMSNormalization", {"axis": -1, "epsilon": 1e-3}, {"g": _G8},
+                  lambda t: t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + EPS32) * _t(_G8), opset=23),
+    Normalisation("mvn", (1, 2, 3, 2), "MeanVarianceNormalization", {"axes": [2, 3]}, {},
+                  lambda t: (t - t.mean((2, 3), keepdim=True))
+                  / (t.var((2, 3), unbiased=False, keepdim=True).sqrt() + float(np.float32(1e-9)))),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", NORMALISATIONS, ids=lambda c: c.id)
+def test_normalisation_constant_is_max_jacobian_norm(case: Normalisation, tmp_path) -> None:
+    """The bound against a search for the largest Jacobian norm of a float64 twin checked against ORT."""
+    proto = model([node(case.op, ["x", *case.consts], ["y"], **case.attrs)], {"x": case.shape}, ["y"],
+                  case.consts, opset=case.opset)  # fmt: skip
+    path = save(proto, tmp_path)
+    x = np.random.default_rng(2).standard_normal(case.shape).astype(np.float32)
+    got = Runner(path).outputs(x)[0]
+    want = case.torch_fn(torch.as_tensor(x, dtype=T64)).numpy()
+    assert np.allclose(got, want, rtol=1e-4, atol=1e-4), "torch twin differs from ORT"
+    report = run_analyse(path, case.shape)
+    (layer,) = report.layers
+    # the constant is reached at (or towards) constant inputs: search there too
+    gen = torch.Generator().manual_seed(3)
+    near_constant = [
+        torch.full(case.shape, 0.7, dtype=T64) + 1e-12 * torch.randn(case.shape, generator=gen, dtype=T64)
+        for _ in range(4)
+    ]
+    found = max(
+        largest_jacobian_norm(case.torch_fn, case.shape, case.id),
+        *(float(jacobian_norm(case.torch_fn, x)) for x in near_constant),
+    )
+    assert report.upper_bound is not None and layer.certified
+    assert report.upper_bound >= found * (1 - 1e-9), f"{case.id}: bound {report.upper_bound} < found {found}"
+    if layer.exact:
+        assert report.upper_bound <= found * (1 + SLOPE_TOL), f"{case.id}: {report.upper_bound} vs {found}"
+
+
+# ---------------------------------------------------------------------------------------------
 # Activations as exporters decompose them into primitive ops
 
 
@@ -1211,6 +1292,13 @@ def _layernorm(rng):
     ], {"g": randn(rng, 4), "b": randn(rng, 4), "W": randn(rng, 4, 3)}
 
 
+def _lpnormalization(rng):
+    return [
+        node("LpNormalization", ["x"], ["n"], name="gate", axis=-1, p=2),
+        node("MatMul", ["n", "W"], ["y"]),
+    ], {"W": randn(rng, 4, 3)}
+
+
 def _exp(rng):
     return [node("MatMul", ["x", "W"], ["a"]), node("Exp", ["a"], ["e"], name="gate"), node("Relu", ["e"], ["y"])], {
         "W": randn(rng, 4, 4)
@@ -1239,7 +1327,7 @@ NOT_LIPSCHITZ = [
     ("x-times-relu", _x_times_relu, "Mul"),
     ("product-of-two-linear-branches", _two_linear_branches, "Mul"),
     ("gated-linear-unit", _x_times_sigmoid_of_other, "Mul"),
-    ("layernorm", _layernorm, "LayerNormalization"),
+    ("lpnormalization", _lpnormalization, "LpNormalization"),
     ("exp", _exp, "Exp"),
     ("div-by-activation", _div_by_activation, "Div"),
     ("matmul-of-two-activations", _attention_scores, "MatMul"),

@@ -305,7 +305,7 @@ def onnx_to_graph(
     inputs = [v for v in g.input if v.name not in constants]
     input_names = [v.name for v in inputs]
     _fix_input_shapes(model, list(inputs), parse_input_shapes(list(input_shapes), input_names))
-    shapes = _inferred_shapes(model, constants, inputs)
+    shapes, dtypes = _inferred_shapes(model, constants, inputs)
     kept = _fold(model, constants, shapes, inputs, opsets, opset)
     graph = Graph(
         nodes=_nodes(kept, opsets, opset, constants, shapes),
@@ -314,6 +314,7 @@ def onnx_to_graph(
         constants=constants,
         shapes=shapes,
         name=name or g.name,
+        dtypes=dtypes,
     )
     graph.prune()
     used = {v for node in graph.nodes for v in node.inputs} | set(graph.outputs)
@@ -341,25 +342,24 @@ def _constants(g: onnx.GraphProto, base_dir: str | os.PathLike[str] | None, max_
 
 def _inferred_shapes(
     model: onnx.ModelProto, constants: LazyConstants, inputs: list[onnx.ValueInfoProto]
-) -> dict[str, Shape]:
-    """Shapes from ONNX shape inference (the file's value_info where inference fails); inputs as fixed."""
-    shapes: dict[str, Shape] = {}
+) -> tuple[dict[str, Shape], dict[str, str]]:
+    """Shapes and number types from ONNX shape inference (the file's value_info where inference fails);
+    inputs as fixed."""
     g = model.graph
     try:
         inferred = shape_inference.infer_shapes(_without_weights(model, constants), data_prop=True)
-        for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-            shape = _shape_of(value)
-            if shape is not None:
-                shapes[value.name] = shape
+        values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
     except Exception:
-        for value in [*g.input, *g.output, *g.value_info]:
-            shape = _shape_of(value)
-            if shape is not None:
-                shapes[value.name] = shape
-    for name_, shape in ((v.name, _shape_of(v)) for v in inputs):
+        values = [*g.input, *g.output, *g.value_info]
+    shapes: dict[str, Shape] = {}
+    dtypes: dict[str, str] = {}
+    for value in [*values, *inputs]:
+        shape = _shape_of(value)
         if shape is not None:
-            shapes[name_] = shape
-    return shapes
+            shapes[value.name] = shape
+        if value.type.tensor_type.elem_type:
+            dtypes[value.name] = onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type).lower()
+    return shapes, dtypes
 
 
 def _fold(

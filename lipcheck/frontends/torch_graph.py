@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from lipcheck.graph import Graph, Node, Shape, unique_name
+from lipcheck.graph import Graph, Node, Shape, numpy_dtype_name, unique_name
 
 Converter = Callable[["GraphBuilder", fx.Node, dict[str, Any]], None]
 CONVERTERS: dict[str, Converter] = {}
@@ -130,6 +130,11 @@ def _static(dim: Any) -> int | None:
     return int(dim) if isinstance(dim, int) or (hasattr(dim, "node") and dim.node.is_constant()) else None
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    """ONNX's lower-case name of a torch dtype (the graph's ``dtypes``)."""
+    return numpy_dtype_name(torch.empty((), dtype=dtype).numpy().dtype) if dtype != torch.bfloat16 else "bfloat16"
+
+
 def _shape_of(value: Any) -> Shape | None:
     shape = getattr(value, "shape", None)
     if shape is None:
@@ -227,6 +232,8 @@ class GraphBuilder:
             known = shape if (shape is not None and i == 0) else (_shape_of(vals[i]) if i < len(vals) else None)
             if known is not None:
                 self.graph.shapes[out] = known
+            if i < len(vals) and isinstance(getattr(vals[i], "dtype", None), torch.dtype):
+                self.graph.dtypes[out] = _dtype_name(vals[i].dtype)
         if final:
             self.values[fx_node.name] = out_names[0] if outputs == 1 else out_names
         return out_names
@@ -285,6 +292,8 @@ class GraphBuilder:
                     name = self.new_value(node.name)
                     self.graph.inputs.append(name)
                     self.graph.shapes[name] = _shape_of(node.meta.get("val")) or ()
+                    if isinstance(getattr(node.meta.get("val"), "dtype", None), torch.dtype):
+                        self.graph.dtypes[name] = _dtype_name(node.meta["val"].dtype)
                     self.values[node.name] = name
                 else:
                     self.values[node.name] = None  # e.g. a token; never a tensor the network computes on
@@ -526,11 +535,42 @@ def _layer_norm(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     b.values[node.name] = [outs[0], None, None] if aten_name(node.target).startswith("native") else outs[0]  # type: ignore[list-item]
 
 
-@converts("group_norm", "native_group_norm", "instance_norm")
-def _other_norms(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
-    op = "InstanceNormalization" if aten_name(node.target) == "instance_norm" else "GroupNormalization"
-    outs = b.emit(op, [b.value(args["input"])], {}, final=False)
+def _affine_parameters(b: GraphBuilder, args: dict[str, Any], channels: int | None) -> list[str]:
+    """The scale and bias inputs of a normalisation (ones and zeros where the module has none)."""
+    if channels is None and (args.get("weight") is None or args.get("bias") is None):
+        raise UnmappedOps(
+            {"normalisation without affine parameters over an unknown channel count": [b.layer_base(b.current)]}
+        )
+    ones = torch.ones(int(channels or 1))
+    scale = b.value(args["weight"]) if args.get("weight") is not None else b.constant(ones, "norm_scale")
+    bias = b.value(args["bias"]) if args.get("bias") is not None else b.constant(torch.zeros_like(ones), "norm_bias")
+    return [scale, bias]
+
+
+@converts("group_norm", "native_group_norm")
+def _group_norm(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
+    x = args["input"]
+    channels = (_shape_of(x.meta.get("val")) or (None, None))[1]
+    groups = int(args["num_groups"] if "num_groups" in args else args["group"])
+    attrs = {"num_groups": groups, "epsilon": float(args.get("eps", 1e-5))}
+    outs = b.emit("GroupNormalization", [b.value(x), *_affine_parameters(b, args, channels)], attrs, final=False)
     b.values[node.name] = [outs[0], None, None] if aten_name(node.target).startswith("native") else outs[0]  # type: ignore[list-item]
+
+
+@converts("instance_norm")
+def _instance_norm(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
+    """With its own statistics, InstanceNormalization; with running statistics, the BatchNorm it then is."""
+    x = args["input"]
+    channels = (_shape_of(x.meta.get("val")) or (None, None))[1]
+    eps = float(args.get("eps", 1e-5))
+    inputs = [b.value(x), *_affine_parameters(b, args, channels)]
+    if args.get("use_input_stats", True):
+        b.emit("InstanceNormalization", inputs, {"epsilon": eps})
+        return
+    mean, var = args.get("running_mean"), args.get("running_var")
+    if mean is None or var is None:
+        raise UnmappedOps({"aten.instance_norm without statistics": [b.layer_base(node)]})
+    b.emit("BatchNormalization", [*inputs, b.value(mean), b.value(var)], {"epsilon": eps, "training_mode": 0})
 
 
 # ---------------------------------------------------------------------- arithmetic

@@ -143,6 +143,11 @@ class RuleContext:
     def has_input(self, index: int) -> bool:
         return index < len(self.node.inputs) and bool(self.node.inputs[index])
 
+    def known_only_at_run_time(self, index: int) -> bool:
+        """A parameter input (axes, pads, scales...) that is given but is not a constant: the rule must not
+        read the attribute a frontend fills from constant inputs as if it were that parameter."""
+        return self.has_input(index) and self.const(index) is None
+
     def is_variable(self, index: int) -> bool:
         return index < len(self.input_lipschitz) and self.input_lipschitz[index] > 0
 
@@ -287,9 +292,19 @@ def variable_inputs(node: Node, graph: Graph) -> list[int]:
     return [i for i, v in enumerate(node.inputs) if v and v not in graph.constants]
 
 
+class _ValueNames:
+    """The names a graph's values use (constants and values with a shape), without copying them."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.graph.constants or name in self.graph.shapes
+
+
 def add_constant(graph: Graph, base: str, value: np.ndarray) -> str:
     """A new constant of the graph, named after ``base``."""
-    name = unique_name(set(graph.constants) | set(graph.shapes), base)
+    name = unique_name(_ValueNames(graph), base)
     graph.constants[name] = value
     return name
 
@@ -319,6 +334,7 @@ class Op:
     kinked: ClassVar[bool] = False  # a ReLU-like kink that the lower-bound search smooths for its gradients
     decomposes_activations: ClassVar[bool] = False  # may appear in an exporter's decomposition of an activation
     recognition_root: ClassVar[bool] = False  # where such a decomposition ends (the product in x * sigmoid(x))
+    type_inputs: ClassVar[tuple[int, ...]] = ()  # inputs read for their type or shape only: no value flows out
 
     @property
     def summary(self) -> str:

@@ -6,6 +6,7 @@ discontinuous. Comparisons, boolean logic and Where run (the interpreter needs t
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -114,13 +115,22 @@ class Round(NotLipschitz):
 
 @register
 class Not(Unary):
-    """Logical not (no rule: booleans are not perturbed)."""
+    """Logical not: of a condition computed from activations, a step function."""
 
     function = staticmethod(torch.logical_not)
 
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        return unbounded(SWITCH)
+
+
+SWITCH = "a comparison or logic of activations is a step function (discontinuous)"
+
 
 class Binary(Op):
-    """An elementwise ``function`` of two operands (a comparison or boolean logic: no rule)."""
+    """An elementwise ``function`` of two operands: a comparison or boolean logic, a step function of activations."""
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        return unbounded(SWITCH)
 
     @staticmethod
     def function(a: torch.Tensor, b: torch.Tensor, /) -> torch.Tensor:
@@ -188,7 +198,26 @@ class Xor(Binary):
 
 @register
 class Where(Op):
-    """condition ? a : b (no rule yet)."""
+    """condition ? a : b with a constant condition: each entry from one branch, sqrt(sum copies_i L_i^2).
+
+    |y_j - y'_j| is |a_j - a'_j| or |b_j - b'_j|, so ||y - y'||^2 <= ||a - a'||^2 + ||b - b'||^2 over the
+    broadcast operands. A condition computed from the input switches between the branches: not
+    Lipschitz unless they agree where it switches (recognised activations, lipcheck.passes, are).
+    """
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        if ctx.is_variable(0):
+            return unbounded("Where switches on a condition computed from the input (discontinuous)")
+        terms = []
+        for index in (1, 2):
+            if not ctx.is_variable(index):
+                continue
+            copies = ctx.broadcast_factor(index)
+            if copies is None:
+                return unbounded("Where's branch broadcast to an unknown size; give --input-shape", "unknown shape")
+            terms.append(copies * ctx.input_lipschitz[index])
+        total = math.sqrt(sum(t * t for t in terms))
+        return LocalBound(1.0, "selection by a constant condition: sqrt(sum L_i^2 copies_i)", output_lipschitz=total)
 
     def evaluate(self, ctx: EvalContext, condition: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.where(condition.to(torch.bool), *same_float(a, b))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -23,8 +24,10 @@ from lipcheck.ops.base import (
     register,
     unbounded,
 )
+from lipcheck.spectral import dense_sigma_max
 
 EPSILON = {"epsilon": 1e-5}
+EXACT_ROW = 2048  # LayerNorm rows up to this size get the exact norm of their centred scaling (a dense SVD)
 
 
 def batchnorm_affine(scale: Any, bias: Any, mean: Any, var: Any, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
@@ -110,21 +113,69 @@ def normalise(x: torch.Tensor, dims: Sequence[int], epsilon: float) -> torch.Ten
     return centred / torch.sqrt(centred.pow(2).mean(dim=tuple(dims), keepdim=True) + epsilon)
 
 
-class DividesByStatistic(Op):
-    """Divides by a statistic of the input (``reason``): not globally Lipschitz."""
+class StandardisedScale(Op):
+    """scale * n(x) + bias, where n divides the centred input by sqrt(its mean square + epsilon).
 
-    reason: ClassVar[str]
+    On one group of d entries, with c the centred input (centring is a projection, norm 1),
+    n(c) = c / s with s = sqrt(|c|^2 / d + eps): its Jacobian (1/s)(I - c c^T / (d s^2)) has the
+    eigenvalues 1/s (orthogonal to c) and eps / s^3 (along c), both <= 1/sqrt(eps), reached at c = 0
+    (a constant input). The scale multiplies by at most max |scale|, and groups are independent blocks:
+    L = max |scale| / sqrt(eps). Finite, and large because eps is small; far smaller on a domain where the
+    variance is bounded below. RMSNorm is the same map without the centring.
+    """
+
+    attributes = EPSILON
+    group: ClassVar[str] = "group"  # what one normalised group is, for the method text
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
-        return unbounded(self.reason)
+        epsilon = float(ctx.attrs["epsilon"])
+        if ctx.is_variable(1):
+            return unbounded(f"{ctx.node.op}'s scale computed from the input (a product of two activations)")
+        if not epsilon > 0:
+            return unbounded(f"{ctx.node.op} with epsilon {epsilon:g} divides by the input's deviation (not Lipschitz)")
+        if any(ctx.node.outputs[1:]):
+            return unbounded(f"{ctx.node.op}'s statistics outputs are not bounded", "statistics outputs")
+        gamma, exact, what = self.scale_norm(ctx)
+        value = gamma / math.sqrt(epsilon) * (1 + 1e-12)
+        method = (
+            f"{what} / sqrt(eps) = {gamma:.6g} / sqrt({epsilon:.3g}): the slope at a constant {self.group} "
+            "(large because eps is small)"
+        )
+        if not ctx.is_variable(2):
+            return LocalBound(value, method, exact=exact)
+        factor = ctx.broadcast_factor(2)
+        if factor is None:
+            return unbounded("bias broadcast to an unknown size; give --input-shape", "unknown shape")
+        output = value * ctx.input_lipschitz[0] + factor * ctx.input_lipschitz[2]
+        return LocalBound(value, method + " + variable bias", output_lipschitz=output)
+
+    def scale_norm(self, ctx: RuleContext) -> tuple[float, bool, str]:
+        """(the norm of the scale acting on a centred group, whether it is exact, what it is)."""
+        return _max_abs(ctx.const(1)), False, "max|scale|"
+
+
+def _max_abs(scale: Any) -> float:
+    return float(np.abs(np.asarray(scale, dtype=np.float64)).max(initial=0.0)) if scale is not None else 1.0
 
 
 @register
-class LayerNormalization(DividesByStatistic):
-    """LayerNorm divides by the input's standard deviation (not globally Lipschitz)."""
+class LayerNormalization(StandardisedScale):
+    """max |scale| / sqrt(eps): the slope of (x - mean) / sqrt(var + eps) at a constant input."""
 
     attributes = {**EPSILON, "axis": -1}
-    reason = "LayerNorm divides by the input's standard deviation (not globally Lipschitz)"
+    group = "row"
+
+    def scale_norm(self, ctx: RuleContext) -> tuple[float, bool, str]:
+        """||diag(scale) P|| exactly (P the centring projection) for rows up to EXACT_ROW entries."""
+        shape, scale = ctx.shape(0), ctx.const(1)
+        axis = int(ctx.attrs["axis"])
+        dims = shape[axis_index(axis, len(shape)) :] if shape is not None else None
+        if dims is None or None in dims or not 2 <= math.prod(dims) <= EXACT_ROW:  # type: ignore[arg-type]
+            return super().scale_norm(ctx)
+        d = math.prod(dims)  # type: ignore[arg-type]
+        gamma = np.ones(d) if scale is None else np.broadcast_to(np.asarray(scale, np.float64), dims).reshape(-1)
+        matrix = torch.from_numpy(np.diag(gamma) - np.outer(gamma, np.ones(d)) / d)
+        return dense_sigma_max(matrix).value, True, "||diag(scale) (I - 11^T/d)||"
 
     def evaluate(
         self, ctx: EvalContext, x: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None
@@ -142,11 +193,18 @@ class LayerNormalization(DividesByStatistic):
 
 
 @register
-class InstanceNormalization(DividesByStatistic):
-    """InstanceNorm divides by the input's standard deviation (not globally Lipschitz)."""
+class InstanceNormalization(StandardisedScale):
+    """max |scale| / sqrt(eps): each channel of each sample standardised over its spatial entries."""
 
-    attributes = EPSILON
-    reason = "InstanceNorm divides by the input's standard deviation (not globally Lipschitz)"
+    group = "channel"
+
+    def scale_norm(self, ctx: RuleContext) -> tuple[float, bool, str]:
+        """One scale per channel: |scale_c| is the norm on a centred channel of two entries or more."""
+        gamma, _, what = super().scale_norm(ctx)
+        shape = ctx.shape(0)
+        spatial = shape[2:] if shape is not None else None
+        exact = spatial is not None and None not in spatial and math.prod(spatial) >= 2  # type: ignore[arg-type]
+        return gamma, exact, what
 
     def evaluate(self, ctx: EvalContext, x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         y = normalise(x, range(2, x.dim()), float(ctx.attrs["epsilon"]))
@@ -154,11 +212,10 @@ class InstanceNormalization(DividesByStatistic):
 
 
 @register
-class GroupNormalization(DividesByStatistic):
-    """GroupNorm divides by the input's standard deviation (not globally Lipschitz)."""
+class GroupNormalization(StandardisedScale):
+    """max |scale| / sqrt(eps): each group of channels of each sample standardised together."""
 
-    attributes = EPSILON
-    reason = "GroupNorm divides by the input's standard deviation (not globally Lipschitz)"
+    group = "group"
 
     def evaluate(self, ctx: EvalContext, x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         groups = int(ctx.attrs["num_groups"])
@@ -170,24 +227,54 @@ class GroupNormalization(DividesByStatistic):
 
 
 @register
-class MeanVarianceNormalization(DividesByStatistic):
-    """Divides by the input's standard deviation (not globally Lipschitz)."""
+class RMSNormalization(StandardisedScale):
+    """max |scale| / sqrt(eps): x / sqrt(mean(x^2) + eps), the slope at 0 (no centring)."""
+
+    attributes = {**EPSILON, "axis": -1}
+    group = "zero row"
+
+    def scale_norm(self, ctx: RuleContext) -> tuple[float, bool, str]:
+        """No centring: the Jacobian at 0 is diag(scale) / sqrt(eps), so max|scale| is exact."""
+        return _max_abs(ctx.const(1)), True, "max|scale|"
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        axis = axis_index(int(ctx.attrs["axis"]), x.dim())
+        dims = tuple(range(axis, x.dim()))
+        y = x / torch.sqrt(x.pow(2).mean(dim=dims, keepdim=True) + float(ctx.attrs["epsilon"]))
+        return y if scale is None else y * scale
+
+
+MVN_EPSILON = float(np.float32(1e-9))  # ONNX's function body adds it to the deviation, in float32
+
+
+@register
+class MeanVarianceNormalization(Op):
+    """1 / 1e-9: ONNX's (x - mean) / (sqrt(var) + 1e-9) has slope 1/(r + eps) across the input at deviation r.
+
+    With c the centred input and r = |c| / sqrt(n), f(c) = c / (r + eps): its Jacobian has the eigenvalues
+    1/(r + eps) (orthogonal to c) and eps/(r + eps)^2 (along c), both <= 1/eps, reached as c -> 0.
+    """
 
     attributes = {"axes": [0, 2, 3]}
-    reason = "divides by the input's standard deviation (not globally Lipschitz)"
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        method = "1 / eps with ONNX's eps = 1e-9 added to the deviation: the slope at a constant input"
+        return LocalBound(1.0 / MVN_EPSILON * (1 + 1e-12), method, exact=True)
 
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
         axes = tuple(axis_index(int(a), x.dim()) for a in ctx.attrs["axes"])
         centred = x - x.mean(dim=axes, keepdim=True)
-        return centred / (torch.sqrt(centred.pow(2).mean(dim=axes, keepdim=True)) + 1e-9)
+        return centred / (torch.sqrt(centred.pow(2).mean(dim=axes, keepdim=True)) + MVN_EPSILON)
 
 
 @register
-class LpNormalization(DividesByStatistic):
-    """Normalising by the input's norm is not Lipschitz near 0."""
+class LpNormalization(Op):
+    """x / ||x||_p, with no epsilon: not Lipschitz near 0."""
 
     attributes = {"p": 2, "axis": -1}
-    reason = "normalising by the input's norm is not Lipschitz near 0"
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        return unbounded("normalising by the input's norm (no epsilon) is not Lipschitz near 0")
 
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
         p = int(ctx.attrs["p"])

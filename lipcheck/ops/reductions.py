@@ -36,6 +36,9 @@ def reduced_axes(ctx: RuleContext) -> list[int] | None:
 
 
 def _count(ctx: RuleContext) -> int | None:
+    """Entries summed into one output entry (None when unknown: sizes, or axes known only at run time)."""
+    if ctx.attrs.get("axes") is None and ctx.known_only_at_run_time(1):
+        return None
     axes = reduced_axes(ctx)
     return spatial_count(ctx.shape(0), axes) if axes is not None else None
 
@@ -75,6 +78,8 @@ class ReduceMean(Reduce):
 
     def affine(self, ctx: AffineContext, x: torch.Tensor) -> torch.Tensor:
         axes = ctx.attrs.get("axes")
+        if axes is None and ctx.has_input(1):
+            raise NotFoldable("ReduceMean over axes known only at run time")
         rank = len(ctx.in_shape)
         if not axes:
             if int(ctx.attrs["noop_with_empty_axes"]):
@@ -98,9 +103,12 @@ class ReduceSum(Reduce):
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
         count = _count(ctx)
-        if count is None:
-            return unbounded("sum over an axis of unknown size; give --input-shape", "unknown shape")
-        return LocalBound(math.sqrt(count), f"sum of {count}: sqrt({count})", exact=True)
+        if count is not None:
+            return LocalBound(math.sqrt(count), f"sum of {count}: sqrt({count})", exact=True)
+        entries = spatial_count(ctx.shape(0), range(len(ctx.shape(0) or ())))
+        if ctx.known_only_at_run_time(1) and entries is not None:  # a sum over any axes sums <= all entries
+            return LocalBound(math.sqrt(entries), f"sum over axes known at run time: <= sqrt({entries})")
+        return unbounded("sum over an axis of unknown size; give --input-shape", "unknown shape")
 
 
 class DisjointGroups(Reduce):

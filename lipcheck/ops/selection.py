@@ -25,6 +25,7 @@ from lipcheck.ops.base import (
     register,
     unbounded,
 )
+from lipcheck.ops.pooling import spatial_count
 from lipcheck.ops.shape import ints
 from lipcheck.ops.spatial import pad_spatial, padded_indices
 
@@ -139,8 +140,11 @@ class Gather(Op):
         if ctx.is_variable(1):
             return unbounded("gather with indices computed from the input (discontinuous)")
         indices = ctx.const(1)
-        if indices is None:
-            return unbounded("gather indices unknown before running", "unknown indices")
+        if indices is None:  # given at run time: each entry copied at most as often as there are indices
+            count = spatial_count(ctx.shape(1), range(len(ctx.shape(1) or ())))
+            if count is None or not ctx.has_input(1):
+                return unbounded("gather indices unknown before running", "unknown indices")
+            return LocalBound(math.sqrt(count), f"selection by {count} indices known at run time: <= sqrt({count})")
         flat = np.asarray(indices).reshape(-1).astype(np.int64)
         shape = ctx.shape(0)
         axis = int(ctx.attrs["axis"])
@@ -210,6 +214,8 @@ class Pad(Op):
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
         mode = str(ctx.attrs["mode"])
+        if mode == "constant" and ctx.is_variable(2):
+            return self._variable_fill(ctx)
         if mode == "constant":
             return LocalBound(1.0, "zero padding (isometric embedding)", exact=True)
         pads = ctx.attrs.get("pads")
@@ -227,6 +233,15 @@ class Pad(Op):
             index = padded_indices(int(n), before, after, mode)
             copies *= int(np.bincount(index).max()) if index.size else 1
         return LocalBound(math.sqrt(copies), f"{mode} padding: sqrt({copies}) copies", exact=True)
+
+    def _variable_fill(self, ctx: RuleContext) -> LocalBound:
+        """The fill value computed from the input: it lands in every padded entry, sqrt(P) times its L."""
+        in_shape, out_shape = ctx.shape(0), ctx.output_shape()
+        if in_shape is None or out_shape is None or None in in_shape or None in out_shape:
+            return unbounded("padding value computed from the input, over an unknown size", "unknown shape")
+        padded = max(math.prod(out_shape) - math.prod(in_shape), 0)  # type: ignore[arg-type]
+        total = math.sqrt(ctx.input_lipschitz[0] ** 2 + padded * ctx.input_lipschitz[2] ** 2)
+        return LocalBound(1.0, f"padding by a computed value: sqrt(L_x^2 + {padded} L_v^2)", output_lipschitz=total)
 
     def evaluate(
         self, ctx: EvalContext, x: torch.Tensor, pads: Any = None, value: Any = None, axes: Any = None

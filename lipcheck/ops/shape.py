@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lipcheck.graph import CONTINUOUS_DTYPES, Graph, Node
 from lipcheck.ops.base import (
     AffineContext,
     EvalContext,
@@ -21,7 +22,13 @@ from lipcheck.ops.base import (
     unbounded,
 )
 
-FLOAT_TYPES = {1, 10, 11, 16, 17, 18, 19, 20, 21, 22, 23}  # ONNX TensorProto data types that are floats
+# ONNX TensorProto data types: float, float16, double and bfloat16 change precision only; every other target
+# rounds to a coarse grid or to integers (a step function)
+CONTINUOUS_TYPES = {1: "float", 10: "float16", 11: "double", 16: "bfloat16"}
+QUANTISED_TYPES = {
+    17: "float8e4m3fn", 18: "float8e4m3fnuz", 19: "float8e5m2", 20: "float8e5m2fnuz", 21: "uint4", 22: "int4",
+    23: "float4e2m1", 24: "float8e8m0",
+}  # fmt: skip
 CAST_TYPES: dict[int, torch.dtype | None] = {  # None: the compute dtype (every float type)
     1: None,
     10: None,
@@ -71,11 +78,35 @@ class Identity(Reshaping):
         return x
 
 
+def dropout_training(node: Node, graph: Graph) -> bool | None:
+    """Whether a Dropout node drops entries: its training_mode input (opset 12 on), None when only the run says."""
+    if len(node.inputs) < 3 or not node.inputs[2]:
+        return False
+    mode = graph.constants.get(node.inputs[2])
+    return None if mode is None else bool(np.asarray(mode).reshape(-1)[0])
+
+
+TRAINING_DROPOUT = "Dropout in training mode drops entries at random and scales the rest by 1/(1 - ratio)"
+
+
 @register
 class Dropout(Reshaping):
-    """The identity at inference: an isometry."""
+    """The identity at inference: an isometry. In training mode it is random: no bound."""
 
-    def evaluate(self, ctx: EvalContext, x: torch.Tensor, *_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        if dropout_training(ctx.node, ctx.graph) is not False:
+            return unbounded(TRAINING_DROPOUT, "training mode")
+        return super().lipschitz(ctx)
+
+    def affine(self, ctx: AffineContext, x: torch.Tensor) -> torch.Tensor:
+        if dropout_training(ctx.node, ctx.graph) is not False:
+            raise NotFoldable(TRAINING_DROPOUT)
+        return super().affine(ctx, x)
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor, *rest: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        training = rest[1] if len(rest) > 1 else None
+        if training is not None and bool(training.reshape(-1)[0]):
+            raise ValueError(TRAINING_DROPOUT)
         return x, torch.ones_like(x, dtype=torch.bool)
 
 
@@ -195,21 +226,25 @@ class Size(ShapeOnly):
         return ctx.int_tensor(x.numel())
 
 
-def _cast_bound(target: int | None) -> LocalBound:
-    """Float-to-float casts: 1. Casts to integer or bool types round, which is not continuous."""
-    if target is not None and int(target) not in FLOAT_TYPES:
-        return unbounded("cast of an activation to an integer type (discontinuous)")
+def _cast_bound(target: str | None) -> LocalBound:
+    """Casts among float, float16, double and bfloat16: 1. Every other cast rounds: a step function."""
+    if target is None:
+        return unbounded("cast to the type of a value whose type is unknown", "unknown type")
+    if target not in CONTINUOUS_DTYPES:
+        kind = "an integer type" if target.startswith(("int", "uint", "bool")) else f"{target}, which quantises"
+        return unbounded(f"cast of an activation to {kind} (a step function: discontinuous)")
     return LocalBound(1.0, "float cast", exact=True)
 
 
 @register
 class Cast(Op):
-    """Float-to-float casts: 1. Casts to integer or bool types round, which is not continuous."""
+    """Among float, float16, double, bfloat16: 1. To integers, bool, float8 or float4: a step function."""
 
     piecewise_linear = True
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
-        return _cast_bound(ctx.attrs.get("to"))
+        to = int(ctx.attrs["to"])
+        return _cast_bound(CONTINUOUS_TYPES.get(to) or QUANTISED_TYPES.get(to) or "int")
 
     def check(self, node: Any) -> None:
         if int(node.attrs.get("to", 1)) not in CAST_TYPES:
@@ -226,9 +261,10 @@ class CastLike(Op):
 
     piecewise_linear = True
 
+    type_inputs = (1,)  # ``like`` gives the type; its values never reach the output
+
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
-        like = ctx.const(1)
-        return _cast_bound(1 if like is None or np.issubdtype(np.asarray(like).dtype, np.floating) else 7)
+        return _cast_bound(ctx.graph.dtype(ctx.node.inputs[1]))
 
     def evaluate(self, ctx: EvalContext, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return x.to(ctx.dtype if like.is_floating_point() else like.dtype)
