@@ -11,6 +11,15 @@ class ModelLoadError(LipcheckError):
     """The file is missing, unreadable, or not a model lipcheck can read."""
 
 
+class NonFiniteConstantError(ModelLoadError):
+    """A constant holds NaN, or an infinity where it is read as a weight: no bound can be certified from it."""
+
+    def __init__(self, tensor: str, problem: str, node: str = "", op: str = ""):
+        self.tensor, self.problem = tensor, problem
+        where = f" (an input of node {node!r}, {op})" if node else ""
+        super().__init__(f"constant {tensor!r}{where} holds {problem}; no bound can be certified from it")
+
+
 class InputShapeError(LipcheckError):
     """``--input-shape`` is malformed or does not fit the model."""
 

@@ -33,6 +33,7 @@ from lipcheck.graph import (
     Node,
     Shape,
     TensorSource,
+    check_constants,
     constant_dtype,
     constant_shape,
     unique_name,
@@ -365,6 +366,7 @@ def onnx_to_graph(
     graph.prune()
     used = {v for node in graph.nodes for v in node.inputs} | set(graph.outputs)
     constants.restrict(used)
+    check_constants(graph)
     return graph
 
 

@@ -42,7 +42,7 @@ from lipcheck.frontends.torch_archive import (
     starts_like_zip,
 )
 from lipcheck.frontends.torch_graph import UnmappedOps, exported_to_graph, module_parameter_names
-from lipcheck.graph import Graph
+from lipcheck.graph import Graph, check_finite
 
 TORCH_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pt2", ".safetensors", ".tar", ".pkl", ".jit"}
 # where training checkpoints keep the weights, in the order lipcheck looks
@@ -313,6 +313,9 @@ def _from_state_dict(
 ) -> Graph | WeightTensors:
     state = strip_wrapper_prefixes(state)
     if options.model is None:
+        for key, tensor in state.items():  # per-tensor norms read every float tensor of rank 2 to 5 as a weight
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                check_finite(key, tensor.detach().cpu().float().numpy(), weight=2 <= tensor.dim() <= 5)
         return WeightTensors(dict(state), where, shown)
     module = build_module(options.model, options.model_kwargs)
     load_weights(module, state, shown)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from lipcheck.graph import Graph, Node, Shape, unique_name
+from lipcheck.graph import Graph, Node, Shape, check_constants, unique_name
 from lipcheck.rules.activations import SILU_MAX_SLOPE
 
 Converter = Callable[["GraphBuilder", fx.Node, dict[str, Any]], None]
@@ -337,6 +337,7 @@ def exported_to_graph(
     builder = GraphBuilder(program, source_names)
     graph = builder.build()
     graph.name = name
+    check_constants(graph)
     return graph
 
 
