@@ -27,6 +27,7 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from lipcheck.errors import InputShapeError, ModelLoadError
+from lipcheck.frontends.onnx_checks import check_graph
 from lipcheck.graph import (
     Graph,
     LazyConstants,
@@ -300,6 +301,7 @@ def onnx_to_graph(
     if model.functions:
         with contextlib.suppress(Exception):  # ops of functions that cannot be inlined are reported as unknown
             model = onnx.inliner.inline_local_functions(model)
+    check_graph(model, name or model.graph.name or "model")
     opsets = {op.domain or "": op.version for op in model.opset_import}
     opset = opsets.get("", opsets.get("ai.onnx", 21))
     g = model.graph
