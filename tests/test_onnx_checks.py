@@ -65,7 +65,23 @@ INVALID = {
                            "node 'c' (Conv) has attribute 'dilation', which Conv does not take"),
     "missing required attribute": (model([node("Cast", ["x"], ["y"], name="cast")], {"x": [1, 4]}),
                                    "node 'cast' (Cast) lacks the required attribute 'to'"),
+    # found by tests/test_fuzz.py: each crashed inside the analysis before
+    "pads that do not fit": (model([node("Conv", ["x", "k"], ["y"], name="c", pads=[1, 1, 1])], {"x": [1, 1, 6, 6]},
+                                   initializers={"k": np.ones((1, 1, 3, 3), np.float32)}),
+                             "node 'c' (Conv): pads [1, 1, 1] does not fit a 2-D window"),
+    "weight of the wrong rank": (model([node("Conv", ["x", "k"], ["y"], name="c", kernel_shape=[3, 3])],
+                                       {"x": [1, 1, 6, 6]}, initializers={"k": np.ones((1, 1, 3), np.float32)}),
+                                 "node 'c' (Conv): its weight has rank 3, not 4"),
 }  # fmt: skip
+
+
+def _untyped_attribute() -> onnx.ModelProto:
+    proto = model([node("Gemm", ["x", "w"], ["y"], name="g", alpha=2.0)], {"x": [1, 4]}, initializers={"w": W})
+    proto.graph.node[0].attribute[0].type = onnx.AttributeProto.UNDEFINED
+    return proto
+
+
+INVALID["attribute without a type"] = (_untyped_attribute(), "node 'g' (Gemm) has attribute 'alpha' of type UNDEFINED")
 
 
 @pytest.mark.parametrize("case", list(INVALID))
@@ -110,3 +126,23 @@ def test_what_exporters_write_daily_is_not_refused(tmp_path: Path) -> None:
                    extra_opsets={"com.example": 1})  # fmt: skip
     with pytest.raises(UnsupportedOpsError, match="com.example:FusedThing"):
         analyse(save(custom, tmp_path, "custom.onnx"), device="cpu")
+
+
+def test_names_that_are_not_utf8_are_refused(tmp_path: Path) -> None:
+    """protobuf hands such a name over as bytes, which crashed the table (found by the fuzz test)."""
+    data = model([node("Relu", ["x"], ["y"], name="NODENAME")], {"x": [1, 4]}).SerializeToString()
+    path = tmp_path / "model.onnx"
+    path.write_bytes(data.replace(b"NODENAME", b"NODE\xf2AME"))
+    with pytest.raises(ModelLoadError, match="the name b'NODE\\\\xf2AME' in the graph is not valid UTF-8"):
+        analyse(path, device="cpu")
+
+
+def test_unknown_external_data_keys_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """onnx only warns about them (a second stderr line) and then reads no file (found by the fuzz test)."""
+    proto = onnx.load(str(SAMPLES / "cnn_external.onnx"), load_external_data=False)
+    proto.graph.initializer[0].external_data[0].key = "locition"
+    (tmp_path / "cnn_external.onnx.data").write_bytes((SAMPLES / "cnn_external.onnx.data").read_bytes())
+    path = save(proto, tmp_path, "cnn_external.onnx")
+    code, err = run_cli(capsys, "report", str(path))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "external data of '0.weight' has an unknown key 'locition'" in err

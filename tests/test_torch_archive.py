@@ -184,3 +184,12 @@ def test_the_archives_torch_writes_pass(tmp_path: Path) -> None:
         assert check_torch_file(tmp_path / name, trusted=False) == kind, name
     for path in [*SAMPLES.glob("*.pt"), *SAMPLES.glob("*.pt2"), *SAMPLES.glob("*.ckpt")]:
         assert check_torch_file(path, trusted=False) in ("pickle", "torchscript", "pt2"), path
+
+
+def test_control_characters_from_the_file_stay_on_one_line(tmp_path: Path) -> None:
+    """A pickled class name holding a form feed or newline is escaped in the error (found by the fuzz test)."""
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(b"\x80\x02cbad\x0cmodule\nName\nq\x00.")
+    with pytest.raises(UntrustedPickleError) as error:
+        load_torch(evil)
+    assert "bad\\x0cmodule.Name" in str(error.value) and len(str(error.value).splitlines()) == 1

@@ -27,6 +27,7 @@ def _label(proto: onnx.NodeProto, index: int) -> str:
 def check_graph(model: onnx.ModelProto, where: str) -> None:
     """Refuse duplicate producers, undefined inputs, cycles and schema violations (one line, naming the node)."""
     graph = model.graph
+    _check_names(graph, where)
     defined = _defined_values(graph, where)
     for index, proto in enumerate(graph.node):
         for value in proto.input:
@@ -44,6 +45,18 @@ def check_graph(model: onnx.ModelProto, where: str) -> None:
         problem = _schema_problem(proto, opsets)
         if problem:
             raise ModelLoadError(f"{where}: {_label(proto, index)} {problem} (onnx.checker rejects it)")
+
+
+def _check_names(graph: onnx.GraphProto, where: str) -> None:
+    """Protobuf hands over a string field that is not valid UTF-8 as bytes: refused before anything uses it."""
+    values = [*graph.input, *graph.output, *graph.value_info, *graph.initializer]
+    names = [v.name for v in values] + [s.values.name for s in graph.sparse_initializer]
+    for proto in graph.node:
+        names += [proto.name, proto.op_type, proto.domain, *proto.input, *proto.output]
+        names += [attr.name for attr in proto.attribute]
+    for name in names:
+        if not isinstance(name, str):
+            raise ModelLoadError(f"{where}: the name {name!r} in the graph is not valid UTF-8")
 
 
 def _defined_values(graph: onnx.GraphProto, where: str) -> dict[str, str]:
@@ -111,7 +124,7 @@ def _schema_problem(proto: onnx.NodeProto, opsets: dict[str, int]) -> str | None
         declared = schema.attributes.get(attr.name)
         if declared is None:
             return f"has attribute {attr.name!r}, which {proto.op_type} does not take"
-        if attr.type != onnx.AttributeProto.UNDEFINED and attr.type != declared.type:
+        if attr.type != declared.type:  # an UNDEFINED type reads as no value at all
             return f"has attribute {attr.name!r} of type {_type_name(attr.type)}, not {_type_name(declared.type)}"
     given = {attr.name for attr in proto.attribute}
     missing = [name for name, declared in schema.attributes.items() if declared.required and name not in given]

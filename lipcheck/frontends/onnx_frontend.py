@@ -71,6 +71,7 @@ def load_onnx_model(path: str | os.PathLike[str], load_weights: bool = True) -> 
         raise ModelLoadError(f"{path}: not a readable ONNX model ({_short(exc)})") from None
     if not model.graph.node and not model.graph.output:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph found in {size} bytes)")
+    _check_external_keys(model, path)
     if not load_weights:
         _check_external_data(model, path)
         _load_external_attributes(model, path)
@@ -87,6 +88,24 @@ def load_onnx_model(path: str | os.PathLike[str], load_weights: bool = True) -> 
             ) from None
         raise ModelLoadError(f"{path}: cannot read external data ({_short(exc)})") from None
     return model
+
+
+_EXTERNAL_KEYS = {"location", "offset", "length", "checksum", "basepath"}
+
+
+def _check_external_keys(model: onnx.ModelProto, path: Path) -> None:
+    """External data entries onnx reads only with a warning (unknown keys) or an exception: one line here."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    for tensor in (t for t in _get_all_tensors(model) if uses_external_data(t)):
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        if not all(isinstance(text, str) for text in [*entries, *entries.values()]):
+            raise ModelLoadError(f"{path}: external data of {tensor.name!r} is not valid UTF-8")
+        unknown = sorted(set(entries) - _EXTERNAL_KEYS)
+        numbers_ok = all(entries.get(k, "0").isdigit() for k in ("offset", "length"))
+        if unknown or not entries.get("location") or not numbers_ok:
+            problem = f"an unknown key {unknown[0]!r}" if unknown else "no location" if numbers_ok else "a bad offset"
+            raise ModelLoadError(f"{path}: external data of {tensor.name!r} has {problem}")
 
 
 def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
@@ -301,7 +320,8 @@ def onnx_to_graph(
     if model.functions:
         with contextlib.suppress(Exception):  # ops of functions that cannot be inlined are reported as unknown
             model = onnx.inliner.inline_local_functions(model)
-    check_graph(model, name or model.graph.name or "model")
+    where = name or model.graph.name or "model"
+    check_graph(model, where)
     opsets = {op.domain or "": op.version for op in model.opset_import}
     opset = opsets.get("", opsets.get("ai.onnx", 21))
     g = model.graph
@@ -355,7 +375,10 @@ def onnx_to_graph(
         node_name = unique_name(taken, proto.name or proto.output[0] or op)
         taken.add(node_name)
         node = Node(node_name, op, list(proto.input), list(proto.output), attrs)
-        _normalise(node, opset, constants, shapes)
+        try:
+            _normalise(node, opset, constants, shapes)
+        except ModelLoadError as exc:  # attributes that do not fit the node: name the file too
+            raise ModelLoadError(f"{where}: {exc}") from None
         nodes.append(node)
     graph = Graph(
         nodes=nodes,
@@ -675,6 +698,25 @@ def _const_list(constants: dict[str, np.ndarray], node: Node, index: int) -> lis
     return None
 
 
+def _check_window(node: Node, d: int, ranks: list[int | None]) -> None:
+    """Conv and pooling attributes, input and weight must fit the window's rank (the spectral code indexes
+    them per axis)."""
+    a = node.attrs
+    if d == 0:  # rank unknown (no kernel shape, weight or input shape): nothing to check against
+        return
+    for what, rank in zip(("input", "weight"), ranks, strict=True):
+        if rank is not None and rank != d + 2:
+            raise ModelLoadError(f"node {node.name!r} ({node.op}): its {what} has rank {rank}, not {d + 2}")
+    sizes = {"kernel_shape": (a.get("kernel_shape") or [1] * d, d, 1), "strides": (a["strides"], d, 1),
+             "dilations": (a["dilations"], d, 1), "pads": (a["pads"] or [0] * (2 * d), 2 * d, 0)}  # fmt: skip
+    for key, (values, length, least) in sizes.items():
+        if len(values) != length or any(int(v) < least for v in values):
+            raise ModelLoadError(f"node {node.name!r} ({node.op}): {key} {list(values)} does not fit a {d}-D window "
+                                 f"({length} entries, each at least {least})")  # fmt: skip
+    if int(a["group"]) < 1:
+        raise ModelLoadError(f"node {node.name!r} ({node.op}): group {a['group']} is not positive")
+
+
 def _normalise(node: Node, opset: int, constants: dict[str, np.ndarray], shapes: dict[str, Shape]) -> None:
     """Fill op-specific attributes so rules never look at opsets (see module docstring)."""
     op, a = node.op, node.attrs
@@ -705,6 +747,9 @@ def _normalise(node: Node, opset: int, constants: dict[str, np.ndarray], shapes:
                     pads[i], pads[i + d] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
         a["pads"] = pads
         a["spatial_dims"] = d
+        weight = node.inputs[1] if op in ("Conv", "ConvTranspose") and len(node.inputs) > 1 else ""
+        weight_rank = len(constant_shape(constants, weight)) if weight in constants else None
+        _check_window(node, d, [len(in_shape) if in_shape else None, weight_rank])
     elif op in ("Softmax", "LogSoftmax", "Hardmax"):
         if "axis" not in a or a["axis"] is None:
             a["axis"] = -1 if opset >= 13 else 1
