@@ -34,13 +34,13 @@ from lipcheck.errors import InputShapeError, LipcheckError, ModelLoadError
 from lipcheck.frontends.torch_archive import (
     TRUST_FLAG,
     ZIP_MAGIC,
-    UntrustedPickleError,
     check_members,
-    pickle_globals,
     pickle_wants,
     read_archive,
     starts_like_zip,
 )
+from lipcheck.frontends.torch_archive import UntrustedPickleError as UntrustedPickleError  # re-exported
+from lipcheck.frontends.torch_archive import pickle_globals as pickle_globals  # re-exported
 from lipcheck.frontends.torch_graph import UnmappedOps, exported_to_graph, module_parameter_names
 from lipcheck.graph import Graph, check_finite
 
@@ -49,7 +49,6 @@ TORCH_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pt2", ".safetensors", ".tar"
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "state_dict_ema", "model_ema")
 # prefixes that wrappers add to every key: DataParallel/DDP, torch.compile
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-__all__ = ["UntrustedPickleError", "pickle_globals"]  # defined with the archive rules, imported from here too
 
 
 @dataclass
