@@ -9,8 +9,11 @@ edit to the code invalidates every entry, so a fixed bug never hides behind a ca
 Answers that depend on the Lipschitz constants of the node's inputs (``output_lipschitz``, e.g. Add)
 are stored with those constants and reused only when they are equal.
 
-Entries are written atomically (a temporary file renamed into place) and carry their key and a
-checksum: a truncated, corrupt or foreign file is ignored and recomputed, never trusted.
+Entries are written atomically (a temporary file renamed into place) and carry their key and an HMAC
+made with a key that does not live in the cache folder (``$LIPCHECK_CACHE_KEY``, else a random key
+created once under the user's config folder): a truncated, edited or foreign entry, or one signed with
+another key (a cache restored from another machine or a pull request's CI run), is ignored and
+recomputed, never trusted, so no cache can lower a bound.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import hmac
 import json
 import math
 import os
+import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +37,8 @@ import lipcheck
 from lipcheck.errors import LipcheckError
 from lipcheck.ops import LocalBound, Op, RuleContext
 
-CACHE_FORMAT = "lipcheck.cache/1"
+CACHE_FORMAT = "lipcheck.cache/2"
+KEY_ENV = "LIPCHECK_CACHE_KEY"
 
 
 class CacheError(LipcheckError):
@@ -110,8 +116,54 @@ def _bound_from_dict(data: dict[str, Any]) -> LocalBound:
     return bound
 
 
-def _checksum(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+def _signature(key: bytes, payload: dict[str, Any]) -> str:
+    """Keyed, so that whoever can write the cache folder but not read the key cannot forge an entry."""
+    return hmac.new(key, json.dumps(payload, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
+def key_path() -> Path:
+    """Where the cache key is kept when $LIPCHECK_CACHE_KEY is not set: the user's config folder."""
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config) / "lipcheck" / "cache.key"
+
+
+def cache_key() -> bytes:
+    """$LIPCHECK_CACHE_KEY (e.g. a CI secret), else the key file, created with a random key on first use."""
+    given = os.environ.get(KEY_ENV)
+    if given is not None:
+        if len(given) < 16:
+            raise CacheError(f"${KEY_ENV}: too short to sign cache entries (16 characters at least)")
+        return given.encode()
+    path = key_path()
+    try:
+        if not path.exists():
+            _create_key(path)
+        if os.name == "posix" and path.stat().st_mode & 0o077:
+            raise CacheError(f"{path}: the cache key is readable or writable by others; chmod 600 it")
+        key = path.read_bytes().strip()
+    except OSError as exc:
+        raise CacheError(f"{path}: cannot read or create the cache key ({exc.strerror or exc})") from None
+    if len(key) < 32:
+        raise CacheError(f"{path}: not a lipcheck cache key (delete it: a new one is made on the next run)")
+    return key
+
+
+def _create_key(path: Path) -> None:
+    """Written to a private temporary file, then linked into place: two runs starting together agree."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".cache.key-")  # mode 0600
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(secrets.token_hex(32) + "\n")
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass  # another run made it first: use theirs
+        except OSError:  # no hard links here: the last writer wins, entries signed by the other are recomputed
+            os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
 
 
 @dataclass
@@ -134,6 +186,7 @@ class LayerCache:
         if not self.folder.is_dir() or not os.access(self.folder, os.W_OK | os.X_OK):
             raise CacheError(f"--cache {folder}: not a writable folder")
         self.stats = CacheStats()
+        self._key = cache_key()
         self._graph: object | None = None  # the graph the digests belong to (held: ids are not reused)
         self._digests: dict[str, str] = {}  # constant name -> digest, for that graph
 
@@ -197,8 +250,9 @@ class LayerCache:
             return None
         try:
             payload = {k: data[k] for k in ("format", "key", "bound", "input_lipschitz")}
-            if data["checksum"] != _checksum(payload) or data["format"] != CACHE_FORMAT or data["key"] != key:
-                raise ValueError("checksum or key mismatch")
+            signed = hmac.compare_digest(str(data["hmac"]), _signature(self._key, payload))
+            if not signed or data["format"] != CACHE_FORMAT or data["key"] != key:
+                raise ValueError("signature or key mismatch")
             bound = _bound_from_dict(data["bound"])
         except (KeyError, TypeError, ValueError, AttributeError):
             self.stats.corrupt += 1
@@ -214,14 +268,14 @@ class LayerCache:
             "bound": _bound_to_dict(bound),
             "input_lipschitz": inputs_l if bound.output_lipschitz is not None else None,
         }
-        text = json.dumps({**payload, "checksum": _checksum(payload)}, indent=1)
+        text = json.dumps({**payload, "hmac": _signature(self._key, payload)}, indent=1)
         path = self._path(key)
         temporary = None
         try:
             path.parent.mkdir(exist_ok=True)
             handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}-", suffix=".tmp")
             with os.fdopen(handle, "w") as stream:
-                stream.write(text)  # no fsync: a torn file fails its checksum and is recomputed
+                stream.write(text)  # no fsync: a torn file fails its signature and is recomputed
             os.replace(temporary, path)
             temporary = None
         except OSError:

@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 
 import lipcheck
-from lipcheck.errors import LipcheckError
+from lipcheck.errors import LipcheckError, one_line
 from lipcheck.files import write_new_file
 from lipcheck.formats import Format
 from lipcheck.options import Overrides, Settings, from_flags, option_of, settings_fields
@@ -600,6 +600,7 @@ def main() -> None:
         if os.environ.get("LIPCHECK_DEBUG"):
             raise
         sys.stderr.write(
-            f"lipcheck: internal error: {type(exc).__name__}: {exc} (set LIPCHECK_DEBUG=1 for a traceback)\n"
+            f"lipcheck: internal error: {type(exc).__name__}: {one_line(str(exc))} "
+            "(set LIPCHECK_DEBUG=1 for a traceback)\n"
         )
         sys.exit(2)

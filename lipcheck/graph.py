@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from lipcheck.errors import NonFiniteConstantError
+
 Shape = tuple[int | None, ...]
 
 
@@ -181,6 +183,7 @@ class LazyConstants(MutableMapping[str, np.ndarray]):
             return self._cache[name]
         source = self._sources[name]  # KeyError for unknown names, as a dict
         value = source.load()
+        check_finite(name, value)  # read tensor by tensor: checked here, when first read, never all at once
         self.loads += 1
         self._hold(name, value)
         return value
@@ -285,6 +288,32 @@ def numpy_dtype_name(dtype: np.dtype) -> str:
     """ONNX's lower-case name of a numpy dtype (float32 -> "float", float8_e4m3fn -> "float8e4m3fn")."""
     name = np.dtype(dtype).name
     return _NUMPY_NAMES.get(name, name.replace("_", ""))
+
+
+def check_finite(name: str, value: Any, node: Node | None = None, weight: bool = False) -> None:
+    """Refuse a float constant holding NaN, and one holding an infinity when it is read as a weight.
+
+    A NaN weight still gets a finite "certified" bound (the FFT and SVD paths absorb it) and an infinite one
+    an inf or NaN norm: neither says anything about the network. Infinities elsewhere are legitimate (-inf
+    attention masks, Clip without an upper bound), so they are refused only where a rule reads a weight.
+    """
+    array = np.asarray(value)
+    if array.dtype.kind not in "fc" or array.size == 0:
+        return
+    if weight and np.isfinite(array).all():
+        return
+    problem = "NaN" if np.isnan(array).any() else ("an infinite value" if weight else "")
+    if problem:
+        raise NonFiniteConstantError(name, problem, node.name if node else "", node.op if node else "")
+
+
+def check_constants(graph: Graph) -> None:
+    """No constant the graph uses and holds in memory is NaN (a frontend's last step; lazy ones are checked
+    when read, unused ones never matter)."""
+    users = graph.consumers()
+    lazy = graph.constants.is_lazy if isinstance(graph.constants, LazyConstants) else (lambda name: False)
+    for name in [n for n in graph.constants if (n in users or n in graph.outputs) and not lazy(n)]:
+        check_finite(name, graph.constants[name], users[name][0] if name in users else None)
 
 
 def constant_dtype(constants: MutableMapping[str, np.ndarray], name: str) -> np.dtype:

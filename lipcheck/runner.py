@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lipcheck.config import ModelConfig
-from lipcheck.errors import LipcheckError
+from lipcheck.errors import LipcheckError, one_line
 from lipcheck.files import write_new_file
 from lipcheck.gate import Baseline, ModelRun, display_path, evaluate, load_baseline
 from lipcheck.options import Settings
@@ -70,5 +70,5 @@ def run_model(
     except Exception as exc:
         if os.environ.get("LIPCHECK_DEBUG"):
             raise
-        message = f"internal error: {type(exc).__name__}: {exc} (set LIPCHECK_DEBUG=1 for a traceback)"
+        message = f"internal error: {type(exc).__name__}: {one_line(str(exc))} (set LIPCHECK_DEBUG=1 for a traceback)"
         return ModelRun(shown, error=message)

@@ -13,6 +13,14 @@ SAMPLES = ROOT / "sample_models"
 SAMPLE_MODELS = sorted(p.name for p in SAMPLES.glob("*.onnx"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_config_home(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The cache's signing key is made under $XDG_CONFIG_HOME: in a temporary folder, never the real home."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))
+        yield
+
+
 @pytest.fixture
 def samples() -> Path:
     return SAMPLES

@@ -1,5 +1,5 @@
-"""The code base stays ruff-clean and ruff-formatted (part of the suite, so CI and users run the same checks;
-the repository's .pre-commit-config.yaml runs them before a commit)."""
+"""The code base stays ruff-clean, ruff-formatted and type-checked (part of the suite, so CI and users run the
+same checks; the repository's .pre-commit-config.yaml runs them before a commit)."""
 
 from __future__ import annotations
 
@@ -28,3 +28,9 @@ def test_ruff_formatted() -> None:
         [_tool("ruff"), "format", "--check", "."], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_types_check() -> None:
+    """mypy over lipcheck/ (configuration in pyproject.toml)."""
+    result = subprocess.run([_tool("mypy")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr

@@ -192,6 +192,13 @@ def test_plan_memory() -> None:
 # the per-layer cache
 
 
+@pytest.fixture(autouse=True)
+def _cache_key_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache's signing key is made under $XDG_CONFIG_HOME: never the real home in tests."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))
+    monkeypatch.delenv("LIPCHECK_CACHE_KEY", raising=False)
+
+
 @pytest.fixture
 def count_conv_norms(monkeypatch):
     calls: list[tuple] = []

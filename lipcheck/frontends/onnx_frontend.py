@@ -18,7 +18,7 @@ import contextlib
 import functools
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,12 +28,14 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from lipcheck.errors import InputShapeError, ModelLoadError
+from lipcheck.frontends.onnx_checks import check_graph
 from lipcheck.graph import (
     Graph,
     LazyConstants,
     Node,
     Shape,
     TensorSource,
+    check_constants,
     constant_dtype,
     constant_shape,
     unique_name,
@@ -75,6 +77,7 @@ def load_onnx_model(path: str | os.PathLike[str], load_weights: bool = True) -> 
         raise ModelLoadError(f"{path}: not a readable ONNX model ({_short(exc)})") from None
     if not model.graph.node and not model.graph.output:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph found in {size} bytes)")
+    _check_external_keys(model, path)
     if not load_weights:
         _check_external_data(model, path)
         _load_external_attributes(model, path)
@@ -91,6 +94,24 @@ def load_onnx_model(path: str | os.PathLike[str], load_weights: bool = True) -> 
             ) from None
         raise ModelLoadError(f"{path}: cannot read external data ({_short(exc)})") from None
     return model
+
+
+_EXTERNAL_KEYS = {"location", "offset", "length", "checksum", "basepath"}
+
+
+def _check_external_keys(model: onnx.ModelProto, path: Path) -> None:
+    """External data entries onnx reads only with a warning (unknown keys) or an exception: one line here."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    for tensor in (t for t in _get_all_tensors(model) if uses_external_data(t)):
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        if not all(isinstance(text, str) for text in [*entries, *entries.values()]):
+            raise ModelLoadError(f"{path}: external data of {tensor.name!r} is not valid UTF-8")
+        unknown = sorted(set(entries) - _EXTERNAL_KEYS)
+        numbers_ok = all(entries.get(k, "0").isdigit() for k in ("offset", "length"))
+        if unknown or not entries.get("location") or not numbers_ok:
+            problem = f"an unknown key {unknown[0]!r}" if unknown else "no location" if numbers_ok else "a bad offset"
+            raise ModelLoadError(f"{path}: external data of {tensor.name!r} has {problem}")
 
 
 def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
@@ -297,7 +318,9 @@ def onnx_to_graph(
     """
     if model.functions:
         with contextlib.suppress(Exception):  # ops of functions that cannot be inlined are reported as unknown
-            model = onnx.inliner.inline_local_functions(model)
+            model = onnx.inliner.inline_local_functions(model)  # type: ignore[attr-defined]
+    where = name or model.graph.name or "model"
+    check_graph(model, where)
     opsets = {op.domain or "": op.version for op in model.opset_import}
     opset = opsets.get("", opsets.get("ai.onnx", 21))
     g = model.graph
@@ -308,7 +331,7 @@ def onnx_to_graph(
     shapes, dtypes = _inferred_shapes(model, constants, inputs)
     kept = _fold(model, constants, shapes, inputs, opsets, opset)
     graph = Graph(
-        nodes=_nodes(kept, opsets, opset, constants, shapes),
+        nodes=_nodes(kept, opsets, opset, constants, shapes, where),
         inputs=input_names,
         outputs=[o.name for o in g.output],
         constants=constants,
@@ -319,6 +342,7 @@ def onnx_to_graph(
     graph.prune()
     used = {v for node in graph.nodes for v in node.inputs} | set(graph.outputs)
     constants.restrict(used)
+    check_constants(graph)
     return graph
 
 
@@ -384,7 +408,12 @@ def _fold(
 
 
 def _nodes(
-    kept: list[onnx.NodeProto], opsets: dict[str, int], opset: int, constants: LazyConstants, shapes: dict[str, Shape]
+    kept: list[onnx.NodeProto],
+    opsets: dict[str, int],
+    opset: int,
+    constants: LazyConstants,
+    shapes: dict[str, Shape],
+    where: str,
 ) -> list[Node]:
     """lipcheck's nodes, uniquely named (the first output's name for an unnamed node), attributes normalised."""
     nodes: list[Node] = []
@@ -394,7 +423,10 @@ def _nodes(
         node_name = unique_name(taken, proto.name or proto.output[0] or op)
         taken.add(node_name)
         node = Node(node_name, op, list(proto.input), list(proto.output), attrs)
-        _normalise(node, opset, constants, shapes)
+        try:
+            _normalise(node, opset, constants, shapes)
+        except ModelLoadError as exc:  # attributes that do not fit the node: name the file too
+            raise ModelLoadError(f"{where}: {exc}") from None
         nodes.append(node)
     return nodes
 
@@ -493,7 +525,7 @@ def _proto_attrs(proto: onnx.NodeProto, opsets: dict[str, int], opset: int) -> t
 
 def _fold_pass(
     protos: list[onnx.NodeProto],
-    constants: dict[str, np.ndarray],
+    constants: MutableMapping[str, np.ndarray],
     shapes: dict[str, Shape],
     folder: _Folder,
     opsets: dict[str, int],
@@ -512,9 +544,9 @@ def _fold_pass(
                         _store_folded(constants, out, value, proto, attrs, folder)
                 continue
         if op == "Shape" or op == "Size":
-            value = _shape_value(op, attrs, shapes.get(proto.input[0]))
-            if value is not None:
-                constants[proto.output[0]] = value
+            shape_value = _shape_value(op, attrs, shapes.get(proto.input[0]))
+            if shape_value is not None:
+                constants[proto.output[0]] = shape_value
                 continue
         kept.append(proto)
     return kept
@@ -526,7 +558,7 @@ _SHAPE_VALUE_LIMIT = 4096  # constants up to this many entries reach shape infer
 def _refine_shapes(
     model: onnx.ModelProto,
     kept: list[onnx.NodeProto],
-    constants: dict[str, np.ndarray],
+    constants: MutableMapping[str, np.ndarray],
     inputs: list[onnx.ValueInfoProto],
     shapes: dict[str, Shape],
 ) -> bool:
@@ -616,8 +648,8 @@ def _topological(g: onnx.GraphProto) -> list[onnx.NodeProto]:
     pending = list(g.node)
     ordered: list[onnx.NodeProto] = []
     while pending:
-        progress = []
-        rest = []
+        progress: list[onnx.NodeProto] = []
+        rest: list[onnx.NodeProto] = []
         for node in pending:
             (progress if all(i in available for i in node.input) else rest).append(node)
         if not progress:  # a cycle or a dangling input: keep the file's order for the rest
@@ -699,19 +731,19 @@ def _shape_value(op: str, attrs: dict[str, Any], shape: Shape | None) -> np.ndar
     if shape is None or any(d is None for d in shape):
         return None
     if op == "Size":
-        return np.asarray(math.prod(shape), dtype=np.int64)
+        return np.asarray(math.prod(shape), dtype=np.int64)  # type: ignore[arg-type]  # no None: checked above
     start = attrs.get("start", 0) or 0
     end = attrs.get("end")
     return np.asarray(shape[start:end], dtype=np.int64)
 
 
-def _const_list(constants: dict[str, np.ndarray], node: Node, index: int) -> list | None:
+def _const_list(constants: MutableMapping[str, np.ndarray], node: Node, index: int) -> list | None:
     if len(node.inputs) > index and node.inputs[index] and node.inputs[index] in constants:
         return np.asarray(constants[node.inputs[index]]).reshape(-1).tolist()
     return None
 
 
-def _normalise(node: Node, opset: int, constants: dict[str, np.ndarray], shapes: dict[str, Shape]) -> None:
+def _normalise(node: Node, opset: int, constants: MutableMapping[str, np.ndarray], shapes: dict[str, Shape]) -> None:
     """Fill op-specific attributes so rules never look at opsets (see module docstring)."""
     normaliser = _NORMALISERS.get(node.op)
     if normaliser is not None:
@@ -724,7 +756,7 @@ class _Opset:
     """What a normaliser reads besides the node: the opset, the constants, the shapes, the first input's shape."""
 
     version: int
-    constants: dict[str, np.ndarray]
+    constants: MutableMapping[str, np.ndarray]
     shapes: dict[str, Shape]
     in_shape: Shape | None
 
@@ -754,6 +786,34 @@ def _window(node: Node, at: _Opset) -> None:
             pads = same_pads(auto_pad, spatial, k, a["strides"], a["dilations"])  # type: ignore[arg-type]
     a["pads"] = pads
     a["spatial_dims"] = d
+    weight = node.inputs[1] if node.op in ("Conv", "ConvTranspose") and len(node.inputs) > 1 else ""
+    weight_rank = len(constant_shape(at.constants, weight)) if weight in at.constants else None
+    _check_window(node, d, [len(at.in_shape) if at.in_shape else None, weight_rank])
+
+
+def _check_window(node: Node, d: int, ranks: list[int | None]) -> None:
+    """Conv and pooling attributes, input and weight must fit the window's rank (the spectral code indexes
+    them per axis)."""
+    a = node.attrs
+    if d == 0:  # rank unknown (no kernel shape, weight or input shape): nothing to check against
+        return
+    for what, rank in zip(("input", "weight"), ranks, strict=True):
+        if rank is not None and rank != d + 2:
+            raise ModelLoadError(f"node {node.name!r} ({node.op}): its {what} has rank {rank}, not {d + 2}")
+    sizes = {
+        "kernel_shape": (a.get("kernel_shape") or [1] * d, d, 1),
+        "strides": (a["strides"], d, 1),
+        "dilations": (a["dilations"], d, 1),
+        "pads": (a["pads"] or [0] * (2 * d), 2 * d, 0),
+    }
+    for key, (values, length, least) in sizes.items():
+        if len(values) != length or any(int(v) < least for v in values):
+            raise ModelLoadError(
+                f"node {node.name!r} ({node.op}): {key} {list(values)} does not fit a {d}-D window "
+                f"({length} entries, each at least {least})"
+            )
+    if int(a["group"]) < 1:
+        raise ModelLoadError(f"node {node.name!r} ({node.op}): group {a['group']} is not positive")
 
 
 def _softmax(node: Node, at: _Opset) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-import io
 import json
 import logging
 import os
@@ -32,19 +31,24 @@ import torch
 from torch import nn
 
 from lipcheck.errors import InputShapeError, LipcheckError, ModelLoadError
+from lipcheck.frontends.torch_archive import (
+    TRUST_FLAG,
+    ZIP_MAGIC,
+    check_members,
+    pickle_wants,
+    read_archive,
+    starts_like_zip,
+)
+from lipcheck.frontends.torch_archive import UntrustedPickleError as UntrustedPickleError  # re-exported
+from lipcheck.frontends.torch_archive import pickle_globals as pickle_globals  # re-exported
 from lipcheck.frontends.torch_graph import UnmappedOps, exported_to_graph, module_parameter_names
-from lipcheck.graph import Graph
+from lipcheck.graph import Graph, check_finite
 
 TORCH_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pt2", ".safetensors", ".tar", ".pkl", ".jit"}
 # where training checkpoints keep the weights, in the order lipcheck looks
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "state_dict_ema", "model_ema")
 # prefixes that wrappers add to every key: DataParallel/DDP, torch.compile
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-TRUST_FLAG = "--trust-pickle"
-
-
-class UntrustedPickleError(ModelLoadError):
-    """The file needs arbitrary Python objects and the user did not say it is trusted."""
 
 
 @dataclass
@@ -74,19 +78,26 @@ def is_torch_file(path: Path) -> bool:
 
 
 def detect_format(path: Path) -> str:
-    """'safetensors', 'pt2', 'torchscript' or 'pickle' (torch.save, zip or legacy), by content."""
+    """'safetensors', 'pt2', 'torchscript' or 'pickle' (torch.save, zip or legacy), by content.
+
+    An archive is read as torch reads it and refused when it is ambiguous (``torch_archive.read_archive``).
+    """
     with path.open("rb") as f:
         head = f.read(16)
     if path.suffix.lower() == ".safetensors" or _looks_like_safetensors(head):
         return "safetensors"
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-        if any(n.endswith("/archive_format") or n.endswith("/models/model.json") for n in names):
-            return "pt2"
-        if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
-            return "torchscript"
+    if head[:4] == ZIP_MAGIC:
+        return read_archive(path).kind
     return "pickle"
+
+
+def check_torch_file(path: Path, trusted: bool) -> str:
+    """The file's format, after the checks every zip-based format gets before torch reads it."""
+    if path.suffix.lower() != ".safetensors" and starts_like_zip(path):
+        archive = read_archive(path)
+        check_members(archive, trusted)
+        return archive.kind
+    return detect_format(path)
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
@@ -101,7 +112,7 @@ def load_torch(
     path = Path(path)
     _check_readable(path)
     shown = path.name
-    kind = detect_format(path)
+    kind = check_torch_file(path, options.trust_pickle)
     if kind == "safetensors":
         _no_model_for(path, kind, options, allowed=True)
         return _from_state_dict(_read_safetensors(path), "a safetensors file", shown, input_shapes, options)
@@ -110,8 +121,6 @@ def load_torch(
         return _from_torchscript(path, input_shapes)
     if kind == "pt2":
         _no_model_for(path, "torch.export program (.pt2)", options)
-        if not options.trust_pickle:
-            refuse_untrusted(path, pt2_unsafe_globals(path))
         return _from_exported(path, input_shapes)
     obj = unpickle(path, options.trust_pickle)
     found, where = find_weights(obj, path)
@@ -215,56 +224,22 @@ def refuse_untrusted(path: Path, wanted: list[str]) -> None:
 
 
 def pt2_unsafe_globals(path: Path) -> list[str]:
-    """A .pt2 is JSON plus raw weights, but may embed pickles (sample inputs, pickled weights, opaque
-    constants) that torch.export.load unpickles without weights_only; list what they would import."""
-    from torch._weights_only_unpickler import _get_allowed_globals
-
-    allowed = set(_get_allowed_globals())
-    wanted: list[str] = []
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-        pickled = [n for n in names if "/data/sample_inputs/" in n]
-        for config_name in (n for n in names if n.endswith("_config.json") and "/data/" in n):
-            folder = config_name.rsplit("/", 1)[0]
-            try:
-                config = json.loads(archive.read(config_name)).get("config", {})
-            except (ValueError, AttributeError):
-                continue
-            for entry in config.values():
-                name = str(entry.get("path_name", ""))
-                if entry.get("use_pickle") or not name.startswith(("weight_", "tensor_")):
-                    pickled.append(f"{folder}/{name}")
-        for name in pickled:
-            try:
-                data = archive.read(name)
-            except KeyError:
-                continue
-            if data[:2] == b"PK":
-                try:
-                    wanted += torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
-                except Exception:
-                    wanted.append(f"an unreadable pickle ({name.split('/', 1)[-1]})")
-            else:
-                found = [g for g in pickle_globals(data) if g not in allowed]
-                wanted += found or ([f"a pickled object ({name.split('/', 1)[-1]})"] if data[:1] == b"\x80" else [])
-    return sorted(set(wanted))
+    """Kept for callers that check a .pt2 as ``refuse_untrusted(path, pt2_unsafe_globals(path))``: the archive
+    rules (``check_torch_file``) raise their own one-line error; nothing is left to list."""
+    check_members(read_archive(path), trusted=False)
+    return []
 
 
 def unsafe_globals(path: Path) -> list[str]:
     """The classes and functions a pickle would import, beyond what weights_only allows; nothing is run."""
     try:
-        if zipfile.is_zipfile(path):
-            return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-        from torch._weights_only_unpickler import _get_allowed_globals
-
-        allowed = set(_get_allowed_globals())
-        return sorted(name for name in pickle_globals(path.read_bytes()) if name not in allowed)
-    except Exception:
+        return pickle_wants(path.read_bytes())
+    except OSError:
         return []
 
 
 def _parses_as_pickle(path: Path) -> bool:
-    if zipfile.is_zipfile(path):
+    if starts_like_zip(path):
         return True
     try:
         for _ in pickletools.genops(path.read_bytes()):
@@ -272,37 +247,6 @@ def _parses_as_pickle(path: Path) -> bool:
     except Exception:
         return False
     return True
-
-
-def pickle_globals(data: bytes) -> list[str]:
-    """'module.name' of every GLOBAL / STACK_GLOBAL in a pickle stream (or several, as legacy torch.save writes)."""
-    found: list[str] = []
-    offset = 0
-    while offset < len(data):
-        strings: list[str] = []
-        memo: dict[int, str] = {}
-        end = offset
-        for opcode, arg, pos in pickletools.genops(data[offset:]):
-            end = offset + pos
-            name = opcode.name
-            if name in ("GLOBAL", "INST"):
-                found.append(str(arg).replace(" ", "."))
-            elif name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8", "SHORT_BINSTRING", "BINSTRING"):
-                strings.append(str(arg))
-            elif name == "MEMOIZE" and strings:
-                memo[len(memo)] = strings[-1]
-            elif name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
-                memo[int(arg)] = strings[-1]
-            elif name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in memo:
-                strings.append(memo[int(arg)])
-            elif name == "STACK_GLOBAL" and len(strings) >= 2:
-                found.append(f"{strings[-2]}.{strings[-1]}")
-            elif name == "STOP":
-                break
-        if end <= offset:
-            break
-        offset = end + 1
-    return list(dict.fromkeys(found))
 
 
 # ---------------------------------------------------------------------- finding the weights
@@ -368,6 +312,9 @@ def _from_state_dict(
 ) -> Graph | WeightTensors:
     state = strip_wrapper_prefixes(state)
     if options.model is None:
+        for key, tensor in state.items():  # per-tensor norms read every float tensor of rank 2 to 5 as a weight
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                check_finite(key, tensor.detach().cpu().float().numpy(), weight=2 <= tensor.dim() <= 5)
         return WeightTensors(dict(state), where, shown)
     module = build_module(options.model, options.model_kwargs)
     load_weights(module, state, shown)
@@ -547,8 +494,8 @@ def _from_torchscript(path: Path, input_shapes: Sequence[str]) -> Graph:
     except Exception as exc:
         raise ModelLoadError(f"{path}: not a readable TorchScript file ({_short(exc)})") from None
     scripted.eval()
-    names = [a.name for a in scripted.forward.schema.arguments][1:]
-    shapes, inputs = example_inputs(input_shapes, names, shown)
+    argument_names = [a.name for a in scripted.forward.schema.arguments][1:]
+    shapes, inputs = example_inputs(input_shapes, argument_names, shown)
     _check_runs(scripted, inputs, shapes, shown)
     try:
         from torch._export.converter import TS2EPConverter

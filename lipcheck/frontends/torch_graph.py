@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from lipcheck.graph import Graph, Node, Shape, numpy_dtype_name, unique_name
+from lipcheck.graph import Graph, Node, Shape, check_constants, numpy_dtype_name, unique_name
 
 Converter = Callable[["GraphBuilder", fx.Node, dict[str, Any]], None]
 CONVERTERS: dict[str, Converter] = {}
@@ -233,7 +233,7 @@ class GraphBuilder:
             if known is not None:
                 self.graph.shapes[out] = known
             if i < len(vals) and isinstance(getattr(vals[i], "dtype", None), torch.dtype):
-                self.graph.dtypes[out] = _dtype_name(vals[i].dtype)
+                self.graph.dtypes[out] = _dtype_name(vals[i].dtype)  # type: ignore[union-attr]
         if final:
             self.values[fx_node.name] = out_names[0] if outputs == 1 else out_names
         return out_names
@@ -315,8 +315,8 @@ class GraphBuilder:
     def _call(self, node: fx.Node) -> None:
         if node.target is operator.getitem:
             source, index = node.args
-            value = self.values.get(source.name)  # type: ignore[union-attr]
-            self.values[node.name] = value[index] if isinstance(value, list) else None
+            value = self.values.get(source.name)  # type: ignore[union-attr, arg-type]
+            self.values[node.name] = value[index] if isinstance(value, list) else None  # type: ignore[index]
             return
         name = aten_name(node.target)
         if name.startswith("sym_") or name in ("_assert_async", "_assert_scalar", "_functional_assert_async"):
@@ -358,9 +358,9 @@ class GraphBuilder:
         if not all(self.values[a.name] in self.tensors for a in tensor_args):
             return False
         try:
-            result = node.target(
-                *fx.node.map_arg(node.args, lambda n: self.tensors[self.values[n.name]]),
-                **fx.node.map_arg(node.kwargs, lambda n: self.tensors[self.values[n.name]]),
+            result = node.target(  # type: ignore[operator]
+                *fx.node.map_arg(node.args, lambda n: self.tensors[self.values[n.name]]),  # type: ignore[index]
+                **fx.node.map_arg(node.kwargs, lambda n: self.tensors[self.values[n.name]]),  # type: ignore[index]
             )
         except Exception:
             return False
@@ -391,6 +391,7 @@ def exported_to_graph(
     builder = GraphBuilder(program, source_names)
     graph = builder.build()
     graph.name = name
+    check_constants(graph)
     return graph
 
 
@@ -401,7 +402,7 @@ def _conv_attrs(weight_shape: Shape, stride: Any, padding: Any, dilation: Any, g
     d = len(weight_shape) - 2
     pads = _tuple(padding, d)
     return {
-        "kernel_shape": [int(k) for k in weight_shape[2:]],  # type: ignore[union-attr]
+        "kernel_shape": [int(k) for k in weight_shape[2:]],  # type: ignore[arg-type]
         "strides": _tuple(stride, d),
         "dilations": _tuple(dilation, d),
         "group": int(groups),
@@ -590,11 +591,16 @@ def _binary(op: str) -> Converter:
     return convert
 
 
+def _rsub(b: GraphBuilder, args: dict[str, Any]) -> None:
+    """other - self (torch's reversed subtraction)."""
+    b.emit("Sub", [b.value(args["other"], b.dtype(args["self"])), b.value(args["self"])])
+
+
 CONVERTERS.update(
     {
         "add": _binary("Add"),
         "sub": _binary("Sub"),
-        "rsub": lambda b, n, a: b.emit("Sub", [b.value(a["other"], b.dtype(a["self"])), b.value(a["self"])]),
+        "rsub": lambda b, n, a: _rsub(b, a),
         "mul": _binary("Mul"),
         "maximum": _binary("Max"),
         "minimum": _binary("Min"),
@@ -776,7 +782,7 @@ def _split(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     dim = int(args.get("dim", 0))
     rank = len(_shape_of(values[0].meta.get("val")) or ())
     dim = dim % rank if rank else dim
-    sizes = [(_shape_of(v) or ())[dim] if aten_name(node.target) != "unbind" else 1 for v in vals]
+    sizes = [(_shape_of(v) or ())[dim] if aten_name(node.target) != "unbind" else 1 for v in vals]  # type: ignore[union-attr]
     split_input = [b.constant(torch.tensor(sizes, dtype=torch.int64), "split")] if None not in sizes else []
     attrs = {"axis": dim, **({"split": sizes} if split_input else {})}
     outs = b.emit("Split", [b.value(values[0]), *split_input], attrs, outputs=count, final=False)
@@ -784,9 +790,9 @@ def _split(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
         squeezed = []
         for i, out in enumerate(outs):
             axes = b.constant(torch.tensor([dim], dtype=torch.int64), "axes")
-            squeezed.append(b.emit("Squeeze", [out, axes], final=False, shape=_shape_of(vals[i]))[0])
+            squeezed.append(b.emit("Squeeze", [out, axes], final=False, shape=_shape_of(vals[i]))[0])  # type: ignore[index]
         outs = squeezed
-    b.values[node.name] = outs  # type: ignore[assignment]
+    b.values[node.name] = outs
 
 
 @converts("slice", "narrow")
@@ -937,7 +943,7 @@ def _adaptive_pool(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None
     multi = is_max
     if all(o == 1 for o in out_size):
         outs = b.emit("GlobalMaxPool" if is_max else "GlobalAveragePool", [b.value(x)], final=False)
-    elif None not in spatial and all(n % o == 0 for n, o in zip(spatial, out_size, strict=True)):
+    elif None not in spatial and all(n % o == 0 for n, o in zip(spatial, out_size, strict=True)):  # type: ignore[operator]
         k = [n // o for n, o in zip(spatial, out_size, strict=True)]  # type: ignore[operator]
         attrs = _pool_attrs(k, k, 0, 1, False, d)
         outs = b.emit("MaxPool" if is_max else "AveragePool", [b.value(x)], attrs, final=False)

@@ -27,7 +27,8 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
-from lipcheck.graph import Graph, Node, Shape, unique_name
+from lipcheck.errors import NonFiniteConstantError
+from lipcheck.graph import Graph, Node, Shape, check_finite, unique_name
 
 
 class UnsupportedVariant(Exception):
@@ -135,10 +136,22 @@ class RuleContext:
         return node_attrs(self.node)
 
     def const(self, index: int) -> np.ndarray | None:
-        """The value of input ``index`` when it is known before the network runs."""
+        """The value of input ``index`` when it is known before the network runs (never one holding NaN)."""
+        return self._checked(index, weight=False)
+
+    def _checked(self, index: int, weight: bool) -> np.ndarray | None:
+        """Every constant a rule reads comes through here: NaN is refused, and infinities in a weight
+        (``lipcheck.graph.check_finite`` says why), naming the tensor and this node."""
         if index >= len(self.node.inputs) or not self.node.inputs[index]:
             return None
-        return self.graph.constants.get(self.node.inputs[index])
+        name = self.node.inputs[index]
+        try:
+            value = self.graph.constants.get(name)
+        except NonFiniteConstantError as exc:  # refused when read from the file: name the node too
+            raise NonFiniteConstantError(exc.tensor, exc.problem, self.node.name, self.node.op) from None
+        if value is not None:
+            check_finite(name, value, self.node, weight=weight)
+        return value
 
     def has_input(self, index: int) -> bool:
         return index < len(self.node.inputs) and bool(self.node.inputs[index])
@@ -163,8 +176,8 @@ class RuleContext:
         return self.graph.shape(self.node.outputs[index])
 
     def tensor(self, index: int) -> torch.Tensor:
-        """A known constant input as a float64 tensor on the analysis device."""
-        value = self.const(index)
+        """A known constant input, read as a weight (finite), as a float64 tensor on the analysis device."""
+        value = self._checked(index, weight=True)
         assert value is not None, f"input {index} of {self.node.name} is not a constant"
         return torch.as_tensor(np.asarray(value, dtype=np.float64), device=self.device)
 

@@ -173,7 +173,8 @@ class LayerNormalization(StandardisedScale):
         if dims is None or None in dims or not 2 <= math.prod(dims) <= EXACT_ROW:  # type: ignore[arg-type]
             return super().scale_norm(ctx)
         d = math.prod(dims)  # type: ignore[arg-type]
-        gamma = np.ones(d) if scale is None else np.broadcast_to(np.asarray(scale, np.float64), dims).reshape(-1)
+        full = tuple(int(n) for n in dims)  # type: ignore[arg-type]
+        gamma = np.ones(d) if scale is None else np.broadcast_to(np.asarray(scale, np.float64), full).reshape(-1)
         matrix = torch.from_numpy(np.diag(gamma) - np.outer(gamma, np.ones(d)) / d)
         return dense_sigma_max(matrix).value, True, "||diag(scale) (I - 11^T/d)||"
 

@@ -135,12 +135,16 @@ def _eclipse_step(w: CertifiedMatrix, slope: Slope, x_prev: torch.Tensor) -> tor
         x_new = lam * torch.eye(n_out, dtype=torch.float64) - (lam * lam * mid * mid) * (a @ inner)
         x_new = (x_new + x_new.T) / 2
         shrink = 1e-8 * float(x_new.diagonal().abs().max()) + 1e-300  # rounding needs ~1e-10
+        margins: list[float] = []
         for _ in range(30):
             stored = x_new - shrink * torch.eye(n_out, dtype=torch.float64)
             block = _step_matrix(x_prev, a, lam, mid, prod, stored)
             error = _step_error(w, x_prev, lam, mid, prod, stored, gram)
-            if min_eigenvalue_lower(block, error) >= 0.0:
+            margins.append(min_eigenvalue_lower(block, error))
+            if margins[-1] >= 0.0:
                 return stored
+            if len(margins) >= 4 and margins[-1] <= margins[-4]:
+                return None  # shrinking does not help: scales too far apart for a verified step
             shrink *= 4
         lam /= 2  # with a_i b_i < 0 a smaller multiplier keeps M_i positive definite
     return None

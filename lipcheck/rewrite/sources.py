@@ -20,12 +20,10 @@ from lipcheck.errors import LipcheckError
 from lipcheck.frontends.torch_frontend import (
     TorchOptions,
     build_module,
-    detect_format,
+    check_torch_file,
     find_weights,
     load_weights,
-    pt2_unsafe_globals,
     quiet,
-    refuse_untrusted,
     strip_common_prefix,
     strip_wrapper_prefixes,
     unpickle,
@@ -198,7 +196,7 @@ def _open_source(path: Path, options: TorchOptions | None) -> WeightSource:
     options = options or TorchOptions()
     if path.suffix.lower() == ".onnx" or _looks_like_onnx(path):
         return OnnxSource(path)
-    kind = detect_format(path)
+    kind = check_torch_file(path, options.trust_pickle)  # the same archive rules as ``lipcheck report``
     if kind == "safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -211,8 +209,6 @@ def _open_source(path: Path, options: TorchOptions | None) -> WeightSource:
         scripted = torch.jit.load(str(path), map_location="cpu")
         return TorchSource(path, "TorchScript", scripted, dict(scripted.state_dict(keep_vars=True)))
     if kind == "pt2":
-        if not options.trust_pickle:
-            refuse_untrusted(path, pt2_unsafe_globals(path))
         program = torch.export.load(str(path))
         return TorchSource(path, "torch.export program", program, dict(program.state_dict))
     obj = unpickle(path, options.trust_pickle)
@@ -254,7 +250,7 @@ def load_runnable(path: Path, options: TorchOptions) -> torch.nn.Module | None:
 
 
 def _load_runnable(path: Path, options: TorchOptions) -> torch.nn.Module | None:
-    kind = detect_format(path)
+    kind = check_torch_file(path, options.trust_pickle)
     if kind == "torchscript":
         return torch.jit.load(str(path), map_location="cpu").eval()
     if kind == "pt2":
