@@ -32,6 +32,7 @@ class Composition:
     layers: list[LayerResult]
     unbounded: list[UnboundedReason]
     assumptions: dict[str, float]
+    output_lipschitz: list[float] = field(default_factory=list)  # per graph output
 
     @property
     def bounded(self) -> bool:
@@ -63,6 +64,10 @@ class _Walk:
     layers: list[LayerResult] = field(default_factory=list)
     reasons: list[UnboundedReason] = field(default_factory=list)
     used_assumptions: dict[str, float] = field(default_factory=dict)
+    read: set[str] = field(default_factory=set)  # values some node or the graph's outputs read
+
+    def __post_init__(self) -> None:
+        self.read = {name for node in self.graph.nodes for name in node.inputs} | set(self.graph.outputs)
 
     def step(self, node: Node, inputs: list[float | None]) -> list[float]:
         op = ops.get(node.op)
@@ -82,7 +87,16 @@ class _Walk:
             if factor * self.lipschitz.get(start, math.inf) < out_l:
                 out_l, refined_by = factor * self.lipschitz[start], refined_method
         self.layers.append(self.layer(node, local, inputs_l, out_l, assumed_key, refined_by))
-        return [out_l] * len(node.outputs)
+        return [self.discrete_output(node, name, out_l) for name in node.outputs]
+
+    def discrete_output(self, node: Node, name: str, out_l: float) -> float:
+        """An integer output that the input moves changes in jumps (MaxPool's indices, TopK's): unbounded
+        where something reads it; the node's float outputs keep their constant."""
+        if not (out_l > 0 and math.isfinite(out_l) and self.graph.is_discrete(name)):
+            return out_l
+        if name in self.read:
+            self.reasons.append(UnboundedReason(node.name, node.op, f"integer output {name!r} changes in jumps"))
+        return math.inf
 
     def local_bound(self, node: Node, inputs_l: list[float]) -> tuple[LocalBound | None, str | None]:
         """The rule's answer, from this run's rule cache when the same node was bounded before."""
@@ -149,6 +163,7 @@ def compose(
     cache: LayerCache | None = None,
     refinements: Refinements | None = None,
     rule_cache: RuleCache | None = None,
+    input_lipschitz: dict[str, float] | None = None,
 ) -> Composition:
     """Bound every node and the whole network. Raises UnsupportedOpsError listing all unknown ops.
 
@@ -157,11 +172,13 @@ def compose(
     ``refinements`` maps a value v to (u, factor, method): a certified L(v) <= factor * L(u) from a chain
     bound (lipcheck.refine); the smaller of it and the product is kept. ``rule_cache`` keeps the rules'
     answers between walks over the same graph in one run (answers that depend on the inputs' constants
-    are not kept).
+    are not kept). ``input_lipschitz``: the graph inputs' own constants where they are not 1 (a branch
+    of an If, whose inputs are values of the enclosing graph).
     """
     state = _Walk(graph, dict(assume or {}), torch.device(device), cache, refinements, rule_cache)
     # integer and boolean inputs (indices, axes, masks) are not directions anyone perturbs
     state.lipschitz.update({name: 0.0 if graph.is_discrete(name) else 1.0 for name in graph.inputs})
+    state.lipschitz.update(input_lipschitz or {})
     walk(graph.nodes, state.lipschitz, state.step, progress=progress)
     if state.missing:
         raise UnsupportedOpsError(state.missing)
@@ -172,6 +189,7 @@ def compose(
         layers=state.layers,
         unbounded=state.reasons,
         assumptions=state.used_assumptions,
+        output_lipschitz=outputs_l,
     )
 
 

@@ -1348,6 +1348,29 @@ def test_not_globally_lipschitz_is_named(build, op, tmp_path) -> None:
     assert math.isinf(gate.lipschitz) or math.isinf(gate.running)
 
 
+@pytest.mark.parametrize("indices_out", [True, False], ids=["indices-returned", "indices-unused"])
+def test_integer_output_moved_by_the_input_is_unbounded(indices_out, tmp_path) -> None:
+    """MaxPool's argmax jumps from one index to another: a network that returns it has no constant."""
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if indices_out:
+        outputs.append(helper.make_tensor_value_info("i", TensorProto.INT64, None))
+    graph = helper.make_graph(
+        [node("MaxPool", ["x"], ["y", "i"], name="pool", kernel_shape=[2, 2], strides=[2, 2])],
+        "argmax",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+        outputs,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 10
+    report = run_analyse(save(proto, tmp_path))
+    if indices_out:
+        assert report.upper_bound is None
+        assert [(r.node, r.op) for r in report.unbounded_reasons] == [("pool", "MaxPool")]
+        assert "'i'" in report.unbounded_reasons[0].reason
+    else:
+        assert report.upper_bound == pytest.approx(1.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Inputs that depend on the network input where a constant is usual
 

@@ -340,10 +340,62 @@ def onnx_to_graph(
         dtypes=dtypes,
     )
     graph.prune()
+    _convert_branches(graph, model, where)
     used = {v for node in graph.nodes for v in node.inputs} | set(graph.outputs)
     constants.restrict(used)
     check_constants(graph)
     return graph
+
+
+def captured_values(proto: onnx.NodeProto) -> list[str]:
+    """Outer values a control-flow node's subgraphs read. ONNX lets a branch or loop body use any value in
+    scope without listing it, so these are inputs of the node as much as its listed ones."""
+    captured: dict[str, None] = {}
+    for attr in proto.attribute:
+        bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for body in bodies:
+            captured.update(dict.fromkeys(name for name in _free_values(body) if name not in proto.input))
+    return list(captured)
+
+
+def _free_values(body: onnx.GraphProto) -> list[str]:
+    """The values a subgraph (its own subgraphs included) reads without defining them, in first-use order."""
+    defined = {v.name for v in body.input} | {i.name for i in body.initializer} | {""}
+    defined |= {s.values.name for s in body.sparse_initializer} | {o for proto in body.node for o in proto.output}
+    free: dict[str, None] = {}
+    for proto in body.node:
+        free.update(dict.fromkeys(name for name in [*proto.input, *captured_values(proto)] if name not in defined))
+    free.update(dict.fromkeys(v.name for v in body.output if v.name not in defined))
+    return list(free)
+
+
+def _convert_branches(graph: Graph, model: onnx.ModelProto, where: str) -> None:
+    """An If's branches become lipcheck Graphs (attributes ``then_branch``/``else_branch``) whose inputs are
+    the outer values they read (all among the node's inputs): the outer constants become the branch's."""
+    for node in graph.nodes:
+        if node.op != "If":
+            continue
+        for key in ("then_branch", "else_branch"):
+            body = node.attrs.get(key)
+            if isinstance(body, onnx.GraphProto):
+                node.attrs[key] = _branch_graph(body, _free_values(body), graph, model, f"{where}/{node.name}/{key}")
+
+
+def _branch_graph(
+    body: onnx.GraphProto, captured: list[str], outer: Graph, model: onnx.ModelProto, where: str
+) -> Graph:
+    branch = onnx.GraphProto()
+    branch.CopyFrom(body)
+    for name in captured:
+        value = outer.constants.get(name)
+        if value is not None:
+            branch.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        else:
+            dtype = outer.dtype(name)
+            elem = onnx.TensorProto.DataType.Value(dtype.upper()) if dtype else onnx.TensorProto.FLOAT
+            branch.input.append(helper.make_tensor_value_info(name, elem, outer.shape(name)))
+    branch_model = helper.make_model(branch, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    return onnx_to_graph(branch_model, name=where)
 
 
 def _constants(g: onnx.GraphProto, base_dir: str | os.PathLike[str] | None, max_memory: int | None) -> LazyConstants:
@@ -422,7 +474,7 @@ def _nodes(
         op, attrs = _proto_attrs(proto, opsets, opset)
         node_name = unique_name(taken, proto.name or proto.output[0] or op)
         taken.add(node_name)
-        node = Node(node_name, op, list(proto.input), list(proto.output), attrs)
+        node = Node(node_name, op, [*proto.input, *captured_values(proto)], list(proto.output), attrs)
         try:
             _normalise(node, opset, constants, shapes)
         except ModelLoadError as exc:  # attributes that do not fit the node: name the file too
@@ -568,7 +620,7 @@ def _refine_shapes(
     (Pad amounts, Expand targets, Resize sizes computed at export time) stay unknown. Large constants
     (weights) go in as typed inputs: only their shapes matter. True when some shape gained a dim.
     """
-    needed = {i for proto in kept for i in proto.input if i in constants}
+    needed = {i for proto in kept for i in [*proto.input, *captured_values(proto)] if i in constants}
     values, typed = [], []
     try:
         for value_name in sorted(needed):
@@ -646,12 +698,13 @@ def _topological(g: onnx.GraphProto) -> list[onnx.NodeProto]:
     available = {v.name for v in g.input} | {i.name for i in g.initializer} | {""}
     available |= {s.values.name for s in g.sparse_initializer}
     pending = list(g.node)
+    reads = {id(node): [*node.input, *captured_values(node)] for node in pending}
     ordered: list[onnx.NodeProto] = []
     while pending:
         progress: list[onnx.NodeProto] = []
         rest: list[onnx.NodeProto] = []
         for node in pending:
-            (progress if all(i in available for i in node.input) else rest).append(node)
+            (progress if all(i in available for i in reads[id(node)]) else rest).append(node)
         if not progress:  # a cycle or a dangling input: keep the file's order for the rest
             ordered.extend(rest)
             break
@@ -663,7 +716,7 @@ def _topological(g: onnx.GraphProto) -> list[onnx.NodeProto]:
 
 
 def _foldable(proto: onnx.NodeProto, constants: Mapping[str, np.ndarray]) -> bool:
-    if proto.op_type in NEVER_FOLD or proto.op_type in ("If", "Loop", "Scan"):
+    if proto.op_type in NEVER_FOLD or proto.op_type in ("If", "Loop", "Scan"):  # captured values are inputs too
         return False
     return all(name in constants for name in proto.input if name)
 

@@ -217,6 +217,7 @@ class EvalContext:
     dtype: torch.dtype
     device: torch.device
     options: dict[str, Any] = field(default_factory=dict)  # shared by all nodes of a run (``smooth``)
+    memo: dict[str, Any] = field(default_factory=dict)  # what the op keeps between runs (a branch's function)
 
     def __post_init__(self) -> None:
         self.attrs = node_attrs(self.node)
