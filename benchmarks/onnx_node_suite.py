@@ -40,7 +40,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -272,6 +272,13 @@ def _np_dtype(elem: int) -> np.dtype:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
 
 
+class Evaluation(NamedTuple):
+    """f at one point: every output flattened together (float64), and the outputs' shapes."""
+
+    values: np.ndarray
+    shapes: tuple[tuple[int, ...], ...]
+
+
 class Probe:
     """f: R^n -> R^m through onnxruntime. x is the float inputs flattened and concatenated (in float64);
     the other inputs stay at the test data's values; f(x) is every output flattened and concatenated."""
@@ -283,12 +290,12 @@ class Probe:
         options = ort.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = 1
         options.log_severity_level = 4  # a pair onnxruntime refuses is counted, not logged
+        self.converted = False  # opset < 7 (onnxruntime's oldest) converted by onnx's version converter
         try:
-            wrapped = boundary_casts(data.model)
-            self.session = ort.InferenceSession(wrapped.SerializeToString(), options,
+            self.session = ort.InferenceSession(boundary_casts(data.model).SerializeToString(), options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise Unmeasurable(f"onnxruntime cannot load it: {_short(exc)}") from None
+            self.session = self._converted_session(data.model, options, exc)
         self.feed_names = {i.name.removesuffix(WRAPPED): i.name for i in self.session.get_inputs()}
         self.names = data.float_inputs
         self.dtypes = [_np_dtype(data.input_types[name]) for name in self.names]
@@ -305,9 +312,27 @@ class Probe:
                                             or [np.zeros(0)]))
         self.runs = 0
         self.m = 0  # output size, set once the test inputs have run
-        self.float_masks: dict[int, np.ndarray] = {}  # output size -> which entries come from float outputs
+        # output shapes -> which entries of the flattened outputs come from float outputs
+        self.float_masks: dict[tuple[tuple[int, ...], ...], np.ndarray] = {}
         floats = set(FLOAT_TYPES) | OTHER_FLOAT_TYPES
         self.output_is_float = [o.type.tensor_type.elem_type in floats for o in data.model.graph.output]
+
+    def _converted_session(self, model: onnx.ModelProto, options: Any, error: Exception) -> Any:
+        """Old exporters' opset-6 models, through ``onnx.version_converter`` (checked against the expected
+        outputs in ``measure``); any other model onnxruntime cannot load is unmeasurable."""
+        import onnxruntime as ort
+
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+        if opset is None or opset >= 7:
+            raise Unmeasurable(f"onnxruntime cannot load it: {_short(error)}")
+        try:
+            converted = onnx.version_converter.convert_version(model, 7)
+            session = ort.InferenceSession(boundary_casts(converted).SerializeToString(), options,
+                                           providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise Unmeasurable(f"onnxruntime cannot load it, nor its opset-7 conversion: {_short(exc)}") from None
+        self.converted = True
+        return session
 
     @staticmethod
     def _check_kinds(data: TestData) -> None:
@@ -346,8 +371,8 @@ class Probe:
                 start += size
         return np.concatenate(parts) if parts else x
 
-    def __call__(self, x: np.ndarray) -> np.ndarray | None:
-        """Outputs at an already rounded x, flattened together (float64); None when onnxruntime refuses it."""
+    def __call__(self, x: np.ndarray) -> Evaluation | None:
+        """The outputs at an already rounded x; None when onnxruntime refuses it."""
         feeds, start = dict(self.fixed), 0
         for name, size, shape, dtype in zip(self.names, self.sizes, self.shapes, self.feed_dtypes, strict=True):
             feeds[self.feed_names[name]] = x[start:start + size].reshape(shape).astype(dtype)
@@ -358,12 +383,12 @@ class Probe:
                 outputs = self.session.run(None, feeds)
         except Exception:
             return None
-        size = sum(np.size(o) for o in outputs)
-        if size not in self.float_masks:
-            self.float_masks[size] = np.concatenate(
+        shapes = tuple(np.shape(o) for o in outputs)
+        if shapes not in self.float_masks:
+            self.float_masks[shapes] = np.concatenate(
                 [np.full(np.size(o), is_float, bool) for o, is_float in zip(outputs, self.output_is_float, strict=True)]
                 or [np.zeros(0, bool)])
-        return np.concatenate([np.asarray(o, np.float64).ravel() for o in outputs])
+        return Evaluation(np.concatenate([np.asarray(o, np.float64).ravel() for o in outputs] or [np.zeros(0)]), shapes)
 
 
 def _cast_targets(graph: onnx.GraphProto) -> list[int]:
@@ -391,6 +416,7 @@ MIN_SEPARATION = 1e-3  # pairs closer than this times max(1, |x|, |y|) are skipp
 ROUNDING_SLACK = 8.0  # |f(x) - f(y)| is reduced by this times the unit roundoff times |f(x)| + |f(y)|
 RADII = (1.1e-3, 1e-1, 1.0, 10.0)  # around the test inputs, relative to max(1, |x0|)
 FAR_SCALES = (1.0, 10.0, 100.0)
+BLOCK_FACTORS = (0.5, 2.0, 4.0, -1.0)  # one input at a time scaled by these, the others at the test values
 FULL_JACOBIAN = 1024  # inputs up to this size get a full finite-difference Jacobian, larger ones a random block
 JACOBIAN_ENTRIES = 20_000_000
 BLOCK = 48
@@ -443,11 +469,11 @@ class Search:
     def difference(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, float] | None:
         """f(y) - f(x), |y - x| and the evidence quotient, for the pair as rounded; None when it proves nothing."""
         x, y = self.probe.round(x), self.probe.round(y)
-        if not self._apart(x, y):
+        if not self.apart(x, y):
             return None
         return self.compare(x, self.value(x), y, self.value(y))
 
-    def _apart(self, x: np.ndarray, y: np.ndarray) -> bool:
+    def apart(self, x: np.ndarray, y: np.ndarray) -> bool:
         """Finite and far enough apart that float32 rounding of the inputs cannot make the quotient."""
         if not (np.isfinite(x).all() and np.isfinite(y).all()):
             self.nonfinite += 1
@@ -457,21 +483,23 @@ class Search:
             return False
         return True
 
-    def value(self, x: np.ndarray) -> np.ndarray | None:
+    def value(self, x: np.ndarray) -> Evaluation | None:
         """f at an already rounded x (None when onnxruntime refuses it)."""
         return self.probe(x)
 
-    def compare(self, x: np.ndarray, fx: np.ndarray | None, y: np.ndarray,
-                fy: np.ndarray | None) -> tuple[np.ndarray, float, float] | None:
-        """Record the pair whose values are known (checked by ``_apart`` already)."""
-        if fx is None or fy is None or fx.shape != fy.shape:
+    def compare(self, x: np.ndarray, fx: Evaluation | None, y: np.ndarray,
+                fy: Evaluation | None) -> tuple[np.ndarray, float, float] | None:
+        """Record the pair whose values are known (checked by ``apart`` already). Outputs whose shapes moved
+        with the input (Resize with a variable scales) are not compared: f(x) - f(y) means nothing there."""
+        if fx is None or fy is None or fx.shapes != fy.shapes:
             self.failed += 1
             return None
-        if not (np.isfinite(fx).all() and np.isfinite(fy).all()):
+        if not (np.isfinite(fx.values).all() and np.isfinite(fy.values).all()):
             self.nonfinite += 1
             return None
         gap = float(np.linalg.norm(y - x))
-        return fy - fx, gap, self._record(x, y, fx, fy, gap)
+        mask = self.probe.float_masks[fx.shapes]
+        return fy.values - fx.values, gap, self._record(x, y, fx.values, fy.values, gap, mask)
 
     def _slack(self, x: np.ndarray, y: np.ndarray, fx: np.ndarray, fy: np.ndarray) -> float:
         """What float evaluation may add to |f(x) - f(y)|: a few units of roundoff of the outputs, of the bound
@@ -480,15 +508,14 @@ class Search:
                 + 2 * math.sqrt(fx.size))
         return ROUNDING_SLACK * self.probe.unit * float(size)
 
-    def _record(self, x: np.ndarray, y: np.ndarray, fx: np.ndarray, fy: np.ndarray, gap: float) -> float:
-        """Keep the worst pair; returns its evidence quotient (the part rounding cannot explain)."""
+    def _record(self, x: np.ndarray, y: np.ndarray, fx: np.ndarray, fy: np.ndarray, gap: float,
+                floats: np.ndarray) -> float:
+        """Keep the worst pair; returns its evidence quotient (the part rounding cannot explain).
+        ``floats`` masks the entries of float outputs, for the quotient over them alone."""
         change = float(np.linalg.norm(fy - fx))
         slack = self._slack(x, y, fx, fy)
         quotient, evidence = change / gap, (change - slack) / gap
-        mask = self.probe.float_masks.get(fx.size)
-        if mask is not None:
-            floats = (float(np.linalg.norm(fy[mask] - fx[mask])) - slack) / gap
-            self.evidence_float = max(self.evidence_float, floats)
+        self.evidence_float = max(self.evidence_float, (float(np.linalg.norm(fy[floats] - fx[floats])) - slack) / gap)
         self.pairs += 1
         self.worst = max(self.worst, quotient)
         self.stages[self.stage] = max(self.stages.get(self.stage, -math.inf), evidence)
@@ -534,7 +561,8 @@ def around(search: Search, centre: np.ndarray, radii: Sequence[float] = RADII) -
 
 
 def far(search: Search) -> None:
-    """Independent random points at growing scales, pairs through the origin, and pairs around the origin."""
+    """Independent random points at growing scales, pairs through and around the origin, and pairs around the
+    test inputs with one input scaled (the model may be steeper at another value of a parameter input)."""
     x0, scale = search.probe.x0, search.scale
     for k in FAR_SCALES:
         p, q = search.unit() * k * scale, search.unit() * k * scale
@@ -543,6 +571,14 @@ def far(search: Search) -> None:
                 search.quotient(Pair.between(x, y))
     around(search, np.zeros_like(x0), RADII[:2])  # many activations are steepest at 0
     around(search, search.unit() * 10 * scale, RADII[:2])
+    if len(search.probe.sizes) > 1:  # one input at other values: a parameter input (Resize's scales) moves
+        start = 0
+        for size in search.probe.sizes:
+            for factor in BLOCK_FACTORS:
+                centre = x0.copy()
+                centre[start:start + size] *= factor
+                around(search, centre, RADII[:2])
+            start += size
 
 
 def jacobian_direction(search: Search, centre: np.ndarray, half: float) -> np.ndarray | None:
@@ -606,7 +642,9 @@ def line_scan(search: Search, base: np.ndarray, direction: np.ndarray) -> None:
         values.append(search.value(x) if np.isfinite(x).all() else None)
     for stride in LINE_STRIDES:
         for k in range(len(points) - stride):
-            if search._apart(points[k], points[k + stride]):
+            if time.monotonic() > search.deadline:
+                return
+            if search.apart(points[k], points[k + stride]):
                 search.compare(points[k], values[k], points[k + stride], values[k + stride])
 
 
@@ -690,13 +728,17 @@ def measure(data: TestData, bound: float, seconds: float, max_runs: int, seed: i
     """Difference quotients of the model through onnxruntime against lipcheck's bound."""
     try:
         probe = Probe(data)
+        agrees = agrees_with_expected(probe, data)
+        if probe.converted and not agrees:
+            raise Unmeasurable("its opset-7 conversion disagrees with the expected outputs")
         start = finite_start(probe, np.random.default_rng(seed))
     except Unmeasurable as exc:
         return {"status": "unmeasurable", "reason": str(exc)}
     except NonFinite as exc:
         return {"status": "nonfinite", "reason": str(exc)}
     first, again = probe(probe.x0), probe(probe.x0)
-    probe.m = first.size
+    assert first is not None  # finite_start ran it
+    probe.m = first.values.size
     search = Search(probe, bound, np.random.default_rng(seed), time.monotonic() + seconds, max_runs)
     search_quotients(search)
     limit = bound * (1 + RELATIVE_TOLERANCE) + ABSOLUTE_TOLERANCE
@@ -712,6 +754,8 @@ def measure(data: TestData, bound: float, seconds: float, max_runs: int, seed: i
         "separation": search.best_separation,
         "centre_norm": float(np.linalg.norm(search.best.centre)) if search.best is not None else None,
         "start": start,
+        "onnxruntime_agrees": agrees,  # with the test's expected outputs at the test inputs
+        "opset_converted": probe.converted,
         "input_norm": float(np.linalg.norm(probe.x0)),
         "by_stage": search.stages,
         "pairs": search.pairs,
@@ -719,11 +763,28 @@ def measure(data: TestData, bound: float, seconds: float, max_runs: int, seed: i
         "too_close": search.too_close,
         "failed": search.failed,
         "nonfinite": search.nonfinite,
-        "nondeterministic": again is None or not np.array_equal(first, again, equal_nan=True),
+        "nondeterministic": again is None or not np.array_equal(first.values, again.values, equal_nan=True),
         "unit_roundoff": probe.unit,
         "inputs": probe.n,
         "outputs": probe.m,
     }
+
+
+def agrees_with_expected(probe: Probe, data: TestData) -> bool:
+    """onnxruntime's outputs at the test inputs match the test's expected outputs (the parity tolerances)."""
+    result = probe(probe.x0)
+    if result is None:
+        raise Unmeasurable("onnxruntime fails on the test inputs")
+    start = 0
+    for shape, want in zip(result.shapes, data.expected.values(), strict=False):
+        size = int(np.prod(shape))
+        got, start = result.values[start:start + size].reshape(shape), start + size
+        if not isinstance(want, np.ndarray) or want.dtype.kind not in "fciub":
+            continue
+        rtol, atol = tolerances(want)
+        if got.shape != want.shape or not np.allclose(got, want.astype(np.float64), rtol, atol, equal_nan=True):
+            return False
+    return True
 
 
 class NonFinite(Exception):
@@ -736,7 +797,7 @@ def finite_start(probe: Probe, rng: np.random.Generator) -> str:
     outputs = probe(probe.x0)
     if outputs is None:
         raise Unmeasurable("onnxruntime fails on the test inputs")
-    if np.isfinite(outputs).all():
+    if np.isfinite(outputs.values).all():
         return "test inputs"
     candidates = (("test inputs, non-finite entries set to 0", np.where(np.isfinite(probe.x0), probe.x0, 0.0)),
                   ("test inputs, entries clipped to [-1, 1]", np.clip(np.nan_to_num(probe.x0), -1, 1)),
@@ -744,7 +805,7 @@ def finite_start(probe: Probe, rng: np.random.Generator) -> str:
     for label, x in candidates:
         x = probe.round(x)
         outputs = probe(x)
-        if outputs is not None and np.isfinite(x).all() and np.isfinite(outputs).all():
+        if outputs is not None and np.isfinite(x).all() and np.isfinite(outputs.values).all():
             probe.x0 = x
             return label
     raise NonFinite("outputs are not finite at the test inputs nor near them")
@@ -937,6 +998,7 @@ def evaluate(case: SuiteCase, settings: Settings) -> dict[str, Any]:
     record.update(ops=sorted(graph_ops(data.model.graph)), input_shapes=specs, features=model_features(data),
                   fixed_inputs=[n for n in data.inputs if n not in data.float_inputs])
     record.update(classify(directory / "model.onnx", specs))
+    record["analyse_seconds"] = round(time.perf_counter() - started, 3)
     if record["status"] == "bounded":
         record["measurement"] = measure(data, record["bound"], settings.search_seconds, settings.max_runs,
                                         settings.seed)
