@@ -1,6 +1,6 @@
 """lipcheck against the ONNX project's own backend test models: every bound checked with onnxruntime.
 
-    python benchmarks/onnx_node_suite.py --json out.json            # all ~2,000 models (tens of minutes)
+    python benchmarks/onnx_node_suite.py --json out.json            # all 2,024 models (8-13 minutes, 1 worker)
     python benchmarks/onnx_node_suite.py --filter cast --limit 20   # a few, by name
     python benchmarks/onnx_node_suite.py --sample 50 --seed 0       # a deterministic sample
 
@@ -15,8 +15,9 @@ The node test models are regenerated from ``onnx.backend.test.case.node`` of the
   onnxruntime, an implementation lipcheck does not share: the float inputs taken together are the
   variable, integer and bool inputs stay at the test data's values, all outputs are taken together.
   Pairs: random ones around the test inputs at several radii, far ones, then an adversarial search
-  (finite-difference Jacobians and their top singular vectors, then gradient-free ascent). A quotient
-  above the bound beyond float rounding makes the model **unsound**.
+  (finite-difference Jacobians and their top singular vectors, line scans at the finest admissible
+  separation, gradient-free ascent). A quotient above the bound beyond float rounding makes the model
+  **unsound**.
 * lipcheck's interpreter runs the test inputs and is compared with the test's expected outputs.
 
 Nothing here imports lipcheck in the parent process: only workers do.
@@ -413,7 +414,7 @@ def _short(exc: BaseException) -> str:
 RELATIVE_TOLERANCE = 1e-4  # a quotient above bound * (1 + this) + ABSOLUTE_TOLERANCE is a finding
 ABSOLUTE_TOLERANCE = 1e-6
 MIN_SEPARATION = 1e-3  # pairs closer than this times max(1, |x|, |y|) are skipped: float32 rounding dominates
-ROUNDING_SLACK = 8.0  # |f(x) - f(y)| is reduced by this times the unit roundoff times |f(x)| + |f(y)|
+ROUNDING_SLACK = 8.0  # |f(x) - f(y)| is reduced by this many units of roundoff of the sizes in Search._slack
 RADII = (1.1e-3, 1e-1, 1.0, 10.0)  # around the test inputs, relative to max(1, |x0|)
 FAR_SCALES = (1.0, 10.0, 100.0)
 BLOCK_FACTORS = (0.5, 2.0, 4.0, -1.0)  # one input at a time scaled by these, the others at the test values

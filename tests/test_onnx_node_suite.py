@@ -144,7 +144,8 @@ def test_sample_measures_bounds(records: dict[str, dict[str, Any]]) -> None:
 # The instrument itself, on models whose constants are known (no lipcheck involved)
 
 
-def _model(tmp_path: Any, node: onnx.NodeProto, out_type: int = TensorProto.FLOAT) -> suite.TestData:
+def _model(node: onnx.NodeProto, out_type: int = TensorProto.FLOAT) -> suite.TestData:
+    """One node on a 2x3 float input, with its test data (the expected outputs are not needed)."""
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
                               [helper.make_tensor_value_info("y", out_type, [2, 3])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
@@ -153,14 +154,14 @@ def _model(tmp_path: Any, node: onnx.NodeProto, out_type: int = TensorProto.FLOA
 
 
 @pytest.mark.parametrize(("bound", "unsound"), [(1.0, False), (0.99, True)])
-def test_measure_finds_a_bound_one_percent_low(tmp_path: Any, bound: float, unsound: bool) -> None:
-    data = _model(tmp_path, helper.make_node("LeakyRelu", ["x"], ["y"], alpha=-1.0))  # |x|: constant exactly 1
+def test_measure_finds_a_bound_one_percent_low(bound: float, unsound: bool) -> None:
+    data = _model(helper.make_node("LeakyRelu", ["x"], ["y"], alpha=-1.0))  # |x|: constant exactly 1
     result = suite.measure(data, bound, seconds=10, max_runs=3000)
     assert result["status"] == "measured" and result["unsound"] is unsound, result
 
 
-def test_measure_finds_a_step(tmp_path: Any) -> None:
+def test_measure_finds_a_step() -> None:
     """Rounding to an integer type is not Lipschitz: a bound of 1 is beaten by far."""
-    data = _model(tmp_path, helper.make_node("Cast", ["x"], ["y"], to=TensorProto.INT8), TensorProto.INT8)
+    data = _model(helper.make_node("Cast", ["x"], ["y"], to=TensorProto.INT8), TensorProto.INT8)
     result = suite.measure(data, 1.0, seconds=10, max_runs=3000)
     assert result["unsound"] and result["evidence"] > 100, result
