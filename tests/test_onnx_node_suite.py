@@ -90,10 +90,7 @@ INTERESTING = [
     "pytorch-converted/test_PReLU_1d_multiparam",
 ]
 
-UNSOUND = {  # model -> the mechanism by which its certified bound is below a measured quotient today
-    "node/test_resize_upsample_sizes_nearest_ceil_half_pixel": "issue 14, new: nearest Resize bounded as "
-    "sqrt(prod scales) = 2 copies, but ceil rounding copies an edge pixel 3 times per axis (bound 2.83, quotient 3)",
-}
+UNSOUND: dict[str, str] = {}  # model -> the mechanism by which its certified bound is below a measured quotient
 RAW = "issue 14: the interpreter raises a raw TypeError on a {} feed instead of a lipcheck error"
 PARITY = {  # model -> why lipcheck's interpreter disagrees with the expected outputs or crashes today
     "node/test_cast_BFLOAT16_to_FLOAT": RAW.format("bfloat16"),
@@ -104,7 +101,6 @@ PARITY = {  # model -> why lipcheck's interpreter disagrees with the expected ou
     "node/test_castlike_UINT2_to_FLOAT_expanded": RAW.format("uint2"),
     "node/test_l2normalization_axis_0": "issue 14: L2 normalisation of a zero vector gives NaN (expected 0)",
     "node/test_spacetodepth_crd_mode_example": "issue 14: SpaceToDepth in CRD order mismatches (max abs error 27)",
-    "node/test_training_dropout": "issue 14: Dropout with training_mode true run as the identity",
     "node/test_sub_uint16": "interpreter: torch has no uint16 subtraction (InterpretError)",
     "node/test_upsample_nearest": "issue 14: Upsample (opset 9, scales input) fails in the interpreter",
     "pytorch-converted/test_PReLU_1d_multiparam": "issue 14: PRelu with opset-6 slopes of shape [C] fails to broadcast",

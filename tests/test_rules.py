@@ -28,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from lipcheck import ops
 from lipcheck.errors import UnsupportedOpsError
 from lipcheck.frontends import load_graph
+from lipcheck.interpret import unsupported_ops
 from lipcheck.ops import LocalBound, registered_rules, rule
 from lipcheck.pipeline import analyse
 from lipcheck.report import Report
@@ -502,6 +503,33 @@ LINEAR = [
             nearest_mode="round_prefer_ceil",
         ),
         exact=True,
+    ),
+    Linear(  # ONNX's test_resize_upsample_sizes_nearest_ceil_half_pixel: an edge input is read 3 times per axis
+        "resize-nearest-sizes-half-pixel-ceil",
+        (1, 1, 4, 4),
+        single(
+            "Resize",
+            consts={
+                "roi": np.array([], np.float32),
+                "scales": np.array([], np.float32),
+                "sizes": np.array([1, 1, 8, 8], I64),
+            },
+            mode="nearest",
+            coordinate_transformation_mode="half_pixel",
+            nearest_mode="ceil",
+        ),
+        exact=True,
+    ),
+    Linear(
+        "resize-nearest-x2-size-unknown",
+        (1, 1, 3, 4),
+        single(
+            "Resize",
+            consts={"roi": np.array([], np.float32), "scales": np.array([1, 1, 2, 2], np.float32)},
+            mode="nearest",
+            nearest_mode="ceil",
+        ),
+        dims=(1, 1, "h", "w"),
     ),
     Linear(
         "resize-nearest-align-corners",
@@ -1369,6 +1397,38 @@ def test_integer_output_moved_by_the_input_is_unbounded(indices_out, tmp_path) -
         assert "'i'" in report.unbounded_reasons[0].reason
     else:
         assert report.upper_bound == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("training", [False, True, None], ids=["inference", "training", "decided-at-run-time"])
+def test_dropout_drops_only_in_training_mode(training, tmp_path) -> None:
+    """Dropout is the identity unless training_mode may be true: then it is random (no constant, no run)."""
+    consts = {"ratio": np.array(0.5, np.float32)}
+    if training is not None:
+        consts["mode"] = np.array(training)
+    graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])]
+    if training is None:
+        graph_inputs.append(helper.make_tensor_value_info("mode", TensorProto.BOOL, []))
+    graph = helper.make_graph(
+        [node("Dropout", ["x", "ratio", "mode"], ["y"], name="drop")],
+        "dropout",
+        graph_inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(v, k) for k, v in consts.items()],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 10
+    path = save(proto, tmp_path)
+    report = run_analyse(path)
+    unsupported = interpret_unsupported(path)
+    if training is False:
+        assert report.upper_bound == 1.0 and not unsupported
+    else:
+        assert report.upper_bound is None and [r.node for r in report.unbounded_reasons] == ["drop"]
+        assert unsupported == {"Dropout(training_mode)": ["drop"]}
+
+
+def interpret_unsupported(path) -> dict[str, list[str]]:
+    return unsupported_ops(load_graph(str(path)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -926,6 +926,14 @@ def _batch_norm(node: Node, at: _Opset) -> None:
         node.attrs["training_mode"] = 1
 
 
+def _dropout(node: Node, at: _Opset) -> None:
+    """A training_mode input that is a constant false is the inference default: dropped, so only a
+    Dropout that may drop entries keeps it (its rule and the interpreter refuse those)."""
+    mode = at.constants.get(node.inputs[2]) if len(node.inputs) > 2 else None
+    if mode is not None and not bool(np.asarray(mode).reshape(-1)[0]):
+        node.inputs = node.inputs[:2]
+
+
 _NORMALISERS: dict[str, Callable[[Node, _Opset], None]] = {
     **dict.fromkeys(("Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool"), _window),
     **dict.fromkeys(("Softmax", "LogSoftmax", "Hardmax"), _softmax),
@@ -933,4 +941,5 @@ _NORMALISERS: dict[str, Callable[[Node, _Opset], None]] = {
     **dict.fromkeys(("Resize", "Upsample"), _resize),
     **dict.fromkeys(("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2"), _reduce),
     "BatchNormalization": _batch_norm,
+    "Dropout": _dropout,
 }

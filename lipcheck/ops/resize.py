@@ -1,5 +1,6 @@
-"""Resize (and Upsample, which the ONNX frontend maps onto it): nearest-neighbour resizing copies each
-input at most ceil(scale) times per axis; linear and cubic modes are evaluated, not yet bounded."""
+"""Resize (and Upsample, which the ONNX frontend maps onto it): nearest-neighbour resizing is a selection,
+whose norm is sqrt(the most outputs reading one input), counted on the index map when sizes are known;
+linear and cubic modes are evaluated, not yet bounded."""
 
 from __future__ import annotations
 
@@ -23,9 +24,13 @@ from lipcheck.ops.base import (
 )
 
 
-def source_coordinates(transform: str, out: int, n: int, scale: float, roi: tuple[float, float]) -> np.ndarray:
-    """Input coordinate of each output position (ONNX Resize coordinate_transformation_mode)."""
-    o = np.arange(out, dtype=np.float64)
+def source_coordinates(
+    transform: str, out: int, n: int, scale: float, roi: tuple[float, float], dtype: type = np.float64
+) -> np.ndarray:
+    """Input coordinate of each output position (ONNX Resize coordinate_transformation_mode), computed in
+    ``dtype``."""
+    o: np.ndarray = np.arange(out, dtype=dtype)
+    scale = dtype(scale)
     if transform == "half_pixel":
         return (o + 0.5) / scale - 0.5
     if transform == "pytorch_half_pixel":
@@ -159,9 +164,55 @@ def _copies_per_axis(ctx: RuleContext, transform: str) -> tuple[list[float], boo
     return effective, exact
 
 
+def _nearest_reads(
+    transform: str, rounding: str, out: int, n: int, scale: float, window: tuple[float, float], dtype: type
+) -> np.ndarray:
+    """The input index each output reads along one axis, coordinates rounded to ``dtype`` (-1: none, the
+    extrapolation value of tf_crop_and_resize)."""
+    coords = source_coordinates(transform, out, n, scale, window, dtype)
+    index = np.clip(nearest_index(coords, rounding), 0, n - 1).astype(np.int64)
+    if transform == "tf_crop_and_resize":
+        index[(coords < 0) | (coords > n - 1)] = -1
+    return index
+
+
+def _counted_copies(ctx: RuleContext, scales: list[float]) -> tuple[int, bool] | None:
+    """The most outputs that read one input, counted on the index map the op computes (sizes known).
+
+    The coordinates are computed in float64 and in float32 (as runtimes do) and an output counts for
+    every input either reads, so a boundary case rounded differently is covered; exact when they agree.
+    """
+    in_shape, out_shape = ctx.shape(0), ctx.output_shape()
+    if in_shape is None or out_shape is None or None in in_shape or None in out_shape:
+        return None
+    rank = len(in_shape)
+    axes = [axis_index(int(a), rank) for a in (ctx.attrs.get("axes") or range(rank))]
+    scale_of = dict(zip(axes, scales, strict=True)) if len(scales) == len(axes) else dict(enumerate(scales))
+    legacy = "coordinate_transformation_mode" not in ctx.attrs  # Upsample and Resize-10
+    transform = "asymmetric" if legacy else str(ctx.attrs["coordinate_transformation_mode"])
+    rounding = "floor" if legacy else str(ctx.attrs.get("nearest_mode") or "round_prefer_floor")
+    roi = ctx.const(1) if transform == "tf_crop_and_resize" else None
+    if transform == "tf_crop_and_resize" and (roi is None or np.asarray(roi).size != 2 * len(axes)):
+        return None
+    copies, exact = 1, True
+    for j, axis in enumerate(axes):
+        n, out = int(in_shape[axis]), int(out_shape[axis])  # type: ignore[arg-type]
+        window = (0.0, 1.0) if roi is None else (float(roi.reshape(-1)[j]), float(roi.reshape(-1)[j + len(axes)]))
+        scale = float(scale_of.get(axis, out / n))
+        reads = [
+            _nearest_reads(transform, rounding, out, n, scale, window, dtype) for dtype in (np.float64, np.float32)
+        ]
+        plain = np.bincount(reads[0][reads[0] >= 0], minlength=n)
+        other = reads[1][(reads[1] != reads[0]) & (reads[1] >= 0)]
+        counts = plain + np.bincount(other, minlength=n)
+        copies *= max(1, int(counts.max(initial=0)))
+        exact = exact and bool((counts == plain).all())
+    return copies, exact
+
+
 @register
 class Resize(Op):
-    """Nearest-neighbour resize: each input copied at most ceil(scale) times per axis: sqrt(prod)."""
+    """Nearest-neighbour resize: sqrt(the most copies of one input), counted per axis when sizes are known."""
 
     attributes = {"mode": "nearest", "antialias": 0, "keep_aspect_ratio_policy": "stretch", "extrapolation_value": 0.0}
 
@@ -169,19 +220,27 @@ class Resize(Op):
         mode = str(ctx.attrs["mode"])
         if mode != "nearest":
             raise UnsupportedVariant(f"Resize(mode={mode})")
+        if any(ctx.is_variable(i) for i in range(1, len(ctx.node.inputs))):
+            return unbounded("roi, scales or sizes computed from the input: the index map jumps", "moving grid")
         scales = ctx.attrs.get("scales")
         if not scales:
             return unbounded("resize scale unknown before running; give --input-shape", "unknown scale")
-        effective, exact = list(scales), True
+        counted = _counted_copies(ctx, list(scales))
+        if counted is not None:
+            copies, exact = counted
+            return LocalBound(math.sqrt(copies), f"nearest resize: sqrt({copies}) copies", exact=exact)
+        effective = list(scales)
         transform = str(ctx.attrs.get("coordinate_transformation_mode") or "")
         if transform in ("align_corners", "tf_crop_and_resize"):
             # input coordinate = start + o * step: an input is read by at most ceil(1 / step) outputs
             found = _copies_per_axis(ctx, transform)
             if isinstance(found, LocalBound):
                 return found
-            effective, exact = found
-        copies = math.prod(max(1, math.ceil(float(x) - 1e-12)) for x in effective)
-        return LocalBound(math.sqrt(copies), f"nearest resize: sqrt({copies}) copies", exact=exact)
+            effective, _ = found
+        # size unknown: an input's rounding cell, widened at the border by the coordinates that are clamped
+        # onto it (under one unit in every mode), is shorter than 2 units, so it holds < 2 * scale outputs
+        copies = math.prod(max(1, math.ceil(2 * float(x) - 1e-12)) for x in effective)
+        return LocalBound(math.sqrt(copies), f"nearest resize, size unknown: sqrt({copies}) copies")
 
     def check(self, node: Node) -> None:
         mode = str(node.attrs.get("mode") or "nearest")

@@ -103,10 +103,11 @@ class Dropout(Reshaping):
             raise NotFoldable(TRAINING_DROPOUT)
         return super().affine(ctx, x)
 
+    def check(self, node: Node) -> None:
+        if len(node.inputs) > 2 and node.inputs[2]:  # the frontend drops a constant-false training_mode
+            raise UnsupportedVariant("Dropout(training_mode)")
+
     def evaluate(self, ctx: EvalContext, x: torch.Tensor, *rest: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        training = rest[1] if len(rest) > 1 else None
-        if training is not None and bool(training.reshape(-1)[0]):
-            raise ValueError(TRAINING_DROPOUT)
         return x, torch.ones_like(x, dtype=torch.bool)
 
 
