@@ -35,6 +35,7 @@ import numpy as np
 
 import lipcheck
 from lipcheck.errors import LipcheckError
+from lipcheck.graph import Graph
 from lipcheck.ops import LocalBound, Op, RuleContext
 
 CACHE_FORMAT = "lipcheck.cache/2"
@@ -80,10 +81,23 @@ def _canonical(value: Any) -> Any:
         return [_canonical(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, Graph):  # a subgraph (an If's branch): everything it computes with
+        return {"graph": _graph_canonical(value)}
     serialise = getattr(value, "SerializeToString", None)  # protobuf (e.g. a subgraph attribute)
     if serialise is not None:
         return {"proto": hashlib.sha256(serialise(deterministic=True)).hexdigest()}
     return {"repr": repr(value)}
+
+
+def _graph_canonical(graph: Graph) -> dict[str, Any]:
+    return {
+        "nodes": [[n.op, n.inputs, n.outputs, _canonical(n.attrs), n.folded] for n in graph.nodes],
+        "inputs": graph.inputs,
+        "outputs": graph.outputs,
+        "constants": {name: array_digest(np.asarray(graph.constants[name])) for name in sorted(graph.constants)},
+        "shapes": {name: _canonical(graph.shapes[name]) for name in sorted(graph.shapes)},
+        "dtypes": {name: graph.dtypes[name] for name in sorted(graph.dtypes)},
+    }
 
 
 def _float_hex(value: float | None) -> str | None:

@@ -8,11 +8,17 @@
   x * HardSigmoid(x) = HardSwish) are replaced by one ``Recognised`` node, instead of being seen as a
   product of two activations. The subgraph is run by the ops' own ``evaluate`` on a grid of inputs.
 
+* ``recognise_switches``: ``Where(u(x) > t, a(x), b(x))`` whose pieces a and b meet at the one point
+  where the affine u(x) crosses t (thresholded activations, ReLU written as a Where) is replaced by one
+  ``Piecewise`` node bounded by the larger piece constant, instead of being a switch (not Lipschitz).
+
 Passes ask the ops for facets (``channel_affine``, ``fold_output_affine``, ``decomposes_activations``...);
 they never test op names.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -21,12 +27,14 @@ from lipcheck import ops
 from lipcheck.graph import Graph, Node
 from lipcheck.ops.activations import KNOWN_ACTIVATIONS, Recognised
 from lipcheck.ops.base import EvalContext
+from lipcheck.ops.elementwise import Piecewise
 from lipcheck.walk import walk
 
 
 def prepare(graph: Graph, fold_batchnorms: bool = True) -> Graph:
     """All passes, in order (``fold_batchnorms=False`` keeps BatchNorms as layers of their own)."""
     recognise_activations(graph)
+    recognise_switches(graph)
     if fold_batchnorms:
         fold_batchnorm(graph)
     return graph
@@ -100,10 +108,10 @@ def _scalar(graph: Graph, value: str) -> float | None:
     return float(np.asarray(const).reshape(-1)[0])
 
 
-def _region(graph: Graph, product: Node, source: str, producers: dict[str, Node]) -> list[Node] | None:
-    """Elementwise nodes between ``source`` and ``product`` if every path back ends at ``source``."""
+def _region(graph: Graph, values: list[str], source: str, producers: dict[str, Node]) -> list[Node] | None:
+    """Elementwise nodes between ``source`` and ``values`` if every path back ends at ``source``."""
     region: dict[str, Node] = {}
-    stack = [v for v in product.inputs if v]
+    stack = [v for v in values if v]
     while stack:
         value = stack.pop()
         if value == source or _scalar(graph, value) is not None:
@@ -149,10 +157,10 @@ def identify_activation(values: torch.Tensor) -> tuple[str, float] | None:
     return None
 
 
-def _candidate_sources(product: Node, producers: dict[str, Node], graph: Graph) -> list[str]:
-    """Values every input of the product depends on, nearest first."""
+def _candidate_sources(values: list[str], producers: dict[str, Node], graph: Graph) -> list[str]:
+    """Values every one of ``values`` depends on, nearest first."""
     ancestor_sets = []
-    for value in product.inputs:
+    for value in values:
         if not value or _scalar(graph, value) is not None:
             continue
         seen: list[str] = []
@@ -184,8 +192,8 @@ def _worth_trying(product: Node, graph: Graph, producers: dict[str, Node]) -> bo
 
 def _recognise(graph: Graph, product: Node, producers: dict[str, Node]) -> Node | None:
     """The Recognised node replacing ``product`` and the region before it, if it is a known activation."""
-    for source in _candidate_sources(product, producers, graph):
-        nodes = _region(graph, product, source, producers)
+    for source in _candidate_sources(product.inputs, producers, graph):
+        nodes = _region(graph, product.inputs, source, producers)
         if nodes is None:
             continue
         values = _evaluate(graph, [*nodes, product], source)
@@ -210,3 +218,121 @@ def recognise_activations(graph: Graph) -> None:
         if recognised is not None:
             graph.nodes[graph.nodes.index(product)] = recognised
             graph.prune()
+
+
+# ---------------------------------------------------------------------------------------------
+# Recognising switches whose pieces meet
+
+_MEET_TOLERANCE = 2.0**-23  # relative to max(1, |piece|): below float32 resolution
+
+
+def recognise_switches(graph: Graph) -> None:
+    """Replace each ``Where`` whose pieces meet where its condition switches by one ``Piecewise`` node."""
+    for select in list(graph.nodes):
+        if select not in graph.nodes or not _op(select).selects or len(select.inputs) != 3:
+            continue
+        piecewise = _piecewise(graph, select, graph.producers())
+        if piecewise is not None:
+            graph.nodes[graph.nodes.index(select)] = piecewise
+            graph.prune()
+
+
+def _piecewise(graph: Graph, select: Node, producers: dict[str, Node]) -> Node | None:
+    """The Piecewise node for ``select`` = Where(compare(u, t), a, b), when u, a, b are elementwise
+    functions of one value x, u is affine in x, and a and b agree where u crosses t."""
+    condition, *pieces = select.inputs
+    compare = producers.get(condition)
+    if compare is None or not _op(compare).compares:
+        return None
+    operands = [v for v in compare.inputs if _scalar(graph, v) is None]
+    thresholds = [_scalar(graph, v) for v in compare.inputs if _scalar(graph, v) is not None]
+    if len(operands) != 1 or len(thresholds) != 1:
+        return None
+    values = [v for v in (operands[0], *pieces) if _scalar(graph, v) is None]
+    for source in _candidate_sources(values, producers, graph):
+        region = _region(graph, values, source, producers)
+        if region is None:
+            continue
+        if not _affine_path(graph, operands[0], source, producers):
+            continue
+        function = _subgraph(graph, [*region, compare, select], source, [select.outputs[0]])
+        switch = _switch_point(function, operands[0], float(thresholds[0]))  # type: ignore[arg-type]
+        if switch is None or not _pieces_meet(function, pieces, switch):
+            continue
+        lipschitz = _pieces_constant(graph, region, source, [p for p in pieces if _scalar(graph, p) is None])
+        if lipschitz is None:
+            continue
+        attrs = {"function": function, "lipschitz": lipschitz, "switch": switch}
+        folded = [n.name for n in [*region, compare]]
+        return Node(select.name, Piecewise.name, [source], list(select.outputs), attrs, folded)
+    return None
+
+
+def _affine_path(graph: Graph, value: str, source: str, producers: dict[str, Node]) -> bool:
+    """Whether ``value`` is built from ``source`` by ops with an affine action on one variable input and
+    scalar constants only (sums, scalings, x / c): affine, so it crosses a threshold at most once. The one
+    such variant that is not affine (c / x) is told apart by the grid check of ``_switch_point``."""
+    stack = [value]
+    while stack:
+        current = stack.pop()
+        if current == source:
+            continue
+        node = producers.get(current)
+        if node is None or type(_op(node)).affine is ops.Op.affine:
+            return False
+        variables = [v for v in node.inputs if v and _scalar(graph, v) is None]
+        if len(variables) != 1:
+            return False
+        stack.append(variables[0])
+    return True
+
+
+def _subgraph(graph: Graph, nodes: list[Node], source: str, outputs: list[str]) -> Graph:
+    """``nodes`` as a graph of ``source`` alone, with the scalar constants they read."""
+    names = {v for node in nodes for v in node.inputs if v}
+    constants = {v: np.asarray(graph.constants[v]) for v in names if v != source and _scalar(graph, v) is not None}
+    values = names | {v for node in nodes for v in node.outputs}
+    shapes = {v: graph.shapes[v] for v in values if v in graph.shapes}
+    function = Graph(nodes=list(nodes), inputs=[source], outputs=outputs, constants=constants, shapes=shapes)
+    function.nodes = function.needed_nodes()
+    return function
+
+
+def _run(function: Graph, values: list[str], points: torch.Tensor) -> list[torch.Tensor]:
+    from lipcheck.interpret import GraphFunction
+
+    run = GraphFunction(function).run({function.inputs[0]: points}, values)
+    return [torch.broadcast_to(run[v].to(torch.float64), points.shape) for v in values]
+
+
+def _switch_point(function: Graph, operand: str, threshold: float) -> float | None:
+    """Where u(x) = threshold, when u is affine in x on the grid (so that point is the only switch)."""
+    (u,) = _run(function, [operand], _GRID)
+    if not torch.isfinite(u).all():
+        return None
+    slope = float((u[-2] - u[-5]) / (_GRID[-2] - _GRID[-5]))  # from 1e3 and -1e3
+    offset = float(u[-2] - slope * _GRID[-2])
+    if slope == 0.0 or not bool(((u - (slope * _GRID + offset)).abs() <= 1e-9 * u.abs().clamp_min(1.0)).all()):
+        return None
+    return (threshold - offset) / slope
+
+
+def _pieces_meet(function: Graph, pieces: list[str], switch: float) -> bool:
+    a, b = _run(function, pieces, torch.tensor([switch], dtype=torch.float64))
+    gap = float((a - b).abs().max())
+    return math.isfinite(gap) and gap <= _MEET_TOLERANCE * max(1.0, float(a.abs().max()), float(b.abs().max()))
+
+
+def _pieces_constant(graph: Graph, region: list[Node], source: str, pieces: list[str]) -> float | None:
+    """The larger of the pieces' constants as functions of ``source``, by composition; None if unbounded."""
+    from lipcheck.compose import compose
+    from lipcheck.errors import UnsupportedOpsError
+
+    if not pieces:
+        return 0.0
+    try:
+        result = compose(_subgraph(graph, region, source, pieces))
+    except UnsupportedOpsError:
+        return None
+    constant = max(result.output_lipschitz)
+    return constant if math.isfinite(constant) and not result.unbounded else None

@@ -14,6 +14,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from lipcheck.cache import LayerCache
 from lipcheck.errors import UnsupportedOpsError
 from lipcheck.frontends import load_graph
 from lipcheck.interpret import interpret
@@ -153,3 +154,41 @@ def test_loop_reading_the_input_is_refused_not_constant(tmp_path):
     assert load_graph(str(path)).nodes[0].inputs == ["trips", "go", "x"]
     with pytest.raises(UnsupportedOpsError, match="Loop"):
         analyse(path)
+
+
+def test_cached_answers_tell_branches_with_their_own_weights_apart(tmp_path):
+    """The layer cache keys an If on its branches' contents: weights held inside a branch included (two
+    weights that differ in one entry in the middle, where a printed array shows '...'), and the same
+    branch loaded again is found in the cache."""
+    cache = LayerCache(tmp_path / "cache")
+    bounds = []
+    for bump in (0.0, 100.0):
+        weight = rng_for("inner").standard_normal((64, 48)).astype(np.float32)
+        weight[30, 20] += bump
+        inner = helper.make_graph(
+            [node("MatMul", ["v", "W"], ["yw"])],
+            "then",
+            [],
+            [helper.make_tensor_value_info("yw", TensorProto.FLOAT, None)],
+            initializer=[onnx.numpy_helper.from_array(weight, "W")],
+        )
+        graph = helper.make_graph(
+            [node("If", ["cond"], ["y"], then_branch=inner, else_branch=inner)],
+            "if",
+            [
+                helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, 64]),
+                helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            ],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        )
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        proto.ir_version = 10
+        folder = tmp_path / str(bump)
+        folder.mkdir()
+        report = analyse(save(proto, folder), cache=cache)
+        assert report.upper_bound == pytest.approx(sigma_max(weight.astype(np.float64)), rel=1e-6)
+        bounds.append(report.upper_bound)
+    assert bounds[1] > 1.5 * bounds[0]
+    assert cache.stats.hits == 0
+    assert analyse(folder / "model.onnx", cache=cache).upper_bound == bounds[1]
+    assert cache.stats.hits == 1

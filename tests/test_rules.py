@@ -28,8 +28,9 @@ from onnx import TensorProto, helper, numpy_helper
 from lipcheck import ops
 from lipcheck.errors import UnsupportedOpsError
 from lipcheck.frontends import load_graph
-from lipcheck.interpret import unsupported_ops
+from lipcheck.interpret import interpret, unsupported_ops
 from lipcheck.ops import LocalBound, registered_rules, rule
+from lipcheck.passes import prepare
 from lipcheck.pipeline import analyse
 from lipcheck.report import Report
 from tests.onnx_builders import (
@@ -1290,6 +1291,105 @@ def test_decomposed_activation_is_recognised(build, name, formula, tmp_path) -> 
     assert name in [layer.op for layer in report.layers], [(la.op, la.method) for la in report.layers]
     assert report.upper_bound >= numeric * (1 - 1e-9)
     assert report.upper_bound <= numeric * (1 + SLOPE_TOL), f"{report.upper_bound} vs max slope {numeric}"
+
+
+def _softplus_dynamo(beta: float, threshold: float):
+    """How torch.onnx's dynamo exporter writes nn.Softplus(beta, threshold)."""
+
+    def build(rng):
+        return [
+            node("Mul", ["x", "beta"], ["bx"]),
+            node("Softplus", ["bx"], ["sp"]),
+            node("Div", ["sp", "beta"], ["soft"]),
+            node("Greater", ["bx", "threshold"], ["above"]),
+            node("Where", ["above", "x", "soft"], ["y"], name="switch"),
+        ], {"beta": np.array(beta, np.float32), "threshold": np.array(threshold, np.float32)}
+
+    return build
+
+
+def _relu_where(rng):
+    return [node("Greater", ["x", "zero"], ["pos"]), node("Where", ["pos", "x", "zero"], ["y"], name="switch")], {
+        "zero": np.array(0.0, np.float32)
+    }
+
+
+SWITCHES = [
+    ("softplus-dynamo-beta2", _softplus_dynamo(2.0, 20.0), lambda t: torch.where(2 * t > 20, t, _softplus(2 * t) / 2)),
+    (
+        "softplus-dynamo-beta0.5-threshold30",
+        _softplus_dynamo(0.5, 30.0),
+        lambda t: torch.where(t > 60, t, 2 * _softplus(t / 2)),
+    ),
+    ("relu-as-where", _relu_where, torch.relu),
+]
+
+
+@pytest.mark.parametrize(("build", "formula"), [c[1:] for c in SWITCHES], ids=[c[0] for c in SWITCHES])
+def test_switch_whose_pieces_meet_is_the_larger_piece_constant(build, formula, tmp_path) -> None:
+    nodes, inits = build(None)
+    path = save(model(nodes, {"x": ["N"]}, ["y"], inits), tmp_path)
+    numeric = max_slope(formula)
+    report = run_analyse(path, (16,))
+    assert [layer.op for layer in report.layers] == ["Piecewise"], report.unbounded_reasons
+    assert numeric * (1 - 1e-9) <= report.upper_bound <= numeric * (1 + SLOPE_TOL)
+    function = interpret(prepare(load_graph(str(path), ["16"])))
+    x = np.linspace(-30, 30, 16).astype(np.float32)
+    np.testing.assert_allclose(function(torch.as_tensor(x)).numpy(), Runner(path)(x), rtol=1e-6, atol=1e-6)
+
+
+def _pieces_apart(rng):
+    """x + 1 above 0 and x below: a jump of 1."""
+    return [
+        node("Greater", ["x", "zero"], ["pos"]),
+        node("Add", ["x", "one"], ["up"]),
+        node("Where", ["pos", "up", "x"], ["y"], name="switch"),
+    ], {"zero": np.array(0.0, np.float32), "one": np.array(1.0, np.float32)}
+
+
+def _hidden_switches(rng):
+    """u = x + 1e6 * a tent on [40.0001, 40.0002], between the grid's points, crosses 50 inside the tent too:
+    x above and 100 - x below meet at 50 but not there (a jump of 20 that no grid point sees)."""
+    shifts = [node("Sub", ["x", f"k{i}"], [f"s{i}"]) for i in range(3)]
+    relus = [node("Relu", [f"s{i}"], [f"r{i}"]) for i in range(3)]
+    return [
+        *shifts,
+        *relus,
+        node("Mul", ["r1", "two"], ["r1x2"]),
+        node("Sub", ["r0", "r1x2"], ["d"]),
+        node("Add", ["d", "r2"], ["tent"]),
+        node("Mul", ["tent", "big"], ["bump"]),
+        node("Add", ["x", "bump"], ["u"]),
+        node("Greater", ["u", "t"], ["above"]),
+        node("Sub", ["hundred", "x"], ["mirror"]),
+        node("Where", ["above", "x", "mirror"], ["y"], name="switch"),
+    ], {
+        "k0": np.array(40.0001, np.float32),
+        "k1": np.array(40.00015, np.float32),
+        "k2": np.array(40.0002, np.float32),
+        "two": np.array(2.0, np.float32),
+        "big": np.array(1e6, np.float32),
+        "t": np.array(50.0, np.float32),
+        "hundred": np.array(100.0, np.float32),
+    }
+
+
+APART = [
+    ("pieces-apart", _pieces_apart, "Greater_pos"),
+    ("switch-not-affine", _hidden_switches, "Greater_above"),
+    # torch's Softplus(beta=0.5, threshold=3) jumps by 2 softplus(3) - 6 = 0.097 at x = 6
+    ("softplus-dynamo-threshold3", _softplus_dynamo(0.5, 3.0), "Greater_above"),
+]
+
+
+@pytest.mark.parametrize(("build", "comparison"), [c[1:] for c in APART], ids=[c[0] for c in APART])
+def test_switch_whose_pieces_may_not_meet_is_not_lipschitz(build, comparison, tmp_path) -> None:
+    nodes, inits = build(None)
+    path = save(model(nodes, {"x": ["N"]}, ["y"], inits), tmp_path)
+    report = run_analyse(path, (16,))
+    assert report.upper_bound is None
+    assert [(r.node, r.op) for r in report.unbounded_reasons] == [(comparison, "Greater")]
+    assert "pieces meet" in report.unbounded_reasons[0].reason
 
 
 def _x_times_relu(rng):

@@ -348,6 +348,8 @@ class Op:
     kinked: ClassVar[bool] = False  # a ReLU-like kink that the lower-bound search smooths for its gradients
     decomposes_activations: ClassVar[bool] = False  # may appear in an exporter's decomposition of an activation
     recognition_root: ClassVar[bool] = False  # where such a decomposition ends (the product in x * sigmoid(x))
+    compares: ClassVar[bool] = False  # an elementwise order comparison: a step function of its operands
+    selects: ClassVar[bool] = False  # an elementwise choice between two operands by a condition (Where)
     type_inputs: ClassVar[tuple[int, ...]] = ()  # inputs read for their type or shape only: no value flows out
 
     @property

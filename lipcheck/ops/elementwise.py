@@ -1,7 +1,8 @@
 """Elementwise functions without a global Lipschitz constant, and the logic ops exporters leave in graphs.
 
 Exp, Log, Sqrt, 1/x, tan, sinh and cosh have unbounded slopes; sign, floor, ceil and round are
-discontinuous. Comparisons, boolean logic and Where run (the interpreter needs them) but have no rule.
+discontinuous. Comparisons and boolean logic run (the interpreter needs them) but have no rule; Where has one
+for a constant condition, and Piecewise stands for a Where whose pieces meet where it switches.
 """
 
 from __future__ import annotations
@@ -123,7 +124,10 @@ class Not(Unary):
         return unbounded(SWITCH)
 
 
-SWITCH = "a comparison or logic of activations is a step function (discontinuous)"
+SWITCH = (
+    "a comparison or logic of activations is a step function (discontinuous); a Where on it is Lipschitz "
+    "when its pieces meet where it switches, which lipcheck proves for a comparison affine in one value"
+)
 
 
 class Binary(Op):
@@ -151,12 +155,16 @@ class Equal(Binary):
 class Less(Binary):
     """a < b."""
 
+    compares = True
+
     function = staticmethod(torch.lt)
 
 
 @register
 class Greater(Binary):
     """a > b."""
+
+    compares = True
 
     function = staticmethod(torch.gt)
 
@@ -165,12 +173,16 @@ class Greater(Binary):
 class LessOrEqual(Binary):
     """a <= b."""
 
+    compares = True
+
     function = staticmethod(torch.le)
 
 
 @register
 class GreaterOrEqual(Binary):
     """a >= b."""
+
+    compares = True
 
     function = staticmethod(torch.ge)
 
@@ -205,8 +217,12 @@ class Where(Op):
     Lipschitz unless they agree where it switches (recognised activations, lipcheck.passes, are).
     """
 
+    selects = True
+
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
         if ctx.is_variable(0):
+            if not math.isfinite(ctx.input_lipschitz[0]):  # the comparison that makes it already says why
+                return LocalBound(1.0, "selection by a switching condition", output_lipschitz=math.inf)
             return unbounded("Where switches on a condition computed from the input (discontinuous)")
         terms = []
         for index in (1, 2):
@@ -221,3 +237,28 @@ class Where(Op):
 
     def evaluate(self, ctx: EvalContext, condition: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.where(condition.to(torch.bool), *same_float(a, b))
+
+
+@register
+class Piecewise(Op):
+    """An elementwise function that switches between two pieces where they meet: the larger piece constant.
+
+    Written by ``lipcheck.passes.recognise_switches`` in place of ``Where(u(x) > t, a(x), b(x))`` with u
+    affine in x and a, b elementwise functions of x that agree at the one switch point (exporters write
+    thresholded activations so: Softplus as ``Where(beta x > 20, x, softplus(beta x) / beta)``). A
+    continuous scalar function that is L-Lipschitz on each side of a point is L-Lipschitz. ``attrs``:
+    ``function`` (the pieces, the comparison and the Where as a Graph of the one input), ``lipschitz``
+    (the larger of the pieces' composed constants), ``switch`` (the switch point).
+    """
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        switch = float(ctx.attrs["switch"])
+        return LocalBound(float(ctx.attrs["lipschitz"]), f"pieces meeting at {switch:.6g}: the larger constant")
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
+        if "function" not in ctx.memo:
+            from lipcheck.interpret import GraphFunction
+
+            ctx.memo["function"] = GraphFunction(ctx.attrs["function"], ctx.dtype, ctx.device)
+        function = ctx.memo["function"]
+        return function.run({function.graph.inputs[0]: x})[function.graph.outputs[0]]
