@@ -17,6 +17,7 @@ from lipcheck import ops
 from lipcheck.errors import UnsupportedOpsError
 from lipcheck.graph import Graph, Node
 from lipcheck.ops import LocalBound, RuleContext, UnsupportedVariant
+from lipcheck.ops.base import SubgraphBound
 from lipcheck.report import LayerResult, UnboundedReason
 from lipcheck.walk import ProgressCallback, walk
 
@@ -210,7 +211,7 @@ def bound_node(
         missing.setdefault(node.op, []).append(node.name)
         return None, None
     try:
-        context = RuleContext(node, graph, inputs_l, device)
+        context = RuleContext(node, graph, inputs_l, device, bound_subgraph)
         if cache is not None:
             return cache.bound(context, op), None
         return op.lipschitz(context), None
@@ -219,3 +220,18 @@ def bound_node(
             return LocalBound(assume[exc.label], "assumed (--assume)", certified=False), exc.label
         missing.setdefault(exc.label, []).append(node.name)
         return None, None
+
+
+def bound_subgraph(graph: Graph, input_lipschitz: dict[str, float], device: torch.device) -> SubgraphBound:
+    """A graph an op holds (an If's branch), composed like the network with its inputs' constants."""
+    try:
+        result = compose(graph, device=device, input_lipschitz=input_lipschitz)
+    except UnsupportedOpsError as exc:
+        raise UnsupportedVariant(f"subgraph with {', '.join(sorted(exc.ops))}") from None
+    first = result.unbounded[0] if result.unbounded else None
+    return SubgraphBound(
+        output_lipschitz=result.output_lipschitz,
+        certified=all(layer.certified for layer in result.layers),
+        layers=len(result.layers),
+        reason=None if first is None else f"{first.node} ({first.op}): {first.reason}",
+    )

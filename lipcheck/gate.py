@@ -29,8 +29,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lipcheck.errors import LipcheckError
-from lipcheck.options import parse_increase as parse_increase  # the gate's limits are options
-from lipcheck.options import parse_limit as parse_limit
 
 if TYPE_CHECKING:
     from lipcheck.report import Report

@@ -64,6 +64,9 @@ def unsupported_ops(graph: Graph, nodes: Sequence[Node] | None = None) -> dict[s
                 label = exc.label
         if label is not None:
             missing.setdefault(label, []).append(node.name)
+        for subgraph in op.subgraphs(node) if op is not None and label is None else []:
+            for inner, names in unsupported_ops(subgraph).items():
+                missing.setdefault(f"{node.op}({inner} inside)", []).extend(f"{node.name}/{n}" for n in names)
     return missing
 
 
@@ -89,7 +92,10 @@ class GraphFunction:
             name: constant_tensor(value, dtype, self.device) for name, value in graph.constants.items() if name in used
         }
         self._options: dict[str, Any] = {"smooth": False}
-        self._contexts = {id(node): EvalContext(node, dtype, self.device, self._options) for node in self.nodes}
+        self._subgraphs: dict[int, tuple[Graph, GraphFunction]] = {}  # by id; the graph is held so its id stays
+        self._contexts = {
+            id(node): EvalContext(node, dtype, self.device, self._options, self._run_subgraph) for node in self.nodes
+        }
         self._plans: dict[tuple[tuple[str, ...], tuple[str, ...]], list[Node]] = {}
 
     @property
@@ -134,6 +140,15 @@ class GraphFunction:
         plan = self._plan(tuple(sorted(env)), wanted)
         walk(plan, env, self._step, read=self._constant, keep=set(wanted))
         return {name: env[name] if name in env else self._constant(name) for name in wanted}
+
+    def _run_subgraph(
+        self, graph: Graph, feeds: dict[str, Any], dtype: torch.dtype, device: torch.device
+    ) -> dict[str, Any]:
+        """A graph a node holds (an If's branch), run on ``feeds``; its function is built once."""
+        if id(graph) not in self._subgraphs:
+            self._subgraphs[id(graph)] = (graph, GraphFunction(graph, dtype, device))
+        function = self._subgraphs[id(graph)][1]
+        return function.run({name: value for name, value in feeds.items() if name in graph.inputs})
 
     def _step(self, node: Node, args: list[Any]) -> Sequence[Any]:
         result = ops.get(node.op).evaluate(self._contexts[id(node)], *args)  # type: ignore[union-attr]

@@ -32,9 +32,8 @@ from lipcheck.gate import (
     evaluate,
     format_percent,
     load_baseline,
-    parse_increase,
-    parse_limit,
 )
+from lipcheck.options import parse_increase, parse_limit
 from lipcheck.schemas import CHECK, REPORT, load_schema
 from tests.conftest import ROOT, SAMPLES, assert_close_json
 from tests.golden_files import GOLDEN, UPDATE, rewrite

@@ -123,13 +123,35 @@ def node_attrs(node: Node) -> Attributes:
 
 
 @dataclass
+class SubgraphBound:
+    """A subgraph's composition (an If's branch), as ``RuleContext.bound_subgraph`` returns it."""
+
+    output_lipschitz: list[float]  # per output of the subgraph
+    certified: bool
+    layers: int
+    reason: str | None = None  # the first cause, when some node of it is not globally Lipschitz
+
+
+# (subgraph, its inputs' constants, device) -> its bound; raises UnsupportedVariant for ops without rules
+BoundSubgraph = Callable[[Graph, dict[str, float], torch.device], SubgraphBound]
+# (subgraph, feeds, dtype, device) -> its outputs by name
+RunSubgraph = Callable[[Graph, dict[str, Any], torch.dtype, torch.device], dict[str, Any]]
+
+
+def _no_subgraphs(*args: Any) -> Any:
+    raise UnsupportedVariant("subgraph (no walker given)")
+
+
+@dataclass
 class RuleContext:
-    """What a rule sees of one node: its inputs' constants, shapes and Lipschitz constants."""
+    """What a rule sees of one node: its inputs' constants, shapes and Lipschitz constants, and the
+    composition itself for the graphs an op holds (given by the walker, so ops import no analysis)."""
 
     node: Node
     graph: Graph
     input_lipschitz: list[float]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    bound_subgraph: BoundSubgraph = _no_subgraphs
 
     @property
     def attrs(self) -> Attributes:
@@ -217,7 +239,7 @@ class EvalContext:
     dtype: torch.dtype
     device: torch.device
     options: dict[str, Any] = field(default_factory=dict)  # shared by all nodes of a run (``smooth``)
-    memo: dict[str, Any] = field(default_factory=dict)  # what the op keeps between runs (a branch's function)
+    run_subgraph: RunSubgraph = _no_subgraphs  # the interpreter, for the graphs an op holds
 
     def __post_init__(self) -> None:
         self.attrs = node_attrs(self.node)
@@ -372,6 +394,10 @@ class Op:
 
     def check(self, node: Node) -> None:
         """Raise UnsupportedVariant for attribute variants ``evaluate`` does not implement."""
+
+    def subgraphs(self, node: Node) -> list[Graph]:
+        """The graphs the node holds and runs (an If's branches); the interpreter checks them too."""
+        return []
 
     def affine(self, ctx: AffineContext, x: torch.Tensor) -> torch.Tensor:
         """The node on a batch ``x`` [N, *sample] of its variable input, exactly (see AffineContext.mode)."""

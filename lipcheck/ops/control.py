@@ -8,22 +8,18 @@ trip count and the carried state's recursion, and the node is refused rather tha
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from lipcheck.graph import Graph, Node
 from lipcheck.ops.base import EvalContext, LocalBound, Op, RuleContext, UnsupportedVariant, register, unbounded
-
-if TYPE_CHECKING:
-    from lipcheck.graph import Graph, Node
 
 _BRANCHES = ("then_branch", "else_branch")
 
 
 def _branch(node: Node, key: str) -> Graph:
-    from lipcheck.graph import Graph
-
     branch = node.attrs.get(key)
     if not isinstance(branch, Graph):
         raise UnsupportedVariant("If (branches not converted)")
@@ -60,39 +56,24 @@ class If(Op):
         return LocalBound(relative, f"{method}: {worst.method}", certified, output_lipschitz=worst.value)
 
     def _branch_bound(self, ctx: RuleContext, key: str) -> LocalBound:
-        from lipcheck.compose import compose
-        from lipcheck.errors import UnsupportedOpsError
-
-        branch = _branch(ctx.node, key)
         given = dict(zip(ctx.node.inputs, ctx.input_lipschitz, strict=True))
         try:
-            result = compose(branch, device=ctx.device, input_lipschitz=given)
-        except UnsupportedOpsError as exc:
-            raise UnsupportedVariant(f"If (branch with {', '.join(sorted(exc.ops))})") from None
-        if result.unbounded:
-            first = result.unbounded[0]
-            return unbounded(f"{key} {first.node} ({first.op}): {first.reason}")
-        certified = all(layer.certified for layer in result.layers)
+            result = ctx.bound_subgraph(_branch(ctx.node, key), given, ctx.device)
+        except UnsupportedVariant as exc:
+            raise UnsupportedVariant(f"If ({key}: {exc.label})") from None
+        if result.reason is not None:
+            return unbounded(f"{key} {result.reason}")
         value = max(result.output_lipschitz, default=0.0)
-        return LocalBound(value, f"{key} composed ({len(result.layers)} layers)", certified=certified)
+        return LocalBound(value, f"{key} composed ({result.layers} layers)", certified=result.certified)
 
     def evaluate(self, ctx: EvalContext, condition: torch.Tensor, *captured: torch.Tensor) -> Any:
         key = _BRANCHES[0] if bool(torch.as_tensor(condition).all()) else _BRANCHES[1]
-        if key not in ctx.memo:
-            from lipcheck.interpret import GraphFunction
-
-            ctx.memo[key] = GraphFunction(_branch(ctx.node, key), ctx.dtype, ctx.device)
-        function = ctx.memo[key]
-        given = zip(ctx.node.inputs, (condition, *captured), strict=True)
-        feeds = {name: value for name, value in given if name in function.graph.inputs}
-        values = function.run(feeds)
-        outputs = tuple(values[name] for name in function.graph.outputs)
+        branch = _branch(ctx.node, key)
+        values = ctx.run_subgraph(
+            branch, dict(zip(ctx.node.inputs, (condition, *captured), strict=True)), ctx.dtype, ctx.device
+        )
+        outputs = tuple(values[name] for name in branch.outputs)
         return outputs[0] if len(outputs) == 1 else outputs
 
-    def check(self, node: Node) -> None:
-        from lipcheck.interpret import unsupported_ops
-
-        for key in _BRANCHES:
-            missing = unsupported_ops(_branch(node, key))
-            if missing:
-                raise UnsupportedVariant(f"If (branch with {', '.join(sorted(missing))})")
+    def subgraphs(self, node: Node) -> list[Graph]:
+        return [_branch(node, key) for key in _BRANCHES]

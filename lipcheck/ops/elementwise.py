@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import torch
 
+from lipcheck.graph import Graph, Node
 from lipcheck.ops.arithmetic import same_float
 from lipcheck.ops.base import EvalContext, LocalBound, Op, RuleContext, register, unbounded
 
@@ -256,9 +257,8 @@ class Piecewise(Op):
         return LocalBound(float(ctx.attrs["lipschitz"]), f"pieces meeting at {switch:.6g}: the larger constant")
 
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
-        if "function" not in ctx.memo:
-            from lipcheck.interpret import GraphFunction
+        function = ctx.attrs["function"]
+        return ctx.run_subgraph(function, {function.inputs[0]: x}, ctx.dtype, ctx.device)[function.outputs[0]]
 
-            ctx.memo["function"] = GraphFunction(ctx.attrs["function"], ctx.dtype, ctx.device)
-        function = ctx.memo["function"]
-        return function.run({function.graph.inputs[0]: x})[function.graph.outputs[0]]
+    def subgraphs(self, node: Node) -> list[Graph]:
+        return [node.attrs["function"]]
