@@ -868,6 +868,11 @@ def _reduce(node: Node, at: _Opset) -> None:
     a["noop_with_empty_axes"] = int(a.get("noop_with_empty_axes", 0) or 0)
 
 
+def _scatter(node: Node, at: _Opset) -> None:
+    """Scatter (opsets 9 and 10) is ScatterElements without a reduction."""
+    node.op = "ScatterElements"
+
+
 def _batch_norm(node: Node, at: _Opset) -> None:
     if int(node.attrs.get("training_mode", 0) or 0):
         node.attrs["training_mode"] = 1
@@ -880,4 +885,5 @@ _NORMALISERS: dict[str, Callable[[Node, _Opset], None]] = {
     **dict.fromkeys(("Resize", "Upsample"), _resize),
     **dict.fromkeys(("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2"), _reduce),
     "BatchNormalization": _batch_norm,
+    "Scatter": _scatter,
 }

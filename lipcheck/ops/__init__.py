@@ -2,8 +2,9 @@
 
 Families (one module each): ``activations``, ``arithmetic``, ``attention``, ``linear`` (Gemm, MatMul), ``conv``,
 ``normalization``, ``pooling``, ``reductions``, ``shape`` (rearrangements, casts), ``selection``
-(slices, gathers, concatenation, padding, copies), ``resize``, ``elementwise`` (math without a global
-constant, logic), ``generators``. ``base`` defines the facets (see ``Op``) and the registry; importing
+(slices, gathers, concatenation, padding, copies), ``indexing`` (gathers and scatters by index tensors,
+unpooling, folding patches), ``resize``, ``elementwise`` (math without a global constant, logic),
+``generators``. ``base`` defines the facets (see ``Op``) and the registry; importing
 this package registers every op. CONTRIBUTING.md shows how to add one.
 """
 
@@ -14,6 +15,7 @@ from lipcheck.ops import (  # noqa: F401  (registration)
     conv,
     elementwise,
     generators,
+    indexing,
     linear,
     normalization,
     pooling,
