@@ -219,6 +219,8 @@ class LayerCache:
             "folded": list(node.folded),
             "inputs": inputs,
             "outputs": [_canonical(graph.shape(o)) if o else None for o in node.outputs],
+            # a rule may depend on whether a second output is read (TopK's and MaxPool's indices)
+            "used_outputs": [ctx.output_used(i) for i in range(1, len(node.outputs))],
         }
         return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
