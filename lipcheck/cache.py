@@ -203,12 +203,13 @@ class LayerCache:
         self._key = cache_key()
         self._graph: object | None = None  # the graph the digests belong to (held: ids are not reused)
         self._digests: dict[str, str] = {}  # constant name -> digest, for that graph
+        self._values: set[str] | None = None  # values some node or the graph's outputs read, for that graph
 
     # -- keys
     def key(self, ctx: RuleContext, op: Op) -> str:
         node, graph = ctx.node, ctx.graph
         if graph is not self._graph:
-            self._graph, self._digests = graph, {}
+            self._graph, self._digests, self._values = graph, {}, None
         digests = self._digests
         inputs: list[dict[str, Any] | None] = []
         for index, name in enumerate(node.inputs):
@@ -233,8 +234,16 @@ class LayerCache:
             "folded": list(node.folded),
             "inputs": inputs,
             "outputs": [_canonical(graph.shape(o)) if o else None for o in node.outputs],
+            # a rule may depend on whether a second output is read (TopK's and MaxPool's indices)
+            "used_outputs": [name in self._values_read(graph) for name in node.outputs[1:]],
         }
         return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+
+    def _values_read(self, graph: Graph) -> set[str]:
+        """The values some node reads or the graph outputs (``RuleContext.output_used``, once per graph)."""
+        if self._values is None:
+            self._values = {value for node in graph.nodes for value in node.inputs if value} | set(graph.outputs)
+        return self._values
 
     def _path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.json"

@@ -921,6 +921,11 @@ def _reduce(node: Node, at: _Opset) -> None:
     a["noop_with_empty_axes"] = int(a.get("noop_with_empty_axes", 0) or 0)
 
 
+def _scatter(node: Node, at: _Opset) -> None:
+    """Scatter (opsets 9 and 10) is ScatterElements without a reduction."""
+    node.op = "ScatterElements"
+
+
 def _batch_norm(node: Node, at: _Opset) -> None:
     if int(node.attrs.get("training_mode", 0) or 0):
         node.attrs["training_mode"] = 1
@@ -942,4 +947,5 @@ _NORMALISERS: dict[str, Callable[[Node, _Opset], None]] = {
     **dict.fromkeys(("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2"), _reduce),
     "BatchNormalization": _batch_norm,
     "Dropout": _dropout,
+    "Scatter": _scatter,
 }

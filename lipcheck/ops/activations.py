@@ -394,6 +394,46 @@ class ThresholdedRelu(Op):
         return torch.where(x > float(ctx.attrs["alpha"]), x, torch.zeros_like(x))
 
 
+def shrink_jump(lambd: float, bias: float) -> float:
+    """The largest jump of Shrink (onnxruntime's order: x < -lambd first, then x > lambd, else 0)."""
+    if lambd >= 0:  # pieces x + bias | 0 | x - bias meet at -lambd and lambd
+        return abs(bias - lambd)
+    return abs(2 * bias)  # -lambd > lambd: x + bias below -lambd, x - bias from there on
+
+
+@register
+class Shrink(Op):
+    """x + bias below -lambd, x - bias above lambd, else 0: 1 when continuous (bias = lambd), else a jump.
+
+    With bias = lambd >= 0 it is soft thresholding x - clip(x, -lambd, lambd): slopes 0 and 1. With
+    lambd < 0 the first test wins on (lambd, -lambd), so bias = 0 makes it the identity. Any other pair
+    leaves a jump of |bias - lambd| (or 2 |bias|): not continuous, so not Lipschitz.
+    """
+
+    attributes = {"bias": 0.0, "lambd": 0.5}
+    piecewise_linear = kinked = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        lambd, bias = float(ctx.attrs["lambd"]), float(ctx.attrs["bias"])
+        jump = shrink_jump(lambd, bias)
+        if jump > 0 or not math.isfinite(jump):
+            return unbounded(f"Shrink with bias {bias:g} != lambd {lambd:g} jumps by {jump:g}: discontinuous")
+        return _exact(1.0, "soft thresholding: slopes 0 and 1" if lambd >= 0 else "the identity")
+
+    def slope(self, node: Node, graph: Graph) -> Slope | None:
+        attrs = node_attrs(node)
+        lambd, bias = float(attrs["lambd"]), float(attrs["bias"])
+        if shrink_jump(lambd, bias) != 0:
+            return None
+        return Slope(0.0, 1.0) if lambd >= 0 else Slope(1.0, 1.0)
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
+        lambd, bias = float(ctx.attrs["lambd"]), float(ctx.attrs["bias"])
+        if ctx.smooth and lambd >= 0 and bias == lambd:
+            return relu(ctx, x - lambd) - relu(ctx, -x - lambd)
+        return torch.where(x < -lambd, x + bias, torch.where(x > lambd, x - bias, torch.zeros_like(x)))
+
+
 def _softmax_axis(ctx: EvalContext, x: torch.Tensor, function: Callable[[torch.Tensor, int], torch.Tensor]) -> Any:
     axis = axis_index(int(ctx.attrs["axis"]), x.dim())
     if ctx.attrs.get("coerce_2d"):  # opset < 13: flatten from the axis on
@@ -437,6 +477,23 @@ class LogSoftmax(Op):
 
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
         return _softmax_axis(ctx, x, torch.log_softmax)
+
+
+@register
+class Hardmax(Op):
+    """1 at the first maximum along an axis, 0 elsewhere: a step function, not Lipschitz."""
+
+    attributes = {"axis": -1}
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        return unbounded("hardmax jumps where the maximum changes place: discontinuous")
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
+        def one_hot(t: torch.Tensor, dim: int) -> torch.Tensor:  # argmax: the first maximum, as ONNX asks
+            return torch.zeros_like(t).scatter(dim, t.argmax(dim, keepdim=True), 1.0)
+
+        return _softmax_axis(ctx, x, one_hot)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -183,6 +183,13 @@ class RuleContext:
         read the attribute a frontend fills from constant inputs as if it were that parameter."""
         return self.has_input(index) and self.const(index) is None
 
+    def output_used(self, index: int) -> bool:
+        """Whether output ``index`` is read by a node or is a graph output (an ignored output does not count)."""
+        if index >= len(self.node.outputs) or not self.node.outputs[index]:
+            return False
+        name = self.node.outputs[index]
+        return name in self.graph.outputs or any(name in node.inputs for node in self.graph.nodes)
+
     def is_variable(self, index: int) -> bool:
         return index < len(self.input_lipschitz) and self.input_lipschitz[index] > 0
 

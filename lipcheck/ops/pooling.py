@@ -81,6 +81,8 @@ class MaxPool(Pool):
     piecewise_linear = True
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        if ctx.output_used(1):
+            return unbounded("MaxPool's Indices output is read: argmax positions jump with the input")
         overlap = _window_overlaps(ctx)
         return LocalBound(math.sqrt(overlap), f"sqrt({overlap}) overlapping windows", exact=overlap == 1)
 

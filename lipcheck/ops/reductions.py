@@ -1,10 +1,14 @@
-"""Reductions over axes: a mean of n entries is 1/sqrt(n)-Lipschitz, a sum sqrt(n), a max or an l2 norm 1."""
+"""Reductions over axes: a mean of n entries is 1/sqrt(n)-Lipschitz, a sum sqrt(n), a max or an l2 norm 1.
+
+Running sums (CumSum) too: the lower-triangular matrix of ones along the axis.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from lipcheck.graph import Graph, Node
@@ -20,6 +24,7 @@ from lipcheck.ops.base import (
     unbounded,
 )
 from lipcheck.ops.pooling import mean_rounding_terms, spatial_count
+from lipcheck.ops.shape import ints
 
 Reduction = Callable[[torch.Tensor, tuple[int, ...], bool], torch.Tensor]
 
@@ -160,3 +165,54 @@ class ReduceLogSumExp(Reduce):
     """log sum exp over axes (no rule yet)."""
 
     function = staticmethod(lambda x, a, k: torch.logsumexp(x, dim=a, keepdim=k))
+
+
+def running_sum_norm(n: int) -> float:
+    """||L_n||_2 for L_n the n x n lower-triangular matrix of ones: 1 / (2 sin(pi / (2 (2n + 1)))).
+
+    L_n^-1 is the difference matrix D (1 on the diagonal, -1 below it); D^T D is the second-difference
+    matrix with a free end, whose eigenvalues are 4 sin^2((2j - 1) pi / (2 (2n + 1))), j = 1..n. So
+    sigma_max(L_n) = 1 / sigma_min(D) = 1 / (2 sin(pi / (2 (2n + 1)))) (about (2n + 1) / pi). Evaluated in
+    float64 (relative error below 1e-15) and rounded up by 1e-12.
+    """
+    if n <= 0:
+        return 0.0
+    return 1.0 / (2.0 * math.sin(math.pi / (2.0 * (2 * n + 1)))) * (1 + 1e-12)
+
+
+@register
+class CumSum(Op):
+    """Running sums along an axis: ||L_n|| = 1/(2 sin(pi/(2(2n+1)))) for n summed entries, exact.
+
+    Each line along the axis is multiplied by L_n (inclusive), its transpose (reverse), or L_n shifted by one
+    (exclusive: L_{n-1} bordered by zeros, so ||L_{n-1}||); lines are independent, so the norm is that of
+    one line (``running_sum_norm``). An axis known only at run time: the largest over the axes.
+    """
+
+    attributes = {"exclusive": 0, "reverse": 0}
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        shape, axis = ctx.shape(0), ctx.const(1)
+        if shape is not None and 0 in shape:
+            return LocalBound(0.0, "empty input", exact=True)
+        if shape is None:
+            return unbounded("running sum over an axis of unknown size; give --input-shape", "unknown shape")
+        axes = [axis_index(int(np.asarray(axis).reshape(-1)[0]), len(shape))] if axis is not None else range(len(shape))
+        sizes = [shape[a] for a in axes]
+        if not sizes or None in sizes:
+            return unbounded("running sum over an axis of unknown size; give --input-shape", "unknown shape")
+        n = max(sizes) - int(ctx.attrs["exclusive"])  # type: ignore[type-var, operator]
+        where = "" if axis is not None else ", the longest axis (axis known at run time)"
+        method = f"lower-triangular ones, n = {n}{where}: 1/(2 sin(pi/(2(2n+1))))"
+        return LocalBound(running_sum_norm(n), method, exact=axis is not None)
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
+        dim = axis_index(ints(axis)[0], x.dim())
+        reverse = bool(int(ctx.attrs["reverse"]))
+        line = x.flip(dim) if reverse else x
+        total = torch.cumsum(line, dim).to(x.dtype)
+        if int(ctx.attrs["exclusive"]):
+            zeros = torch.zeros_like(total.narrow(dim, 0, min(1, total.shape[dim])))
+            total = torch.cat([zeros, total.narrow(dim, 0, max(total.shape[dim] - 1, 0))], dim)
+        return total.flip(dim) if reverse else total

@@ -21,6 +21,7 @@ from lipcheck.ops.base import (
     NotFoldable,
     Op,
     RuleContext,
+    UnsupportedVariant,
     axis_index,
     register,
     unbounded,
@@ -280,3 +281,101 @@ class Pad(Op):
         fill = float(value.reshape(-1)[0]) if value is not None and value.size else 0.0
         widths = [int(p) for i in reversed(range(1, rank)) for p in (pads[i], pads[i + rank])]
         return F.pad(x, widths, value=fill if ctx.shifts else 0.0)
+
+
+def _kept_by_triangle(rows: int, columns: int, k: int, upper: bool) -> bool:
+    """Whether a rows x columns triangle keeps an entry: upper keeps j - i >= k, lower j - i <= k."""
+    if rows <= 0 or columns <= 0:
+        return False
+    return k <= columns - 1 if upper else k >= -(rows - 1)
+
+
+@register
+class Trilu(Op):
+    """Keeps a triangle of the last two axes, zeroes the rest: a 0/1 mask, 1 (0 when nothing is kept)."""
+
+    attributes = {"upper": 1}
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        shape, k = ctx.shape(0), ctx.const(1)
+        if k is None and ctx.has_input(1):  # the diagonal known at run time: still a mask
+            return LocalBound(1.0, "0/1 mask (diagonal known at run time)")
+        offset = int(np.asarray(k).reshape(-1)[0]) if k is not None else 0
+        if shape is None or len(shape) < 2 or None in shape[-2:]:
+            return LocalBound(1.0, "0/1 mask")
+        if 0 in shape or not _kept_by_triangle(shape[-2], shape[-1], offset, bool(int(ctx.attrs["upper"]))):  # type: ignore[arg-type]
+            return LocalBound(0.0, "0/1 mask keeping nothing", exact=True)
+        return LocalBound(1.0, "0/1 mask", exact=True)
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor, k: Any = None) -> torch.Tensor:
+        offset = ints(k)[0] if k is not None else 0
+        return torch.triu(x, offset) if int(ctx.attrs["upper"]) else torch.tril(x, offset)
+
+
+def _center_window(size: int, target: int) -> tuple[int, int, int]:
+    """(input start, output start, length) of the part of an axis a centred crop or pad keeps."""
+    if target <= size:  # crop: the window starts at floor((size - target) / 2)
+        return (size - target) // 2, 0, target
+    return 0, (target - size) // 2, size  # pad: the extra pixel of an odd total goes to the end
+
+
+@register
+class CenterCropPad(Op):
+    """Crops or zero-pads the listed axes around their centres: each entry kept at most once, 1."""
+
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        in_shape, out_shape = ctx.shape(0), ctx.output_shape()
+        sizes = [*(in_shape or [None]), *(out_shape or [None])]
+        if None in sizes:
+            return LocalBound(1.0, "crop or zero padding: a selection")
+        if 0 in sizes:
+            return LocalBound(0.0, "empty input or output", exact=True)
+        return LocalBound(1.0, "crop or zero padding: a selection", exact=True)
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor, shape: Any) -> torch.Tensor:
+        targets = ints(shape)
+        axes = [axis_index(int(a), x.dim()) for a in ctx.attrs.get("axes") or range(x.dim())]
+        for axis, target in zip(axes, targets, strict=True):
+            start, at, length = _center_window(x.shape[axis], target)
+            kept = x.narrow(axis, start, length)
+            before = list(kept.shape)
+            before[axis] = at
+            after = list(kept.shape)
+            after[axis] = target - at - length
+            x = torch.cat([kept.new_zeros(before), kept, kept.new_zeros(after)], axis)
+        return x
+
+
+SORTED_TOP_K = "sorting is 1-Lipschitz in l2 (rearrangement inequality); the top k are some of its entries"
+
+
+@register
+class TopK(Op):
+    """The k largest (or smallest) values along an axis, sorted: 1. Its indices output is a step function."""
+
+    attributes = {"axis": -1, "largest": 1, "sorted": 1}
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        if not int(ctx.attrs["sorted"]):
+            raise UnsupportedVariant("TopK(sorted=0)")  # the order is unspecified (onnxruntime's: a heap's)
+        if ctx.output_used(1):
+            return unbounded("TopK's indices output is read: the positions of the top values jump with the input")
+        shape = ctx.output_shape()
+        if shape is not None and 0 in shape:
+            return LocalBound(0.0, "k = 0: no values", exact=True)
+        return LocalBound(1.0, SORTED_TOP_K, exact=shape is not None and None not in shape)
+
+    def check(self, node: Any) -> None:
+        if not int(node.attrs.get("sorted", 1)):
+            raise UnsupportedVariant("TopK(sorted=0)")
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor, k: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        count = ints(k)[0] if k is not None else int(ctx.attrs["k"])
+        axis = axis_index(int(ctx.attrs["axis"]), x.dim())
+        # a stable sort: of equal values the one at the lower index comes first, as ONNX asks
+        values, indices = torch.sort(x, dim=axis, descending=bool(int(ctx.attrs["largest"])), stable=True)
+        return values.narrow(axis, 0, count), indices.narrow(axis, 0, count)

@@ -194,10 +194,14 @@ class DepthToSpace(Rearrangement):
 class SpaceToDepth(Rearrangement):
     """Blocks of pixels to channels: an isometry."""
 
+    attributes = {"mode": "DCR"}  # opset 28 adds CRD (channel major, then the block's row and column)
+
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
         b = int(ctx.attrs["blocksize"])
         n, c, h, w = x.shape
-        y = x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
+        y = x.reshape(n, c, h // b, b, w // b, b)
+        crd = str(ctx.attrs["mode"]) == "CRD"
+        y = y.permute(0, 1, 3, 5, 2, 4) if crd else y.permute(0, 3, 5, 1, 2, 4)
         return y.reshape(n, c * b * b, h // b, w // b)
 
 
