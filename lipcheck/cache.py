@@ -98,11 +98,14 @@ def _bound_to_dict(bound: LocalBound) -> dict[str, Any]:
         "exact": bound.exact,
         "output_lipschitz": _float_hex(bound.output_lipschitz),
         "reason": bound.reason,
+        "outputs_lipschitz": None
+        if bound.outputs_lipschitz is None
+        else [_float_hex(v) for v in bound.outputs_lipschitz],
     }
 
 
 def _bound_from_dict(data: dict[str, Any]) -> LocalBound:
-    output = data["output_lipschitz"]
+    output, each = data["output_lipschitz"], data.get("outputs_lipschitz")
     bound = LocalBound(
         value=float.fromhex(data["value"]),
         method=str(data["method"]),
@@ -110,6 +113,7 @@ def _bound_from_dict(data: dict[str, Any]) -> LocalBound:
         exact=bool(data["exact"]),
         output_lipschitz=None if output is None else float.fromhex(output),
         reason=None if data["reason"] is None else str(data["reason"]),
+        outputs_lipschitz=None if each is None else tuple(float.fromhex(v) for v in each),
     )
     if not isinstance(data["certified"], bool) or not isinstance(data["exact"], bool) or math.isnan(bound.value):
         raise ValueError("malformed entry")

@@ -87,7 +87,8 @@ class _Walk:
             if factor * self.lipschitz.get(start, math.inf) < out_l:
                 out_l, refined_by = factor * self.lipschitz[start], refined_method
         self.layers.append(self.layer(node, local, inputs_l, out_l, assumed_key, refined_by))
-        return [self.discrete_output(node, name, out_l) for name in node.outputs]
+        each = _per_output(local, out_l, len(node.outputs)) if refined_by is None else [out_l] * len(node.outputs)
+        return [self.discrete_output(node, name, lip) for name, lip in zip(node.outputs, each, strict=True)]
 
     def discrete_output(self, node: Node, name: str, out_l: float) -> float:
         """An integer output that the input moves changes in jumps (MaxPool's indices, TopK's): unbounded
@@ -147,6 +148,15 @@ class _Walk:
             assumed=assumed_key is not None,
             refined_by=refined_by,
         )
+
+
+def _per_output(local: LocalBound, out_l: float, count: int) -> list[float]:
+    """Each output's constant: the rule's per-output constants where it gives them (none above the node's),
+    else the node's constant for all."""
+    each = local.outputs_lipschitz
+    if each is None or len(each) != count or not math.isfinite(out_l):
+        return [out_l] * count
+    return [min(out_l, lip) if lip >= 0 else out_l for lip in each]  # NaN: the node's constant
 
 
 def _responsible(local: LocalBound, inputs_l: list[float]) -> bool:

@@ -55,7 +55,9 @@ class LocalBound:
     globally Lipschitz, with ``reason`` saying why). ``certified``: a proven upper bound, rounding
     included. ``exact``: equal to the true constant (up to rounding). By default the composition
     multiplies ``value`` by the Lipschitz constant of the variable inputs taken together; rules for
-    ops such as Add set ``output_lipschitz`` (the constant of the output itself) instead.
+    ops such as Add set ``output_lipschitz`` (the constant of the output itself) instead. Every output of
+    a node gets that constant, unless ``outputs_lipschitz`` gives one per output (a loop's final state and
+    its scan outputs), each at most ``output_lipschitz``, which is then the largest of them.
     """
 
     value: float
@@ -64,6 +66,7 @@ class LocalBound:
     exact: bool = False
     output_lipschitz: float | None = None
     reason: str | None = None
+    outputs_lipschitz: tuple[float, ...] | None = None
 
     @property
     def bounded(self) -> bool:
