@@ -1,7 +1,7 @@
 """lipcheck's op vocabulary: one class per op, each holding everything lipcheck knows of it.
 
 Families (one module each): ``activations``, ``arithmetic``, ``attention``, ``linear`` (Gemm, MatMul),
-``control`` (If), ``conv``, ``normalization``, ``pooling``, ``reductions``, ``shape`` (rearrangements,
+``control`` (If, Loop, Scan), ``conv``, ``normalization``, ``pooling``, ``reductions``, ``shape`` (rearrangements,
 casts), ``selection`` (slices, gathers, concatenation, padding, copies), ``resize``, ``elementwise``
 (math without a global constant, logic), ``generators``. ``base`` defines the facets (see ``Op``) and
 the registry; importing this package registers every op. CONTRIBUTING.md shows how to add one.
