@@ -35,6 +35,7 @@ import numpy as np
 
 import lipcheck
 from lipcheck.errors import LipcheckError
+from lipcheck.graph import Graph
 from lipcheck.ops import LocalBound, Op, RuleContext
 
 CACHE_FORMAT = "lipcheck.cache/2"
@@ -80,10 +81,26 @@ def _canonical(value: Any) -> Any:
         return [_canonical(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, Graph):  # a converted subgraph: its body-local weights live in its constants
+        return {"graph": graph_digest(value)}
     serialise = getattr(value, "SerializeToString", None)  # protobuf (e.g. a subgraph attribute)
     if serialise is not None:
         return {"proto": hashlib.sha256(serialise(deterministic=True)).hexdigest()}
     return {"repr": repr(value)}
+
+
+def graph_digest(graph: Graph) -> str:
+    """A hash of everything a (sub)graph computes with: nodes and their attributes, names, the bytes of its
+    constants, shapes and number types."""
+    description = {
+        "nodes": [[n.name, n.op, n.inputs, n.outputs, _canonical(n.attrs), n.folded] for n in graph.nodes],
+        "inputs": list(graph.inputs),
+        "outputs": list(graph.outputs),
+        "constants": {name: array_digest(np.asarray(graph.constants[name])) for name in sorted(graph.constants)},
+        "shapes": {name: _canonical(shape) for name, shape in sorted(graph.shapes.items())},
+        "dtypes": dict(sorted(graph.dtypes.items())),
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
 
 def _float_hex(value: float | None) -> str | None:

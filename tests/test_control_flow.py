@@ -17,9 +17,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from lipcheck import ops
+from lipcheck.cache import LayerCache
 from lipcheck.errors import UnsupportedOpsError
 from lipcheck.frontends import load_graph
 from lipcheck.interpret import interpret
+from lipcheck.ops import RuleContext
 from lipcheck.ops.control import ITERATION_CAP
 from lipcheck.pipeline import analyse
 from tests.onnx_builders import node, ort_jacobian, rng_for, save, sigma_max
@@ -229,6 +232,25 @@ def test_loop_scan_output_stacks_its_iterations(tmp_path):
     assert report.upper_bound >= truth * (1 - 1e-6)
     assert truth == pytest.approx(report.upper_bound, rel=1e-5)
     _interpreter_matches_onnxruntime(path, {"x": _x("loop-scan-run")})
+
+
+def test_cache_keys_a_loop_by_the_weights_inside_its_body(tmp_path, monkeypatch):
+    """A weight that lives only in the body is no input of the node: the layer cache keys the body by its
+    constants' bytes (not by the object, which made every run a miss), and an edited one is a new key."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("LIPCHECK_CACHE_KEY", raising=False)
+    cache = LayerCache(tmp_path / "cache")
+    keys = []
+    for top in (0.5, 0.5, 2.0):
+        graph = load_graph(str(save(_loop(_aligned("loop-cache", top), local=True), tmp_path)))
+        loop = graph.nodes[0]
+        keys.append(cache.key(RuleContext(loop, graph, [0.0, 0.0, 1.0]), ops.get(loop.op)))
+    assert keys[0] == keys[1] != keys[2]
+    for top in (0.5, 2.0, 0.5):
+        weight = _aligned("loop-cache", top)
+        report = analyse(save(_loop(weight, local=True), tmp_path), cache=cache)
+        assert report.upper_bound == pytest.approx(sigma_max(weight.astype(np.float64)) ** 3, rel=1e-6)
+    assert cache.stats.hits > 0
 
 
 def test_loop_that_never_starts_passes_its_state_on(tmp_path):
