@@ -81,23 +81,26 @@ def _canonical(value: Any) -> Any:
         return [_canonical(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(value, Graph):  # a subgraph (an If's branch): everything it computes with
-        return {"graph": _graph_canonical(value)}
+    if isinstance(value, Graph):  # a converted subgraph: its body-local weights live in its constants
+        return {"graph": graph_digest(value)}
     serialise = getattr(value, "SerializeToString", None)  # protobuf (e.g. a subgraph attribute)
     if serialise is not None:
         return {"proto": hashlib.sha256(serialise(deterministic=True)).hexdigest()}
     return {"repr": repr(value)}
 
 
-def _graph_canonical(graph: Graph) -> dict[str, Any]:
-    return {
-        "nodes": [[n.op, n.inputs, n.outputs, _canonical(n.attrs), n.folded] for n in graph.nodes],
-        "inputs": graph.inputs,
-        "outputs": graph.outputs,
+def graph_digest(graph: Graph) -> str:
+    """A hash of everything a (sub)graph computes with: nodes and their attributes, names, the bytes of its
+    constants, shapes and number types."""
+    description = {
+        "nodes": [[n.name, n.op, n.inputs, n.outputs, _canonical(n.attrs), n.folded] for n in graph.nodes],
+        "inputs": list(graph.inputs),
+        "outputs": list(graph.outputs),
         "constants": {name: array_digest(np.asarray(graph.constants[name])) for name in sorted(graph.constants)},
-        "shapes": {name: _canonical(graph.shapes[name]) for name in sorted(graph.shapes)},
-        "dtypes": {name: graph.dtypes[name] for name in sorted(graph.dtypes)},
+        "shapes": {name: _canonical(shape) for name, shape in sorted(graph.shapes.items())},
+        "dtypes": dict(sorted(graph.dtypes.items())),
     }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
 
 def _float_hex(value: float | None) -> str | None:
@@ -112,11 +115,14 @@ def _bound_to_dict(bound: LocalBound) -> dict[str, Any]:
         "exact": bound.exact,
         "output_lipschitz": _float_hex(bound.output_lipschitz),
         "reason": bound.reason,
+        "outputs_lipschitz": None
+        if bound.outputs_lipschitz is None
+        else [_float_hex(v) for v in bound.outputs_lipschitz],
     }
 
 
 def _bound_from_dict(data: dict[str, Any]) -> LocalBound:
-    output = data["output_lipschitz"]
+    output, each = data["output_lipschitz"], data.get("outputs_lipschitz")
     bound = LocalBound(
         value=float.fromhex(data["value"]),
         method=str(data["method"]),
@@ -124,6 +130,7 @@ def _bound_from_dict(data: dict[str, Any]) -> LocalBound:
         exact=bool(data["exact"]),
         output_lipschitz=None if output is None else float.fromhex(output),
         reason=None if data["reason"] is None else str(data["reason"]),
+        outputs_lipschitz=None if each is None else tuple(float.fromhex(v) for v in each),
     )
     if not isinstance(data["certified"], bool) or not isinstance(data["exact"], bool) or math.isnan(bound.value):
         raise ValueError("malformed entry")

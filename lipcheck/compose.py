@@ -16,6 +16,7 @@ import torch
 from lipcheck import ops
 from lipcheck.errors import UnsupportedOpsError
 from lipcheck.graph import Graph, Node
+from lipcheck.interpret import run_graph
 from lipcheck.ops import LocalBound, RuleContext, UnsupportedVariant
 from lipcheck.ops.base import SubgraphBound
 from lipcheck.report import LayerResult, UnboundedReason
@@ -88,7 +89,8 @@ class _Walk:
             if factor * self.lipschitz.get(start, math.inf) < out_l:
                 out_l, refined_by = factor * self.lipschitz[start], refined_method
         self.layers.append(self.layer(node, local, inputs_l, out_l, assumed_key, refined_by))
-        return [self.discrete_output(node, name, out_l) for name in node.outputs]
+        each = _per_output(local, out_l, len(node.outputs)) if refined_by is None else [out_l] * len(node.outputs)
+        return [self.discrete_output(node, name, lip) for name, lip in zip(node.outputs, each, strict=True)]
 
     def discrete_output(self, node: Node, name: str, out_l: float) -> float:
         """An integer output that the input moves changes in jumps (MaxPool's indices, TopK's): unbounded
@@ -148,6 +150,15 @@ class _Walk:
             assumed=assumed_key is not None,
             refined_by=refined_by,
         )
+
+
+def _per_output(local: LocalBound, out_l: float, count: int) -> list[float]:
+    """Each output's constant: the rule's per-output constants where it gives them (none above the node's),
+    else the node's constant for all."""
+    each = local.outputs_lipschitz
+    if each is None or len(each) != count or not math.isfinite(out_l):
+        return [out_l] * count
+    return [min(out_l, lip) if lip >= 0 else out_l for lip in each]  # NaN: the node's constant
 
 
 def _responsible(local: LocalBound, inputs_l: list[float]) -> bool:
@@ -211,7 +222,7 @@ def bound_node(
         missing.setdefault(node.op, []).append(node.name)
         return None, None
     try:
-        context = RuleContext(node, graph, inputs_l, device, bound_subgraph)
+        context = RuleContext(node, graph, inputs_l, device, bound_subgraph, run_graph)
         if cache is not None:
             return cache.bound(context, op), None
         return op.lipschitz(context), None
@@ -222,10 +233,13 @@ def bound_node(
         return None, None
 
 
-def bound_subgraph(graph: Graph, input_lipschitz: dict[str, float], device: torch.device) -> SubgraphBound:
-    """A graph an op holds (an If's branch), composed like the network with its inputs' constants."""
+def bound_subgraph(
+    graph: Graph, input_lipschitz: dict[str, float], device: torch.device, rule_cache: RuleCache | None = None
+) -> SubgraphBound:
+    """A graph an op holds (an If's branch, a loop's body), composed like the network with its inputs'
+    constants; ``rule_cache`` keeps the rules' answers between calls (a loop's iterations)."""
     try:
-        result = compose(graph, device=device, input_lipschitz=input_lipschitz)
+        result = compose(graph, device=device, input_lipschitz=input_lipschitz, rule_cache=rule_cache)
     except UnsupportedOpsError as exc:
         raise UnsupportedVariant(f"subgraph with {', '.join(sorted(exc.ops))}") from None
     first = result.unbounded[0] if result.unbounded else None

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from lipcheck import ops
@@ -135,7 +136,7 @@ class GraphFunction:
         wanted = tuple(self.graph.outputs if outputs is None else outputs)
         env: dict[str, torch.Tensor] = {}
         for name, value in feeds.items():
-            tensor = torch.as_tensor(value, device=self.device)
+            tensor = torch.as_tensor(_torch_readable(value), device=self.device)
             env[name] = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
         plan = self._plan(tuple(sorted(env)), wanted)
         walk(plan, env, self._step, read=self._constant, keep=set(wanted))
@@ -158,6 +159,23 @@ class GraphFunction:
         if name not in self.constants:
             raise KeyError(f"value {name!r} is neither given nor computed by the graph")
         return self.constants[name]
+
+
+def _torch_readable(value: Any) -> Any:
+    """Arrays of numpy's extension float types (bfloat16, float8: ONNX's, by ml_dtypes) as float32, exactly."""
+    if isinstance(value, np.ndarray) and "float" in value.dtype.name and value.dtype not in _TORCH_FLOATS:
+        return value.astype(np.float32)
+    return value
+
+
+_TORCH_FLOATS = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
+
+
+def run_graph(graph: Graph, feeds: dict[str, Any], dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    """A graph's outputs on ``feeds`` (inputs it does not have are left out), with a function made for it."""
+    return GraphFunction(graph, dtype, device).run(
+        {name: value for name, value in feeds.items() if name in graph.inputs}
+    )
 
 
 def interpret(graph: Graph, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> GraphFunction:

@@ -173,3 +173,23 @@ def test_float_casts_follow_the_compute_dtype(tmp_path) -> None:
     y = interpret(graph)(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
     assert y.dtype == torch.float64
     assert math.isclose(float(y[0]), float(np.float32(1 / 3)), rel_tol=1e-15)
+
+
+def test_bfloat16_feeds_are_read_exactly(tmp_path) -> None:
+    """ONNX's bfloat16 and float8 test data are numpy arrays of ml_dtypes types, which torch cannot read."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    graph = load_graph(save(model([node("Relu", ["x"], ["y"])], {"x": (3,)}), tmp_path))
+    for kind in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2):  # numpy kinds V, V, f
+        x = np.array([-1.5, 0.25, 3.0]).astype(kind)
+        y = interpret(graph).run({"x": x})["y"]
+        assert y.tolist() == [0.0, 0.25, 3.0]
+
+
+def test_gather_of_one_entry_is_a_scalar(tmp_path) -> None:
+    """A 1-D input and a scalar index (x.shape[0] as exporters write it) give a 0-d output."""
+    proto = model([node("Gather", ["x", "i"], ["y"], axis=0)], {"x": (3,)}, ["y"], {"i": np.array(2, np.int64)})
+    path = save(proto, tmp_path)
+    x = np.array([1.0, 2.0, 5.0], np.float32)
+    got = interpret(load_graph(path)).run({"x": torch.as_tensor(x)})["y"]
+    want = Runner(path).outputs(x)[0]
+    assert got.shape == want.shape == () and float(got) == float(want)

@@ -201,9 +201,13 @@ def parse_input_shapes(specs: Sequence[str], input_names: Sequence[str]) -> dict
 
 
 def _fix_input_shapes(
-    model: onnx.ModelProto, inputs: list[onnx.ValueInfoProto], given: dict[str, tuple[int, ...]]
+    model: onnx.ModelProto,
+    inputs: list[onnx.ValueInfoProto],
+    given: dict[str, tuple[int, ...]],
+    batch_axis: bool = True,
 ) -> dict[str, Shape]:
-    """Write fixed input shapes into the model; returns the shape used for each input."""
+    """Write fixed input shapes into the model; returns the shape used for each input (an unknown first
+    dimension set to 1 when ``batch_axis``)."""
     used: dict[str, Shape] = {}
     for value in inputs:
         tensor_type = value.type.tensor_type
@@ -228,7 +232,7 @@ def _fix_input_shapes(
         for axis, dim in enumerate(dims):
             if dim.HasField("dim_value") and dim.dim_value > 0:
                 shape_list.append(dim.dim_value)
-            elif axis == 0:  # the batch axis: samples do not interact, so 1 gives the same constant
+            elif axis == 0 and batch_axis:  # the batch axis: samples do not interact, so 1 gives the same constant
                 dim.Clear()
                 dim.dim_value = 1
                 shape_list.append(1)
@@ -309,11 +313,15 @@ def onnx_to_graph(
     name: str = "",
     base_dir: str | os.PathLike[str] | None = None,
     max_memory: int | None = None,
+    batch_axis: bool = True,
 ) -> Graph:
     """Convert a loaded ONNX model to lipcheck's Graph (see module docstring).
 
     ``base_dir``: the folder of external data not loaded into ``model`` (``load_onnx_model(...,
     load_weights=False)``). ``max_memory``: the budget in bytes (``lipcheck.memory.plan_memory``).
+    ``batch_axis``: an unknown first dimension of an input is a batch axis, set to 1 (False for a
+    subgraph, whose first axis may be anything and whose unknown sizes stay unknown). Never in a model
+    with a Loop or Scan: its first axis may be the one scanned, or the one a trip count is read from.
     The graph's constants read ``model``'s tensors on access: do not modify it afterwards.
     """
     if model.functions:
@@ -327,7 +335,8 @@ def onnx_to_graph(
     constants = _constants(g, base_dir, max_memory)
     inputs = [v for v in g.input if v.name not in constants]
     input_names = [v.name for v in inputs]
-    _fix_input_shapes(model, list(inputs), parse_input_shapes(list(input_shapes), input_names))
+    batch_axis = batch_axis and not _has_loops(g)
+    _fix_input_shapes(model, list(inputs), parse_input_shapes(list(input_shapes), input_names), batch_axis)
     shapes, dtypes = _inferred_shapes(model, constants, inputs)
     kept = _fold(model, constants, shapes, inputs, opsets, opset)
     graph = Graph(
@@ -340,11 +349,22 @@ def onnx_to_graph(
         dtypes=dtypes,
     )
     graph.prune()
-    _convert_branches(graph, model, where)
+    _convert_subgraphs(graph, model, where)
     used = {v for node in graph.nodes for v in node.inputs} | set(graph.outputs)
     constants.restrict(used)
     check_constants(graph)
     return graph
+
+
+def _has_loops(g: onnx.GraphProto) -> bool:
+    """Whether the graph or one of its subgraphs holds a Loop or a Scan."""
+    for proto in g.node:
+        if proto.op_type in ("Loop", "Scan") and proto.domain in ("", "ai.onnx"):
+            return True
+        for attr in proto.attribute:
+            if any(_has_loops(body) for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)):
+                return True
+    return False
 
 
 def captured_values(proto: onnx.NodeProto) -> list[str]:
@@ -369,23 +389,57 @@ def _free_values(body: onnx.GraphProto) -> list[str]:
     return list(free)
 
 
-def _convert_branches(graph: Graph, model: onnx.ModelProto, where: str) -> None:
-    """An If's branches become lipcheck Graphs (attributes ``then_branch``/``else_branch``) whose inputs are
-    the outer values they read (all among the node's inputs): the outer constants become the branch's."""
+def _convert_subgraphs(graph: Graph, model: onnx.ModelProto, where: str) -> None:
+    """Control-flow subgraphs become lipcheck Graphs whose inputs are their formal inputs (a Loop's or Scan's
+    body: iteration number, condition, state, scan elements), then the outer values they read (all among
+    the node's inputs, by name); outer constants become the subgraph's. A body whose formal inputs do not
+    match the node's listed inputs stays a GraphProto, and the op refuses it."""
     for node in graph.nodes:
-        if node.op != "If":
-            continue
-        for key in ("then_branch", "else_branch"):
+        for key in _SUBGRAPHS.get(node.op, ()):
             body = node.attrs.get(key)
-            if isinstance(body, onnx.GraphProto):
-                node.attrs[key] = _branch_graph(body, _free_values(body), graph, model, f"{where}/{node.name}/{key}")
+            if not isinstance(body, onnx.GraphProto):
+                continue
+            formal = [v.name for v in body.input]
+            if node.op != "If" and len(formal) != node.attrs.get("listed_inputs"):
+                continue  # opset-8 Scan (batched, sequence lengths first) or a malformed body
+            shapes = _scan_element_shapes(node, graph, formal) if node.op == "Scan" else {}
+            converted = _branch_graph(body, _free_values(body), graph, model, f"{where}/{node.name}/{key}", shapes)
+            if converted.inputs[: len(formal)] == formal:
+                node.attrs[key] = converted
+
+
+_SUBGRAPHS = {"If": ("then_branch", "else_branch"), "Loop": ("body",), "Scan": ("body",)}
+
+
+def _scan_element_shapes(node: Node, outer: Graph, formal: list[str]) -> dict[str, Shape]:
+    """A Scan body's scan-element inputs: the scan input's shape without its scan axis (exact for every
+    iteration, unlike the state's, which the body declares)."""
+    count = int(node.attrs.get("num_scan_inputs") or 0)
+    axes = list(node.attrs.get("scan_input_axes") or [0] * count)
+    shapes: dict[str, Shape] = {}
+    first = len(formal) - count
+    for j, (name, axis) in enumerate(zip(formal[first:], axes, strict=False)):
+        shape = outer.shape(node.inputs[first + j])
+        if shape is not None and -len(shape) <= axis < len(shape):
+            shapes[name] = tuple(d for i, d in enumerate(shape) if i != axis % len(shape))
+    return shapes
 
 
 def _branch_graph(
-    body: onnx.GraphProto, captured: list[str], outer: Graph, model: onnx.ModelProto, where: str
+    body: onnx.GraphProto,
+    captured: list[str],
+    outer: Graph,
+    model: onnx.ModelProto,
+    where: str,
+    shapes: Mapping[str, Shape] | None = None,
 ) -> Graph:
+    """The subgraph with its captured outer values as inputs (or initializers, for constants); ``shapes``
+    replaces the declared shapes of formal inputs, dimension by dimension where the declared one is unknown."""
     branch = onnx.GraphProto()
     branch.CopyFrom(body)
+    for value in branch.input:
+        if value.name in (shapes or {}):
+            _merge_shape(value, shapes[value.name])  # type: ignore[index]
     for name in captured:
         value = outer.constants.get(name)
         if value is not None:
@@ -395,7 +449,25 @@ def _branch_graph(
             elem = onnx.TensorProto.DataType.Value(dtype.upper()) if dtype else onnx.TensorProto.FLOAT
             branch.input.append(helper.make_tensor_value_info(name, elem, outer.shape(name)))
     branch_model = helper.make_model(branch, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    return onnx_to_graph(branch_model, name=where)
+    return onnx_to_graph(branch_model, name=where, batch_axis=False)
+
+
+def _merge_shape(value: onnx.ValueInfoProto, shape: Shape) -> None:
+    """Fill the unknown dimensions of a declared input shape (or a missing shape) from ``shape``."""
+    tensor_type = value.type.tensor_type
+    dims = list(tensor_type.shape.dim) if tensor_type.HasField("shape") else []
+    if dims and len(dims) != len(shape):
+        return  # the body disagrees with the node's input: keep its own
+    known = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+    merged = [
+        mine if mine is not None else given for mine, given in zip(known or [None] * len(shape), shape, strict=True)
+    ]
+    del tensor_type.shape.dim[:]
+    tensor_type.shape.SetInParent()
+    for size in merged:
+        dim = tensor_type.shape.dim.add()
+        if size is not None:
+            dim.dim_value = size
 
 
 def _constants(g: onnx.GraphProto, base_dir: str | os.PathLike[str] | None, max_memory: int | None) -> LazyConstants:
@@ -475,12 +547,17 @@ def _nodes(
         node_name = unique_name(taken, proto.name or proto.output[0] or op)
         taken.add(node_name)
         node = Node(node_name, op, [*proto.input, *captured_values(proto)], list(proto.output), attrs)
+        if any(attr.type in _GRAPH_ATTRIBUTES for attr in proto.attribute):
+            attrs["listed_inputs"] = len(proto.input)  # the rest are values its subgraphs capture
         try:
             _normalise(node, opset, constants, shapes)
         except ModelLoadError as exc:  # attributes that do not fit the node: name the file too
             raise ModelLoadError(f"{where}: {exc}") from None
         nodes.append(node)
     return nodes
+
+
+_GRAPH_ATTRIBUTES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
 
 def _add_initializer(constants: LazyConstants, init: onnx.TensorProto, base_dir: str | os.PathLike[str] | None) -> None:
@@ -926,6 +1003,22 @@ def _scatter(node: Node, at: _Opset) -> None:
     node.op = "ScatterElements"
 
 
+def _scan(node: Node, at: _Opset) -> None:
+    """Axes and directions over every scan input and output; opset 8's batched form (sequence lengths
+    first, batch axis 0, scan axis 1) is marked ``batched``."""
+    a = node.attrs
+    count = int(a.get("num_scan_inputs") or 0)
+    if at.version < 9:
+        a["batched"] = 1
+        return
+    states = int(a.get("listed_inputs", len(node.inputs))) - count
+    scan_outputs = max(len(node.outputs) - states, 0)
+    a["scan_input_axes"] = list(a.get("scan_input_axes") or [0] * count)
+    a["scan_input_directions"] = list(a.get("scan_input_directions") or [0] * count)
+    a["scan_output_axes"] = list(a.get("scan_output_axes") or [0] * scan_outputs)
+    a["scan_output_directions"] = list(a.get("scan_output_directions") or [0] * scan_outputs)
+
+
 def _batch_norm(node: Node, at: _Opset) -> None:
     if int(node.attrs.get("training_mode", 0) or 0):
         node.attrs["training_mode"] = 1
@@ -948,4 +1041,5 @@ _NORMALISERS: dict[str, Callable[[Node, _Opset], None]] = {
     "BatchNormalization": _batch_norm,
     "Dropout": _dropout,
     "Scatter": _scatter,
+    "Scan": _scan,
 }

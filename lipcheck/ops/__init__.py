@@ -1,11 +1,11 @@
 """lipcheck's op vocabulary: one class per op, each holding everything lipcheck knows of it.
 
 Families (one module each): ``activations``, ``arithmetic``, ``attention``, ``linear`` (Gemm, MatMul),
-``control`` (If), ``conv``, ``normalization``, ``pooling``, ``reductions``, ``shape`` (rearrangements,
-casts), ``selection`` (slices, gathers, concatenation, padding, copies), ``indexing`` (gathers and
-scatters by index tensors, unpooling, folding patches), ``resize``, ``elementwise`` (math without a
-global constant, logic), ``generators``. ``base`` defines the facets (see ``Op``) and the registry;
-importing this package registers every op. CONTRIBUTING.md shows how to add one.
+``control`` (If, Loop, Scan), ``conv``, ``normalization``, ``pooling``, ``reductions``, ``shape``
+(rearrangements, casts), ``selection`` (slices, gathers, concatenation, padding, copies), ``indexing``
+(gathers and scatters by index tensors, unpooling, folding patches), ``resize``, ``elementwise`` (math
+without a global constant, logic), ``generators``. ``base`` defines the facets (see ``Op``) and the
+registry; importing this package registers every op. CONTRIBUTING.md shows how to add one.
 """
 
 from lipcheck.ops import (  # noqa: F401  (registration)

@@ -55,7 +55,9 @@ class LocalBound:
     globally Lipschitz, with ``reason`` saying why). ``certified``: a proven upper bound, rounding
     included. ``exact``: equal to the true constant (up to rounding). By default the composition
     multiplies ``value`` by the Lipschitz constant of the variable inputs taken together; rules for
-    ops such as Add set ``output_lipschitz`` (the constant of the output itself) instead.
+    ops such as Add set ``output_lipschitz`` (the constant of the output itself) instead. Every output of
+    a node gets that constant, unless ``outputs_lipschitz`` gives one per output (a loop's final state and
+    its scan outputs), each at most ``output_lipschitz``, which is then the largest of them.
     """
 
     value: float
@@ -64,6 +66,7 @@ class LocalBound:
     exact: bool = False
     output_lipschitz: float | None = None
     reason: str | None = None
+    outputs_lipschitz: tuple[float, ...] | None = None
 
     @property
     def bounded(self) -> bool:
@@ -132,8 +135,9 @@ class SubgraphBound:
     reason: str | None = None  # the first cause, when some node of it is not globally Lipschitz
 
 
-# (subgraph, its inputs' constants, device) -> its bound; raises UnsupportedVariant for ops without rules
-BoundSubgraph = Callable[[Graph, dict[str, float], torch.device], SubgraphBound]
+# (subgraph, its inputs' constants, device, a rule cache kept between calls or None) -> its bound; raises
+# UnsupportedVariant for ops without rules
+BoundSubgraph = Callable[[Graph, dict[str, float], torch.device, "dict[str, Any] | None"], SubgraphBound]
 # (subgraph, feeds, dtype, device) -> its outputs by name
 RunSubgraph = Callable[[Graph, dict[str, Any], torch.dtype, torch.device], dict[str, Any]]
 
@@ -152,6 +156,7 @@ class RuleContext:
     input_lipschitz: list[float]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     bound_subgraph: BoundSubgraph = _no_subgraphs
+    run_subgraph: RunSubgraph = _no_subgraphs  # the interpreter, for a rule that runs part of a subgraph
 
     @property
     def attrs(self) -> Attributes:

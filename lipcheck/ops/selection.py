@@ -163,7 +163,7 @@ class Gather(Op):
         index = indices.to(torch.int64)
         index = torch.where(index < 0, index + x.shape[axis], index)
         picked = x.index_select(axis, index.reshape(-1))
-        return picked.reshape(*x.shape[:axis], *index.shape, *x.shape[axis + 1 :])
+        return picked.reshape((*x.shape[:axis], *index.shape, *x.shape[axis + 1 :]))  # () for a scalar
 
 
 class Copies(Op):
