@@ -526,18 +526,23 @@ def normalize(
     equals --target; the output (same format as the input) is then re-loaded, re-certified and run
     against the original. Exit 1 when a check fails. The input is never modified.
     """
-    from lipcheck.rewrite.normalize import NormalizeOptions, normalize_file
+    from lipcheck.files import check_new_model
 
     if mode is NormalizeMode.parametrize and (lipschitz is not None or clip or fold_bn):
         raise LipcheckError("--lipschitz, --clip and --fold-bn are for --mode bake")
     if output is None and not dry_run:
         raise LipcheckError("normalize needs -o OUTPUT (or --dry-run to only show the plan)")
+    if output is not None and not dry_run:
+        check_new_model(model_file, output, force)  # before torch is even imported: a bad -o fails at once
+    from lipcheck.rewrite.normalize import NormalizeOptions, normalize_file
+
     options = NormalizeOptions.from_settings(settings, target, clip, lipschitz, layers, fold_bn)
     result = normalize_file(model_file, None if dry_run else output, options, mode.value, conv_norm.value, force)
-    _show_normalize(result, output_format, no_color, dry_run)
+    _show_normalize(result, output_format, no_color, None if dry_run else output)
 
 
-def _show_normalize(result: Any, output_format: NormalizeFormat, no_color: bool, dry_run: bool) -> None:
+def _show_normalize(result: Any, output_format: NormalizeFormat, no_color: bool, output: Path | None) -> None:
+    dry_run = output is None
     if output_format is NormalizeFormat.json:
         from lipcheck.rewrite.report import normalize_document
         from lipcheck.runner import json_text
@@ -553,6 +558,7 @@ def _show_normalize(result: Any, output_format: NormalizeFormat, no_color: bool,
     for failure in failed:
         _note(f"check failed: {failure.name}: {failure.detail}")
     if failed:
+        _note(f"{output}: not written: the model failed its proof (the unproven file was deleted)")
         raise typer.Exit(1)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -223,6 +224,75 @@ def test_a_failed_check_exits_1_and_names_it(
     code, out, err = run_cli(capsys, "normalize", str(SAMPLES / "mlp.onnx"), "-o", str(tmp_path / "m.onnx"))
     assert code == 1
     assert "FAIL layer norms" in out and "check failed: layer norms" in err
+    assert "not written" in err and not list(tmp_path.iterdir())  # an unproven model never reaches the output
+    (tmp_path / "m.onnx").write_bytes(b"precious")
+    code, out, err = run_cli(capsys, "normalize", str(SAMPLES / "mlp.onnx"), "-o", str(tmp_path / "m.onnx"), "--force")
+    assert code == 1 and (tmp_path / "m.onnx").read_bytes() == b"precious" and len(list(tmp_path.iterdir())) == 1
+
+
+def _copy(source: Path, target: Path) -> Path:
+    target.write_bytes(source.read_bytes())
+    return target
+
+
+@pytest.mark.parametrize("link", ["same", "hard", "symbolic", "dotted"])
+def test_the_output_is_never_the_input_even_with_force(
+    link: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = _copy(SAMPLES / "mlp.onnx", tmp_path / "m.onnx")
+    before = digest(model)
+    out = {"same": model, "hard": tmp_path / "hard.onnx", "symbolic": tmp_path / "sym.onnx",
+           "dotted": tmp_path / "." / "m.onnx"}[link]  # fmt: skip
+    if link == "hard":
+        os.link(model, out)
+    elif link == "symbolic":
+        out.symlink_to(model)
+    for mode in (["--mode", "bake"], ["--mode", "parametrize", "-s", "1,16"]):
+        code, _, err = run_cli(capsys, "normalize", str(model), "-o", str(out), "--force", *mode)
+        assert code == 2 and "is the input model" in err and len(err.strip().splitlines()) == 1, err
+        assert digest(model) == before
+
+
+def test_output_never_replaces_the_inputs_external_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = _copy(SAMPLES / "cnn_external.onnx", tmp_path / "input.onnx")  # its data file keeps its own name
+    data = _copy(SAMPLES / "cnn_external.onnx.data", tmp_path / "cnn_external.onnx.data")
+    before = digest(data)
+    out = tmp_path / "cnn_external.onnx"  # writing it would write cnn_external.onnx.data, the input's weights
+    code, _, err = run_cli(capsys, "normalize", str(model), "-o", str(out), "--force")
+    assert code == 2 and "is a file of the input model" in err and len(err.strip().splitlines()) == 1, err
+    assert digest(data) == before and sorted(p.name for p in tmp_path.iterdir()) == [data.name, model.name]
+
+
+def test_output_paths_are_checked_before_any_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lipcheck.frontends
+    import lipcheck.rewrite.sources
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("loaded the model before checking -o")
+
+    monkeypatch.setattr(lipcheck.frontends, "load_model", never)
+    monkeypatch.setattr(lipcheck.rewrite.sources, "open_source", never)
+    (tmp_path / "exists.pt").write_bytes(b"x")
+    for out, message in [(tmp_path / "none" / "x.pt", "does not exist"), (tmp_path / "exists.pt", "already exists"),
+                         (Path("/proc/x.pt"), "cannot write")]:  # fmt: skip
+        for mode in (["--mode", "bake"], ["--mode", "parametrize", "-s", "1,3,16,16"]):
+            args = ["--model", "sample_models.build:ResNetSmall", "-o", str(out), *mode]
+            code, _, err = run_cli(capsys, "normalize", str(SAMPLES / "resnet_small_ckpt.pt"), *args)
+            assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_interrupted_proof_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lipcheck.rewrite.normalize as module
+
+    def interrupt(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "_verify", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        normalize(SAMPLES / "mlp.onnx", tmp_path / "m.onnx", NormalizeOptions())
+    assert not list(tmp_path.iterdir())
 
 
 def test_parametrize_mode_writes_a_resumable_state_dict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -27,7 +27,7 @@ import torch
 from lipcheck import ops
 from lipcheck.compose import Composition
 from lipcheck.errors import LipcheckError
-from lipcheck.files import check_writable, write_new_model
+from lipcheck.files import StagedModel, check_new_model
 from lipcheck.frontends import load_model
 from lipcheck.frontends.torch_frontend import TorchOptions, WeightTensors
 from lipcheck.graph import Graph, Node
@@ -253,10 +253,13 @@ def normalize(
         result = _plan_graph(source, graph, options, fold_bn, note)
     if out is None:
         return result
-    note("writing")
-    result.written = write_new_model(out, source.write, force)
-    note("verifying")
-    _verify(path, out, result, options, fold_bn)
+    with StagedModel(out, force, protect=source.input_files()) as staged:
+        note("writing")
+        staged.write(source.write)
+        note("verifying")
+        _verify(path, staged.model, result, options, fold_bn)  # the proof runs on the staged file
+        if result.passed:
+            result.written = staged.commit()  # only a proven model reaches the output path
     return result
 
 
@@ -270,12 +273,10 @@ def normalize_file(
 
 
 def _check_output(path: Path, out: Path | None, force: bool) -> None:
-    """Refuse, before any work, an output that is the input or an existing file (unless --force)."""
-    if out is None:
-        return
-    if out.resolve() == path.resolve() and not force:
-        raise LipcheckError(f"{out}: is the input model; lipcheck never modifies its input (use another -o)")
-    check_writable(out, force)
+    """Refuse, before any work, an output that is the input (whatever the flags) or an existing file (unless
+    --force), or a folder where nothing can be written."""
+    if out is not None:
+        check_new_model(path, out, force)
 
 
 def _plan_weights_only(source: WeightSource, weights: WeightTensors, options: NormalizeOptions) -> NormalizeResult:
@@ -584,7 +585,7 @@ def parametrize_file(
     proof does exactly that on a fresh module, then bakes it (``remove_parametrizations``) and certifies it.
     """
     from lipcheck.frontends.torch_frontend import module_to_graph
-    from lipcheck.rewrite.parametrize import normalised_layers, parametrize, remove_parametrizations
+    from lipcheck.rewrite.parametrize import normalised_layers, parametrize
 
     path, out = Path(path), None if output is None else Path(output)
     _check_output(path, out, force)
@@ -618,15 +619,37 @@ def parametrize_file(
     result = NormalizeResult(path.name, "parametrized state_dict", changes, [], None, budget_note=note)
     if out is None:
         return result
-    result.written = write_new_model(out, lambda target: torch.save(module.state_dict(), target), force)
+    with StagedModel(out, force, protect=[path]) as staged:
+        staged.write(lambda target: torch.save(module.state_dict(), target))
+        _prove_parametrized(
+            staged.model, result, original, lambda: normalised(fresh_module()), shape, options, conv_norm
+        )
+        if result.passed:
+            result.written = staged.commit()  # only a proven model reaches the output path
+    return result
+
+
+def _prove_parametrized(
+    out: Path,
+    result: NormalizeResult,
+    original: torch.nn.Module,
+    fresh: Callable[[], torch.nn.Module],
+    shape: tuple[int, ...],
+    options: NormalizeOptions,
+    conv_norm: str,
+) -> None:
+    """Load the written state_dict into a fresh parametrized module, run it, bake it and certify its layers."""
+    from lipcheck.frontends.torch_frontend import module_to_graph
+    from lipcheck.rewrite.parametrize import remove_parametrizations
+
     try:
-        reloaded = normalised(fresh_module())
+        reloaded = fresh()
         reloaded.load_state_dict(torch.load(out, weights_only=True), strict=True)
         reloaded.eval()
         result.checks.append(Check("reloads", True, "a fresh module, parametrized the same way, loads it strictly"))
     except Exception as exc:
         result.checks.append(Check("reloads", False, str(exc).splitlines()[0][:200]))
-        return result
+        return
     inputs = [torch.from_numpy(x[0]) for x in _random_inputs([shape])]
     with torch.no_grad():
         result.output_change = max(_relative_change(_as_list(original(x)), _as_list(reloaded(x))) for x in inputs)
@@ -634,7 +657,7 @@ def parametrize_file(
     baked = remove_parametrizations(reloaded)
     after = _layer_norms(_certify(module_to_graph(baked, options.input_shapes, out.name), False, options.device))
     over = []
-    for change in changes:
+    for change in result.layers:
         change.norm_after = after.get(change.name)
         if change.norm_after is not None and change.norm_before > 0:
             change.factor = change.norm_after / change.norm_before
@@ -644,4 +667,3 @@ def parametrize_file(
         limit = f"{options.target:g} x (1 + {TOLERANCE:g})"
         detail = "; ".join(over[:3]) or f"baked: every layer's certified norm <= {limit}"
         result.checks.append(Check("layer norms", not over, detail))
-    return result

@@ -52,6 +52,10 @@ class WeightSource:
         """Drop an (already identity) BatchNorm from the graph when the format allows it."""
         return False
 
+    def input_files(self) -> list[Path]:
+        """The files the model was read from (the output may replace none of them)."""
+        return [self.path]
+
 
 # ---------------------------------------------------------------------- ONNX
 
@@ -62,7 +66,8 @@ class OnnxSource(WeightSource):
 
         self.path = path
         self.model = load_onnx_model(path)
-        self.external = _uses_external_data(path)
+        self.external_files = _external_files(path)
+        self.external = bool(self.external_files)
         self.format = "ONNX with external data" if self.external else "ONNX"
         self.initializers = {init.name: init for init in self.model.graph.initializer}
 
@@ -81,6 +86,9 @@ class OnnxSource(WeightSource):
         init = self.initializers[name]
         old = numpy_helper.to_array(init)
         init.CopyFrom(numpy_helper.from_array(np.asarray(value).astype(old.dtype).reshape(old.shape), name))
+
+    def input_files(self) -> list[Path]:
+        return [self.path, *self.external_files]
 
     def source_of(self, value: str) -> str | None:
         """The initializer a weight comes from through shape-only ops (Transpose, Reshape, Cast, ...)."""
@@ -129,12 +137,19 @@ class OnnxSource(WeightSource):
             onnx.save_model(model, str(target))
 
 
-def _uses_external_data(path: Path) -> bool:
+def _external_files(path: Path) -> list[Path]:
+    """The external data files an ONNX model's initializers are read from."""
     import onnx
     from onnx.external_data_helper import uses_external_data
 
     model = onnx.load(str(path), load_external_data=False)
-    return any(uses_external_data(init) for init in model.graph.initializer)
+    found = []
+    for init in model.graph.initializer:
+        if uses_external_data(init):
+            location = next((e.value for e in init.external_data if e.key == "location"), None)
+            if location is not None and path.parent / location not in found:
+                found.append(path.parent / location)
+    return found
 
 
 # ---------------------------------------------------------------------- PyTorch
