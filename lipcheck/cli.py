@@ -592,21 +592,68 @@ def list_rules(
     stdout_console(False).print(table)
 
 
+INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
+class _Interrupts:
+    """SIGINT raises KeyboardInterrupt as usual, and is remembered: Typer turns a KeyboardInterrupt into a
+    silent ``exit 130``, so ``main`` asks this, not the exception, whether the run was interrupted."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self.previous: Any = None
+
+    def __enter__(self) -> _Interrupts:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+
+def _interrupted() -> typing.NoReturn:
+    """Ctrl-C: one line, exit 130. Every file lipcheck writes is staged and renamed, so nothing partial is left."""
+    sys.stderr.write("lipcheck: interrupted\n")
+    sys.stderr.flush()
+    sys.exit(INTERRUPTED)
+
+
 def main() -> None:
-    """Entry point: one line on stderr and exit code 2 for every error a user can cause."""
-    try:
-        app()
-    except LipcheckError as exc:
+    """Entry point: one line on stderr and exit code 2 for every error a user can cause, 130 for Ctrl-C."""
+    with _Interrupts() as interrupts:
+        try:
+            app()
+        except SystemExit as exc:
+            if interrupts.seen or exc.code == INTERRUPTED:
+                _interrupted()
+            raise
+        except KeyboardInterrupt:
+            _interrupted()
+        except Exception as exc:
+            if interrupts.seen:  # whatever a library made of the KeyboardInterrupt
+                _interrupted()
+            _failed(exc)
+
+
+def _failed(exc: Exception) -> typing.NoReturn:
+    """An error a user can cause: one line on stderr, exit 2 (a traceback only with LIPCHECK_DEBUG)."""
+    if isinstance(exc, LipcheckError):
         sys.stderr.write(f"lipcheck: error: {exc}\n")
         sys.exit(2)
-    except KeyboardInterrupt:
-        sys.stderr.write("lipcheck: interrupted\n")
-        sys.exit(2)
-    except Exception as exc:
-        if os.environ.get("LIPCHECK_DEBUG"):
-            raise
-        sys.stderr.write(
-            f"lipcheck: internal error: {type(exc).__name__}: {one_line(str(exc))} "
-            "(set LIPCHECK_DEBUG=1 for a traceback)\n"
-        )
-        sys.exit(2)
+    if os.environ.get("LIPCHECK_DEBUG"):
+        raise exc
+    sys.stderr.write(
+        f"lipcheck: internal error: {type(exc).__name__}: {one_line(str(exc))} (set LIPCHECK_DEBUG=1 for a traceback)\n"
+    )
+    sys.exit(2)
