@@ -27,6 +27,7 @@ from lipcheck.walk import walk
 def prepare(graph: Graph, fold_batchnorms: bool = True) -> Graph:
     """All passes, in order (``fold_batchnorms=False`` keeps BatchNorms as layers of their own)."""
     recognise_activations(graph)
+    fold_wrap_padding(graph)
     if fold_batchnorms:
         fold_batchnorm(graph)
     return graph
@@ -35,6 +36,27 @@ def prepare(graph: Graph, fold_batchnorms: bool = True) -> Graph:
 def _op(node: Node) -> ops.Op:
     """The node's op (a bare Op, with no facet, for an op lipcheck does not know)."""
     return ops.get(node.op) or ops.Op()
+
+
+# ---------------------------------------------------------------------------------------------
+# Wrap padding: a circular convolution written as Pad(wrap) then a valid Conv (torch's padding_mode="circular")
+
+
+def fold_wrap_padding(graph: Graph) -> None:
+    """Merge each wrap padding into the layer that alone reads it, when the layer can take it (one pass)."""
+    producers, consumers = graph.producers(), graph.consumers()
+    removed: set[int] = set()
+    for node in graph.nodes:
+        x = node.inputs[0] if node.inputs else ""
+        pad = producers.get(x)
+        if pad is None or len(consumers.get(x, [])) != 1 or x in graph.outputs:
+            continue
+        pads = _op(pad).wrap_pads(graph, pad)
+        if pads is not None and _op(node).absorb_wrap_padding(graph, node, pad, pads):
+            node.inputs[0] = pad.inputs[0]
+            removed.add(id(pad))
+    if removed:
+        graph.nodes = [node for node in graph.nodes if id(node) not in removed]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -153,7 +153,9 @@ class GraphBuilder:
         self.taken_values: set[str] = set()
         self.taken_nodes: set[str] = set()
         self.unmapped: dict[str, list[str]] = {}
+        self.failed: set[str] = set()  # fx nodes that could not be mapped, and everything computed from them
         self.qualnames = self._module_qualnames()
+        self.last_in_module = self._last_ops()
         self.source_names = source_names or {}
         self.current: fx.Node | None = None
 
@@ -246,16 +248,19 @@ class GraphBuilder:
         if fx_node is None:
             return "node"
         stack = fx_node.meta.get("nn_module_stack") or {}
-        qualname = ""
+        qualname, call = "", ""
         if stack:
-            qualname = str(list(stack.values())[-1][0])
+            call, (qualname, _) = list(stack.items())[-1]
+            qualname = str(qualname)
         if not qualname:
             qualname = self.source_names.get(fx_node.name, "")
             if qualname:
                 return qualname
         op = aten_name(fx_node.target).rstrip("_")
-        if qualname and self._is_leaf(qualname):
-            return qualname
+        if qualname and self._is_leaf(qualname) and self.last_in_module.get(call, fx_node.name) == fx_node.name:
+            return (
+                qualname  # a module's own op: the last one a call of it emits (a reflect-padded conv's Pad is conv.pad)
+            )
         return f"{qualname}.{op}" if qualname else op
 
     def _module_qualnames(self) -> set[str]:
@@ -264,6 +269,16 @@ class GraphBuilder:
             for qualname, _ in (node.meta.get("nn_module_stack") or {}).values():
                 names.add(str(qualname))
         return names
+
+    def _last_ops(self) -> dict[str, str]:
+        """The last node that emits a lipcheck op in each call of a module (keyed as export keys the call)."""
+        last: dict[str, str] = {}
+        for node in self.program.graph.nodes:
+            stack = node.meta.get("nn_module_stack") or {}
+            name = aten_name(node.target) if node.op == "call_function" else ""
+            if stack and (name.rstrip("_") in CONVERTERS or name in UNARY_OPS):
+                last[str(list(stack)[-1])] = node.name
+        return last
 
     def _is_leaf(self, qualname: str) -> bool:
         prefix = qualname + "."
@@ -311,8 +326,12 @@ class GraphBuilder:
 
     def _unmapped(self, node: fx.Node, label: str) -> None:
         self.unmapped.setdefault(label, []).append(self.layer_base(node))
+        self.failed.add(node.name)
 
     def _call(self, node: fx.Node) -> None:
+        if any(arg.name in self.failed for arg in node.all_input_nodes):
+            self._after_failure(node)
+            return
         if node.target is operator.getitem:
             source, index = node.args
             value = self.values.get(source.name)  # type: ignore[union-attr, arg-type]
@@ -346,6 +365,17 @@ class GraphBuilder:
             for op, where in exc.ops.items():
                 self.unmapped.setdefault(op, []).extend(where)
             self.values[node.name] = None
+            self.failed.add(node.name)
+
+    def _after_failure(self, node: fx.Node) -> None:
+        """A node computed from one that could not be mapped: not mapped either, and listed only when its own
+        op has no converter (so one unknown op is one line, not every use of its result after it)."""
+        name = aten_name(node.target) if node.target is not operator.getitem else ""
+        known = not name or name.startswith("sym_") or name.rstrip("_") in CONVERTERS
+        if not (known or name in UNARY_OPS or name in IDENTITY_OPS):
+            self.unmapped.setdefault(f"aten.{name}", []).append(self.layer_base(node))
+        self.values[node.name] = None
+        self.failed.add(node.name)
 
     def _fold(self, node: fx.Node, args: dict[str, Any]) -> bool:
         """Evaluate a node whose tensor inputs are all constants (weights behind t(), view, mul...)."""

@@ -23,11 +23,13 @@ from lipcheck.frontends.torch_frontend import (
     check_torch_file,
     find_weights,
     load_weights,
+    module_state,
     quiet,
     strip_common_prefix,
     strip_wrapper_prefixes,
     unpickle,
 )
+from lipcheck.frontends.torch_state import Parametrized, find_parametrized, module_transposed
 
 
 class WeightSource:
@@ -165,11 +167,20 @@ class TorchSource(WeightSource):
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     file_keys: dict[str, str] = field(default_factory=dict)  # module key -> key in the file
     metadata: dict[str, str] | None = None  # safetensors header metadata
+    # effective tensors of torch's parametrizations (spectral_norm, weight_norm), by their plain key
+    parametrized: dict[str, Parametrized] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.parametrized:
+            self.parametrized = {p.name: p for p in find_parametrized(self.tensors)}
 
     def names(self) -> list[str]:
-        return list(self.tensors)
+        hidden = {k for p in self.parametrized.values() for k in p.keys}
+        return [k for k in self.tensors if k not in hidden] + list(self.parametrized)
 
     def get(self, name: str) -> np.ndarray | None:
+        if name in self.parametrized:
+            return self.parametrized[name].effective(self.tensors).numpy()
         tensor = self.tensors.get(name)
         if tensor is None:
             return None
@@ -177,10 +188,24 @@ class TorchSource(WeightSource):
         return (tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor).cpu().numpy().copy()
 
     def set(self, name: str, value: np.ndarray) -> None:
+        if name in self.parametrized:
+            self._scale_parametrized(self.parametrized[name], np.asarray(value, dtype=np.float64))
+            return
         tensor = self.tensors[name]
         new = torch.as_tensor(np.asarray(value), dtype=torch.float64).to(dtype=tensor.dtype).reshape(tensor.shape)
         with torch.no_grad():
             tensor.copy_(new)
+
+    def _scale_parametrized(self, parametrized: Parametrized, value: np.ndarray) -> None:
+        """A parametrized tensor changes only by a positive factor (what normalize does): scale it in its keys."""
+        current = parametrized.effective(self.tensors).numpy()
+        factor = float(np.vdot(value, current) / max(np.vdot(current, current), 1e-300))
+        if not factor > 0 or np.abs(value - factor * current).max() > 1e-6 * max(np.abs(value).max(), 1e-30):
+            raise LipcheckError(
+                f"{self.path}: {parametrized.name} comes from torch's {parametrized.kind}; lipcheck can only "
+                "rescale it as a whole (--fold-bn changes it channel by channel)"
+            )
+        parametrized.scale(self.tensors, factor)
 
     def write(self, target: Path) -> None:
         with quiet():
@@ -229,7 +254,9 @@ def _open_source(path: Path, options: TorchOptions | None) -> WeightSource:
     obj = unpickle(path, options.trust_pickle)
     found, where = find_weights(obj, path)
     if isinstance(found, torch.nn.Module):
-        return TorchSource(path, "pickled module", obj, dict(found.state_dict(keep_vars=True)))
+        tensors = dict(found.state_dict(keep_vars=True))
+        parametrized = {p.name: p for p in find_parametrized(tensors, module_transposed(found))}
+        return TorchSource(path, "pickled module", obj, tensors, parametrized=parametrized)
     return _state_source(path, where, found, obj, options, None)
 
 
@@ -244,10 +271,14 @@ def _state_source(
     """Module keys as the report sees them (wrapper and Lightning prefixes removed) -> the file's tensors."""
     file_keys = list(state)
     stripped = list(strip_wrapper_prefixes(dict(state)))
+    transposed = None
     if options.model is not None:
         module = build_module(options.model, options.model_kwargs)
-        load_weights(module, dict(zip(stripped, state.values(), strict=True)), path.name)
-        matched = list(strip_common_prefix(dict(zip(stripped, state.values(), strict=True)), set(module.state_dict())))
+        named = dict(zip(stripped, state.values(), strict=True))
+        load_weights(module, module_state(module, named), path.name)
+        wanted = set(module.state_dict()) | {p.name for p in find_parametrized(named)}
+        matched = list(strip_common_prefix(named, wanted))
+        transposed = module_transposed(module)
     else:
         matched = stripped
     if len(matched) != len(file_keys):
@@ -255,7 +286,9 @@ def _state_source(
     tensors = {module_key: state[file_key] for module_key, file_key in zip(matched, file_keys, strict=True)}
     # the tensors are the loaded object's own: editing them in place edits what ``write`` saves
     keys = dict(zip(matched, file_keys, strict=True))
-    return TorchSource(path, "state_dict" if where == "a state_dict" else where, obj, tensors, keys, metadata)
+    parametrized = {p.name: p for p in find_parametrized(tensors, transposed)}
+    kind = "state_dict" if where == "a state_dict" else where
+    return TorchSource(path, kind, obj, tensors, keys, metadata, parametrized)
 
 
 def load_runnable(path: Path, options: TorchOptions) -> torch.nn.Module | None:
@@ -282,5 +315,5 @@ def _load_runnable(path: Path, options: TorchOptions) -> torch.nn.Module | None:
     if options.model is None:
         return None
     module = build_module(options.model, options.model_kwargs)
-    load_weights(module, strip_wrapper_prefixes(state), path.name)
+    load_weights(module, module_state(module, strip_wrapper_prefixes(state)), path.name)
     return module.eval()
