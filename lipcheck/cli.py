@@ -153,9 +153,11 @@ def stdout_console(no_color: bool, **options: Any) -> Console:
 
 
 def _progress(output_format: Format, no_color: bool, label: str = "bounding") -> Any:
-    """The stderr progress bar, or None when it is not wanted (JSON output, stderr not a terminal)."""
-    from lipcheck.progress import LayerProgress, progress_wanted
+    """Progress on stderr: the bar on a terminal (not for JSON output), plain lines now and then elsewhere."""
+    from lipcheck.progress import LayerProgress, PlainProgress, is_terminal, progress_wanted
 
+    if not is_terminal(sys.stderr):
+        return PlainProgress(label)
     if not progress_wanted(output_format is Format.json):
         return None
     return LayerProgress(label, no_color=no_color or bool(os.environ.get("NO_COLOR")))
@@ -263,7 +265,7 @@ def report(
         raise LipcheckError("--output and --save-baseline name the same file")
     loaded = load_baseline(settings.baseline) if settings.baseline is not None else None
     _note_missing_solver(settings)
-    progress = _progress(output_format, no_color)
+    progress = _progress(output_format, no_color, label=f"bounding {display_path(model_file)}")
     try:
         run = analyse_and_gate(model_file, settings, loaded, display_path(model_file), progress)
     finally:
@@ -385,7 +387,7 @@ def _run_models(cfg: Any, output_format: Format, output: Path | None, no_color: 
     table_to_stdout = output_format is Format.table and output is None
     runs = []
     for model in cfg.models:
-        progress = _progress(output_format, no_color, label=display_path(model.path, cwd))
+        progress = _progress(output_format, no_color, label=f"bounding {display_path(model.path, cwd)}")
         try:
             run = run_model(model, cwd, update_baseline=update, progress=progress)
         finally:
@@ -534,10 +536,13 @@ def normalize(
         raise LipcheckError("normalize needs -o OUTPUT (or --dry-run to only show the plan)")
     if output is not None and not dry_run:
         check_new_model(model_file, output, force)  # before torch is even imported: a bad -o fails at once
+    from lipcheck.progress import PlainProgress, is_terminal
     from lipcheck.rewrite.normalize import NormalizeOptions, normalize_file
 
     options = NormalizeOptions.from_settings(settings, target, clip, lipschitz, layers, fold_bn)
-    result = normalize_file(model_file, None if dry_run else output, options, mode.value, conv_norm.value, force)
+    progress = None if is_terminal(sys.stderr) else PlainProgress(f"normalize {model_file.name}").stage
+    out = None if dry_run else output
+    result = normalize_file(model_file, out, options, mode.value, conv_norm.value, force, progress)
     _show_normalize(result, output_format, no_color, None if dry_run else output)
 
 

@@ -263,12 +263,19 @@ def normalize(
 
 
 def normalize_file(
-    path: Path, output: Path | None, options: NormalizeOptions, mode: str, conv_norm: str, force: bool
+    path: Path,
+    output: Path | None,
+    options: NormalizeOptions,
+    mode: str,
+    conv_norm: str,
+    force: bool,
+    progress: Callable[[str], None] | None = None,
 ) -> NormalizeResult:
-    """``lipcheck normalize`` in either mode: bake (rescaled weights, any format) or parametrize (PyTorch)."""
+    """``lipcheck normalize`` in either mode: bake (rescaled weights, any format) or parametrize (PyTorch).
+    ``progress(text)`` is told each step as it starts."""
     if mode == "parametrize":
         return parametrize_file(path, output, options, conv_norm, force=force)
-    return normalize(path, output, options, force=force)
+    return normalize(path, output, options, force=force, progress=progress)
 
 
 def _check_output(path: Path, out: Path | None, force: bool) -> None:
