@@ -63,7 +63,18 @@ ModelOutput = Annotated[
 ReportForce = Annotated[
     bool, typer.Option("--force", help="Allow --output and --save-baseline to replace an existing file.")
 ]
-CheckForce = Annotated[bool, typer.Option("--force", help="Allow --output to replace an existing file.")]
+CheckForce = Annotated[
+    bool, typer.Option("--force", help="Allow --output and --json-output to replace an existing file.")
+]
+CheckJsonOutput = Annotated[
+    Path | None,
+    typer.Option(
+        "--json-output",
+        metavar="FILE",
+        help="Also write the results as JSON (schema lipcheck.check/1) to FILE, whatever --format prints "
+        "(one run gives GitHub annotations and the data for the job's outputs).",
+    ),
+]
 ModelForce = Annotated[bool, typer.Option("--force", help="Allow -o to replace an existing file.")]
 
 
@@ -337,6 +348,7 @@ def check(
     ] = None,
     output_format: FormatOption = Format.table,
     output: CheckOutput = None,
+    json_output: CheckJsonOutput = None,
     force: CheckForce = False,
     update_baselines: Annotated[
         bool,
@@ -360,13 +372,21 @@ def check(
     from lipcheck.files import check_writable
 
     cfg = load_config(config, overrides=settings)
-    if output is not None:
-        check_writable(output, force)
+    for target in (output, json_output):
+        if target is not None:
+            check_writable(target, force)
+    if output is not None and json_output is not None and output.absolute() == json_output.absolute():
+        raise LipcheckError("--output and --json-output name the same file")
     runs = _run_models(cfg, output_format, output, no_color, update_baselines)
     failed = sum(run.status == "fail" for run in runs)
     errors = sum(run.status == "error" for run in runs)
     code = 2 if errors else 1 if failed and not cfg.exit_zero else 0
     _write_check(cfg, runs, code, output_format, output, force)
+    if json_output is not None:
+        from lipcheck.runner import json_text
+
+        write_new_file(json_output, json_text(_check_document(cfg, runs, code)), force)
+        _note(f"wrote {json_output}")
     if github_summary:
         _github_summary(runs)
     _check_summary(cfg, runs, failed, errors)
@@ -405,9 +425,8 @@ def _run_models(cfg: Any, output_format: Format, output: Path | None, no_color: 
 
 
 def _write_check(cfg: Any, runs: list, code: int, output_format: Format, output: Path | None, force: bool) -> None:
-    from lipcheck.gate import display_path
     from lipcheck.render import summary_as_text
-    from lipcheck.runner import json_text, report_document
+    from lipcheck.runner import json_text
 
     if output_format is Format.table:
         if output is not None:
@@ -416,7 +435,15 @@ def _write_check(cfg: Any, runs: list, code: int, output_format: Format, output:
     if output_format is not Format.json:
         _emit(_render(runs, output_format), output, force)
         return
-    document = {
+    _emit(json_text(_check_document(cfg, runs, code)), output, force)
+
+
+def _check_document(cfg: Any, runs: list, code: int) -> dict[str, Any]:
+    """``lipcheck check``'s results as JSON (schema lipcheck.check/1)."""
+    from lipcheck.gate import display_path
+    from lipcheck.runner import report_document
+
+    return {
         "schema": CHECK_SCHEMA,
         "lipcheck_version": lipcheck.__version__,
         "config": display_path(cfg.source, Path.cwd()),
@@ -432,7 +459,6 @@ def _write_check(cfg: Any, runs: list, code: int, output_format: Format, output:
             for run in runs
         ],
     }
-    _emit(json_text(document), output, force)
 
 
 def _check_summary(cfg: Any, runs: list, failed: int, errors: int) -> None:
@@ -638,7 +664,7 @@ def main() -> None:
     """Entry point: one line on stderr and exit code 2 for every error a user can cause, 130 for Ctrl-C."""
     with _Interrupts() as interrupts:
         try:
-            app()
+            _run_app()
         except SystemExit as exc:
             if interrupts.seen or exc.code == INTERRUPTED:
                 _interrupted()
@@ -649,6 +675,31 @@ def main() -> None:
             if interrupts.seen:  # whatever a library made of the KeyboardInterrupt
                 _interrupted()
             _failed(exc)
+
+
+def _run_app() -> None:
+    """The Typer app without its standalone mode, so that a usage error is one line like every other error.
+
+    Typer raises click's exceptions (its own vendored copy in recent releases), told apart by what they have.
+    """
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:  # end of input where a prompt waited
+        sys.stderr.write("lipcheck: aborted\n")
+        sys.exit(1)
+    except Exception as exc:
+        if not (hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)):
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            exc.show()  # type: ignore[attr-defined]  # ``lipcheck`` alone: the help, as a usage error
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+        message = one_line(exc.format_message()).replace("Value error, ", "")
+        context = getattr(exc, "ctx", None)  # usage errors: unknown option or command, bad value, missing argument
+        where = f" (see {context.command_path} --help)" if context is not None else ""
+        sys.stderr.write(f"lipcheck: error: {message}{where}\n")
+        sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+    if isinstance(code, int) and code:
+        sys.exit(code)  # typer.Exit(n) (and Typer's 130 for Ctrl-C) come back as the return value here
 
 
 def _failed(exc: Exception) -> typing.NoReturn:
