@@ -432,7 +432,7 @@ def _input_names(forward: Any) -> list[str]:
 
 def example_inputs(specs: Sequence[str], names: Sequence[str], shown: str) -> tuple[dict[str, tuple[int, ...]], list]:
     """Random float inputs of the shapes the user gave (a PyTorch module carries none)."""
-    from lipcheck.frontends.onnx_frontend import parse_input_shapes
+    from lipcheck.options import parse_input_shapes
 
     if not specs:
         raise InputShapeError(

@@ -152,6 +152,8 @@ class GraphBuilder:
         self.tensors: dict[str, torch.Tensor] = {}  # constant value name -> tensor, for folding
         self.taken_values: set[str] = set()
         self.taken_nodes: set[str] = set()
+        self.suffixes: dict[str, int] = {}  # unique_name's counters: 100k ``relu`` nodes are named in linear time
+        self.node_suffixes: dict[str, int] = {}
         self.unmapped: dict[str, list[str]] = {}
         self.failed: set[str] = set()  # fx nodes that could not be mapped, and everything computed from them
         self.qualnames = self._module_qualnames()
@@ -162,7 +164,7 @@ class GraphBuilder:
     # ------------------------------------------------------------------ values
 
     def new_value(self, base: str) -> str:
-        name = unique_name(self.taken_values, base)
+        name = unique_name(self.taken_values, base, self.suffixes)
         self.taken_values.add(name)
         return name
 
@@ -224,7 +226,7 @@ class GraphBuilder:
         fx_node = fx_node or self.current
         assert fx_node is not None
         base = self.layer_base(fx_node)
-        name = unique_name(self.taken_nodes, base)
+        name = unique_name(self.taken_nodes, base, self.node_suffixes)
         self.taken_nodes.add(name)
         out_names = [self.new_value(fx_node.name if outputs == 1 else f"{fx_node.name}:{i}") for i in range(outputs)]
         self.graph.nodes.append(Node(name=name, op=op, inputs=list(inputs), outputs=out_names, attrs=dict(attrs or {})))

@@ -119,19 +119,20 @@ def _selected(name: str, patterns: str | None) -> bool:
     return any(fnmatch.fnmatchcase(name, p.strip()) for p in patterns.split(",") if p.strip())
 
 
-def _source_name(source: WeightSource, value: str) -> str | None:
-    if value in source.names():
+def _source_name(source: WeightSource, value: str, names: set[str]) -> str | None:
+    if value in names:
         return value
     if isinstance(source, OnnxSource):
         return source.source_of(value)
     base = value.removesuffix("_T")  # the PyTorch frontend's transposed Linear weight
-    return base if base in source.names() else None
+    return base if base in names else None
 
 
 def _find_layers(
     graph: Graph, source: WeightSource, patterns: str | None
 ) -> tuple[list[_Layer], list[tuple[str, str]]]:
     layers, skipped = [], []
+    names = set(source.names())
     uses: dict[str, int] = {}
     for node in graph.nodes:
         for v in node.inputs:
@@ -142,7 +143,7 @@ def _find_layers(
         if index is None or not _selected(node.name, patterns):
             continue
         value = node.inputs[index]
-        name = _source_name(source, value)
+        name = _source_name(source, value, names)
         if name is None:
             skipped.append((node.name, "its weight is computed from other constants (e.g. quantized); left alone"))
         elif uses.get(value, 0) > 1:
@@ -155,16 +156,16 @@ def _find_layers(
 # ---------------------------------------------------------------------- BatchNorm folding
 
 
-def _following_batchnorm(graph: Graph, node: Node, source: WeightSource) -> Node | None:
+def _following_batchnorm(graph: Graph, node: Node, readers: dict[str, list[Node]], names: set[str]) -> Node | None:
     """The per-channel affine node (BatchNorm) right after a layer, when its parameters are the file's tensors."""
-    consumers = graph.consumers().get(node.outputs[0], [])
+    consumers = readers.get(node.outputs[0], [])
     if len(consumers) != 1 or node.outputs[0] in graph.outputs:
         return None
     bn = consumers[0]
     op = ops.get(bn.op)
     if op is None or bn.inputs[0] != node.outputs[0] or op.channel_affine(graph, bn) is None:
         return None
-    return bn if all(v in source.names() for v in op.parameter_inputs(bn)) else None
+    return bn if all(v in names for v in op.parameter_inputs(bn)) else None
 
 
 def _fold_batchnorm(layer: _Layer, bn: Node, source: WeightSource, graph: Graph) -> bool:
@@ -326,8 +327,9 @@ def _plan_graph(
         )
     folded: dict[str, str] = {}
     if fold_bn:
+        readers, names = graph.consumers(), set(source.names())
         for layer in layers:
-            bn = _following_batchnorm(graph, layer.node, source) if layer.direct else None
+            bn = _following_batchnorm(graph, layer.node, readers, names) if layer.direct else None
             if bn is not None and _fold_batchnorm(layer, bn, source, graph):
                 folded[layer.node.name] = bn.name
     if isinstance(source, OnnxSource) and folded:
@@ -562,7 +564,7 @@ def _check_onnx(path: Path, out: Path, result: NormalizeResult, options: Normali
             "same inputs and outputs as the original" if same else "inputs or outputs differ from the original",
         )
     )
-    from lipcheck.frontends.onnx_frontend import parse_input_shapes
+    from lipcheck.options import parse_input_shapes
 
     given = parse_input_shapes(list(options.input_shapes), [i.name for i in before.get_inputs()])
     shapes = [given.get(i.name) or tuple(d if isinstance(d, int) else 1 for d in i.shape) for i in before.get_inputs()]

@@ -72,6 +72,7 @@ class OnnxSource(WeightSource):
         self.external = bool(self.external_files)
         self.format = "ONNX with external data" if self.external else "ONNX"
         self.initializers = {init.name: init for init in self.model.graph.initializer}
+        self._producers: dict[str, Any] | None = None  # value -> node, for source_of
 
     def names(self) -> list[str]:
         return list(self.initializers)
@@ -96,7 +97,9 @@ class OnnxSource(WeightSource):
         """The initializer a weight comes from through shape-only ops (Transpose, Reshape, Cast, ...)."""
         from lipcheck.frontends.onnx_frontend import WEIGHT_VIEW_OPS
 
-        producers = {out: node for node in self.model.graph.node for out in node.output}
+        if self._producers is None:
+            self._producers = {out: node for node in self.model.graph.node for out in node.output}
+        producers = self._producers
         seen = 0
         while value not in self.initializers and seen < 16:
             node = producers.get(value)
@@ -113,6 +116,7 @@ class OnnxSource(WeightSource):
             return False
         linear.output[0] = bn.output[0]
         self.model.graph.node.remove(bn)
+        self._producers = None
         used = {name for node in self.model.graph.node for name in node.input}
         for name in list(bn.input[1:]):
             init = self.initializers.get(name)
