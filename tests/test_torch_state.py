@@ -97,6 +97,25 @@ def test_a_forward_that_writes_its_buffers_is_one_line_before_tracing(
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "changes its own buffer 'u'" in err and "aten.copy_" in err
     assert torch.equal(torch.load(path)["u"], before)
+    code, _, err = run_cli(capsys, "report", str(path), "--model", f"{NETS}:PowerIterationAssigned", "-s", "1,4")
+    assert code == 2 and "changes its own buffer 'u' at every call (an assignment)" in err, err
+
+
+def test_the_watch_restores_what_the_forward_changed() -> None:
+    from lipcheck.errors import ModelLoadError
+    from lipcheck.frontends.torch_state import watch_buffer_writes
+    from tests.torch_nets import PowerIterationAssigned
+
+    model = PowerIterationAssigned()
+    buffer, value = model.u, model.u.clone()
+    with pytest.raises(ModelLoadError), watch_buffer_writes(model, "m"), torch.no_grad():
+        model(torch.randn(1, 4))
+    assert model.u is buffer and torch.equal(model.u, value)
+    nan = SmallCNN()
+    with torch.no_grad():
+        nan.fc.weight[0, 0] = float("nan")
+    with watch_buffer_writes(nan, "m"), torch.no_grad():  # a NaN weight is not a change
+        nan(torch.randn(1, 3, 16, 16))
 
 
 def test_one_unmapped_op_is_named_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

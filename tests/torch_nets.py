@@ -154,6 +154,16 @@ class PowerIteration(nn.Module):
         return F.linear(x, w / torch.dot(u, w @ v), self.fc.bias)
 
 
+class PowerIterationAssigned(PowerIteration):
+    """The same, assigning a new buffer (``self.u = ...``) instead of writing into it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.fc.weight
+        v = F.normalize(w.t() @ self.u, dim=0).detach()
+        self.u = F.normalize(w @ v, dim=0).detach()
+        return F.linear(x, w / torch.dot(self.u, w @ v), self.fc.bias)
+
+
 class GroupSortNet(nn.Module):
     """Sorting pairs (GroupSort, as 1-Lipschitz networks do): one op without a mapping, used by several after it."""
 

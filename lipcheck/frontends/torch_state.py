@@ -189,20 +189,44 @@ def _storage(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit (a NaN weight equals itself)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: t for name, t in [*module.named_buffers(), *module.named_parameters()] if t.numel()}
+
+
+def _put_back(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Restore a buffer or parameter the forward replaced by another tensor (``self.u = ...``)."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    table = owner._parameters if leaf in owner._parameters else owner._buffers
+    table[leaf] = tensor  # type: ignore[assignment]
+
+
 @contextmanager
 def watch_buffer_writes(module: nn.Module, shown: str) -> Iterator[None]:
     """Run the block (a forward of ``module``) and refuse a module whose forward changes its own buffers or
-    parameters: one line naming the op and the buffer. The module's state is restored either way."""
-    state = {name: t for name, t in [*module.named_buffers(), *module.named_parameters()] if t.numel()}
+    parameters (in place, or by assigning new ones): one line naming the op and the buffer. The module's
+    state is restored either way."""
+    state = _state(module)
     saved = {name: t.detach().clone() for name, t in state.items()}
     watch = _BufferWrites({_storage(t): name for name, t in state.items()})
     try:
         with watch:
             yield
-        changed = [name for name, t in state.items() if not torch.equal(t, saved[name])]
+        now = _state(module)
+        changed = [name for name, t in state.items() if now.get(name) is not t or not _same(t, saved[name])]
     finally:
-        with torch.no_grad():
-            for name, tensor in state.items():
+        current = _state(module)
+        for name, tensor in state.items():
+            if current.get(name) is not tensor:
+                _put_back(module, name, tensor)
+            with torch.no_grad():
                 tensor.copy_(saved[name])
     if watch.writes or changed:
         op, buffer = watch.writes[0] if watch.writes else ("an assignment", changed[0])
