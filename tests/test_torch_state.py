@@ -196,3 +196,16 @@ def test_weight_norm_scale_keeps_direction() -> None:
     before = found["conv.weight"].effective(state).numpy()
     found["conv.weight"].scale(state, 0.5)
     assert np.allclose(found["conv.weight"].effective(state).numpy(), 0.5 * before)
+
+
+def test_rsqrt_is_one_over_a_square_root() -> None:
+    from lipcheck.frontends.torch_frontend import module_to_graph
+    from lipcheck.interpret import interpret
+
+    class Scaled(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.rsqrt(x * x + 4.0)
+
+    graph = module_to_graph(Scaled(), ["1,5"], "rsqrt")
+    x = torch.linspace(-3, 3, 5, dtype=torch.float64).reshape(1, 5)
+    assert torch.allclose(interpret(graph)(x), Scaled()(x), atol=1e-12)

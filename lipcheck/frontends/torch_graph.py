@@ -63,7 +63,6 @@ UNARY_OPS = {
     "exp": "Exp",
     "log": "Log",
     "sqrt": "Sqrt",
-    "rsqrt": "Reciprocal",
     "reciprocal": "Reciprocal",
     "sin": "Sin",
     "cos": "Cos",
@@ -705,6 +704,13 @@ def _gelu(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
 @converts("silu")
 def _silu(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     b.emit("SiLU", [b.value(args["self"])])
+
+
+@converts("rsqrt")
+def _rsqrt(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
+    """1 / sqrt(x): Sqrt then Reciprocal (it was mapped to Reciprocal alone, 1 / x)."""
+    root = b.emit("Sqrt", [b.value(_first(args))], final=False)
+    b.emit("Reciprocal", root)
 
 
 @converts("hardsigmoid")
