@@ -63,7 +63,18 @@ ModelOutput = Annotated[
 ReportForce = Annotated[
     bool, typer.Option("--force", help="Allow --output and --save-baseline to replace an existing file.")
 ]
-CheckForce = Annotated[bool, typer.Option("--force", help="Allow --output to replace an existing file.")]
+CheckForce = Annotated[
+    bool, typer.Option("--force", help="Allow --output and --json-output to replace an existing file.")
+]
+CheckJsonOutput = Annotated[
+    Path | None,
+    typer.Option(
+        "--json-output",
+        metavar="FILE",
+        help="Also write the results as JSON (schema lipcheck.check/1) to FILE, whatever --format prints "
+        "(one run gives GitHub annotations and the data for the job's outputs).",
+    ),
+]
 ModelForce = Annotated[bool, typer.Option("--force", help="Allow -o to replace an existing file.")]
 
 
@@ -153,9 +164,11 @@ def stdout_console(no_color: bool, **options: Any) -> Console:
 
 
 def _progress(output_format: Format, no_color: bool, label: str = "bounding") -> Any:
-    """The stderr progress bar, or None when it is not wanted (JSON output, stderr not a terminal)."""
-    from lipcheck.progress import LayerProgress, progress_wanted
+    """Progress on stderr: the bar on a terminal (not for JSON output), plain lines now and then elsewhere."""
+    from lipcheck.progress import LayerProgress, PlainProgress, is_terminal, progress_wanted
 
+    if not is_terminal(sys.stderr):
+        return PlainProgress(label)
     if not progress_wanted(output_format is Format.json):
         return None
     return LayerProgress(label, no_color=no_color or bool(os.environ.get("NO_COLOR")))
@@ -263,7 +276,7 @@ def report(
         raise LipcheckError("--output and --save-baseline name the same file")
     loaded = load_baseline(settings.baseline) if settings.baseline is not None else None
     _note_missing_solver(settings)
-    progress = _progress(output_format, no_color)
+    progress = _progress(output_format, no_color, label=f"bounding {display_path(model_file)}")
     try:
         run = analyse_and_gate(model_file, settings, loaded, display_path(model_file), progress)
     finally:
@@ -335,6 +348,7 @@ def check(
     ] = None,
     output_format: FormatOption = Format.table,
     output: CheckOutput = None,
+    json_output: CheckJsonOutput = None,
     force: CheckForce = False,
     update_baselines: Annotated[
         bool,
@@ -358,13 +372,21 @@ def check(
     from lipcheck.files import check_writable
 
     cfg = load_config(config, overrides=settings)
-    if output is not None:
-        check_writable(output, force)
+    for target in (output, json_output):
+        if target is not None:
+            check_writable(target, force)
+    if output is not None and json_output is not None and output.absolute() == json_output.absolute():
+        raise LipcheckError("--output and --json-output name the same file")
     runs = _run_models(cfg, output_format, output, no_color, update_baselines)
     failed = sum(run.status == "fail" for run in runs)
     errors = sum(run.status == "error" for run in runs)
     code = 2 if errors else 1 if failed and not cfg.exit_zero else 0
     _write_check(cfg, runs, code, output_format, output, force)
+    if json_output is not None:
+        from lipcheck.runner import json_text
+
+        write_new_file(json_output, json_text(_check_document(cfg, runs, code)), force)
+        _note(f"wrote {json_output}")
     if github_summary:
         _github_summary(runs)
     _check_summary(cfg, runs, failed, errors)
@@ -385,7 +407,7 @@ def _run_models(cfg: Any, output_format: Format, output: Path | None, no_color: 
     table_to_stdout = output_format is Format.table and output is None
     runs = []
     for model in cfg.models:
-        progress = _progress(output_format, no_color, label=display_path(model.path, cwd))
+        progress = _progress(output_format, no_color, label=f"bounding {display_path(model.path, cwd)}")
         try:
             run = run_model(model, cwd, update_baseline=update, progress=progress)
         finally:
@@ -403,9 +425,8 @@ def _run_models(cfg: Any, output_format: Format, output: Path | None, no_color: 
 
 
 def _write_check(cfg: Any, runs: list, code: int, output_format: Format, output: Path | None, force: bool) -> None:
-    from lipcheck.gate import display_path
     from lipcheck.render import summary_as_text
-    from lipcheck.runner import json_text, report_document
+    from lipcheck.runner import json_text
 
     if output_format is Format.table:
         if output is not None:
@@ -414,7 +435,15 @@ def _write_check(cfg: Any, runs: list, code: int, output_format: Format, output:
     if output_format is not Format.json:
         _emit(_render(runs, output_format), output, force)
         return
-    document = {
+    _emit(json_text(_check_document(cfg, runs, code)), output, force)
+
+
+def _check_document(cfg: Any, runs: list, code: int) -> dict[str, Any]:
+    """``lipcheck check``'s results as JSON (schema lipcheck.check/1)."""
+    from lipcheck.gate import display_path
+    from lipcheck.runner import report_document
+
+    return {
         "schema": CHECK_SCHEMA,
         "lipcheck_version": lipcheck.__version__,
         "config": display_path(cfg.source, Path.cwd()),
@@ -430,7 +459,6 @@ def _write_check(cfg: Any, runs: list, code: int, output_format: Format, output:
             for run in runs
         ],
     }
-    _emit(json_text(document), output, force)
 
 
 def _check_summary(cfg: Any, runs: list, failed: int, errors: int) -> None:
@@ -526,18 +554,26 @@ def normalize(
     equals --target; the output (same format as the input) is then re-loaded, re-certified and run
     against the original. Exit 1 when a check fails. The input is never modified.
     """
-    from lipcheck.rewrite.normalize import NormalizeOptions, normalize_file
+    from lipcheck.files import check_new_model
 
     if mode is NormalizeMode.parametrize and (lipschitz is not None or clip or fold_bn):
         raise LipcheckError("--lipschitz, --clip and --fold-bn are for --mode bake")
     if output is None and not dry_run:
         raise LipcheckError("normalize needs -o OUTPUT (or --dry-run to only show the plan)")
+    if output is not None and not dry_run:
+        check_new_model(model_file, output, force)  # before torch is even imported: a bad -o fails at once
+    from lipcheck.progress import PlainProgress, is_terminal
+    from lipcheck.rewrite.normalize import NormalizeOptions, normalize_file
+
     options = NormalizeOptions.from_settings(settings, target, clip, lipschitz, layers, fold_bn)
-    result = normalize_file(model_file, None if dry_run else output, options, mode.value, conv_norm.value, force)
-    _show_normalize(result, output_format, no_color, dry_run)
+    progress = None if is_terminal(sys.stderr) else PlainProgress(f"normalize {model_file.name}").stage
+    out = None if dry_run else output
+    result = normalize_file(model_file, out, options, mode.value, conv_norm.value, force, progress)
+    _show_normalize(result, output_format, no_color, None if dry_run else output)
 
 
-def _show_normalize(result: Any, output_format: NormalizeFormat, no_color: bool, dry_run: bool) -> None:
+def _show_normalize(result: Any, output_format: NormalizeFormat, no_color: bool, output: Path | None) -> None:
+    dry_run = output is None
     if output_format is NormalizeFormat.json:
         from lipcheck.rewrite.report import normalize_document
         from lipcheck.runner import json_text
@@ -553,6 +589,7 @@ def _show_normalize(result: Any, output_format: NormalizeFormat, no_color: bool,
     for failure in failed:
         _note(f"check failed: {failure.name}: {failure.detail}")
     if failed:
+        _note(f"{output}: not written: the model failed its proof (the unproven file was deleted)")
         raise typer.Exit(1)
 
 
@@ -586,21 +623,93 @@ def list_rules(
     stdout_console(False).print(table)
 
 
+INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
+class _Interrupts:
+    """SIGINT raises KeyboardInterrupt as usual, and is remembered: Typer turns a KeyboardInterrupt into a
+    silent ``exit 130``, so ``main`` asks this, not the exception, whether the run was interrupted."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self.previous: Any = None
+
+    def __enter__(self) -> _Interrupts:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+
+def _interrupted() -> typing.NoReturn:
+    """Ctrl-C: one line, exit 130. Every file lipcheck writes is staged and renamed, so nothing partial is left."""
+    sys.stderr.write("lipcheck: interrupted\n")
+    sys.stderr.flush()
+    sys.exit(INTERRUPTED)
+
+
 def main() -> None:
-    """Entry point: one line on stderr and exit code 2 for every error a user can cause."""
+    """Entry point: one line on stderr and exit code 2 for every error a user can cause, 130 for Ctrl-C."""
+    with _Interrupts() as interrupts:
+        try:
+            _run_app()
+        except SystemExit as exc:
+            if interrupts.seen or exc.code == INTERRUPTED:
+                _interrupted()
+            raise
+        except KeyboardInterrupt:
+            _interrupted()
+        except Exception as exc:
+            if interrupts.seen:  # whatever a library made of the KeyboardInterrupt
+                _interrupted()
+            _failed(exc)
+
+
+def _run_app() -> None:
+    """The Typer app without its standalone mode, so that a usage error is one line like every other error.
+
+    Typer raises click's exceptions (its own vendored copy in recent releases), told apart by what they have.
+    """
     try:
-        app()
-    except LipcheckError as exc:
+        code = app(standalone_mode=False)
+    except typer.Abort:  # end of input where a prompt waited
+        sys.stderr.write("lipcheck: aborted\n")
+        sys.exit(1)
+    except Exception as exc:
+        if not (hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)):
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            exc.show()  # type: ignore[attr-defined]  # ``lipcheck`` alone: the help, as a usage error
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+        message = one_line(exc.format_message()).replace("Value error, ", "")
+        context = getattr(exc, "ctx", None)  # usage errors: unknown option or command, bad value, missing argument
+        where = f" (see {context.command_path} --help)" if context is not None else ""
+        sys.stderr.write(f"lipcheck: error: {message}{where}\n")
+        sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+    if isinstance(code, int) and code:
+        sys.exit(code)  # typer.Exit(n) (and Typer's 130 for Ctrl-C) come back as the return value here
+
+
+def _failed(exc: Exception) -> typing.NoReturn:
+    """An error a user can cause: one line on stderr, exit 2 (a traceback only with LIPCHECK_DEBUG)."""
+    if isinstance(exc, LipcheckError):
         sys.stderr.write(f"lipcheck: error: {exc}\n")
         sys.exit(2)
-    except KeyboardInterrupt:
-        sys.stderr.write("lipcheck: interrupted\n")
-        sys.exit(2)
-    except Exception as exc:
-        if os.environ.get("LIPCHECK_DEBUG"):
-            raise
-        sys.stderr.write(
-            f"lipcheck: internal error: {type(exc).__name__}: {one_line(str(exc))} "
-            "(set LIPCHECK_DEBUG=1 for a traceback)\n"
-        )
-        sys.exit(2)
+    if os.environ.get("LIPCHECK_DEBUG"):
+        raise exc
+    sys.stderr.write(
+        f"lipcheck: internal error: {type(exc).__name__}: {one_line(str(exc))} (set LIPCHECK_DEBUG=1 for a traceback)\n"
+    )
+    sys.exit(2)

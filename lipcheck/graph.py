@@ -120,13 +120,16 @@ class Graph:
         return iter(self.nodes)
 
 
-def unique_name(taken: Container[str], base: str) -> str:
-    """``base``, or ``base_1``, ``base_2``... the first not in ``taken`` (not copied: naming n values is linear)."""
+def unique_name(taken: Container[str], base: str, counters: dict[str, int] | None = None) -> str:
+    """``base``, or ``base_1``, ``base_2``... the first not in ``taken`` (not copied). ``counters`` remembers, per
+    base, where the search stopped: naming n values after one base is then linear, not quadratic."""
     if base not in taken:
         return base
-    i = 1
+    i = counters.get(base, 1) if counters is not None else 1
     while f"{base}_{i}" in taken:
         i += 1
+    if counters is not None:
+        counters[base] = i + 1
     return f"{base}_{i}"
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import Field, dataclass, field, fields, replace
 from enum import Enum
 from pathlib import Path
@@ -76,6 +76,24 @@ class InputShape(str):
 
 
 Parser = Callable[[Any, str], Any]  # (a flag's text or a TOML value, what to call it in errors) -> value
+
+
+def parse_input_shapes(specs: Sequence[str], input_names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """``["1,3,32,32"]`` or ``["input=1,3,32,32", "mask=1,8"]`` (or InputShapes) -> {input name: shape}.
+
+    Here, not in the ONNX frontend, so that the PyTorch path does not import onnx (half a second) for it."""
+    result: dict[str, tuple[int, ...]] = {}
+    for i, spec in enumerate(specs):
+        shape = spec if isinstance(spec, InputShape) else InputShape(spec)
+        name = shape.name
+        if name is None:
+            if i >= len(input_names):
+                raise InputShapeError(f"--input-shape {spec!r}: the model has only {len(input_names)} input(s)")
+            name = input_names[i]
+        elif name not in input_names:
+            raise InputShapeError(f"--input-shape {spec!r}: no input named {name!r} (inputs: {', '.join(input_names)})")
+        result[name] = shape.dims
+    return result
 
 
 def _same(value: Any, what: str) -> Any:

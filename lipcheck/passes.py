@@ -35,6 +35,7 @@ def prepare(graph: Graph, fold_batchnorms: bool = True) -> Graph:
     """All passes, in order (``fold_batchnorms=False`` keeps BatchNorms as layers of their own)."""
     recognise_activations(graph)
     recognise_switches(graph)
+    fold_wrap_padding(graph)
     if fold_batchnorms:
         fold_batchnorm(graph)
     return graph
@@ -43,6 +44,27 @@ def prepare(graph: Graph, fold_batchnorms: bool = True) -> Graph:
 def _op(node: Node) -> ops.Op:
     """The node's op (a bare Op, with no facet, for an op lipcheck does not know)."""
     return ops.get(node.op) or ops.Op()
+
+
+# ---------------------------------------------------------------------------------------------
+# Wrap padding: a circular convolution written as Pad(wrap) then a valid Conv (torch's padding_mode="circular")
+
+
+def fold_wrap_padding(graph: Graph) -> None:
+    """Merge each wrap padding into the layer that alone reads it, when the layer can take it (one pass)."""
+    producers, consumers = graph.producers(), graph.consumers()
+    removed: set[int] = set()
+    for node in graph.nodes:
+        x = node.inputs[0] if node.inputs else ""
+        pad = producers.get(x)
+        if pad is None or len(consumers.get(x, [])) != 1 or x in graph.outputs:
+            continue
+        pads = _op(pad).wrap_pads(graph, pad)
+        if pads is not None and _op(node).absorb_wrap_padding(graph, node, pad, pads):
+            node.inputs[0] = pad.inputs[0]
+            removed.add(id(pad))
+    if removed:
+        graph.nodes = [node for node in graph.nodes if id(node) not in removed]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,17 +98,35 @@ def _fold_one(graph: Graph, node: Node, producers: dict[str, Node], consumers: d
 
 
 def fold_batchnorm(graph: Graph) -> None:
-    """Merge each inference BatchNorm into the Conv/ConvTranspose/Gemm before it, else after it."""
+    """Merge each inference BatchNorm into the Conv/ConvTranspose/Gemm before it, else after it.
+
+    Passes over the graph until one folds nothing (a fold can enable one earlier in the graph: a BatchNorm
+    before another that folded into the conv after it), each linear: the producers and readers are updated
+    as nodes fold, never recomputed, and folded nodes leave the list once per pass."""
     changed = True
     while changed:
-        changed = False
         producers, consumers = graph.producers(), graph.consumers()
+        folded: set[int] = set()
         for node in graph.nodes:
             if _fold_one(graph, node, producers, consumers):
-                graph.nodes.remove(node)
-                changed = True
-                break
+                folded.add(id(node))
+                _after_fold(node, producers, consumers)
+        graph.nodes = [node for node in graph.nodes if id(node) not in folded]
+        changed = bool(folded)
     graph.prune()
+
+
+def _after_fold(node: Node, producers: dict[str, Node], consumers: dict[str, list[Node]]) -> None:
+    """Keep the maps true once ``node`` (input x, output y) has folded into the layer before or after it."""
+    x, y = node.inputs[0], node.outputs[0]
+    users = consumers.pop(y, [])
+    if producers.get(x) is not None and producers[x].outputs[:1] == [y]:  # into its producer, which now makes y
+        producers[y] = producers.pop(x)
+        consumers.pop(x, None)
+        consumers[y] = users
+    else:  # into its consumer, which now reads x
+        consumers[x] = [user for user in consumers.get(x, []) if user is not node] + users
+        producers.pop(y, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,8 +148,11 @@ def _scalar(graph: Graph, value: str) -> float | None:
     return float(np.asarray(const).reshape(-1)[0])
 
 
-def _region(graph: Graph, values: list[str], source: str, producers: dict[str, Node]) -> list[Node] | None:
-    """Elementwise nodes between ``source`` and ``values`` if every path back ends at ``source``."""
+def _region(
+    graph: Graph, values: list[str], source: str, producers: dict[str, Node], order: dict[str, int]
+) -> list[Node] | None:
+    """Elementwise nodes between ``source`` and ``values`` if every path back ends at ``source`` (``order``: each
+    value's producer's position in the graph)."""
     region: dict[str, Node] = {}
     stack = [v for v in values if v]
     while stack:
@@ -122,8 +165,7 @@ def _region(graph: Graph, values: list[str], source: str, producers: dict[str, N
         if node.name not in region:
             region[node.name] = node
             stack.extend(v for v in node.inputs if v)
-    order = {node.name: i for i, node in enumerate(graph.nodes)}
-    return sorted(region.values(), key=lambda n: order[n.name])
+    return sorted(region.values(), key=lambda n: order[n.outputs[0]])
 
 
 def _evaluate(graph: Graph, nodes: list[Node], source: str) -> torch.Tensor | None:
@@ -157,7 +199,7 @@ def identify_activation(values: torch.Tensor) -> tuple[str, float] | None:
     return None
 
 
-def _candidate_sources(values: list[str], producers: dict[str, Node], graph: Graph) -> list[str]:
+def _candidate_sources(values: list[str], producers: dict[str, Node], graph: Graph, order: dict[str, int]) -> list[str]:
     """Values every one of ``values`` depends on, nearest first."""
     ancestor_sets = []
     for value in values:
@@ -177,7 +219,6 @@ def _candidate_sources(values: list[str], producers: dict[str, Node], graph: Gra
     if not ancestor_sets:
         return []
     common = [v for v in ancestor_sets[0] if all(v in s for s in ancestor_sets[1:])]
-    order = {out: i for i, node in enumerate(graph.nodes) for out in node.outputs}
     return sorted(common, key=lambda v: -order.get(v, -1))
 
 
@@ -190,10 +231,10 @@ def _worth_trying(product: Node, graph: Graph, producers: dict[str, Node]) -> bo
     return inner is not None and _op(inner).recognition_root
 
 
-def _recognise(graph: Graph, product: Node, producers: dict[str, Node]) -> Node | None:
+def _recognise(graph: Graph, product: Node, producers: dict[str, Node], order: dict[str, int]) -> Node | None:
     """The Recognised node replacing ``product`` and the region before it, if it is a known activation."""
-    for source in _candidate_sources(product.inputs, producers, graph):
-        nodes = _region(graph, product.inputs, source, producers)
+    for source in _candidate_sources(product.inputs, producers, graph, order):
+        nodes = _region(graph, product.inputs, source, producers, order)
         if nodes is None:
             continue
         values = _evaluate(graph, [*nodes, product], source)
@@ -207,17 +248,46 @@ def _recognise(graph: Graph, product: Node, producers: dict[str, Node]) -> Node 
 
 
 def recognise_activations(graph: Graph) -> None:
-    """Replace products that compute a known activation by a single ``Recognised`` node."""
-    for product in reversed(list(graph.nodes)):
-        if product not in graph.nodes or not _op(product).recognition_root:
+    """Replace products that compute a known activation by a single ``Recognised`` node.
+
+    Linear in the graph's size (plus the work per candidate): the producers, positions and readers are found
+    once, and a replaced region's nodes are dropped by counting their remaining readers, not by pruning the
+    whole graph after each replacement."""
+    producers = graph.producers()
+    order = {out: i for i, node in enumerate(graph.nodes) for out in node.outputs}
+    readers = {value: len(users) for value, users in graph.consumers().items()}
+    dead: set[int] = set()
+    for index in reversed(range(len(graph.nodes))):
+        product = graph.nodes[index]
+        if id(product) in dead or not _op(product).recognition_root or not _worth_trying(product, graph, producers):
             continue
-        producers = graph.producers()
-        if not _worth_trying(product, graph, producers):
+        recognised = _recognise(graph, product, producers, order)
+        if recognised is None:
             continue
-        recognised = _recognise(graph, product, producers)
-        if recognised is not None:
-            graph.nodes[graph.nodes.index(product)] = recognised
-            graph.prune()
+        graph.nodes[index] = recognised
+        producers.update({out: recognised for out in recognised.outputs})
+        readers[recognised.inputs[0]] = readers.get(recognised.inputs[0], 0) + 1
+        _release(product.inputs, graph, producers, readers, dead)
+    if dead:
+        graph.nodes = [node for node in graph.nodes if id(node) not in dead]
+        graph.prune()
+
+
+def _release(
+    values: list[str], graph: Graph, producers: dict[str, Node], readers: dict[str, int], dead: set[int]
+) -> None:
+    """One reader fewer for each value; a node none of whose outputs is read any more (nor a graph output) is
+    dead, and releases its own inputs in turn."""
+    stack = [v for v in values if v]
+    while stack:
+        value = stack.pop()
+        readers[value] = readers.get(value, 0) - 1
+        node = producers.get(value)
+        if node is None or id(node) in dead or readers[value] > 0:
+            continue
+        if all(readers.get(out, 0) <= 0 and out not in graph.outputs for out in node.outputs):
+            dead.add(id(node))
+            stack.extend(v for v in node.inputs if v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,16 +298,22 @@ _MEET_TOLERANCE = 2.0**-23  # relative to max(1, |piece|): below float32 resolut
 
 def recognise_switches(graph: Graph) -> None:
     """Replace each ``Where`` whose pieces meet where its condition switches by one ``Piecewise`` node."""
-    for select in list(graph.nodes):
-        if select not in graph.nodes or not _op(select).selects or len(select.inputs) != 3:
+    producers = graph.producers()
+    order = {out: i for i, node in enumerate(graph.nodes) for out in node.outputs}
+    replaced = False
+    for index, select in enumerate(graph.nodes):
+        if not _op(select).selects or len(select.inputs) != 3:
             continue
-        piecewise = _piecewise(graph, select, graph.producers())
+        piecewise = _piecewise(graph, select, producers, order)
         if piecewise is not None:
-            graph.nodes[graph.nodes.index(select)] = piecewise
-            graph.prune()
+            graph.nodes[index] = piecewise
+            producers.update(dict.fromkeys(piecewise.outputs, piecewise))
+            replaced = True
+    if replaced:  # the comparison and pieces nothing else reads
+        graph.prune()
 
 
-def _piecewise(graph: Graph, select: Node, producers: dict[str, Node]) -> Node | None:
+def _piecewise(graph: Graph, select: Node, producers: dict[str, Node], order: dict[str, int]) -> Node | None:
     """The Piecewise node for ``select`` = Where(compare(u, t), a, b), when u, a, b are elementwise
     functions of one value x, u is affine in x, and a and b agree where u crosses t."""
     condition, *pieces = select.inputs
@@ -249,8 +325,8 @@ def _piecewise(graph: Graph, select: Node, producers: dict[str, Node]) -> Node |
     if len(operands) != 1 or len(thresholds) != 1:
         return None
     values = [v for v in (operands[0], *pieces) if _scalar(graph, v) is None]
-    for source in _candidate_sources(values, producers, graph):
-        region = _region(graph, values, source, producers)
+    for source in _candidate_sources(values, producers, graph, order):
+        region = _region(graph, values, source, producers, order)
         if region is None:
             continue
         if not _affine_path(graph, operands[0], source, producers):

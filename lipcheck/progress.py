@@ -1,14 +1,19 @@
-"""The progress bar on stderr (layers done / total, current layer) for reports that take a while.
+"""Progress on stderr (never on stdout) for runs that take a while: a bar on a terminal, plain lines in logs.
 
-Presentation only: the core reports progress through ``compose``'s callback and knows nothing of Rich.
-The bar appears once a run has lasted ``delay`` seconds (short reports never flash one), is removed
-when the walk ends, and is used only when stderr is a terminal and the output is not JSON.
+Presentation only: the core reports progress through ``compose``'s callback (and ``normalize``'s stage
+notes) and knows nothing of Rich. On a terminal, ``LayerProgress`` draws a Rich bar once a run has lasted
+``delay`` seconds (short reports never flash one) and removes it when the walk ends; not with ``--format
+json``, whose reader is usually a program. When stderr is not a terminal (CI logs, pipes), ``PlainProgress``
+writes a plain line now and then, as pip and pytest do: the first after ``delay`` seconds, then at most
+one every ``every`` seconds, so short runs print nothing. stdout holds only the data, in every format.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+from typing import TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
@@ -17,7 +22,51 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 def progress_wanted(json_output: bool, stream=None) -> bool:
     """A bar only for people: stderr is a terminal and stdout is not a JSON document for a program."""
     stream = stream if stream is not None else sys.stderr
-    return not json_output and bool(getattr(stream, "isatty", lambda: False)())
+    return not json_output and is_terminal(stream)
+
+
+def is_terminal(stream: object) -> bool:
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+class PlainProgress:
+    """Progress as plain lines on stderr, for logs: ``lipcheck: LABEL: layer 120/500 (layer3.2.conv1), 30 s``.
+
+    A ``compose`` progress callback, and ``stage(text)`` for the steps of a run (normalize's certifications).
+    Nothing before ``delay`` seconds, then at most one line every ``every`` seconds: the latest news.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        delay: float = 10.0,
+        every: float = 10.0,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.label, self.delay, self.every = label, delay, every
+        self.stream = stream
+        self.clock = clock
+        self._started = clock()
+        self._last: float | None = None
+        self.lines = 0
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if done < total:
+            self.stage(f"layer {done + 1}/{total} ({name})" if name else f"layer {done + 1}/{total}")
+
+    def stage(self, text: str) -> None:
+        now = self.clock()
+        if now - self._started < self.delay or (self._last is not None and now - self._last < self.every):
+            return
+        self._last = now
+        stream = self.stream or sys.stderr
+        stream.write(f"lipcheck: {self.label}: {text}, {now - self._started:.0f} s\n")
+        stream.flush()
+        self.lines += 1
+
+    def close(self) -> None:
+        pass
 
 
 class LayerProgress:

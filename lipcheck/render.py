@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import io
 import math
+import re
+import textwrap
 
 from rich import box
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
@@ -17,7 +19,7 @@ from lipcheck.formats import summary_line
 from lipcheck.formats.methods import method_note
 from lipcheck.gate import ModelRun, format_number
 from lipcheck.graph import Shape
-from lipcheck.report import Report
+from lipcheck.report import LayerResult, Report
 
 
 def format_shape(shape: Shape | None) -> str:
@@ -56,12 +58,81 @@ def verdict(report: Report) -> Text:
 
 # below this many columns the shapes column is left out so that the rest stays readable
 SHAPES_MIN_WIDTH = 130
+# below this many, each layer's method goes on a line of its own under the layer, as wide as the screen
+NARROW_WIDTH = 110
+WIDE_NAME = 48  # longer layer names take several lines (of the wide table) rather than the method's room
+NAME_BREAKS = re.compile(r"[^/.:]*[/.:]|[^/.:]+")  # a layer name's pieces, each ending at a separator
 
 
-def build_table(report: Report, width: int = 160) -> Table:
+def wrap_name(name: str, width: int) -> list[str]:
+    """A layer name in lines of at most ``width``, broken only after a separator (``/``, ``.``, ``:``); a
+    piece longer than the whole width is the one thing cut."""
+    lines = [""]
+    for piece in NAME_BREAKS.findall(name):
+        if lines[-1] and len(lines[-1]) + len(piece) > width:
+            lines.append("")
+        lines[-1] += piece
+        while len(lines[-1]) > width:
+            lines[-1:] = [lines[-1][:width], lines[-1][width:]]
+    return lines
+
+
+def _cert(layer: LayerResult) -> Text:
+    if layer.assumed:
+        return Text("assumed", style="yellow")
+    if not math.isfinite(layer.lipschitz):
+        return Text("-", style="red")
+    return Text("exact" if layer.exact else "yes", style="green")
+
+
+def _method(report: Report, layer: LayerResult) -> str:
+    text = layer.method if not layer.reason else layer.reason
+    return text + (f"; running L by {layer.refined_by} chain bound" if layer.refined_by else "")
+
+
+def narrow_table(report: Report, width: int) -> Group:
+    """The table for narrow terminals: one line of numbers per layer, its name wrapped only at separators, and
+    under it the op and the method on lines of their own (wrapped at spaces) instead of columns squeezed to a
+    few letters."""
+    lower_layers = report.lower.layers if report.lower is not None else None
+    heads = ["#", "layer", "local L", "cert.", "running L", *(["running lower"] if lower_layers else [])]
+    aligns = ["right", "left", "right", "center", "right", "right"]
+    rows = []
+    for i, layer in enumerate(report.layers, 1):
+        running = "-" if report.scope == "weights" else format_number(layer.running)
+        lower = [_lower_cell(lower_layers.get(layer.name))] if lower_layers is not None else []
+        rows.append([str(i), layer.name, format_number(layer.lipschitz), _cert(layer), running, *lower])
+    sizes = [max([len(heads[c])] + [len(str(row[c])) for row in rows]) for c in range(len(heads))]
+    sizes[1] = max(8, min(sizes[1], width - sum(sizes) + sizes[1] - 2 * (len(heads) - 1)))
+    indent = " " * (sizes[0] + 2)
+    lines = [Text("  ".join(_cell(h, sizes[c], aligns[c]) for c, h in enumerate(heads)), style="bold")]
+    lines.append(Text(indent + "  op: method", style="dim"))
+    lines.append(Text("─" * min(width, sum(sizes) + 2 * (len(heads) - 1))))
+    for row, layer in zip(rows, report.layers, strict=True):
+        names = wrap_name(layer.name, sizes[1])
+        cells = [Text(_cell(str(row[0]), sizes[0], "right"), style="dim"), Text(_cell(names[0], sizes[1], "left"))]
+        for c in range(2, len(heads)):
+            value = row[c]
+            style = value.style if isinstance(value, Text) else ""
+            cells.append(Text(_cell(str(value), sizes[c], aligns[c]), style=style))
+        lines.append(Text("  ").join(cells))
+        lines.extend(Text(indent + more) for more in names[1:])
+        described = f"{layer.op}: {_method(report, layer)}"
+        wrapped = textwrap.wrap(described, max(20, width - len(indent) - 2), break_long_words=False)
+        lines.extend(Text(indent + "  " + part, style="dim") for part in wrapped)
+    return Group(*lines)
+
+
+def _cell(text: str, size: int, align: str) -> str:
+    return text.rjust(size) if align == "right" else text.center(size) if align == "center" else text.ljust(size)
+
+
+def build_table(report: Report, width: int = 160) -> Table | Group:
+    if width < NARROW_WIDTH:
+        return narrow_table(report, width)
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     table.add_column("#", justify="right", style="dim", no_wrap=True)
-    table.add_column("layer", overflow="fold")
+    table.add_column("layer", no_wrap=True)  # names wrapped by wrap_name, at separators only
     table.add_column("op", no_wrap=True)
     table.add_column("local L", justify="right", no_wrap=True)
     table.add_column("cert.", justify="center", no_wrap=True)
@@ -74,24 +145,18 @@ def build_table(report: Report, width: int = 160) -> Table:
         table.add_column("in -> out", no_wrap=True)
     table.add_column("method", overflow="fold")
     for i, layer in enumerate(report.layers, 1):
-        if layer.assumed:
-            cert = Text("assumed", style="yellow")
-        elif not math.isfinite(layer.lipschitz):
-            cert = Text("-", style="red")
-        else:
-            cert = Text("exact" if layer.exact else "yes", style="green")
+        cert = _cert(layer)
         shapes = [f"{format_shape(layer.input_shape)} -> {format_shape(layer.output_shape)}"] if with_shapes else []
         table.add_row(
             str(i),
-            layer.name,
+            "\n".join(wrap_name(layer.name, WIDE_NAME)),
             layer.op,
             format_number(layer.lipschitz),
             cert,
             "-" if report.scope == "weights" else format_number(layer.running),
             *([_lower_cell(lower_layers.get(layer.name))] if lower_layers is not None else []),
             *shapes,
-            (layer.method if not layer.reason else layer.reason)
-            + (f"; running L by {layer.refined_by} chain bound" if layer.refined_by else ""),
+            _method(report, layer),
         )
     return table
 

@@ -50,11 +50,14 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # onnx is imported where it is used: --model sample_models.build:... does not pay for it
+    import onnx
 
 OUT_DIR = Path(__file__).resolve().parent
 SEED = 1234
@@ -290,6 +293,7 @@ def _quiet():
 
 def _normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Strip fields that may vary between runs or machines (doc strings, metadata)."""
+
     model.doc_string = ""
     del model.metadata_props[:]
     model.graph.doc_string = ""
@@ -323,6 +327,8 @@ def _normalize(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def export_torchscript(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+    import onnx
+
     # training=PRESERVE (the modules are in eval mode, so BN is exported in inference form):
     # with the default TrainingMode.EVAL the exporter's eval peephole pass folds every
     # BatchNorm into the preceding Conv, and no BatchNormalization node would be left.
@@ -367,6 +373,8 @@ def export_dynamo(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.M
 
 
 def save(model: onnx.ModelProto, name: str, external: bool = False) -> list[Path]:
+    import onnx
+
     path = OUT_DIR / name
     if external:
         data_name = name + ".data"
@@ -401,6 +409,7 @@ def verify(path: Path, model: nn.Module, feature_shape: tuple[int, ...]) -> floa
 
     Returns the largest absolute difference seen.
     """
+    import onnx
     import onnxruntime as ort
 
     onnx.checker.check_model(str(path), full_check=True)

@@ -14,8 +14,8 @@ from tests.conftest import ROOT, SAMPLES, assert_close_json
 from tests.golden_files import GOLDEN, UPDATE, rewrite, write_or_compare
 
 
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "160", "NO_COLOR": "1", "PYTHONPATH": str(ROOT)}
+def run(*args: str, cwd: Path | None = None, columns: int = 160) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": str(columns), "NO_COLOR": "1", "PYTHONPATH": str(ROOT)}
     env.pop("LIPCHECK_DEBUG", None)
     return subprocess.run(
         [sys.executable, "-m", "lipcheck", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
@@ -31,6 +31,29 @@ def test_table_golden(model: str) -> None:
     result = run("report", str(SAMPLES / model), "--device", "cpu")
     assert result.returncode == 0, result.stderr
     check_golden(model.replace(".onnx", ".table.txt"), result.stdout)
+
+
+@pytest.mark.parametrize("model", ["cnn_bn.onnx", "resnet_small.onnx"])
+def test_table_at_80_columns(model: str) -> None:
+    """Narrow terminals: one line of numbers per layer, the method on lines of its own under it, names broken
+    only at a separator, nothing wider than the screen."""
+    result = run("report", str(SAMPLES / model), "--device", "cpu", "--lower", "--seed", "0", columns=80)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
+    data = json.loads(run("report", str(SAMPLES / model), "-f", "json").stdout)
+    names = [layer["name"] for layer in data["layers"]]
+    rows = [i for i, line in enumerate(lines) if line[:3].strip().isdigit()]
+    assert len(rows) == len(names)
+    for row, name in zip(rows, names, strict=True):
+        pieces = [lines[row][4:].split("  ")[0]]  # the name, then its continuation lines until the method's
+        pieces += [
+            line.strip() for line in lines[row + 1 :] if line.startswith("    ") and not line.startswith("      ")
+        ]
+        assert "".join(pieces).startswith(name) and name.startswith(pieces[0]), (name, pieces)
+        assert pieces[0][-1] in "/.:" or pieces[0] == name  # broken only after a separator
+    if model == "cnn_bn.onnx":  # without --lower: no searched numbers in a golden file
+        check_golden("cnn_bn.table80.txt", run("report", str(SAMPLES / model), "--device", "cpu", columns=80).stdout)
 
 
 @pytest.mark.parametrize("model", ["cnn_bn.onnx", "resnet_small.onnx", "gated.onnx"])
@@ -107,11 +130,25 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path: Path, kind: str) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_bad_options_exit_2() -> None:
-    assert run("report", str(SAMPLES / "mlp.onnx"), "--assume", "Relu").returncode == 2
-    assert run("report", str(SAMPLES / "mlp.onnx"), "--input-shape", "1,x").returncode == 2
-    assert run("report", str(SAMPLES / "mlp.onnx"), "--format", "xml").returncode == 2
-    assert run("report").returncode == 2
+USAGE_ERRORS = [
+    (["report", str(SAMPLES / "mlp.onnx"), "--assume", "Relu"], "--assume"),
+    (["report", str(SAMPLES / "mlp.onnx"), "--input-shape", "1,x"], "--input-shape"),
+    (["report", str(SAMPLES / "mlp.onnx"), "--format", "xml"], "'xml' is not one of"),
+    (["report"], "Missing argument 'MODEL'"),
+    (["report", str(SAMPLES / "mlp.onnx"), "--bogus"], "No such option: --bogus"),
+    (["normalize", str(SAMPLES / "mlp.onnx"), "--mode", "bad"], "'bad' is not one of 'bake', 'parametrize'"),
+    (["check", "--fail-above", "x"], "Invalid value for '--fail-above'"),
+    (["bogus"], "No such command 'bogus'"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), USAGE_ERRORS)
+def test_bad_options_are_one_line_and_exit_2(args: list[str], message: str) -> None:
+    result = run(*args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("lipcheck: error: ") and message.lower() in lines[0].lower(), lines[0]
+    assert result.stdout == ""
 
 
 def test_version_help_and_rules() -> None:

@@ -652,3 +652,40 @@ def test_shipped_ci_files() -> None:
     for line in action.splitlines():
         if "${{" in line:
             assert re.fullmatch(r"\s+[\w-]+: \$\{\{ [\w.-]+ \}\}", line), line
+
+
+@pytest.mark.parametrize(("limit", "code", "verdict"), [("10", 0, "pass"), ("0.1", 1, "fail"), (None, 2, "error")])
+def test_action_step_writes_its_outputs(limit: str | None, code: int, verdict: str, tmp_path: Path) -> None:
+    """The action's `lipcheck check` step, run as GitHub runs it: one run gives the annotations (stdout), the
+    JSON results (--json-output) and the outputs bound, verdict and report in $GITHUB_OUTPUT."""
+    yaml = pytest.importorskip("yaml")
+    step = next(
+        s for s in yaml.safe_load((ROOT / "action.yml").read_text())["runs"]["steps"] if s.get("id") == "lipcheck"
+    )
+    bin_folder = tmp_path / "bin"
+    bin_folder.mkdir()
+    (bin_folder / "lipcheck").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m lipcheck "$@"\n')
+    (bin_folder / "lipcheck").chmod(0o755)
+    (bin_folder / "python").symlink_to(sys.executable)
+    if limit is not None:
+        config = f'fail_above = {limit}\n[[models]]\npath = "{(SAMPLES / "mlp.onnx").as_posix()}"\n'
+        (tmp_path / "lipcheck.toml").write_text(config)
+    env = {**os.environ, "PATH": f"{bin_folder}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    env |= {
+        "LIPCHECK_ARGS": "",
+        "LIPCHECK_FORMAT": "github",
+        "LIPCHECK_SUMMARY": "false",
+        "LIPCHECK_CACHE_KEY_INPUT": "",
+    }
+    env |= {"GITHUB_OUTPUT": str(tmp_path / "out.txt"), "RUNNER_TEMP": str(tmp_path)}
+    result = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == code, result.stderr
+    outputs = dict(line.split("=", 1) for line in (tmp_path / "out.txt").read_text().splitlines())
+    assert outputs["verdict"] == verdict and set(outputs) == {"bound", "verdict", "report"}
+    if limit is None:
+        assert outputs["bound"] == outputs["report"] == ""
+        return
+    assert float(outputs["bound"]) == pytest.approx(0.701563, rel=1e-5)
+    assert json.loads(Path(outputs["report"]).read_text())["models"][0]["status"] == verdict
+    assert ("::error" in result.stdout) == (verdict == "fail")  # the annotations, from the same run

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -136,12 +138,55 @@ def test_clip_only_shrinks(tmp_path: Path) -> None:
             assert layer.norm_after <= 1.5 * (1 + 1e-6)
 
 
-def test_lipschitz_budget_is_met_and_tight(tmp_path: Path) -> None:
-    result = normalize(SAMPLES / "resnet_small.onnx", tmp_path / "r.onnx", NormalizeOptions(lipschitz=2.0))
+@pytest.mark.parametrize(
+    ("name", "budget"), [("resnet_small.onnx", 2.0), ("cnn_bn.onnx", 1.0), ("digits_cnn.onnx", 10.0)]
+)
+def test_lipschitz_budget_is_met_and_tight(name: str, budget: float, tmp_path: Path) -> None:
+    """The search uses the bound the report gives (the best certified method), so the budget is used up: with
+    the product bound, cnn_bn certified at 44% of K and digits_cnn at 69%."""
+    result = normalize(SAMPLES / name, tmp_path / name, NormalizeOptions(lipschitz=budget))
     assert result.passed
-    assert 0.98 * 2.0 <= result.bound_after <= 2.0
+    assert (1 - 1e-4) * budget <= result.bound_after <= budget
+    assert analyse(tmp_path / name, device="cpu").upper_bound == pytest.approx(result.bound_after, rel=1e-9)
     norms = {round(layer.norm_after, 5) for layer in result.layers}
     assert len(norms) == 1  # the budget is spread evenly: one common layer norm
+
+
+def _excess_of(bound: Callable[[float], float], goal: float, calls: list[float]) -> Callable[[float], float]:
+    def excess(u: float) -> float:
+        calls.append(u)
+        return math.log(bound(math.exp(u)) / goal)
+
+    return excess
+
+
+@pytest.mark.parametrize(
+    ("bound", "degree"),
+    [
+        (lambda t: 3.7 * t**4, 4.0),  # a homogeneous chain: found in two trials
+        (lambda t: 3.7 * t**4, 12.0),  # with a wrong guess of the degree
+        (lambda t: 1.0 + 2.0 * t**3, 3.0),  # a residual block: the identity's 1 stays
+        (lambda t: 0.2 * t**2 * (1 + 0.3 * math.sin(5 * math.log(t))) ** 2 + 0.01 * t, 2.0),  # wiggly
+        (lambda t: 5.0 * math.floor(4 * t) + 1.0, 1.0),  # steps: the budget cannot be met to the tolerance
+    ],
+)
+def test_the_search_finds_the_largest_norm_within_the_budget(bound: Callable[[float], float], degree: float) -> None:
+    from lipcheck.rewrite.normalize import SEARCH_TOLERANCE, SEARCH_TRIALS, _largest_within
+
+    calls: list[float] = []
+    u = _largest_within(_excess_of(bound, 10.0, calls), degree)
+    assert u is not None and bound(math.exp(u)) <= 10.0 and len(calls) <= SEARCH_TRIALS
+    above = [v for v in calls if bound(math.exp(v)) > 10.0]
+    met = bound(math.exp(u)) >= 10.0 * (1 - SEARCH_TOLERANCE)
+    assert met or min(above) - u < 1e-6  # within the tolerance, or nothing in between was left to try
+    if degree == 4.0:
+        assert len(calls) == 2
+
+
+def test_the_search_says_when_the_budget_is_out_of_reach() -> None:
+    from lipcheck.rewrite.normalize import _largest_within
+
+    assert _largest_within(_excess_of(lambda t: 11.0 + t, 10.0, []), 1.0) is None
 
 
 def test_layers_pattern_selects(tmp_path: Path) -> None:
@@ -223,6 +268,75 @@ def test_a_failed_check_exits_1_and_names_it(
     code, out, err = run_cli(capsys, "normalize", str(SAMPLES / "mlp.onnx"), "-o", str(tmp_path / "m.onnx"))
     assert code == 1
     assert "FAIL layer norms" in out and "check failed: layer norms" in err
+    assert "not written" in err and not list(tmp_path.iterdir())  # an unproven model never reaches the output
+    (tmp_path / "m.onnx").write_bytes(b"precious")
+    code, out, err = run_cli(capsys, "normalize", str(SAMPLES / "mlp.onnx"), "-o", str(tmp_path / "m.onnx"), "--force")
+    assert code == 1 and (tmp_path / "m.onnx").read_bytes() == b"precious" and len(list(tmp_path.iterdir())) == 1
+
+
+def _copy(source: Path, target: Path) -> Path:
+    target.write_bytes(source.read_bytes())
+    return target
+
+
+@pytest.mark.parametrize("link", ["same", "hard", "symbolic", "dotted"])
+def test_the_output_is_never_the_input_even_with_force(
+    link: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = _copy(SAMPLES / "mlp.onnx", tmp_path / "m.onnx")
+    before = digest(model)
+    out = {"same": model, "hard": tmp_path / "hard.onnx", "symbolic": tmp_path / "sym.onnx",
+           "dotted": tmp_path / "." / "m.onnx"}[link]  # fmt: skip
+    if link == "hard":
+        os.link(model, out)
+    elif link == "symbolic":
+        out.symlink_to(model)
+    for mode in (["--mode", "bake"], ["--mode", "parametrize", "-s", "1,16"]):
+        code, _, err = run_cli(capsys, "normalize", str(model), "-o", str(out), "--force", *mode)
+        assert code == 2 and "is the input model" in err and len(err.strip().splitlines()) == 1, err
+        assert digest(model) == before
+
+
+def test_output_never_replaces_the_inputs_external_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = _copy(SAMPLES / "cnn_external.onnx", tmp_path / "input.onnx")  # its data file keeps its own name
+    data = _copy(SAMPLES / "cnn_external.onnx.data", tmp_path / "cnn_external.onnx.data")
+    before = digest(data)
+    out = tmp_path / "cnn_external.onnx"  # writing it would write cnn_external.onnx.data, the input's weights
+    code, _, err = run_cli(capsys, "normalize", str(model), "-o", str(out), "--force")
+    assert code == 2 and "is a file of the input model" in err and len(err.strip().splitlines()) == 1, err
+    assert digest(data) == before and sorted(p.name for p in tmp_path.iterdir()) == [data.name, model.name]
+
+
+def test_output_paths_are_checked_before_any_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lipcheck.frontends
+    import lipcheck.rewrite.sources
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("loaded the model before checking -o")
+
+    monkeypatch.setattr(lipcheck.frontends, "load_model", never)
+    monkeypatch.setattr(lipcheck.rewrite.sources, "open_source", never)
+    (tmp_path / "exists.pt").write_bytes(b"x")
+    for out, message in [(tmp_path / "none" / "x.pt", "does not exist"), (tmp_path / "exists.pt", "already exists"),
+                         (Path("/proc/x.pt"), "cannot write")]:  # fmt: skip
+        for mode in (["--mode", "bake"], ["--mode", "parametrize", "-s", "1,3,16,16"]):
+            args = ["--model", "sample_models.build:ResNetSmall", "-o", str(out), *mode]
+            code, _, err = run_cli(capsys, "normalize", str(SAMPLES / "resnet_small_ckpt.pt"), *args)
+            assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_interrupted_proof_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lipcheck.rewrite.normalize as module
+
+    def interrupt(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "_verify", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        normalize(SAMPLES / "mlp.onnx", tmp_path / "m.onnx", NormalizeOptions())
+    assert not list(tmp_path.iterdir())
 
 
 def test_parametrize_mode_writes_a_resumable_state_dict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from lipcheck.memory import (
 )
 from lipcheck.passes import prepare
 from lipcheck.pipeline import analyse
+from tests.conftest import SAMPLES
 from tests.onnx_builders import model, node, rng_for
 
 # ---------------------------------------------------------------------------------------------
@@ -384,3 +386,43 @@ def test_config_max_memory_and_cache(tmp_path: Path) -> None:
     config.write_text('max_memory = "much"\n[[models]]\npath = "a.onnx"\n')
     with pytest.raises(ConfigError, match="max_memory"):
         load_config(config)
+
+
+def test_plain_progress_lines_come_late_and_seldom() -> None:
+    import io
+
+    from lipcheck.progress import PlainProgress
+
+    now = [0.0]
+    stream = io.StringIO()
+    progress = PlainProgress("bounding m.onnx", delay=10, every=5, stream=stream, clock=lambda: now[0])
+    for i in range(200):  # one layer every 0.25 s for 50 s
+        now[0] = i * 0.25
+        progress(i, 200, f"layer{i}")
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "lipcheck: bounding m.onnx: layer 41/200 (layer40), 10 s"
+    assert len(lines) == 8 and all(line.startswith("lipcheck: bounding m.onnx: layer ") for line in lines)
+    short = PlainProgress("x", delay=10, stream=io.StringIO(), clock=lambda: 0.0)
+    short(0, 1, "a")
+    assert short.lines == 0  # a short run prints nothing
+
+
+@pytest.mark.parametrize("output_format", ["json", "table"])
+def test_progress_lines_go_to_stderr_when_it_is_not_a_terminal(
+    output_format: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lipcheck.progress
+    from tests.test_torch_frontend import run_cli
+
+    monkeypatch.setattr(lipcheck.progress.PlainProgress.__init__, "__defaults__", (0.0, 0.0, None, time.monotonic))
+    code, out, err = run_cli(capsys, "report", str(SAMPLES / "resnet_small.onnx"), "-f", output_format)
+    assert code == 0
+    lines = err.splitlines()
+    assert lines and all(
+        line.startswith("lipcheck: bounding ") and "resnet_small.onnx: layer " in line for line in lines
+    )
+    assert "lipcheck:" not in out  # stdout holds the data alone
+    if output_format == "json":
+        assert json.loads(out)["model"] == "resnet_small.onnx"
+    code, out, err = run_cli(capsys, "normalize", str(SAMPLES / "mlp.onnx"), "--dry-run", "--lipschitz", "1")
+    assert code == 0 and "lipcheck: normalize mlp.onnx: searching the common layer norm: trial 1" in err

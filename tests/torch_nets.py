@@ -84,3 +84,96 @@ def broken_factory() -> nn.Module:
 
 def not_a_module() -> int:
     return 42
+
+
+class SmallCNN(nn.Module):
+    """A conv, a transposed conv and a linear layer: the architecture of the spectral_norm state_dicts below."""
+
+    def __init__(self, padding_mode: str = "zeros") -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode=padding_mode)
+        self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)  # square channels: spectral_norm's dim 1 must be known
+        self.fc = nn.Linear(4 * 16 * 16, 5)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv(x))
+        y = F.max_pool2d(F.relu(self.up(y)), 2)
+        return self.fc(y.flatten(1))
+
+
+def spectral_normed_cnn() -> SmallCNN:
+    """SmallCNN with torch's spectral_norm on every layer, a few training steps so that u and v are not fresh."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    model = SmallCNN()
+    for layer in (model.conv, model.up, model.fc):
+        spectral_norm(layer)
+    model.train()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(2, 3, 16, 16, generator=generator))
+    return model.eval()
+
+
+def weight_normed_cnn() -> SmallCNN:
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model = SmallCNN()
+    for layer in (model.conv, model.up, model.fc):
+        weight_norm(layer)
+    with torch.no_grad():
+        model.conv.parametrizations.weight.original0.mul_(1.7)  # g no longer the weight's own norm
+    return model.eval()
+
+
+def circular_cnn() -> SmallCNN:
+    return SmallCNN("circular")
+
+
+def reflect_cnn() -> SmallCNN:
+    return SmallCNN("reflect")
+
+
+class PowerIteration(nn.Module):
+    """A stateful forward (as orthogonium's power iteration): it writes into its buffer ``u`` at every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("u", torch.randn(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.fc.weight
+        v = F.normalize(w.t() @ self.u, dim=0).detach()
+        u = F.normalize(w @ v, dim=0).detach()
+        self.u.copy_(u)
+        return F.linear(x, w / torch.dot(u, w @ v), self.fc.bias)
+
+
+class PowerIterationAssigned(PowerIteration):
+    """The same, assigning a new buffer (``self.u = ...``) instead of writing into it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.fc.weight
+        v = F.normalize(w.t() @ self.u, dim=0).detach()
+        self.u = F.normalize(w @ v, dim=0).detach()
+        return F.linear(x, w / torch.dot(self.u, w @ v), self.fc.bias)
+
+
+class GroupSortNet(nn.Module):
+    """Sorting pairs (GroupSort, as 1-Lipschitz networks do): one op without a mapping, used by several after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 8)
+        self.fc2 = nn.Linear(8, 8)
+        self.fc3 = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc1(x).view(-1, 4, 2).sort(dim=-1)[0].view(-1, 8)
+        y = torch.relu(self.fc2(y)) + y
+        return self.fc3(torch.tanh(y) * 2)

@@ -42,7 +42,7 @@ from lipcheck.graph import (
 )
 from lipcheck.memory import current_rss, plan_memory
 from lipcheck.ops.spatial import same_pads
-from lipcheck.options import InputShape
+from lipcheck.options import parse_input_shapes
 
 # Ops whose output never depends on the values of their inputs (only on shapes or on nothing).
 VALUE_INDEPENDENT_OPS = {"Shape", "Size", "ConstantOfShape", "EyeLike", "RandomNormalLike", "RandomUniformLike"}
@@ -182,22 +182,6 @@ def _missing_external_files(model: onnx.ModelProto, base: Path) -> list[str]:
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
-
-
-def parse_input_shapes(specs: Sequence[str], input_names: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """``["1,3,32,32"]`` or ``["input=1,3,32,32", "mask=1,8"]`` (or InputShapes) -> {input name: shape}."""
-    result: dict[str, tuple[int, ...]] = {}
-    for i, spec in enumerate(specs):
-        shape = spec if isinstance(spec, InputShape) else InputShape(spec)
-        name = shape.name
-        if name is None:
-            if i >= len(input_names):
-                raise InputShapeError(f"--input-shape {spec!r}: the model has only {len(input_names)} input(s)")
-            name = input_names[i]
-        elif name not in input_names:
-            raise InputShapeError(f"--input-shape {spec!r}: no input named {name!r} (inputs: {', '.join(input_names)})")
-        result[name] = shape.dims
-    return result
 
 
 def _fix_input_shapes(
@@ -542,9 +526,10 @@ def _nodes(
     """lipcheck's nodes, uniquely named (the first output's name for an unnamed node), attributes normalised."""
     nodes: list[Node] = []
     taken: set[str] = set()
+    counters: dict[str, int] = {}
     for proto in kept:
         op, attrs = _proto_attrs(proto, opsets, opset)
-        node_name = unique_name(taken, proto.name or proto.output[0] or op)
+        node_name = unique_name(taken, proto.name or proto.output[0] or op, counters)
         taken.add(node_name)
         node = Node(node_name, op, [*proto.input, *captured_values(proto)], list(proto.output), attrs)
         if any(attr.type in _GRAPH_ATTRIBUTES for attr in proto.attribute):
@@ -771,24 +756,34 @@ def _copy_fields(source, target, skip: set[str]):
 
 
 def _topological(g: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """ONNX requires topological order, but not every writer obeys; sort defensively."""
+    """ONNX requires topological order, but not every writer obeys; sort defensively, level by level: the nodes
+    whose inputs are all available, in the file's order, then those the previous level made ready, and so on
+    (Kahn's algorithm, in n log n: it was a pass over every pending node per level, quadratic for a chain).
+    Nodes on a cycle or behind a dangling input follow in the file's order."""
     available = {v.name for v in g.input} | {i.name for i in g.initializer} | {""}
     available |= {s.values.name for s in g.sparse_initializer}
-    pending = list(g.node)
-    reads = {id(node): [*node.input, *captured_values(node)] for node in pending}
+    nodes = list(g.node)
+    waiting = [0] * len(nodes)  # inputs not available yet, per node
+    readers: dict[str, list[int]] = {}
+    for index, node in enumerate(nodes):
+        for value in {*node.input, *captured_values(node)} - available:
+            waiting[index] += 1
+            readers.setdefault(value, []).append(index)
+    level = [index for index, count in enumerate(waiting) if count == 0]
+    placed = [False] * len(nodes)
     ordered: list[onnx.NodeProto] = []
-    while pending:
-        progress: list[onnx.NodeProto] = []
-        rest: list[onnx.NodeProto] = []
-        for node in pending:
-            (progress if all(i in available for i in reads[id(node)]) else rest).append(node)
-        if not progress:  # a cycle or a dangling input: keep the file's order for the rest
-            ordered.extend(rest)
-            break
-        for node in progress:
-            available.update(node.output)
-        ordered.extend(progress)
-        pending = rest
+    while level:
+        following = []
+        for index in level:
+            placed[index] = True
+            ordered.append(nodes[index])
+            for value in nodes[index].output:
+                for reader in readers.pop(value, []):
+                    waiting[reader] -= 1
+                    if waiting[reader] == 0:
+                        following.append(reader)
+        level = sorted(following)
+    ordered.extend(node for index, node in enumerate(nodes) if not placed[index])
     return ordered
 
 

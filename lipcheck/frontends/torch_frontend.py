@@ -42,6 +42,13 @@ from lipcheck.frontends.torch_archive import (
 from lipcheck.frontends.torch_archive import UntrustedPickleError as UntrustedPickleError  # re-exported
 from lipcheck.frontends.torch_archive import pickle_globals as pickle_globals  # re-exported
 from lipcheck.frontends.torch_graph import UnmappedOps, exported_to_graph, module_parameter_names
+from lipcheck.frontends.torch_state import (
+    baked,
+    effective_state,
+    is_parametrized,
+    module_transposed,
+    watch_buffer_writes,
+)
 from lipcheck.graph import Graph, check_finite
 
 TORCH_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pt2", ".safetensors", ".tar", ".pkl", ".jit"}
@@ -312,13 +319,22 @@ def _from_state_dict(
 ) -> Graph | WeightTensors:
     state = strip_wrapper_prefixes(state)
     if options.model is None:
+        state = effective_state(state)  # torch's spectral_norm / weight_norm keys: the weights they compute
         for key, tensor in state.items():  # per-tensor norms read every float tensor of rank 2 to 5 as a weight
             if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
                 check_finite(key, tensor.detach().cpu().float().numpy(), weight=2 <= tensor.dim() <= 5)
         return WeightTensors(dict(state), where, shown)
     module = build_module(options.model, options.model_kwargs)
-    load_weights(module, state, shown)
+    load_weights(module, module_state(module, state), shown)
     return module_to_graph(module, input_shapes, shown)
+
+
+def module_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's state_dict as ``module`` takes it: parametrized keys (torch's spectral_norm, weight_norm) as
+    they are for a module that registers the same parametrizations, as their effective tensors otherwise."""
+    if is_parametrized(module):
+        return dict(state)
+    return effective_state(strip_common_prefix(dict(state), set(module.state_dict())), module_transposed(module))
 
 
 # ---------------------------------------------------------------------- --model factories
@@ -416,7 +432,7 @@ def _input_names(forward: Any) -> list[str]:
 
 def example_inputs(specs: Sequence[str], names: Sequence[str], shown: str) -> tuple[dict[str, tuple[int, ...]], list]:
     """Random float inputs of the shapes the user gave (a PyTorch module carries none)."""
-    from lipcheck.frontends.onnx_frontend import parse_input_shapes
+    from lipcheck.options import parse_input_shapes
 
     if not specs:
         raise InputShapeError(
@@ -434,8 +450,10 @@ def example_inputs(specs: Sequence[str], names: Sequence[str], shown: str) -> tu
 
 def _check_runs(module: nn.Module, inputs: list, shapes: dict[str, tuple[int, ...]], shown: str) -> None:
     try:
-        with torch.no_grad(), quiet():
+        with torch.no_grad(), quiet(), watch_buffer_writes(module, shown):
             module(*inputs)
+    except LipcheckError:
+        raise
     except Exception as exc:
         given = ", ".join(f"{name}={','.join(map(str, s))}" for name, s in shapes.items())
         raise InputShapeError(
@@ -444,8 +462,11 @@ def _check_runs(module: nn.Module, inputs: list, shapes: dict[str, tuple[int, ..
 
 
 def module_to_graph(module: nn.Module, input_shapes: Sequence[str], shown: str) -> Graph:
-    """Trace an nn.Module with torch.export (torch.fx then torch.export where that fails) into a Graph."""
-    module.eval()
+    """Trace an nn.Module with torch.export (torch.fx then torch.export where that fails) into a Graph.
+
+    Parametrizations (torch's spectral_norm...) are baked into plain weights first (on a copy), so the graph's
+    weights keep the module's plain names."""
+    module = baked(module.eval())
     shapes, inputs = example_inputs(input_shapes, _input_names(module.forward), shown)
     _check_runs(module, inputs, shapes, shown)
     program = _export(module, inputs, shown)

@@ -63,7 +63,6 @@ UNARY_OPS = {
     "exp": "Exp",
     "log": "Log",
     "sqrt": "Sqrt",
-    "rsqrt": "Reciprocal",
     "reciprocal": "Reciprocal",
     "sin": "Sin",
     "cos": "Cos",
@@ -152,15 +151,19 @@ class GraphBuilder:
         self.tensors: dict[str, torch.Tensor] = {}  # constant value name -> tensor, for folding
         self.taken_values: set[str] = set()
         self.taken_nodes: set[str] = set()
+        self.suffixes: dict[str, int] = {}  # unique_name's counters: 100k ``relu`` nodes are named in linear time
+        self.node_suffixes: dict[str, int] = {}
         self.unmapped: dict[str, list[str]] = {}
+        self.failed: set[str] = set()  # fx nodes that could not be mapped, and everything computed from them
         self.qualnames = self._module_qualnames()
+        self.last_in_module = self._last_ops()
         self.source_names = source_names or {}
         self.current: fx.Node | None = None
 
     # ------------------------------------------------------------------ values
 
     def new_value(self, base: str) -> str:
-        name = unique_name(self.taken_values, base)
+        name = unique_name(self.taken_values, base, self.suffixes)
         self.taken_values.add(name)
         return name
 
@@ -222,7 +225,7 @@ class GraphBuilder:
         fx_node = fx_node or self.current
         assert fx_node is not None
         base = self.layer_base(fx_node)
-        name = unique_name(self.taken_nodes, base)
+        name = unique_name(self.taken_nodes, base, self.node_suffixes)
         self.taken_nodes.add(name)
         out_names = [self.new_value(fx_node.name if outputs == 1 else f"{fx_node.name}:{i}") for i in range(outputs)]
         self.graph.nodes.append(Node(name=name, op=op, inputs=list(inputs), outputs=out_names, attrs=dict(attrs or {})))
@@ -246,16 +249,19 @@ class GraphBuilder:
         if fx_node is None:
             return "node"
         stack = fx_node.meta.get("nn_module_stack") or {}
-        qualname = ""
+        qualname, call = "", ""
         if stack:
-            qualname = str(list(stack.values())[-1][0])
+            call, (qualname, _) = list(stack.items())[-1]
+            qualname = str(qualname)
         if not qualname:
             qualname = self.source_names.get(fx_node.name, "")
             if qualname:
                 return qualname
         op = aten_name(fx_node.target).rstrip("_")
-        if qualname and self._is_leaf(qualname):
-            return qualname
+        if qualname and self._is_leaf(qualname) and self.last_in_module.get(call, fx_node.name) == fx_node.name:
+            return (
+                qualname  # a module's own op: the last one a call of it emits (a reflect-padded conv's Pad is conv.pad)
+            )
         return f"{qualname}.{op}" if qualname else op
 
     def _module_qualnames(self) -> set[str]:
@@ -264,6 +270,16 @@ class GraphBuilder:
             for qualname, _ in (node.meta.get("nn_module_stack") or {}).values():
                 names.add(str(qualname))
         return names
+
+    def _last_ops(self) -> dict[str, str]:
+        """The last node that emits a lipcheck op in each call of a module (keyed as export keys the call)."""
+        last: dict[str, str] = {}
+        for node in self.program.graph.nodes:
+            stack = node.meta.get("nn_module_stack") or {}
+            name = aten_name(node.target) if node.op == "call_function" else ""
+            if stack and (name.rstrip("_") in CONVERTERS or name in UNARY_OPS):
+                last[str(list(stack)[-1])] = node.name
+        return last
 
     def _is_leaf(self, qualname: str) -> bool:
         prefix = qualname + "."
@@ -311,8 +327,12 @@ class GraphBuilder:
 
     def _unmapped(self, node: fx.Node, label: str) -> None:
         self.unmapped.setdefault(label, []).append(self.layer_base(node))
+        self.failed.add(node.name)
 
     def _call(self, node: fx.Node) -> None:
+        if any(arg.name in self.failed for arg in node.all_input_nodes):
+            self._after_failure(node)
+            return
         if node.target is operator.getitem:
             source, index = node.args
             value = self.values.get(source.name)  # type: ignore[union-attr, arg-type]
@@ -346,6 +366,17 @@ class GraphBuilder:
             for op, where in exc.ops.items():
                 self.unmapped.setdefault(op, []).extend(where)
             self.values[node.name] = None
+            self.failed.add(node.name)
+
+    def _after_failure(self, node: fx.Node) -> None:
+        """A node computed from one that could not be mapped: not mapped either, and listed only when its own
+        op has no converter (so one unknown op is one line, not every use of its result after it)."""
+        name = aten_name(node.target) if node.target is not operator.getitem else ""
+        known = not name or name.startswith("sym_") or name.rstrip("_") in CONVERTERS
+        if not (known or name in UNARY_OPS or name in IDENTITY_OPS):
+            self.unmapped.setdefault(f"aten.{name}", []).append(self.layer_base(node))
+        self.values[node.name] = None
+        self.failed.add(node.name)
 
     def _fold(self, node: fx.Node, args: dict[str, Any]) -> bool:
         """Evaluate a node whose tensor inputs are all constants (weights behind t(), view, mul...)."""
@@ -673,6 +704,13 @@ def _gelu(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
 @converts("silu")
 def _silu(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     b.emit("SiLU", [b.value(args["self"])])
+
+
+@converts("rsqrt")
+def _rsqrt(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
+    """1 / sqrt(x): Sqrt then Reciprocal (it was mapped to Reciprocal alone, 1 / x)."""
+    root = b.emit("Sqrt", [b.value(_first(args))], final=False)
+    b.emit("Reciprocal", root)
 
 
 @converts("hardsigmoid")

@@ -440,6 +440,14 @@ class Op:
         """Absorb a per-channel affine map applied to this layer's input into its weights (True if done)."""
         return False
 
+    def wrap_pads(self, graph: Graph, node: Node) -> list[int] | None:
+        """A wrap (circular) padding's constant pads, ONNX-ordered [begin..., end...] over every axis; else None."""
+        return None
+
+    def absorb_wrap_padding(self, graph: Graph, node: Node, pad: Node, pads: list[int]) -> bool:
+        """Take a wrap padding of this layer's input into the layer itself (True if done): a circular conv."""
+        return False
+
     def parameter_inputs(self, node: Node) -> list[str]:
         """The inputs holding a per-channel affine node's parameters (the file's tensors ``normalize`` edits)."""
         return []

@@ -24,7 +24,7 @@ from lipcheck.ops.base import (
     unbounded,
 )
 from lipcheck.ops.linear import folded_note, layer_parameters
-from lipcheck.ops.spatial import CONV, CONV_TRANSPOSE, pad_spatial, spatial_pads
+from lipcheck.ops.spatial import CONV, CONV_TRANSPOSE, pad_spatial, spatial_pads, wrap_spatial
 from lipcheck.spectral import ConvGeometry, conv_operator_norm, conv_transpose_operator_norm
 
 CONV_ATTRIBUTES = {"group": 1, "auto_pad": "NOTSET"}
@@ -85,8 +85,35 @@ class Conv(Op):
             return unbounded("convolution weight is not a known constant", "unknown weight")
         weight = ctx.tensor(1)
         found = conv_operator_norm(weight, conv_geometry(ctx, weight))
-        local = LocalBound(found.value, found.method + folded_note(ctx.node), exact=found.exact)
+        method, exact = found.method, found.exact
+        if ctx.attrs.get("wrap_pads") is not None and ctx.shape(0) is not None:
+            # a wrap padding folded in: the circular convolution on the input's own grid, whose norm the
+            # circular embedding on that grid computes exactly (conv_norm_known_size, no padding)
+            method, exact = f"circular convolution ({ctx.attrs['wrap_padding']} folded), " + method, True
+        local = LocalBound(found.value, method + folded_note(ctx.node), exact=exact)
         return _with_variable_bias(ctx, local)
+
+    def absorb_wrap_padding(self, graph: Graph, node: Node, pad: Node, pads: list[int]) -> bool:
+        """wrap-pad then a valid stride-1 conv whose window spans exactly the padding: a circular convolution on
+        the unpadded grid (y[i] = sum_j w[j] x[(i - begin + d j) mod n]), so the pair is one exact operator."""
+        attrs = node_attrs(node)
+        weight = graph.constants.get(node.inputs[1]) if len(node.inputs) > 1 else None
+        shape = graph.shape(pad.inputs[0])
+        if weight is None or shape is None or attrs.get("wrap_pads") is not None:
+            return False
+        d = np.ndim(weight) - 2
+        if len(shape) != d + 2 or len(pads) != 2 * (d + 2) or any(pads[a] or pads[a + d + 2] for a in (0, 1)):
+            return False
+        begins, ends = pads[2 : d + 2], pads[d + 4 :]
+        spans = [int(r) * (int(k) - 1) for r, k in zip(attrs["dilations"], np.shape(weight)[2:], strict=True)]
+        fits = all(
+            isinstance(n, int) and min(b, e) >= 0 and b + e == span and span < n
+            for n, b, e, span in zip(shape[2:], begins, ends, spans, strict=True)
+        )
+        if not fits or any(int(s) != 1 for s in attrs["strides"]) or any(int(p) for p in attrs.get("pads") or [1]):
+            return False
+        node.attrs.update(wrap_pads=begins + ends, wrap_padding=pad.name, pads=[0] * (2 * d))
+        return True
 
     def evaluate(
         self, ctx: EvalContext, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None
@@ -94,6 +121,8 @@ class Conv(Op):
         d, strides, dilations = _window(ctx, w)
         if d not in CONV:
             raise ValueError(f"{d}-d convolution")
+        if ctx.attrs.get("wrap_pads") is not None:
+            x = wrap_spatial(x, ctx.attrs["wrap_pads"])
         pads = spatial_pads(ctx, x.shape[2:], list(w.shape[2:]), strides, dilations)
         symmetric = pads[:d] == pads[d:]
         if not symmetric:
@@ -110,6 +139,8 @@ class Conv(Op):
         pads = ctx.attrs.get("pads")
         if pads is None or d not in (1, 2, 3):
             raise NotFoldable("Conv padding unknown")
+        if ctx.attrs.get("wrap_pads") is not None:
+            x = wrap_spatial(x, ctx.attrs["wrap_pads"])
         padded = F.pad(x, [p for i in reversed(range(d)) for p in (int(pads[i]), int(pads[i + d]))])
         y = CONV[d](
             padded,

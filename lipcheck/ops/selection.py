@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lipcheck.graph import Graph, Node
 from lipcheck.ops.base import (
     AffineContext,
     EvalContext,
@@ -23,6 +24,7 @@ from lipcheck.ops.base import (
     RuleContext,
     UnsupportedVariant,
     axis_index,
+    node_attrs,
     register,
     unbounded,
 )
@@ -269,6 +271,11 @@ class Pad(Op):
                 index = padded_indices(x.shape[axis], before, after, mode).tolist()
                 x = x.index_select(axis, ctx.int_tensor(index))
         return x
+
+    def wrap_pads(self, graph: Graph, node: Node) -> list[int] | None:
+        attrs = node_attrs(node)
+        pads = attrs.get("pads")
+        return [int(p) for p in pads] if attrs["mode"] == "wrap" and pads is not None else None
 
     def affine(self, ctx: AffineContext, x: torch.Tensor) -> torch.Tensor:
         pads = ctx.attrs.get("pads")

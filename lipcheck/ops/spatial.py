@@ -53,6 +53,15 @@ def pad_spatial(x: torch.Tensor, pads: Sequence[int], value: float = 0.0) -> tor
     return F.pad(x, torch_pads, value=value)
 
 
+def wrap_spatial(x: torch.Tensor, pads: Sequence[int]) -> torch.Tensor:
+    """Wrap-pad (circularly) the trailing len(pads)//2 axes by ONNX-ordered pads [begin..., end...]."""
+    d = len(pads) // 2
+    torch_pads: list[int] = []
+    for i in reversed(range(d)):
+        torch_pads += [int(pads[i]), int(pads[i + d])]
+    return F.pad(x, torch_pads, mode="circular")
+
+
 def window_overlap(kernel: int, stride: int, dilation: int) -> int:
     """Most windows containing one input position: count of taps sharing a residue mod stride."""
     residues = [(i * dilation) % stride for i in range(kernel)]

@@ -5,8 +5,8 @@ convolution the operator at its input size, not the reshaped kernel), so that af
 certified norm is the target up to rounding. A BatchNorm right after a linear layer is folded into it
 first where asked (ONNX always: the node is removed when the layer has a bias to take its shift;
 PyTorch with ``fold_bn``: the BatchNorm is set to a pure shift so the architecture and its keys stay).
-``lipschitz=K`` gives every selected layer the same norm t, the largest (by bisection on re-certified
-bounds) whose network bound is <= K.
+``lipschitz=K`` gives every selected layer the same norm t, the largest (by a secant search on re-certified
+bounds) whose network bound, as ``lipcheck report`` gives it, is <= K.
 
 The result is checked from the written file: re-loaded, re-certified, run against the original.
 """
@@ -27,7 +27,7 @@ import torch
 from lipcheck import ops
 from lipcheck.compose import Composition
 from lipcheck.errors import LipcheckError
-from lipcheck.files import check_writable, write_new_model
+from lipcheck.files import StagedModel, check_new_model
 from lipcheck.frontends import load_model
 from lipcheck.frontends.torch_frontend import TorchOptions, WeightTensors
 from lipcheck.graph import Graph, Node
@@ -38,7 +38,6 @@ from lipcheck.pipeline import certify, resolve_device
 from lipcheck.rewrite.sources import OnnxSource, WeightSource, load_runnable, open_source
 
 TOLERANCE = 1e-6  # a normalised layer's re-certified norm may exceed the target by this much (float32 rounding)
-BISECTION_STEPS = 14
 
 
 @dataclass
@@ -120,19 +119,20 @@ def _selected(name: str, patterns: str | None) -> bool:
     return any(fnmatch.fnmatchcase(name, p.strip()) for p in patterns.split(",") if p.strip())
 
 
-def _source_name(source: WeightSource, value: str) -> str | None:
-    if value in source.names():
+def _source_name(source: WeightSource, value: str, names: set[str]) -> str | None:
+    if value in names:
         return value
     if isinstance(source, OnnxSource):
         return source.source_of(value)
     base = value.removesuffix("_T")  # the PyTorch frontend's transposed Linear weight
-    return base if base in source.names() else None
+    return base if base in names else None
 
 
 def _find_layers(
     graph: Graph, source: WeightSource, patterns: str | None
 ) -> tuple[list[_Layer], list[tuple[str, str]]]:
     layers, skipped = [], []
+    names = set(source.names())
     uses: dict[str, int] = {}
     for node in graph.nodes:
         for v in node.inputs:
@@ -143,7 +143,7 @@ def _find_layers(
         if index is None or not _selected(node.name, patterns):
             continue
         value = node.inputs[index]
-        name = _source_name(source, value)
+        name = _source_name(source, value, names)
         if name is None:
             skipped.append((node.name, "its weight is computed from other constants (e.g. quantized); left alone"))
         elif uses.get(value, 0) > 1:
@@ -156,16 +156,16 @@ def _find_layers(
 # ---------------------------------------------------------------------- BatchNorm folding
 
 
-def _following_batchnorm(graph: Graph, node: Node, source: WeightSource) -> Node | None:
+def _following_batchnorm(graph: Graph, node: Node, readers: dict[str, list[Node]], names: set[str]) -> Node | None:
     """The per-channel affine node (BatchNorm) right after a layer, when its parameters are the file's tensors."""
-    consumers = graph.consumers().get(node.outputs[0], [])
+    consumers = readers.get(node.outputs[0], [])
     if len(consumers) != 1 or node.outputs[0] in graph.outputs:
         return None
     bn = consumers[0]
     op = ops.get(bn.op)
     if op is None or bn.inputs[0] != node.outputs[0] or op.channel_affine(graph, bn) is None:
         return None
-    return bn if all(v in source.names() for v in op.parameter_inputs(bn)) else None
+    return bn if all(v in names for v in op.parameter_inputs(bn)) else None
 
 
 def _fold_batchnorm(layer: _Layer, bn: Node, source: WeightSource, graph: Graph) -> bool:
@@ -253,29 +253,37 @@ def normalize(
         result = _plan_graph(source, graph, options, fold_bn, note)
     if out is None:
         return result
-    note("writing")
-    result.written = write_new_model(out, source.write, force)
-    note("verifying")
-    _verify(path, out, result, options, fold_bn)
+    with StagedModel(out, force, protect=source.input_files()) as staged:
+        note("writing")
+        staged.write(source.write)
+        note("verifying")
+        _verify(path, staged.model, result, options, fold_bn)  # the proof runs on the staged file
+        if result.passed:
+            result.written = staged.commit()  # only a proven model reaches the output path
     return result
 
 
 def normalize_file(
-    path: Path, output: Path | None, options: NormalizeOptions, mode: str, conv_norm: str, force: bool
+    path: Path,
+    output: Path | None,
+    options: NormalizeOptions,
+    mode: str,
+    conv_norm: str,
+    force: bool,
+    progress: Callable[[str], None] | None = None,
 ) -> NormalizeResult:
-    """``lipcheck normalize`` in either mode: bake (rescaled weights, any format) or parametrize (PyTorch)."""
+    """``lipcheck normalize`` in either mode: bake (rescaled weights, any format) or parametrize (PyTorch).
+    ``progress(text)`` is told each step as it starts."""
     if mode == "parametrize":
         return parametrize_file(path, output, options, conv_norm, force=force)
-    return normalize(path, output, options, force=force)
+    return normalize(path, output, options, force=force, progress=progress)
 
 
 def _check_output(path: Path, out: Path | None, force: bool) -> None:
-    """Refuse, before any work, an output that is the input or an existing file (unless --force)."""
-    if out is None:
-        return
-    if out.resolve() == path.resolve() and not force:
-        raise LipcheckError(f"{out}: is the input model; lipcheck never modifies its input (use another -o)")
-    check_writable(out, force)
+    """Refuse, before any work, an output that is the input (whatever the flags) or an existing file (unless
+    --force), or a folder where nothing can be written."""
+    if out is not None:
+        check_new_model(path, out, force)
 
 
 def _plan_weights_only(source: WeightSource, weights: WeightTensors, options: NormalizeOptions) -> NormalizeResult:
@@ -319,8 +327,9 @@ def _plan_graph(
         )
     folded: dict[str, str] = {}
     if fold_bn:
+        readers, names = graph.consumers(), set(source.names())
         for layer in layers:
-            bn = _following_batchnorm(graph, layer.node, source) if layer.direct else None
+            bn = _following_batchnorm(graph, layer.node, readers, names) if layer.direct else None
             if bn is not None and _fold_batchnorm(layer, bn, source, graph):
                 folded[layer.node.name] = bn.name
     if isinstance(source, OnnxSource) and folded:
@@ -345,12 +354,12 @@ def _plan_graph(
         for change in changes:
             change.factor = _factor(change.norm_before, options.target, options.clip)
     else:
-        t, bound = _uniform_target(graph, source, layers, changes, options, fold_bn, note)
+        t, bound, trials = _uniform_target(graph, source, layers, changes, options, note)
         for change in changes:
             change.factor = t / change.norm_before if change.norm_before > 0 else 1.0
         budget = (
-            f"every selected layer at norm {t:.6g}, the largest (bisection, {BISECTION_STEPS} re-certifications) "
-            f"with a certified bound <= {options.lipschitz:g} ({bound:.6g})"
+            f"every selected layer at norm {t:.6g}, the largest found ({trials} certifications) whose certified "
+            f"network bound, as lipcheck report gives it, is <= {options.lipschitz:g} ({bound:.6g})"
         )
     for layer, change in zip(layers, changes, strict=True):
         _scale(source, graph, layer, change.factor)
@@ -383,43 +392,92 @@ def _uniform_target(
     layers: list[_Layer],
     changes: list[LayerChange],
     options: NormalizeOptions,
-    fold_bn: bool,
     note: Callable[[str], None],
-) -> tuple[float, float]:
-    """The largest common layer norm t whose re-certified network bound is <= K (the bound grows with t)."""
+) -> tuple[float, float, int]:
+    """The largest common layer norm t whose network bound, as ``lipcheck report`` gives it (the smallest
+    certified method), is <= K; with that bound and the number of certifications it took.
+
+    Each trial certifies the scaled graph by every method (a second or so per trial on the digits CNN, where
+    the product alone takes 50 ms), so the search must be short. A chain of positively homogeneous layers
+    has the bound c t^d (d its number of scaled layers) and other networks are close to a power of t, so
+    log(bound) against log(t) is nearly a line: a secant search on it, kept inside the bracket of trials
+    below and above K (bisection when a secant step leaves it), ends in a handful of trials.
+    """
     assert options.lipschitz is not None
     goal = options.lipschitz * (1 - 1e-6)  # room for the float32 rounding of the written weights
+    bounds: dict[float, float] = {}
 
-    def bound_at(t: float) -> float:
+    def excess(u: float) -> float:
+        """log(bound / goal) at t = exp(u): <= 0 when the budget is met."""
+        t = math.exp(u)
         trial = graph.copy()
         for layer, change in zip(layers, changes, strict=True):
             factor = t / change.norm_before if change.norm_before > 0 else 1.0
             trial.constants[layer.weight_value] = np.asarray(trial.constants[layer.weight_value]) * factor
-        result = _certify(trial, fold_bn, options.device)
-        if result.upper_bound is None:
+        note(f"searching the common layer norm: trial {len(bounds) + 1}, t = {t:.6g}")
+        bound = certify(trial, device=options.device).upper_bound
+        if bound is None:
             raise LipcheckError(f"{source.path}: not globally Lipschitz, so no scaling reaches --lipschitz")
-        return result.upper_bound
+        bounds[u] = bound
+        return math.log(bound / goal) if bound > 0 else -math.inf
 
-    low, high = 0.0, 1.0
-    high_bound = bound_at(high)
-    while high_bound <= goal and high < 1e6:
-        low, high = high, high * 4
-        high_bound = bound_at(high)
-    low_bound = bound_at(low) if low > 0 else 0.0
-    if low == 0.0 and bound_at(1e-9) > goal:
+    u = _largest_within(excess, degree=float(min(max(len(layers), 1), 64)))
+    if u is None:
         raise LipcheckError(
             f"--lipschitz {options.lipschitz:g}: unreachable by scaling the selected layers (the rest "
             "of the network alone is above it)"
         )
-    for step in range(BISECTION_STEPS):
-        note(f"bisection {step + 1}/{BISECTION_STEPS}")
-        middle = math.sqrt(low * high) if low > 0 else high / 16
-        middle_bound = bound_at(middle)
-        if middle_bound <= goal:
-            low, low_bound = middle, middle_bound
-        else:
-            high = middle
-    return low, low_bound
+    return math.exp(u), bounds[u], len(bounds)
+
+
+SEARCH_TOLERANCE = 1e-5  # the search ends when the bound is within this of K (relative)
+SEARCH_TRIALS = 30
+T_RANGE = (math.log(1e-9), math.log(1e6))
+
+
+def _largest_within(excess: Callable[[float], float], degree: float) -> float | None:
+    """The largest u found with excess(u) <= 0, for an excess that grows with u about ``degree`` times as fast
+    (the log of a bound against the log of t); None when even the smallest u of ``T_RANGE`` is above."""
+    target = math.log1p(-SEARCH_TOLERANCE / 2)  # aim inside the tolerance band, on the right side
+    low: tuple[float, float] | None = None  # (u, excess) with excess <= 0, the largest so far
+    high: tuple[float, float] | None = None  # with excess > 0, the smallest so far
+    trial, previous = 0.0, None
+    for _ in range(SEARCH_TRIALS):
+        point = (trial, excess(trial))
+        if point[1] <= 0 and (low is None or point[0] > low[0]):
+            low = point
+        elif point[1] > 0 and (high is None or point[0] < high[0]):
+            high = point
+        if low is not None and (low[1] >= math.log1p(-SEARCH_TOLERANCE) or low[0] >= T_RANGE[1]):
+            break
+        if (high is not None and high[0] <= T_RANGE[0]) or (low and high and high[0] - low[0] < 1e-7):
+            break
+        slope = degree
+        if previous is not None and point[0] != previous[0]:
+            secant = (point[1] - previous[1]) / (point[0] - previous[0])
+            slope = secant if 1e-3 < secant < math.inf else slope
+        previous = point
+        trial = _next_trial(low, high, point, slope, target)
+    return None if low is None else low[0]
+
+
+def _next_trial(
+    low: tuple[float, float] | None,
+    high: tuple[float, float] | None,
+    latest: tuple[float, float],
+    slope: float,
+    target: float,
+) -> float:
+    """A secant step from the latest trial towards excess = target: strictly inside the bracket when there is
+    one (its midpoint when the step leaves it), else at least a little beyond the side known, within T_RANGE."""
+    step = (target - latest[1]) / slope if math.isfinite(latest[1]) else 1.0
+    if low is not None and high is not None:
+        trial = latest[0] + step
+        return trial if low[0] < trial < high[0] else (low[0] + high[0]) / 2
+    if low is not None:  # every trial so far below the budget: up
+        return min(max(latest[0] + step, low[0] + 1e-3), T_RANGE[1])
+    assert high is not None  # every trial above: down
+    return max(min(latest[0] + step, high[0] - 1e-3), T_RANGE[0])
 
 
 # ---------------------------------------------------------------------- verification
@@ -506,7 +564,7 @@ def _check_onnx(path: Path, out: Path, result: NormalizeResult, options: Normali
             "same inputs and outputs as the original" if same else "inputs or outputs differ from the original",
         )
     )
-    from lipcheck.frontends.onnx_frontend import parse_input_shapes
+    from lipcheck.options import parse_input_shapes
 
     given = parse_input_shapes(list(options.input_shapes), [i.name for i in before.get_inputs()])
     shapes = [given.get(i.name) or tuple(d if isinstance(d, int) else 1 for d in i.shape) for i in before.get_inputs()]
@@ -584,7 +642,7 @@ def parametrize_file(
     proof does exactly that on a fresh module, then bakes it (``remove_parametrizations``) and certifies it.
     """
     from lipcheck.frontends.torch_frontend import module_to_graph
-    from lipcheck.rewrite.parametrize import normalised_layers, parametrize, remove_parametrizations
+    from lipcheck.rewrite.parametrize import normalised_layers, parametrize
 
     path, out = Path(path), None if output is None else Path(output)
     _check_output(path, out, force)
@@ -618,15 +676,37 @@ def parametrize_file(
     result = NormalizeResult(path.name, "parametrized state_dict", changes, [], None, budget_note=note)
     if out is None:
         return result
-    result.written = write_new_model(out, lambda target: torch.save(module.state_dict(), target), force)
+    with StagedModel(out, force, protect=[path]) as staged:
+        staged.write(lambda target: torch.save(module.state_dict(), target))
+        _prove_parametrized(
+            staged.model, result, original, lambda: normalised(fresh_module()), shape, options, conv_norm
+        )
+        if result.passed:
+            result.written = staged.commit()  # only a proven model reaches the output path
+    return result
+
+
+def _prove_parametrized(
+    out: Path,
+    result: NormalizeResult,
+    original: torch.nn.Module,
+    fresh: Callable[[], torch.nn.Module],
+    shape: tuple[int, ...],
+    options: NormalizeOptions,
+    conv_norm: str,
+) -> None:
+    """Load the written state_dict into a fresh parametrized module, run it, bake it and certify its layers."""
+    from lipcheck.frontends.torch_frontend import module_to_graph
+    from lipcheck.rewrite.parametrize import remove_parametrizations
+
     try:
-        reloaded = normalised(fresh_module())
+        reloaded = fresh()
         reloaded.load_state_dict(torch.load(out, weights_only=True), strict=True)
         reloaded.eval()
         result.checks.append(Check("reloads", True, "a fresh module, parametrized the same way, loads it strictly"))
     except Exception as exc:
         result.checks.append(Check("reloads", False, str(exc).splitlines()[0][:200]))
-        return result
+        return
     inputs = [torch.from_numpy(x[0]) for x in _random_inputs([shape])]
     with torch.no_grad():
         result.output_change = max(_relative_change(_as_list(original(x)), _as_list(reloaded(x))) for x in inputs)
@@ -634,7 +714,7 @@ def parametrize_file(
     baked = remove_parametrizations(reloaded)
     after = _layer_norms(_certify(module_to_graph(baked, options.input_shapes, out.name), False, options.device))
     over = []
-    for change in changes:
+    for change in result.layers:
         change.norm_after = after.get(change.name)
         if change.norm_after is not None and change.norm_before > 0:
             change.factor = change.norm_after / change.norm_before
@@ -644,4 +724,3 @@ def parametrize_file(
         limit = f"{options.target:g} x (1 + {TOLERANCE:g})"
         detail = "; ".join(over[:3]) or f"baked: every layer's certified norm <= {limit}"
         result.checks.append(Check("layer norms", not over, detail))
-    return result

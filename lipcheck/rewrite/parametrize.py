@@ -532,12 +532,30 @@ def _normalisation(
         dim = 1 if isinstance(layer, CONV_TRANSPOSE_TYPES) else 0
         return MatrixSpectralNorm(weight, target, n_power_iterations, eps, dim=dim)
     in_shape, out_shape = shapes
+    if conv_norm == "operator" and _circular_on_input(layer, in_shape):
+        # circular padding that the window spans exactly: the circular convolution on the input's own grid,
+        # which lipcheck certifies exactly (its wrap Pad folded into the conv)
+        spatial = in_shape[-(weight.dim() - 2) :]
+        return CircularConvSpectralNorm(
+            weight, spatial, layer.stride, layer.dilation, layer.groups, target, n_power_iterations, eps
+        )
     if conv_norm == "exact" or getattr(layer, "padding_mode", "zeros") != "zeros":
         # reflect / replicate / circular padding repeats entries: only the exact operator includes that
         return ZeroPaddedConvSpectralNorm(layer, weight, in_shape, out_shape, target, n_power_iterations, eps)
     grid = circular_grid(layer, in_shape)
     return CircularConvSpectralNorm(
         weight, grid, layer.stride, layer.dilation, layer.groups, target, n_power_iterations, eps
+    )
+
+
+def _circular_on_input(layer: Any, in_shape: Sequence[int]) -> bool:
+    """A stride-1 conv with circular padding of d (k - 1) in all, on a grid longer than its window."""
+    if getattr(layer, "padding_mode", "zeros") != "circular" or isinstance(layer.padding, str):
+        return False
+    spatial = in_shape[-len(layer.kernel_size) :]
+    return all(
+        s == 1 and 2 * p == d * (k - 1) and d * (k - 1) < n
+        for s, p, d, k, n in zip(layer.stride, layer.padding, layer.dilation, layer.kernel_size, spatial, strict=True)
     )
 
 

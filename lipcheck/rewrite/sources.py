@@ -23,11 +23,13 @@ from lipcheck.frontends.torch_frontend import (
     check_torch_file,
     find_weights,
     load_weights,
+    module_state,
     quiet,
     strip_common_prefix,
     strip_wrapper_prefixes,
     unpickle,
 )
+from lipcheck.frontends.torch_state import Parametrized, find_parametrized, module_transposed
 
 
 class WeightSource:
@@ -52,6 +54,10 @@ class WeightSource:
         """Drop an (already identity) BatchNorm from the graph when the format allows it."""
         return False
 
+    def input_files(self) -> list[Path]:
+        """The files the model was read from (the output may replace none of them)."""
+        return [self.path]
+
 
 # ---------------------------------------------------------------------- ONNX
 
@@ -62,9 +68,11 @@ class OnnxSource(WeightSource):
 
         self.path = path
         self.model = load_onnx_model(path)
-        self.external = _uses_external_data(path)
+        self.external_files = _external_files(path)
+        self.external = bool(self.external_files)
         self.format = "ONNX with external data" if self.external else "ONNX"
         self.initializers = {init.name: init for init in self.model.graph.initializer}
+        self._producers: dict[str, Any] | None = None  # value -> node, for source_of
 
     def names(self) -> list[str]:
         return list(self.initializers)
@@ -82,11 +90,16 @@ class OnnxSource(WeightSource):
         old = numpy_helper.to_array(init)
         init.CopyFrom(numpy_helper.from_array(np.asarray(value).astype(old.dtype).reshape(old.shape), name))
 
+    def input_files(self) -> list[Path]:
+        return [self.path, *self.external_files]
+
     def source_of(self, value: str) -> str | None:
         """The initializer a weight comes from through shape-only ops (Transpose, Reshape, Cast, ...)."""
         from lipcheck.frontends.onnx_frontend import WEIGHT_VIEW_OPS
 
-        producers = {out: node for node in self.model.graph.node for out in node.output}
+        if self._producers is None:
+            self._producers = {out: node for node in self.model.graph.node for out in node.output}
+        producers = self._producers
         seen = 0
         while value not in self.initializers and seen < 16:
             node = producers.get(value)
@@ -103,6 +116,7 @@ class OnnxSource(WeightSource):
             return False
         linear.output[0] = bn.output[0]
         self.model.graph.node.remove(bn)
+        self._producers = None
         used = {name for node in self.model.graph.node for name in node.input}
         for name in list(bn.input[1:]):
             init = self.initializers.get(name)
@@ -129,12 +143,19 @@ class OnnxSource(WeightSource):
             onnx.save_model(model, str(target))
 
 
-def _uses_external_data(path: Path) -> bool:
+def _external_files(path: Path) -> list[Path]:
+    """The external data files an ONNX model's initializers are read from."""
     import onnx
     from onnx.external_data_helper import uses_external_data
 
     model = onnx.load(str(path), load_external_data=False)
-    return any(uses_external_data(init) for init in model.graph.initializer)
+    found = []
+    for init in model.graph.initializer:
+        if uses_external_data(init):
+            location = next((e.value for e in init.external_data if e.key == "location"), None)
+            if location is not None and path.parent / location not in found:
+                found.append(path.parent / location)
+    return found
 
 
 # ---------------------------------------------------------------------- PyTorch
@@ -150,11 +171,20 @@ class TorchSource(WeightSource):
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     file_keys: dict[str, str] = field(default_factory=dict)  # module key -> key in the file
     metadata: dict[str, str] | None = None  # safetensors header metadata
+    # effective tensors of torch's parametrizations (spectral_norm, weight_norm), by their plain key
+    parametrized: dict[str, Parametrized] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.parametrized:
+            self.parametrized = {p.name: p for p in find_parametrized(self.tensors)}
 
     def names(self) -> list[str]:
-        return list(self.tensors)
+        hidden = {k for p in self.parametrized.values() for k in p.keys}
+        return [k for k in self.tensors if k not in hidden] + list(self.parametrized)
 
     def get(self, name: str) -> np.ndarray | None:
+        if name in self.parametrized:
+            return self.parametrized[name].effective(self.tensors).numpy()
         tensor = self.tensors.get(name)
         if tensor is None:
             return None
@@ -162,10 +192,24 @@ class TorchSource(WeightSource):
         return (tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor).cpu().numpy().copy()
 
     def set(self, name: str, value: np.ndarray) -> None:
+        if name in self.parametrized:
+            self._scale_parametrized(self.parametrized[name], np.asarray(value, dtype=np.float64))
+            return
         tensor = self.tensors[name]
         new = torch.as_tensor(np.asarray(value), dtype=torch.float64).to(dtype=tensor.dtype).reshape(tensor.shape)
         with torch.no_grad():
             tensor.copy_(new)
+
+    def _scale_parametrized(self, parametrized: Parametrized, value: np.ndarray) -> None:
+        """A parametrized tensor changes only by a positive factor (what normalize does): scale it in its keys."""
+        current = parametrized.effective(self.tensors).numpy()
+        factor = float(np.vdot(value, current) / max(np.vdot(current, current), 1e-300))
+        if not factor > 0 or np.abs(value - factor * current).max() > 1e-6 * max(np.abs(value).max(), 1e-30):
+            raise LipcheckError(
+                f"{self.path}: {parametrized.name} comes from torch's {parametrized.kind}; lipcheck can only "
+                "rescale it as a whole (--fold-bn changes it channel by channel)"
+            )
+        parametrized.scale(self.tensors, factor)
 
     def write(self, target: Path) -> None:
         with quiet():
@@ -214,7 +258,9 @@ def _open_source(path: Path, options: TorchOptions | None) -> WeightSource:
     obj = unpickle(path, options.trust_pickle)
     found, where = find_weights(obj, path)
     if isinstance(found, torch.nn.Module):
-        return TorchSource(path, "pickled module", obj, dict(found.state_dict(keep_vars=True)))
+        tensors = dict(found.state_dict(keep_vars=True))
+        parametrized = {p.name: p for p in find_parametrized(tensors, module_transposed(found))}
+        return TorchSource(path, "pickled module", obj, tensors, parametrized=parametrized)
     return _state_source(path, where, found, obj, options, None)
 
 
@@ -229,10 +275,14 @@ def _state_source(
     """Module keys as the report sees them (wrapper and Lightning prefixes removed) -> the file's tensors."""
     file_keys = list(state)
     stripped = list(strip_wrapper_prefixes(dict(state)))
+    transposed = None
     if options.model is not None:
         module = build_module(options.model, options.model_kwargs)
-        load_weights(module, dict(zip(stripped, state.values(), strict=True)), path.name)
-        matched = list(strip_common_prefix(dict(zip(stripped, state.values(), strict=True)), set(module.state_dict())))
+        named = dict(zip(stripped, state.values(), strict=True))
+        load_weights(module, module_state(module, named), path.name)
+        wanted = set(module.state_dict()) | {p.name for p in find_parametrized(named)}
+        matched = list(strip_common_prefix(named, wanted))
+        transposed = module_transposed(module)
     else:
         matched = stripped
     if len(matched) != len(file_keys):
@@ -240,7 +290,9 @@ def _state_source(
     tensors = {module_key: state[file_key] for module_key, file_key in zip(matched, file_keys, strict=True)}
     # the tensors are the loaded object's own: editing them in place edits what ``write`` saves
     keys = dict(zip(matched, file_keys, strict=True))
-    return TorchSource(path, "state_dict" if where == "a state_dict" else where, obj, tensors, keys, metadata)
+    parametrized = {p.name: p for p in find_parametrized(tensors, transposed)}
+    kind = "state_dict" if where == "a state_dict" else where
+    return TorchSource(path, kind, obj, tensors, keys, metadata, parametrized)
 
 
 def load_runnable(path: Path, options: TorchOptions) -> torch.nn.Module | None:
@@ -267,5 +319,5 @@ def _load_runnable(path: Path, options: TorchOptions) -> torch.nn.Module | None:
     if options.model is None:
         return None
     module = build_module(options.model, options.model_kwargs)
-    load_weights(module, strip_wrapper_prefixes(state), path.name)
+    load_weights(module, module_state(module, strip_wrapper_prefixes(state)), path.name)
     return module.eval()
