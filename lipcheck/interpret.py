@@ -33,7 +33,18 @@ from lipcheck.ops import EvalContext, UnsupportedVariant
 from lipcheck.ops.base import constant_tensor
 from lipcheck.walk import walk
 
-__all__ = ["GraphFunction", "UninterpretableOpsError", "interpret", "interpreted_ops", "unsupported_ops"]
+__all__ = [
+    "FeedTypeError",
+    "GraphFunction",
+    "UninterpretableOpsError",
+    "interpret",
+    "interpreted_ops",
+    "unsupported_ops",
+]
+
+
+class FeedTypeError(LipcheckError):
+    """A value fed to the interpreter has an element type torch cannot hold (strings, objects)."""
 
 
 class UninterpretableOpsError(LipcheckError):
@@ -136,7 +147,7 @@ class GraphFunction:
         wanted = tuple(self.graph.outputs if outputs is None else outputs)
         env: dict[str, torch.Tensor] = {}
         for name, value in feeds.items():
-            tensor = torch.as_tensor(_torch_readable(value), device=self.device)
+            tensor = torch.as_tensor(_torch_readable(name, value), device=self.device)
             env[name] = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
         plan = self._plan(tuple(sorted(env)), wanted)
         walk(plan, env, self._step, read=self._constant, keep=set(wanted))
@@ -161,14 +172,29 @@ class GraphFunction:
         return self.constants[name]
 
 
-def _torch_readable(value: Any) -> Any:
-    """Arrays of numpy's extension float types (bfloat16, float8: ONNX's, by ml_dtypes) as float32, exactly."""
-    if isinstance(value, np.ndarray) and "float" in value.dtype.name and value.dtype not in _TORCH_FLOATS:
+def _torch_readable(name: str, value: Any) -> Any:
+    """Arrays of numpy's extension types (bfloat16, float8, float4, int4: ONNX's, by ml_dtypes) as float32 or
+    int8/uint8, exactly; strings and objects are refused with a lipcheck error."""
+    if not isinstance(value, np.ndarray) or value.dtype in _TORCH_NATIVE:
+        return value
+    kind = value.dtype.name
+    if "float" in kind:
         return value.astype(np.float32)
-    return value
+    if kind in ("int2", "int4"):
+        return value.astype(np.int8)
+    if kind in ("uint2", "uint4"):
+        return value.astype(np.uint8)
+    if kind in _WIDER:  # torch has no arithmetic on uint16/32/64: the same numbers in a wider signed type
+        if kind == "uint64" and value.size and int(value.max()) >= 2**63:
+            raise FeedTypeError(f"input {name!r} holds uint64 values of 2^63 or more, which lipcheck cannot evaluate")
+        return value.astype(_WIDER[kind])
+    if value.dtype.kind in "iub":
+        return value
+    raise FeedTypeError(f"input {name!r} holds {kind} values, which lipcheck's interpreter cannot evaluate")
 
 
-_TORCH_FLOATS = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
+_WIDER = {"uint16": np.int32, "uint32": np.int64, "uint64": np.int64}
+_TORCH_NATIVE = {np.dtype(t) for t in (np.float16, np.float32, np.float64, np.complex64, np.complex128, np.bool_)}
 
 
 def run_graph(graph: Graph, feeds: dict[str, Any], dtype: torch.dtype, device: torch.device) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import torch
 
 from lipcheck.frontends import load_graph
 from lipcheck.graph import Graph, Node
-from lipcheck.interpret import GraphFunction, UninterpretableOpsError, interpret, interpreted_ops
+from lipcheck.interpret import FeedTypeError, GraphFunction, UninterpretableOpsError, interpret, interpreted_ops
 from lipcheck.ops import registered_rules
 from lipcheck.passes import prepare
 from tests.conftest import SAMPLE_MODELS, SAMPLES
@@ -193,3 +193,37 @@ def test_gather_of_one_entry_is_a_scalar(tmp_path) -> None:
     got = interpret(load_graph(path)).run({"x": torch.as_tensor(x)})["y"]
     want = Runner(path).outputs(x)[0]
     assert got.shape == want.shape == () and float(got) == float(want)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "torch_dtype"),
+    [("bfloat16", torch.float64), ("float8_e4m3fn", torch.float64), ("float4_e2m1fn", torch.float64),
+     ("int4", torch.int8), ("uint4", torch.uint8)],
+)  # fmt: skip
+def test_extension_type_feeds_are_read_exactly(dtype: str, torch_dtype: torch.dtype) -> None:
+    """ONNX's narrow types (numpy arrays of ml_dtypes) run as float32 or (u)int8 holding the same numbers."""
+    import ml_dtypes
+
+    value = np.array([0.0, 1.0, 2.0, 3.0]).astype(getattr(ml_dtypes, dtype))
+    graph = Graph(nodes=[Node("n", "Identity", ["x"], ["y"])], inputs=["x"], outputs=["y"])
+    (out,) = interpret(graph).run({"x": value}).values()
+    assert out.dtype == torch_dtype and out.tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("value", [np.array(["a", "b"]), np.array([{"a": 1}], dtype=object)], ids=["str", "object"])
+def test_unreadable_feeds_are_a_lipcheck_error(value: np.ndarray) -> None:
+    graph = Graph(nodes=[Node("n", "Identity", ["x"], ["y"])], inputs=["x"], outputs=["y"])
+    with pytest.raises(FeedTypeError, match="input 'x' holds"):
+        interpret(graph).run({"x": value})
+
+
+def test_opset6_prelu_slope_is_per_channel(tmp_path) -> None:
+    """Before opset 7 a slope of C entries belongs to axis 1 (as torch's nn.PReLU exports it)."""
+    slope = np.array([0.1, -2.0, 3.0], np.float32)
+    path = save(model([node("PRelu", ["x", "s"], ["y"])], {"x": (2, 3, 4)}, ["y"], {"s": slope}, opset=6), tmp_path)
+    x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+    (got,) = interpret(load_graph(path, ["2,3,4"])).run({"x": x}).values()
+    want = torch.nn.functional.prelu(
+        torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(slope, dtype=torch.float64)
+    )
+    assert torch.equal(got, want)

@@ -908,6 +908,7 @@ ACTIVATIONS = [
     Activation("sin", "Sin", torch.sin),
     Activation("cos", "Cos", torch.cos),
     Activation("atan", "Atan", torch.atan),
+    Activation("asinh", "Asinh", torch.asinh, opset=9),
     Activation("erf", "Erf", torch.erf),
     Activation("abs", "Abs", torch.abs),
     Activation("max-const", "Max", lambda t: t.clamp_min(0.5), consts={"c": np.array([0.5], np.float32)}),
@@ -1072,7 +1073,11 @@ VECTOR = [
         {"p": 2},
         lambda t: t.pow(2).sum(dim=(2, 3), keepdim=True).sqrt(),
     ),
-]
+    Vector("reducel1", (2, 5), "ReduceL1", {"axes": [1], "keepdims": 0}, lambda t: t.abs().sum(1)),
+    Vector("reducel1-all", (2, 3), "ReduceL1", {"keepdims": 1}, lambda t: t.abs().sum().reshape(1, 1)),
+    Vector("reducelogsumexp", (3, 4), "ReduceLogSumExp", {"axes": [0], "keepdims": 1},
+           lambda t: torch.logsumexp(t, 0, keepdim=True)),
+]  # fmt: skip
 
 
 def jacobian_norm(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, create_graph=False) -> torch.Tensor:
@@ -1164,6 +1169,15 @@ def _group_norm(t: torch.Tensor, groups: int, scale: np.ndarray, bias: np.ndarra
     return normalised * _t(scale).reshape(shape) + _t(bias).reshape(shape)
 
 
+def _lrn(t: torch.Tensor, size: int, alpha: float, beta: float, bias: float) -> torch.Tensor:
+    """ONNX's LRN: the window of channel c is [c - floor((size-1)/2), c + ceil((size-1)/2)]."""
+    channels = t.shape[1]
+    sums = torch.stack(
+        [t[:, max(0, c - (size - 1) // 2) : c + size // 2 + 1].pow(2).sum(1) for c in range(channels)], 1
+    )
+    return t / (bias + alpha / size * sums).pow(beta)
+
+
 NORMALISATIONS = [
     Normalisation("layernorm", (2, 8), "LayerNormalization", {"axis": -1, "epsilon": 1e-3},
                   {"g": _G8, "b": _B8}, lambda t: F.layer_norm(t, (8,), _t(_G8), _t(_B8), EPS32)),
@@ -1180,6 +1194,10 @@ NORMALISATIONS = [
     Normalisation("mvn", (1, 2, 3, 2), "MeanVarianceNormalization", {"axes": [2, 3]}, {},
                   lambda t: (t - t.mean((2, 3), keepdim=True))
                   / (t.var((2, 3), unbiased=False, keepdim=True).sqrt() + float(np.float32(1e-9)))),
+    Normalisation("lrn", (1, 5, 2, 1), "LRN", {"size": 3, "alpha": 1.0, "beta": 0.75, "bias": 1.0}, {},
+                  lambda t: _lrn(t, 3, 1.0, 0.75, 1.0)),
+    Normalisation("lrn-5", (1, 6, 1, 1), "LRN", {"size": 5, "alpha": 2.0, "beta": 0.5, "bias": 0.5}, {},
+                  lambda t: _lrn(t, 5, 2.0, 0.5, 0.5)),
 ]  # fmt: skip
 
 
@@ -1451,6 +1469,20 @@ def _attention_scores(rng):
     ], {"Wq": randn(rng, 4, 4)}
 
 
+def _unary_gate(op: str, shift: float = 0.0):
+    """MatMul, Sigmoid (so the inverse functions stay in their domains), + shift, then ``op``."""
+
+    def build(rng):
+        return [
+            node("MatMul", ["x", "W"], ["a"]),
+            node("Sigmoid", ["a"], ["s"]),
+            node("Add", ["s", "shift"], ["u"]),
+            node(op, ["u"], ["y"], name="gate"),
+        ], {"W": randn(rng, 4, 4), "shift": np.array(shift, np.float32)}
+
+    return build
+
+
 NOT_LIPSCHITZ = [
     ("x-times-relu", _x_times_relu, "Mul"),
     ("product-of-two-linear-branches", _two_linear_branches, "Mul"),
@@ -1459,6 +1491,11 @@ NOT_LIPSCHITZ = [
     ("exp", _exp, "Exp"),
     ("div-by-activation", _div_by_activation, "Div"),
     ("matmul-of-two-activations", _attention_scores, "MatMul"),
+    *((op.lower(), _unary_gate(op), op) for op in ("Asin", "Acos", "Atanh", "Tan", "Sinh")),
+    ("acosh", _unary_gate("Acosh", 1.0), "Acosh"),
+    ("reducesumsquare", _unary_gate("ReduceSumSquare"), "ReduceSumSquare"),
+    ("reducelogsum", _unary_gate("ReduceLogSum"), "ReduceLogSum"),
+    ("reduceprod", _unary_gate("ReduceProd"), "ReduceProd"),
 ]
 
 

@@ -324,7 +324,7 @@ def onnx_to_graph(
     shapes, dtypes = _inferred_shapes(model, constants, inputs)
     kept = _fold(model, constants, shapes, inputs, opsets, opset)
     graph = Graph(
-        nodes=_nodes(kept, opsets, opset, constants, shapes, where),
+        nodes=_nodes(kept, opsets, opset, constants, (shapes, dtypes), where),
         inputs=input_names,
         outputs=[o.name for o in g.output],
         constants=constants,
@@ -520,10 +520,11 @@ def _nodes(
     opsets: dict[str, int],
     opset: int,
     constants: LazyConstants,
-    shapes: dict[str, Shape],
+    types: tuple[dict[str, Shape], dict[str, str]],
     where: str,
 ) -> list[Node]:
-    """lipcheck's nodes, uniquely named (the first output's name for an unnamed node), attributes normalised."""
+    """lipcheck's nodes, uniquely named (the first output's name for an unnamed node), attributes normalised;
+    ``types``: the values' shapes and number types."""
     nodes: list[Node] = []
     taken: set[str] = set()
     counters: dict[str, int] = {}
@@ -535,7 +536,7 @@ def _nodes(
         if any(attr.type in _GRAPH_ATTRIBUTES for attr in proto.attribute):
             attrs["listed_inputs"] = len(proto.input)  # the rest are values its subgraphs capture
         try:
-            _normalise(node, opset, constants, shapes)
+            _normalise(node, opset, constants, types)
         except ModelLoadError as exc:  # attributes that do not fit the node: name the file too
             raise ModelLoadError(f"{where}: {exc}") from None
         nodes.append(node)
@@ -868,12 +869,15 @@ def _const_list(constants: MutableMapping[str, np.ndarray], node: Node, index: i
     return None
 
 
-def _normalise(node: Node, opset: int, constants: MutableMapping[str, np.ndarray], shapes: dict[str, Shape]) -> None:
+def _normalise(
+    node: Node, opset: int, constants: MutableMapping[str, np.ndarray], types: tuple[dict[str, Shape], dict[str, str]]
+) -> None:
     """Fill op-specific attributes so rules never look at opsets (see module docstring)."""
     normaliser = _NORMALISERS.get(node.op)
     if normaliser is not None:
+        shapes, dtypes = types
         in_shape = shapes.get(node.inputs[0]) if node.inputs and node.inputs[0] else None
-        normaliser(node, _Opset(opset, constants, shapes, in_shape))
+        normaliser(node, _Opset(opset, constants, shapes, in_shape, dtypes))
 
 
 @dataclass
@@ -884,6 +888,7 @@ class _Opset:
     constants: MutableMapping[str, np.ndarray]
     shapes: dict[str, Shape]
     in_shape: Shape | None
+    dtypes: dict[str, str]
 
 
 def _window(node: Node, at: _Opset) -> None:
@@ -1027,12 +1032,53 @@ def _dropout(node: Node, at: _Opset) -> None:
         node.inputs = node.inputs[:2]
 
 
+def _element_type(at: _Opset, value: str) -> int | None:
+    """The ONNX element type of a value, where known."""
+    name = at.dtypes.get(value)
+    if name is not None:
+        return int(onnx.TensorProto.DataType.Value(name.upper()))
+    if value in at.constants:
+        return int(helper.np_dtype_to_tensor_dtype(np.asarray(at.constants[value]).dtype))
+    return None
+
+
+def _cast_like(node: Node, at: _Opset) -> None:
+    """The target type as Cast's ``to`` (the interpreter refuses the types it cannot produce exactly)."""
+    target = _element_type(at, node.inputs[1]) if len(node.inputs) > 1 else None
+    if target is not None:
+        node.attrs["to"] = target
+
+
+def _quantize(node: Node, at: _Opset) -> None:
+    """The integer type written: ``output_dtype``, else the zero point's, else uint8."""
+    if not int(node.attrs.get("output_dtype") or 0):
+        zero = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else ""
+        node.attrs["output_dtype"] = (_element_type(at, zero) if zero else None) or onnx.TensorProto.UINT8
+
+
+def _prelu(node: Node, at: _Opset) -> None:
+    """Before opset 7 a 1-D slope of C entries is per channel (axis 1), not broadcast against the last axis."""
+    slope = at.constants.get(node.inputs[1]) if len(node.inputs) > 1 else None
+    rank = len(at.in_shape) if at.in_shape is not None else 0
+    if at.version < 7 and slope is not None and np.ndim(slope) == 1 and np.size(slope) > 1 and rank > 2:
+        name = unique_name({*at.constants, *at.shapes}, f"{node.inputs[1]}_per_channel")
+        at.constants[name] = np.asarray(slope).reshape(-1, *([1] * (rank - 2)))
+        node.inputs[1] = name
+
+
 _NORMALISERS: dict[str, Callable[[Node, _Opset], None]] = {
     **dict.fromkeys(("Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool"), _window),
     **dict.fromkeys(("Softmax", "LogSoftmax", "Hardmax"), _softmax),
     "Pad": _pad,
     **dict.fromkeys(("Resize", "Upsample"), _resize),
-    **dict.fromkeys(("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2"), _reduce),
+    **dict.fromkeys(
+        ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceLogSumExp")
+        + ("ReduceSumSquare", "ReduceLogSum", "ReduceProd"),
+        _reduce,
+    ),
+    "PRelu": _prelu,
+    "CastLike": _cast_like,
+    "QuantizeLinear": _quantize,
     "BatchNormalization": _batch_norm,
     "Dropout": _dropout,
     "Scatter": _scatter,

@@ -4,8 +4,9 @@ Families (one module each): ``activations``, ``arithmetic``, ``attention``, ``li
 ``control`` (If, Loop, Scan), ``conv``, ``normalization``, ``pooling``, ``reductions``, ``shape``
 (rearrangements, casts), ``selection`` (slices, gathers, concatenation, padding, copies), ``indexing``
 (gathers and scatters by index tensors, unpooling, folding patches), ``resize``, ``elementwise`` (math
-without a global constant, logic), ``generators``. ``base`` defines the facets (see ``Op``) and the
-registry; importing this package registers every op. CONTRIBUTING.md shows how to add one.
+without a global constant, logic), ``steps`` (arg-max, remainders, quantisation), ``generators``.
+``base`` defines the facets (see ``Op``) and the registry; importing this package registers every op.
+CONTRIBUTING.md shows how to add one.
 """
 
 from lipcheck.ops import (  # noqa: F401  (registration)
@@ -24,6 +25,7 @@ from lipcheck.ops import (  # noqa: F401  (registration)
     resize,
     selection,
     shape,
+    steps,
 )
 from lipcheck.ops.base import (
     AffineContext,

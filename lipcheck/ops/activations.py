@@ -133,6 +133,14 @@ class Atan(Activation):
 
 
 @register
+class Asinh(Activation):
+    """arsinh: slope 1 / sqrt(1 + x^2) in (0, 1]."""
+
+    function = staticmethod(torch.asinh)
+    quotients = (0.0, 1.0)
+
+
+@register
 class Celu(Activation):
     """max(0, x) + min(0, alpha (e^(x/alpha) - 1)): slope in (0, 1]."""
 

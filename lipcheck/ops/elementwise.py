@@ -1,8 +1,9 @@
 """Elementwise functions without a global Lipschitz constant, and the logic ops exporters leave in graphs.
 
-Exp, Log, Sqrt, 1/x, tan, sinh and cosh have unbounded slopes; sign, floor, ceil and round are
-discontinuous. Comparisons and boolean logic run (the interpreter needs them) but have no rule; Where has one
-for a constant condition, and Piecewise stands for a Where whose pieces meet where it switches.
+Exp, Log, Sqrt, 1/x, tan, sinh, cosh, arcsin, arccos, artanh and arcosh have unbounded slopes; sign, floor,
+ceil and round are discontinuous. Comparisons and boolean logic run (the interpreter needs them) but have no
+rule; Where has one for a constant condition, and Piecewise stands for a Where whose pieces meet where it
+switches.
 """
 
 from __future__ import annotations
@@ -71,6 +72,34 @@ class Tan(NotLipschitz):
     """tan: unbounded slope."""
 
     function, reason = staticmethod(torch.tan), "tan has unbounded slope"
+
+
+@register
+class Asin(NotLipschitz):
+    """arcsin: slope 1 / sqrt(1 - x^2), unbounded near +-1."""
+
+    function, reason = staticmethod(torch.asin), "arcsin has unbounded slope near +-1"
+
+
+@register
+class Acos(NotLipschitz):
+    """arccos: slope -1 / sqrt(1 - x^2), unbounded near +-1."""
+
+    function, reason = staticmethod(torch.acos), "arccos has unbounded slope near +-1"
+
+
+@register
+class Atanh(NotLipschitz):
+    """artanh: slope 1 / (1 - x^2), unbounded near +-1."""
+
+    function, reason = staticmethod(torch.atanh), "artanh has unbounded slope near +-1"
+
+
+@register
+class Acosh(NotLipschitz):
+    """arcosh: slope 1 / sqrt(x^2 - 1), unbounded near 1."""
+
+    function, reason = staticmethod(torch.acosh), "arcosh has unbounded slope near 1"
 
 
 @register

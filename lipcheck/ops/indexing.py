@@ -551,3 +551,29 @@ def _fold_geometry(attrs: Any, d: int) -> tuple[list[int], list[int], list[int]]
     dilations = [int(v) for v in attrs.get("dilations") or [1] * d]
     pads = [int(p) for p in attrs.get("pads") or [0] * (2 * d)]
     return strides, dilations, pads
+
+
+@register
+class OneHot(Op):
+    """values[1] where the class index is, values[0] elsewhere. Integer indices nobody perturbs make it a
+    constant; indices computed from the float input jump (the verdict); values from the input: refused."""
+
+    attributes = {"axis": -1}
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        if ctx.is_variable(0) or ctx.is_variable(1):
+            return unbounded("OneHot of indices or depth computed from the input: the hot position jumps")
+        raise UnsupportedVariant("OneHot(values computed from the input)")
+
+    def evaluate(
+        self, ctx: EvalContext, indices: torch.Tensor, depth: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        count = int(ints(depth)[0]) if depth.dim() else int(depth.item())
+        index = indices.to(torch.int64)
+        index = torch.where(index < 0, index + count, index)
+        valid = (index >= 0) & (index < count)
+        hot = torch.nn.functional.one_hot(torch.where(valid, index, 0), count).to(torch.bool) & valid.unsqueeze(-1)
+        axis = axis_index(int(ctx.attrs["axis"]), indices.dim() + 1)
+        hot = hot.movedim(-1, axis)
+        off, on = values.reshape(-1)[0], values.reshape(-1)[1]
+        return torch.where(hot, on, off)

@@ -214,3 +214,17 @@ class MatMul(Op):
 
     def weight_input(self, node: Node, graph: Graph) -> int | None:
         return _constant_operand_index(node, graph)
+
+
+@register
+class Det(Op):
+    """Determinant of square matrices: a polynomial of degree n, not globally Lipschitz for n > 1."""
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        shape = ctx.shape(0)
+        if shape is not None and len(shape) >= 2 and shape[-1] == 1 and shape[-2] == 1:
+            return LocalBound(1.0, "determinant of 1 x 1 matrices: the entry", exact=True)
+        return unbounded("a determinant is a polynomial of degree n in the entries (its slope grows with them)")
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.det(x)

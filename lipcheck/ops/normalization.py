@@ -280,4 +280,49 @@ class LpNormalization(Op):
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
         p = int(ctx.attrs["p"])
         norm = x.abs().pow(p).sum(dim=int(ctx.attrs["axis"]), keepdim=True).pow(1 / p)
-        return x / norm
+        return torch.where(norm == 0, 0.0, x / torch.where(norm == 0, 1.0, norm))  # ONNX: 0 for a zero vector
+
+
+def lrn_constant(alpha: float, beta: float, bias: float, size: int) -> float:
+    """A global bound on LRN's slope, for bias > 0, alpha >= 0, beta >= 0.
+
+    With S_c the window's sum of squares and D_c = bias + a S_c (a = alpha/size), the Jacobian is
+    diag(D^-beta) - (2 alpha beta / size) M, (M v)_c = x_c D_c^(-beta-1) sum_(j in window c) x_j v_j. The first
+    term is at most bias^-beta (reached at x = 0). By Cauchy-Schwarz (x_c^2 <= S_c, every j in at most
+    ``size`` windows) ||M v||^2 <= max_c S_c^2 D_c^(-2 beta-2) size ||v||^2, and S / (bias + a S)^(beta+1) peaks
+    at S = bias / (a beta): ||J|| <= bias^-beta + 2 alpha beta sqrt(size) g* / size.
+    """
+    if alpha == 0.0 or beta == 0.0:
+        return bias**-beta
+    a = alpha / size
+    peak = bias / (a * beta)
+    g = peak / (bias + a * peak) ** (beta + 1)
+    return bias**-beta + 2.0 * alpha * beta * g / math.sqrt(size)
+
+
+def lrn_window_sum(squares: torch.Tensor, size: int) -> torch.Tensor:
+    """The sum over c - floor((size-1)/2) <= i <= c + ceil((size-1)/2) along axis 1 (ONNX's window)."""
+    before, after = (size - 1) // 2, size - 1 - (size - 1) // 2
+    moved = squares.movedim(1, -1)
+    padded = torch.nn.functional.pad(moved, (before, after))
+    return padded.unfold(-1, size, 1).sum(-1).movedim(-1, 1)
+
+
+@register
+class LRN(Op):
+    """Local response normalisation across channels: see ``lrn_constant`` (the verdict for bias <= 0, alpha or
+    beta < 0)."""
+
+    attributes = {"alpha": 1e-4, "beta": 0.75, "bias": 1.0}
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        alpha, beta, bias = (float(ctx.attrs[k]) for k in ("alpha", "beta", "bias"))
+        if bias <= 0 or alpha < 0 or beta < 0:
+            return unbounded("LRN with bias <= 0 or negative alpha/beta has unbounded slope near 0")
+        method = "bias^-beta + 2 alpha beta max_S S / (bias + alpha S / size)^(beta+1) / sqrt(size)"
+        return LocalBound(lrn_constant(alpha, beta, bias, int(ctx.attrs["size"])) * (1 + 1e-12), method)
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
+        alpha, beta, bias = (float(ctx.attrs[k]) for k in ("alpha", "beta", "bias"))
+        size = int(ctx.attrs["size"])
+        return x / (bias + alpha / size * lrn_window_sum(x * x, size)).pow(beta)

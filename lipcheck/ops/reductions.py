@@ -1,4 +1,5 @@
-"""Reductions over axes: a mean of n entries is 1/sqrt(n)-Lipschitz, a sum sqrt(n), a max or an l2 norm 1.
+"""Reductions over axes: a mean of n entries is 1/sqrt(n)-Lipschitz, a sum or l1 norm sqrt(n), a max, an l2
+norm or a log-sum-exp 1; a sum of squares, a product or a log of a sum has no global constant.
 
 Running sums (CumSum) too: the lower-triangular matrix of ones along the axis.
 """
@@ -107,13 +108,18 @@ class ReduceSum(Reduce):
     piecewise_linear = True
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
-        count = _count(ctx)
-        if count is not None:
-            return LocalBound(math.sqrt(count), f"sum of {count}: sqrt({count})", exact=True)
-        entries = spatial_count(ctx.shape(0), range(len(ctx.shape(0) or ())))
-        if ctx.known_only_at_run_time(1) and entries is not None:  # a sum over any axes sums <= all entries
-            return LocalBound(math.sqrt(entries), f"sum over axes known at run time: <= sqrt({entries})")
-        return unbounded("sum over an axis of unknown size; give --input-shape", "unknown shape")
+        return _sqrt_count(ctx, "sum")
+
+
+def _sqrt_count(ctx: RuleContext, what: str) -> LocalBound:
+    """sqrt(n) for a sum (or l1 norm) of n entries per output: the all-ones (or sign) gradient's norm."""
+    count = _count(ctx)
+    if count is not None:
+        return LocalBound(math.sqrt(count), f"{what} of {count}: sqrt({count})", exact=True)
+    entries = spatial_count(ctx.shape(0), range(len(ctx.shape(0) or ())))
+    if ctx.known_only_at_run_time(1) and entries is not None:  # a sum over any axes sums <= all entries
+        return LocalBound(math.sqrt(entries), f"{what} over axes known at run time: <= sqrt({entries})")
+    return unbounded(f"{what} over an axis of unknown size; give --input-shape", "unknown shape")
 
 
 class DisjointGroups(Reduce):
@@ -123,11 +129,24 @@ class DisjointGroups(Reduce):
         return LocalBound(1.0, "max over disjoint groups")
 
 
+def _extreme(x: torch.Tensor, axes: tuple[int, ...], keepdims: bool, largest: bool) -> torch.Tensor:
+    """amax / amin; over an empty set ONNX gives the identity of the reduction (-inf / +inf, False / True)."""
+    if x.numel():
+        return x.amax(dim=axes, keepdim=keepdims) if largest else x.amin(dim=axes, keepdim=keepdims)
+    shape = [1 if i in axes else n for i, n in enumerate(x.shape) if keepdims or i not in axes]
+    if x.dtype == torch.bool:
+        return torch.full(shape, not largest, dtype=torch.bool, device=x.device)
+    if x.is_floating_point():
+        return torch.full(shape, -math.inf if largest else math.inf, dtype=x.dtype, device=x.device)
+    info = torch.iinfo(x.dtype)
+    return torch.full(shape, info.min if largest else info.max, dtype=x.dtype, device=x.device)
+
+
 @register
 class ReduceMax(DisjointGroups):
     """Max over disjoint groups: 1."""
 
-    function = staticmethod(lambda x, a, k: x.amax(dim=a, keepdim=k))
+    function = staticmethod(lambda x, a, k: _extreme(x, a, k, largest=True))
     piecewise_linear = True
 
 
@@ -135,7 +154,7 @@ class ReduceMax(DisjointGroups):
 class ReduceMin(DisjointGroups):
     """Min over disjoint groups: 1."""
 
-    function = staticmethod(lambda x, a, k: x.amin(dim=a, keepdim=k))
+    function = staticmethod(lambda x, a, k: _extreme(x, a, k, largest=False))
     piecewise_linear = True
 
 
@@ -148,23 +167,60 @@ class ReduceL2(DisjointGroups):
 
 @register
 class ReduceL1(Reduce):
-    """l1 norm over axes (no rule yet)."""
+    """l1 norm of n entries: sqrt(n), the norm of its gradient sign(x) (groups are disjoint)."""
 
     function = staticmethod(lambda x, a, k: x.abs().sum(dim=a, keepdim=k))
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        return _sqrt_count(ctx, "l1 norm")
 
 
 @register
 class ReduceSumSquare(Reduce):
-    """Sum of squares over axes (no rule yet)."""
+    """Sum of squares: gradient 2x, unbounded."""
 
     function = staticmethod(lambda x, a, k: x.pow(2).sum(dim=a, keepdim=k))
 
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        return unbounded("a sum of squares has gradient 2x, unbounded")
+
 
 @register
-class ReduceLogSumExp(Reduce):
-    """log sum exp over axes (no rule yet)."""
+class ReduceLogSum(Reduce):
+    """log of a sum: unbounded slope near a zero sum."""
+
+    function = staticmethod(lambda x, a, k: x.sum(dim=a, keepdim=k).log())
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        return unbounded("log of a sum has unbounded slope near 0")
+
+
+@register
+class ReduceProd(Reduce):
+    """A product of entries: its gradient holds the other entries, unbounded."""
+
+    function = staticmethod(lambda x, a, k: _prod(x, a, k))
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        return unbounded("a product of entries has unbounded slope (the other entries)")
+
+
+def _prod(x: torch.Tensor, axes: tuple[int, ...], keepdims: bool) -> torch.Tensor:
+    for axis in sorted(axes, reverse=True):
+        x = x.prod(dim=axis, keepdim=keepdims)
+    return x
+
+
+@register
+class ReduceLogSumExp(DisjointGroups):
+    """log sum exp: its gradient is a softmax p, ||p||_2 <= 1 (approached when one entry dominates); groups
+    are disjoint, so 1."""
 
     function = staticmethod(lambda x, a, k: torch.logsumexp(x, dim=a, keepdim=k))
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        return LocalBound(1.0, "gradient softmax(x): ||p||_2 <= 1, per disjoint group", exact=True)
 
 
 def running_sum_norm(n: int) -> float:
@@ -215,4 +271,24 @@ class CumSum(Op):
         if int(ctx.attrs["exclusive"]):
             zeros = torch.zeros_like(total.narrow(dim, 0, min(1, total.shape[dim])))
             total = torch.cat([zeros, total.narrow(dim, 0, max(total.shape[dim] - 1, 0))], dim)
+        return total.flip(dim) if reverse else total
+
+
+@register
+class CumProd(Op):
+    """Running products: each holds products of entries, whose slopes are the other entries (unbounded)."""
+
+    attributes = {"exclusive": 0, "reverse": 0}
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        return unbounded("a running product has unbounded slope (the other entries)")
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
+        dim = axis_index(ints(axis)[0], x.dim())
+        reverse = bool(int(ctx.attrs["reverse"]))
+        line = x.flip(dim) if reverse else x
+        total = torch.cumprod(line, dim).to(x.dtype)
+        if int(ctx.attrs["exclusive"]):
+            ones = torch.ones_like(total.narrow(dim, 0, min(1, total.shape[dim])))
+            total = torch.cat([ones, total.narrow(dim, 0, max(total.shape[dim] - 1, 0))], dim)
         return total.flip(dim) if reverse else total

@@ -102,6 +102,27 @@ class Split(Selection):
 
 
 @register
+class ReverseSequence(Selection):
+    """Reverses the first sequence_lens[b] steps of each batch entry b: a permutation, 1 (lengths are integers)."""
+
+    attributes = {"batch_axis": 1, "time_axis": 0}
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        return LocalBound(1.0, "a permutation of entries", exact=True)
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        batch_axis, time_axis = int(ctx.attrs["batch_axis"]), int(ctx.attrs["time_axis"])
+        steps = torch.arange(x.shape[time_axis], device=x.device)
+        parts = []
+        for b, length in enumerate(ints(lengths)):
+            row = x.select(batch_axis, b)  # the time axis keeps its place among the others
+            time = time_axis if time_axis < batch_axis else time_axis - 1
+            order = torch.where(steps < length, length - 1 - steps, steps)
+            parts.append(row.index_select(time, order))
+        return torch.stack(parts, batch_axis)
+
+
+@register
 class Compress(Selection):
     """Keeps the entries a condition selects: <= 1."""
 

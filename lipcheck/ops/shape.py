@@ -271,5 +271,9 @@ class CastLike(Op):
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
         return _cast_bound(ctx.graph.dtype(ctx.node.inputs[1]))
 
+    def check(self, node: Any) -> None:
+        if int(node.attrs.get("to", 1)) not in CAST_TYPES:  # ``to``: the frontend's reading of ``like``'s type
+            raise UnsupportedVariant(f"CastLike(to={node.attrs.get('to')})")
+
     def evaluate(self, ctx: EvalContext, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return x.to(ctx.dtype if like.is_floating_point() else like.dtype)
