@@ -108,3 +108,59 @@ def test_cache_outputs_run_like_onnxruntime(tmp_path) -> None:
     got = interpret(load_graph(path, [])).run({"x": x})
     for name, value in zip(["y", "present_key", "present_value"], want, strict=True):
         assert np.allclose(got[name].numpy(), value, atol=1e-5), name
+
+
+def _single(tmp_path, node: onnx.NodeProto, x: np.ndarray, inits: dict, opset: int) -> str:
+    graph = helper.make_graph(
+        [node],
+        "block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [onnx.ValueInfoProto(name="y")],
+        [numpy_helper.from_array(np.asarray(v), name=k) for k, v in inits.items()],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = 10
+    path = str(tmp_path / "model.onnx")
+    onnx.save(proto, path)
+    return path
+
+
+def _reference(path: str, x: np.ndarray) -> np.ndarray:
+    try:
+        return ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    except Exception:  # an op onnxruntime does not have yet (SwiGLU): the ONNX reference evaluator
+        from onnx.reference import ReferenceEvaluator
+
+        return ReferenceEvaluator(path).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize(("interleaved", "rotated", "radius"), [(0, 0, 1.0), (1, 4, 1.0), (0, 4, 1.3)])
+def test_rotary_embedding_is_a_rotation(interleaved: int, rotated: int, radius: float, tmp_path) -> None:
+    """cos/sin of true angles rotate pairs: 1; caches of radius r scale them: r (exact either way)."""
+    x = RNG.standard_normal((2, 2, 3, 8)).astype(np.float32)
+    angles = RNG.uniform(0, 6.3, (5, (rotated or 8) // 2))
+    inits = {"cos": (radius * np.cos(angles)).astype(np.float32), "sin": (radius * np.sin(angles)).astype(np.float32),
+             "pos": np.array([[0, 2, 4], [1, 3, 0]], np.int64)}  # fmt: skip
+    node = helper.make_node(
+        "RotaryEmbedding", ["x", "cos", "sin", "pos"], ["y"], interleaved=interleaved, rotary_embedding_dim=rotated
+    )
+    path = _single(tmp_path, node, x, inits, opset=23)
+    graph = load_graph(path, [])
+    got = interpret(graph).run({"x": x})["y"].numpy()
+    assert np.allclose(got, _reference(path, x), atol=1e-5)
+    bound = analyse(path).upper_bound
+    found = brute_force_norm(graph, {"x": x.astype(np.float64)})
+    assert bound == pytest.approx(found, rel=1e-6) and bound == pytest.approx(max(radius, 1.0), rel=1e-6)
+
+
+@pytest.mark.parametrize("constant", ["A", "B"])
+def test_swiglu_with_one_constant_operand(constant: str, tmp_path) -> None:
+    x = RNG.standard_normal((3, 4)).astype(np.float32)
+    other = (3 * RNG.standard_normal((3, 4))).astype(np.float32)
+    inputs = ["c", "x"] if constant == "A" else ["x", "c"]
+    path = _single(tmp_path, helper.make_node("SwiGLU", inputs, ["y"], alpha=1.5), x, {"c": other}, opset=28)
+    graph = load_graph(path, [])
+    assert np.allclose(interpret(graph).run({"x": x})["y"].numpy(), _reference(path, x), atol=1e-5)
+    bound = analyse(path).upper_bound
+    found = max(brute_force_norm(graph, {"x": RNG.standard_normal((3, 4)) * s}) for s in (0.5, 1, 2, 4))
+    assert bound is not None and bound >= found * (1 - 1e-9)

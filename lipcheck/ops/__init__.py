@@ -4,7 +4,8 @@ Families (one module each): ``activations``, ``arithmetic``, ``attention``, ``li
 ``control`` (If, Loop, Scan), ``conv``, ``normalization``, ``pooling``, ``reductions``, ``shape``
 (rearrangements, casts), ``selection`` (slices, gathers, concatenation, padding, copies), ``indexing``
 (gathers and scatters by index tensors, unpooling, folding patches), ``resize``, ``elementwise`` (math
-without a global constant, logic), ``steps`` (arg-max, remainders, quantisation), ``generators``.
+without a global constant, logic), ``steps`` (arg-max, remainders, quantisation), ``signal`` (DFT, cache
+writes), ``generators``.
 ``base`` defines the facets (see ``Op``) and the registry; importing this package registers every op.
 CONTRIBUTING.md shows how to add one.
 """
@@ -25,6 +26,7 @@ from lipcheck.ops import (  # noqa: F401  (registration)
     resize,
     selection,
     shape,
+    signal,
     steps,
 )
 from lipcheck.ops.base import (

@@ -1,4 +1,6 @@
-"""Attention (ONNX opset 23): Y = softmax(Q K^T * scale + bias) V, bias from the mask, causality and the cache.
+"""Transformer blocks: Attention, RotaryEmbedding, SwiGLU.
+
+Attention (ONNX opset 23): Y = softmax(Q K^T * scale + bias) V, bias from the mask, causality and the cache.
 
 Two of Q, K, V computed from the input multiply activations with each other: not globally Lipschitz. With
 one of them variable the map is Lipschitz, row by row (each query row attends on its own):
@@ -15,10 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from lipcheck.ops.activations import SILU_MAX_SLOPE
 from lipcheck.ops.base import EvalContext, LocalBound, Op, RuleContext, UnsupportedVariant, register, unbounded
 
 Q, K, V, MASK, PAST_KEY, PAST_VALUE, NONPAD = range(7)
@@ -181,3 +185,72 @@ def _one_side(ctx: RuleContext, side: str) -> LocalBound:
     q_rows = h.q.reshape(h.q.shape[0], k_norms.shape[1], -1).norm(dim=-1)  # Frobenius over the rows of a group
     bound = 0.5 * h.scale * float((q_rows * v_norms).max())
     return LocalBound(bound * CONSTANT_MARGIN, "scale ||Q||_F ||V|| / 2 per key/value head (softmax's slope <= 1/2)")
+
+
+@register
+class RotaryEmbedding(Op):
+    """Rotates pairs of entries by the cached angles: [c -s; s c] has norm sqrt(c^2 + s^2) (1 for true
+    rotations); entries beyond rotary_embedding_dim pass through. Caches computed from the input multiply it."""
+
+    attributes = {"interleaved": 0, "rotary_embedding_dim": 0, "num_heads": 0}
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        cos, sin = ctx.const(1), ctx.const(2)
+        if cos is None or sin is None:
+            return unbounded("RotaryEmbedding with cos/sin caches computed from the input multiplies them with it")
+        scale = float(np.sqrt(np.square(cos) + np.square(sin)).max()) if cos.size else 0.0
+        shape, rotated = ctx.shape(0), int(ctx.attrs["rotary_embedding_dim"])
+        passes = rotated > 0 and (shape is None or None in shape or rotated < _head_size(shape, ctx.attrs))
+        value = max(scale, 1.0) if passes else scale
+        return LocalBound(value * (1 + 1e-12), "max over cached angles of sqrt(cos^2 + sin^2)", exact=True)
+
+    def evaluate(
+        self,
+        ctx: EvalContext,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        shape = x.shape
+        x = x.transpose(1, 2) if x.dim() == 4 else x.reshape(shape[0], shape[1], int(ctx.attrs["num_heads"]), -1)
+        rotated = int(ctx.attrs["rotary_embedding_dim"]) or x.shape[3]
+        if positions is not None:
+            cos, sin = cos[positions.to(torch.int64)], sin[positions.to(torch.int64)]
+        cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
+        part, rest = x[..., :rotated], x[..., rotated:]
+        interleaved = bool(int(ctx.attrs["interleaved"]))
+        x1, x2 = (part[..., 0::2], part[..., 1::2]) if interleaved else part.chunk(2, dim=-1)
+        real, imag = cos * x1 - sin * x2, sin * x1 + cos * x2
+        part = torch.stack([real, imag], -1).reshape(part.shape) if interleaved else torch.cat([real, imag], -1)
+        out = torch.cat([part, rest], -1)
+        return out.reshape(shape) if len(shape) == 3 else out.transpose(1, 2)
+
+
+def _head_size(shape: tuple, attrs: Any) -> int:
+    return int(shape[3]) if len(shape) == 4 else int(shape[2]) // max(int(attrs["num_heads"]), 1)
+
+
+@register
+class SwiGLU(Op):
+    """Swish(A) * B: a product of two activations (not globally Lipschitz); with B constant, Swish's constant
+    times max |B|; with A constant, max |Swish(A)|."""
+
+    attributes = {"alpha": 1.0}
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        a, b = ctx.const(0), ctx.const(1)
+        if a is None and b is None:
+            return unbounded("SwiGLU multiplies Swish(A) by B, both computed from the input")
+        if b is not None:
+            swish = SILU_MAX_SLOPE if float(ctx.attrs["alpha"]) != 0 else 0.5
+            return LocalBound(swish * float(np.abs(b).max(initial=0.0)), "max|Swish'| max|B|")
+        gate = _swish(torch.as_tensor(a), float(ctx.attrs["alpha"]))
+        return LocalBound(float(gate.abs().max()) * (1 + 1e-12), "max |Swish(A)|", exact=True)
+
+    def evaluate(self, ctx: EvalContext, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _swish(a, float(ctx.attrs["alpha"])) * b
+
+
+def _swish(a: torch.Tensor, alpha: float) -> torch.Tensor:
+    return a * torch.sigmoid(alpha * a)

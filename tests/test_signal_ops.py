@@ -1,0 +1,70 @@
+"""DFT and TensorScatter: the interpreter against onnxruntime, each constant against the dense Jacobian."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from lipcheck.frontends import load_graph
+from lipcheck.interpret import interpret
+from lipcheck.pipeline import analyse
+from tests.jacobian import brute_force_norm
+
+RNG = np.random.default_rng(5)
+
+
+def _save(tmp_path, node: onnx.NodeProto, x: np.ndarray, inits: dict, opset: int) -> str:
+    graph = helper.make_graph(
+        [node],
+        "signal",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [onnx.ValueInfoProto(name="y")],
+        [numpy_helper.from_array(np.asarray(v), name=k) for k, v in inits.items()],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = 10
+    path = str(tmp_path / "model.onnx")
+    onnx.save(proto, path)
+    return path
+
+
+def _check(path: str, x: np.ndarray, exact: bool) -> None:
+    want = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    graph = load_graph(path, [])
+    got = interpret(graph).run({"x": x})["y"].numpy()
+    assert got.shape == want.shape and np.allclose(got, want, atol=1e-4), float(np.abs(got - want).max())
+    bound = analyse(path).upper_bound
+    found = brute_force_norm(graph, {"x": x.astype(np.float64)})
+    assert bound is not None and bound >= found * (1 - 1e-9), (bound, found)
+    if exact:
+        assert bound == pytest.approx(found, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("attrs", "channels", "length", "exact"),
+    [({}, 1, None, True), ({}, 2, None, True), ({"onesided": 1}, 1, None, True), ({}, 1, 12, True),
+     ({}, 2, 5, True), ({"inverse": 1}, 2, None, True), ({"inverse": 1, "onesided": 1}, 2, None, False)],
+    ids=["real", "complex", "onesided", "padded", "truncated", "inverse", "irfft"],
+)  # fmt: skip
+def test_dft_constant_is_sqrt_of_its_length(
+    attrs: dict, channels: int, length: int | None, exact: bool, tmp_path
+) -> None:
+    x = RNG.standard_normal((2, 8, channels)).astype(np.float32)
+    inits = {"axis": np.int64(1)}
+    inputs = ["x", "n" if length else "", "axis"]
+    if length:
+        inits["n"] = np.int64(length)
+    path = _save(tmp_path, helper.make_node("DFT", inputs, ["y"], **attrs), x, inits, opset=20)
+    _check(path, x, exact)
+
+
+@pytest.mark.parametrize("mode", ["linear", "circular"])
+def test_tensor_scatter_writes_each_entry_once(mode: str, tmp_path) -> None:
+    update = RNG.standard_normal((2, 3, 4)).astype(np.float32)
+    x = RNG.standard_normal((2, 5, 4)).astype(np.float32)  # the cache is the variable
+    inits = {"u": update, "w": np.array([1, 4] if mode == "circular" else [0, 2], np.int64)}
+    node = helper.make_node("TensorScatter", ["x", "u", "w"], ["y"], mode=mode, axis=1)
+    _check(_save(tmp_path, node, x, inits, opset=24), x, exact=True)
