@@ -1,4 +1,5 @@
-"""DFT and TensorScatter: the interpreter against onnxruntime, each constant against the dense Jacobian."""
+"""DFT, TensorScatter and CausalConvWithState: the interpreter against onnxruntime (or the ONNX reference), each
+constant against the dense Jacobian."""
 
 from __future__ import annotations
 
@@ -68,3 +69,34 @@ def test_tensor_scatter_writes_each_entry_once(mode: str, tmp_path) -> None:
     inits = {"u": update, "w": np.array([1, 4] if mode == "circular" else [0, 2], np.int64)}
     node = helper.make_node("TensorScatter", ["x", "u", "w"], ["y"], mode=mode, axis=1)
     _check(_save(tmp_path, node, x, inits, opset=24), x, exact=True)
+
+
+@pytest.mark.parametrize(("activation", "state_read"), [("none", False), ("silu", False), ("none", True)])
+def test_causal_conv_with_state(activation: str, state_read: bool, tmp_path) -> None:
+    """Against the ONNX reference (onnxruntime has no opset 27 kernel); without a state it is exact."""
+    from onnx.reference import ReferenceEvaluator
+
+    weight = RNG.standard_normal((3, 1, 4)).astype(np.float32)
+    outputs = ["y", "state"]
+    node = helper.make_node("CausalConvWithState", ["x", "w"], outputs, activation=activation)
+    graph = helper.make_graph(
+        [node],
+        "causal",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 6])],
+        [onnx.ValueInfoProto(name=o) for o in outputs[: 1 + state_read]],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 27)])
+    proto.ir_version = 10
+    path = str(tmp_path / "model.onnx")
+    onnx.save(proto, path)
+    x = RNG.standard_normal((2, 3, 6)).astype(np.float32)
+    loaded = load_graph(path, [])
+    got = interpret(loaded).run({"x": x})
+    for name, want in zip(outputs, ReferenceEvaluator(path).run(None, {"x": x}), strict=False):
+        assert np.allclose(got[name].numpy(), want, atol=1e-5), name
+    bound = analyse(path).upper_bound
+    found = max(brute_force_norm(loaded, {"x": RNG.standard_normal((2, 3, 6)) * s}) for s in (0.3, 1, 3))
+    assert bound is not None and bound >= found * (1 - 1e-9)
+    if activation == "none" and not state_read:
+        assert bound == pytest.approx(found, rel=1e-6)

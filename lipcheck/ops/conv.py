@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lipcheck.graph import Graph, Node
+from lipcheck.ops.activations import SILU_MAX_SLOPE
 from lipcheck.ops.base import (
     AffineContext,
     EvalContext,
@@ -26,6 +27,7 @@ from lipcheck.ops.base import (
 from lipcheck.ops.linear import folded_note, layer_parameters
 from lipcheck.ops.spatial import CONV, CONV_TRANSPOSE, pad_spatial, spatial_pads, wrap_spatial
 from lipcheck.spectral import ConvGeometry, conv_operator_norm, conv_transpose_operator_norm
+from lipcheck.spectral.dense import batched_sigma_max_upper
 
 CONV_ATTRIBUTES = {"group": 1, "auto_pad": "NOTSET"}
 
@@ -294,3 +296,65 @@ class ConvTranspose(Op):
 
     def fold_output_affine(self, graph: Graph, node: Node, multiplier: np.ndarray, shift: np.ndarray) -> bool:
         return _fold_output_channels(self, graph, node, multiplier, shift)
+
+
+CAUSAL_EXACT_LENGTH = 1024  # sequences up to this length get the exact norm of each channel's Toeplitz matrix
+
+
+@register
+class CausalConvWithState(Op):
+    """Depthwise causal 1-D convolution of [past state, input] (then SiLU when asked), and the new state.
+
+    Each channel is a valid convolution of the padded sequence, an L x (L + k - 1) Toeplitz matrix T_c: its
+    exact norm for sequences up to CAUSAL_EXACT_LENGTH, else ||w_c||_1 (Young). SiLU multiplies by 1.099840;
+    reading the new state too (the last k - 1 padded entries, a selection) gives sqrt(L^2 + 1).
+    """
+
+    attributes = {"activation": "none"}
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        weight = ctx.const(1)
+        if weight is None or ctx.is_variable(2):
+            return unbounded("a causal convolution with weights computed from the input multiplies them with it")
+        shape = ctx.shape(0)
+        length = shape[2] if shape is not None and len(shape) == 3 else None
+        norm, method = _causal_norm(weight.reshape(weight.shape[0], -1), length, with_state=ctx.is_variable(3))
+        if str(ctx.attrs["activation"]) in ("silu", "swish"):
+            norm, method = norm * SILU_MAX_SLOPE, f"{method}, then SiLU (1.099840)"
+        if ctx.output_used(1):
+            norm, method = math.sqrt(norm**2 + 1.0), f"sqrt(({method})^2 + 1) with the new state"
+        return LocalBound(norm, method)
+
+    def evaluate(
+        self,
+        ctx: EvalContext,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        past: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        k = weight.shape[2]
+        if past is None:
+            past = torch.zeros(x.shape[0], x.shape[1], k - 1, dtype=x.dtype, device=x.device)
+        padded = torch.cat([past.to(x.dtype), x], 2)
+        out = F.conv1d(padded, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), groups=x.shape[1])
+        if str(ctx.attrs["activation"]) in ("silu", "swish"):
+            out = F.silu(out)
+        return out, padded[:, :, padded.shape[2] - (k - 1) :]
+
+
+def _causal_norm(taps: np.ndarray, length: int | None, with_state: bool) -> tuple[float, str]:
+    """max over channels of ||T_c||: exact (dense, float64) for known short sequences, else max ||w_c||_1.
+    Without a variable past state only the input's columns of T_c move."""
+    if length is None or length > CAUSAL_EXACT_LENGTH:
+        return float(np.abs(taps).sum(axis=1).max(initial=0.0)) * (1 + 1e-12), "max ||w_c||_1 (Young)"
+    k = taps.shape[1]
+    rows = torch.arange(length).reshape(-1, 1)
+    offsets = torch.arange(length + k - 1).reshape(1, -1) - rows  # T[i, i + j] = w[j]
+    inside = (offsets >= 0) & (offsets < k)
+    kernel = torch.tensor(taps, dtype=torch.float64)
+    toeplitz = torch.where(inside, kernel[:, offsets.clamp(0, k - 1)], 0.0)
+    if not with_state:
+        toeplitz = toeplitz[..., k - 1 :]
+    norm = float(batched_sigma_max_upper(toeplitz).max()) if toeplitz.numel() else 0.0
+    return norm, f"exact norm of each channel's {length} x {length + k - 1} causal convolution"
