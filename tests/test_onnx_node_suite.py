@@ -97,7 +97,6 @@ PARITY = {  # model -> why lipcheck's interpreter disagrees with the expected ou
     "node/test_castlike_UINT2_to_FLOAT_expanded": RAW.format("uint2"),
     "node/test_l2normalization_axis_0": "issue 14: L2 normalisation of a zero vector gives NaN (expected 0)",
     "node/test_sub_uint16": "interpreter: torch has no uint16 subtraction (InterpretError)",
-    "node/test_upsample_nearest": "issue 14: Upsample (opset 9, scales input) fails in the interpreter",
     "pytorch-converted/test_PReLU_1d_multiparam": "issue 14: PRelu with opset-6 slopes of shape [C] fails to broadcast",
 }
 CRASHES: dict[str, str] = {}

@@ -226,6 +226,16 @@ def const(value) -> Callable:
 
 
 I64 = np.int64
+
+
+def resize(cid: str, shape, *, scales=None, sizes=None, roi=None, exact: bool = True, opset: int = 19, **attrs):
+    """A Resize of constant scales or sizes (a linear map of its input) as a Linear case."""
+    consts = {"roi": np.array(roi or [], np.float32), "scales": np.array(scales or [], np.float32)}
+    if sizes is not None:
+        consts["sizes"] = np.array(sizes, I64)
+    return Linear(cid, shape, single("Resize", consts=consts, **attrs), exact=exact, opset=opset)
+
+
 LINEAR = [
     # dense layers
     Linear("gemm", (3, 8), single("Gemm", {"W": (8, 5), "C": (5,)}), exact=True),
@@ -598,6 +608,90 @@ LINEAR = [
         ),
         exact=True,
         opset=18,
+    ),
+    # linear and cubic resize: the product of the axes' interpolation norms, against onnxruntime's Jacobian
+    resize("resize-linear-x2", (1, 2, 3, 4), scales=[1, 1, 2, 2], mode="linear"),
+    resize("resize-linear-down-half-pixel", (1, 1, 5, 7), scales=[1, 1, 0.6, 0.45], mode="linear"),
+    # onnxruntime divides by the integer size, the ONNX reference by scale * n: the larger norm of the two
+    resize(
+        "resize-linear-down-align-corners-scales",
+        (1, 1, 2, 4),
+        scales=[1, 1, 0.6, 0.6],
+        exact=False,
+        mode="linear",
+        coordinate_transformation_mode="align_corners",
+    ),
+    resize(
+        "resize-linear-down-align-corners-sizes",
+        (1, 1, 6, 9),
+        sizes=[1, 1, 4, 5],
+        mode="linear",
+        coordinate_transformation_mode="align_corners",
+    ),
+    resize(
+        "resize-linear-pytorch-half-pixel",
+        (1, 1, 4, 8),
+        sizes=[1, 1, 1, 3],
+        mode="linear",
+        coordinate_transformation_mode="pytorch_half_pixel",
+    ),
+    resize(
+        "resize-linear-asymmetric",
+        (1, 1, 3, 5),
+        scales=[1, 1, 2.5, 1.4],
+        mode="linear",
+        coordinate_transformation_mode="asymmetric",
+    ),
+    resize(
+        "resize-linear-half-pixel-symmetric",
+        (1, 1, 4, 5),
+        scales=[1, 1, 0.6, 1.7],
+        mode="linear",
+        coordinate_transformation_mode="half_pixel_symmetric",
+    ),
+    resize(
+        "resize-linear-tf-crop-extrapolate",
+        (1, 1, 4, 5),
+        sizes=[1, 1, 6, 7],
+        roi=[0, 0, -0.2, 0.1, 1, 1, 1.3, 0.8],
+        mode="linear",
+        coordinate_transformation_mode="tf_crop_and_resize",
+        extrapolation_value=10.0,
+    ),
+    resize("resize-linear-antialias-down", (1, 1, 8, 9), sizes=[1, 1, 3, 4], mode="linear", antialias=1, opset=18),
+    resize("resize-cubic-up", (1, 1, 4, 4), scales=[1, 1, 2, 1.5], mode="cubic"),
+    resize("resize-cubic-down", (1, 1, 7, 8), sizes=[1, 1, 3, 5], mode="cubic"),
+    resize(
+        "resize-cubic-align-corners",
+        (1, 1, 4, 5),
+        scales=[1, 1, 1.5, 0.8],
+        exact=False,
+        mode="cubic",
+        coordinate_transformation_mode="align_corners",
+    ),
+    resize(
+        "resize-cubic-a-exclude-outside",
+        (1, 1, 4, 4),
+        scales=[1, 1, 2.5, 0.75],
+        mode="cubic",
+        cubic_coeff_a=-0.5,
+        exclude_outside=1,
+    ),
+    resize(
+        "resize-cubic-asymmetric",
+        (1, 1, 4, 4),
+        scales=[1, 1, 2, 3],
+        mode="cubic",
+        coordinate_transformation_mode="asymmetric",
+    ),
+    resize("resize-cubic-antialias-down", (1, 1, 9, 8), sizes=[1, 1, 4, 3], mode="cubic", antialias=1, opset=18),
+    resize("resize-cubic-axes-opset18", (1, 2, 5, 3), scales=[0.8, 2], mode="cubic", axes=[3, 2], opset=18),
+    Linear(  # Upsample-9 with a constant scales input: asymmetric linear interpolation
+        "upsample-linear-opset9",
+        (1, 1, 3, 4),
+        single("Upsample", consts={"scales": np.array([1, 1, 2, 1.5], np.float32)}, mode="linear"),
+        exact=True,
+        opset=9,
     ),
     Linear(
         "resize-nearest-x2-opset10",
