@@ -236,6 +236,16 @@ def resize(cid: str, shape, *, scales=None, sizes=None, roi=None, exact: bool = 
     return Linear(cid, shape, single("Resize", consts=consts, **attrs), exact=exact, opset=opset)
 
 
+def grid_sample(cid: str, shape, grid_shape, *, opset: int = 16, exact: bool = True, **attrs):
+    """GridSample of its input at a constant random grid (a linear map of the input) as a Linear case."""
+
+    def build(rng):
+        grid = rng.uniform(-1.25, 1.25, size=grid_shape).astype(np.float32)
+        return [node("GridSample", ["x", "grid"], ["y"], **attrs)], {"grid": grid}
+
+    return Linear(cid, shape, build, exact=exact, opset=opset)
+
+
 LINEAR = [
     # dense layers
     Linear("gemm", (3, 8), single("Gemm", {"W": (8, 5), "C": (5,)}), exact=True),
@@ -686,6 +696,33 @@ LINEAR = [
     ),
     resize("resize-cubic-antialias-down", (1, 1, 9, 8), sizes=[1, 1, 4, 3], mode="cubic", antialias=1, opset=18),
     resize("resize-cubic-axes-opset18", (1, 2, 5, 3), scales=[0.8, 2], mode="cubic", axes=[3, 2], opset=18),
+    # GridSample with a constant grid (points beyond [-1, 1] exercise the padding): max_n ||M_n||
+    grid_sample("gridsample-bilinear-zeros", (2, 2, 4, 5), (2, 3, 6, 2)),
+    grid_sample("gridsample-bilinear-border-align", (1, 2, 5, 4), (1, 7, 3, 2), padding_mode="border", align_corners=1),
+    grid_sample("gridsample-bilinear-reflection", (2, 1, 4, 4), (2, 5, 5, 2), padding_mode="reflection"),
+    grid_sample("gridsample-nearest-zeros", (2, 1, 4, 5), (2, 6, 7, 2), mode="nearest"),
+    grid_sample(
+        "gridsample-nearest-reflection-align",
+        (1, 1, 3, 4),
+        (1, 8, 8, 2),
+        mode="nearest",
+        padding_mode="reflection",
+        align_corners=1,
+    ),
+    grid_sample("gridsample-bicubic-zeros", (2, 1, 4, 5), (2, 4, 3, 2), mode="bicubic"),
+    grid_sample("gridsample-bicubic-border", (1, 2, 5, 4), (1, 3, 6, 2), mode="bicubic", padding_mode="border"),
+    grid_sample(
+        "gridsample-bicubic-reflection-align",
+        (1, 1, 4, 4),
+        (1, 5, 5, 2),
+        mode="bicubic",
+        padding_mode="reflection",
+        align_corners=1,
+    ),
+    grid_sample("gridsample-linear-opset20", (1, 1, 4, 5), (1, 3, 3, 2), mode="linear", opset=20),
+    grid_sample("gridsample-cubic-opset20", (1, 1, 4, 5), (1, 3, 3, 2), mode="cubic", opset=20),
+    grid_sample("gridsample-linear-volume-opset20", (1, 2, 3, 4, 3), (1, 2, 3, 4, 3), mode="linear", opset=20),
+    grid_sample("gridsample-nearest-volume-opset20", (2, 1, 3, 3, 4), (2, 4, 2, 3, 3), mode="nearest", opset=20),
     Linear(  # Upsample-9 with a constant scales input: asymmetric linear interpolation
         "upsample-linear-opset9",
         (1, 1, 3, 4),

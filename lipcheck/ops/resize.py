@@ -20,6 +20,7 @@ from lipcheck.ops.base import (
     RuleContext,
     UnsupportedVariant,
     axis_index,
+    node_attrs,
     register,
     unbounded,
 )
@@ -439,3 +440,136 @@ class Resize(Op):
         for j, axis in enumerate(plan.axes):
             x = plan.resize_axis(ctx, x, j, axis)
         return x
+
+
+# ---------------------------------------------------------------------------------------------
+# GridSample: a resampling at the grid's points, linear in the image when the grid is constant
+
+_GRID_MODES = {
+    "bilinear": "bilinear",
+    "linear": "bilinear",
+    "nearest": "nearest",
+    "bicubic": "bicubic",
+    "cubic": "bicubic",
+}
+_DENSE_ENTRIES = 1 << 24  # sampling matrices up to this many entries get their exact norm
+
+
+def _grid_sample(x: torch.Tensor, grid: torch.Tensor, mode: str, padding: str, align: bool) -> torch.Tensor:
+    """torch's grid_sample (ONNX's semantics) for 1-, 2- and 3-D images (a 1-D one as a row of height 1)."""
+    if x.dim() == 3:  # [N, C, W] sampled at grid [N, W_out, 1]: y = 0 is row 0 exactly, in any mode
+        flat = torch.cat([grid, torch.zeros_like(grid)], dim=-1).unsqueeze(1)
+        return _grid_sample(x.unsqueeze(2), flat, mode, padding, align).squeeze(2)
+    return torch.nn.functional.grid_sample(x, grid.to(x.dtype), mode=mode, padding_mode=padding, align_corners=align)
+
+
+def _sampling_matrix(grid_n: torch.Tensor, spatial: tuple[int, ...], attrs: tuple[str, str, bool]) -> np.ndarray:
+    """The [outputs, pixels] matrix of sampling one image at ``grid_n`` [1, *out, d], in grid_n's dtype."""
+    pixels = math.prod(spatial)
+    basis = torch.eye(pixels, dtype=grid_n.dtype).reshape(pixels, 1, *spatial)
+    columns = _grid_sample(basis, grid_n.expand(pixels, *grid_n.shape[1:]), *attrs)
+    return columns.reshape(pixels, -1).T.double().numpy()
+
+
+def _sampling_norm(grid_n: torch.Tensor, spatial: tuple[int, ...], attrs: tuple[str, str, bool]) -> tuple[float, bool]:
+    """||M||_2 of one image's sampling matrix. Nearest sampling is a selection: built with float32 coordinates
+    too (as runtimes compute them), an output counting for every pixel either reads where they differ."""
+    matrix = _sampling_matrix(grid_n, spatial, attrs)
+    if attrs[0] != "nearest":
+        return _spectral_norm(matrix)
+    other = _sampling_matrix(grid_n.float(), spatial, attrs)
+    if np.array_equal(matrix, other):
+        return _spectral_norm(matrix)
+    union = np.maximum(matrix != 0, other != 0).sum(axis=0)
+    return math.sqrt(float(union.max(initial=0))), False
+
+
+def _sampling_norms(grid: np.ndarray, spatial: tuple[int, ...], attrs: tuple[str, str, bool]) -> tuple[float, bool]:
+    """max over the batch of ||M_n||_2, M_n the [outputs, pixels] matrix of sampling image n at grid[n], built
+    by sampling the identity's columns (float64); exact, or sqrt(||M||_1 ||M||_inf) where M is too large."""
+    pixels, exact, best = math.prod(spatial), True, 0.0
+    for points in grid:
+        outputs = math.prod(points.shape[:-1])
+        grid_n = torch.as_tensor(np.asarray(points, dtype=np.float64))[None]
+        if pixels * max(pixels, outputs) <= _DENSE_ENTRIES:
+            value, tight = _sampling_norm(grid_n, spatial, attrs)
+        else:
+            value, tight = _sums_bound(grid_n, spatial, attrs), False
+        best, exact = max(best, value), exact and tight
+    return best, exact
+
+
+def _sums_bound(grid_n: torch.Tensor, spatial: tuple[int, ...], attrs: tuple[str, str, bool]) -> float:
+    """sqrt(max column sum * max row sum) of |M| (Hoelder), the sampling matrix M taken a block of columns at a
+    time (cubic weights change sign); bilinear and nearest weights are >= 0: one forward and one backward pass."""
+    pixels, outputs = math.prod(spatial), math.prod(grid_n.shape[1:-1])
+    if attrs[0] != "bicubic":
+        with torch.enable_grad():
+            ones = torch.ones(1, 1, *spatial, dtype=torch.float64, requires_grad=True)
+            sampled = _grid_sample(ones, grid_n, *attrs)
+            (columns,) = torch.autograd.grad(sampled.sum(), ones)
+        return math.sqrt(float(columns.max()) * float(sampled.detach().max()))
+    block = max(1, _DENSE_ENTRIES // max(outputs, pixels))
+    rows = torch.zeros(outputs, dtype=torch.float64)
+    most = 0.0
+    for start in range(0, pixels, block):
+        count = min(block, pixels - start)
+        basis = torch.zeros(count, pixels, dtype=torch.float64)
+        basis[torch.arange(count), torch.arange(start, start + count)] = 1.0
+        sampled = _grid_sample(basis.reshape(count, 1, *spatial), grid_n.expand(count, *grid_n.shape[1:]), *attrs)
+        part = sampled.reshape(count, -1).abs()
+        most = max(most, float(part.sum(dim=1).max()))
+        rows += part.sum(dim=0)
+    return math.sqrt(most * (float(rows.max()) if rows.numel() else 0.0))
+
+
+@register
+class GridSample(Op):
+    """GridSample with a constant grid: max over the batch of the sampling matrix's norm (exact).
+
+    Image n, channel c is sampled as y[n, c] = M_n x[n, c] with M_n fixed by grid[n] and the mode, padding
+    and align_corners (zeros padding reads 0 outside: rows of M_n with smaller sums), so the Jacobian is
+    block diagonal and its norm is max_n ||M_n||_2, computed from M_n built by the evaluation itself. A grid
+    computed from the input makes the output a product of two variables (bilinear in image and grid), and
+    the nearest mode a step function of the grid: not globally Lipschitz.
+    """
+
+    attributes = {"mode": "bilinear", "padding_mode": "zeros", "align_corners": 0}
+
+    def _attrs(self, attrs: Any) -> tuple[str, str, bool]:
+        return _GRID_MODES[str(attrs["mode"])], str(attrs["padding_mode"]), bool(int(attrs["align_corners"]))
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        self.check(ctx.node)
+        if ctx.is_variable(1):
+            what = "the image and a grid" if ctx.is_variable(0) else "a constant image at a grid"
+            return unbounded(
+                f"samples {what} computed from the input: not globally Lipschitz in the grid", "moving grid"
+            )
+        grid, shape = ctx.const(1), ctx.shape(0)
+        if grid is None:
+            return unbounded("sampling grid unknown before running", "unknown grid")
+        if shape is None or any(d is None for d in shape[2:]):
+            return unbounded("grid sampling of an image of unknown size; give --input-shape", "unknown shape")
+        spatial = tuple(int(d) for d in shape[2:])  # type: ignore[arg-type]
+        grid = np.asarray(grid, dtype=np.float64)
+        if math.prod(spatial) == 0 or grid.size == 0:
+            return LocalBound(0.0, "empty grid sampling", exact=True)
+        attrs = self._attrs(ctx.attrs)
+        if len(spatial) == 3 and attrs[0] == "bicubic":
+            raise UnsupportedVariant("GridSample(mode=cubic) of a volume")
+        norm, exact = _sampling_norms(grid, spatial, attrs)
+        # 1e-6: runtimes compute the sampling weights in float32
+        return LocalBound(norm * (1 + 1e-6), f"{attrs[0]} grid sampling: max_n ||M_n||", exact=exact)
+
+    def check(self, node: Node) -> None:
+        attrs = node_attrs(node)
+        mode, padding = str(attrs["mode"]), str(attrs["padding_mode"])
+        if mode not in _GRID_MODES or padding not in ("zeros", "border", "reflection"):
+            raise UnsupportedVariant(f"GridSample(mode={mode}, padding_mode={padding})")
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        mode, padding, align = self._attrs(ctx.attrs)
+        if x.dim() == 5 and mode == "bicubic":
+            raise UnsupportedVariant("GridSample(mode=cubic) of a volume")
+        return _grid_sample(x, grid, mode, padding, align)
