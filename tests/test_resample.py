@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from onnx.reference import ReferenceEvaluator
 
+from lipcheck.compose import compose
 from lipcheck.frontends import load_graph
+from lipcheck.frontends.torch_frontend import module_to_graph
 from lipcheck.interpret import interpret
 from lipcheck.ops import resize
+from lipcheck.passes import prepare
 from lipcheck.pipeline import analyse
 from tests.onnx_builders import Runner, model, node, ort_jacobian, save, sigma_max
 
@@ -79,3 +84,25 @@ def test_upsample_bilinear_is_linear_resize(tmp_path) -> None:
     exact = sigma_max(ort_jacobian(paths["linear"], x.shape))
     for path in paths.values():
         assert _analyse(path, ["1,1,3,4"]).upper_bound == pytest.approx(exact, rel=1e-5)
+
+
+@pytest.mark.parametrize(("mode", "padding"), [("bilinear", "zeros"), ("nearest", "reflection"), ("bicubic", "border")])
+def test_torch_grid_sample_with_a_grid_buffer(mode: str, padding: str) -> None:
+    """F.grid_sample through the PyTorch frontend: the exact norm of the sampling matrix, torch's own Jacobian."""
+    torch.manual_seed(0)
+
+    class Sampler(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("grid", torch.rand(2, 5, 6, 2) * 2.4 - 1.2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.grid_sample(x, self.grid, mode=mode, padding_mode=padding, align_corners=True)
+
+    net = Sampler().eval()
+    graph = module_to_graph(net, ["2,1,4,4"], "sampler")
+    prepare(graph)
+    result = compose(graph)
+    x = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda v: net.double()(v.reshape(x.shape)).reshape(-1), x.reshape(-1))
+    assert result.upper_bound == pytest.approx(float(torch.linalg.matrix_norm(jac, ord=2)), rel=1e-5)
