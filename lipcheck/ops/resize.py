@@ -546,18 +546,17 @@ class GridSample(Op):
             return unbounded(
                 f"samples {what} computed from the input: not globally Lipschitz in the grid", "moving grid"
             )
-        grid, shape = ctx.const(1), ctx.shape(0)
+        grid, shape, attrs = ctx.const(1), ctx.shape(0), self._attrs(ctx.attrs)
         if grid is None:
             return unbounded("sampling grid unknown before running", "unknown grid")
+        if np.ndim(grid) == 5 and attrs[0] == "bicubic":  # a grid of 3-D points
+            raise UnsupportedVariant("GridSample(mode=cubic) of a volume")
         if shape is None or any(d is None for d in shape[2:]):
             return unbounded("grid sampling of an image of unknown size; give --input-shape", "unknown shape")
         spatial = tuple(int(d) for d in shape[2:])  # type: ignore[arg-type]
         grid = np.asarray(grid, dtype=np.float64)
         if math.prod(spatial) == 0 or grid.size == 0:
             return LocalBound(0.0, "empty grid sampling", exact=True)
-        attrs = self._attrs(ctx.attrs)
-        if len(spatial) == 3 and attrs[0] == "bicubic":
-            raise UnsupportedVariant("GridSample(mode=cubic) of a volume")
         norm, exact = _sampling_norms(grid, spatial, attrs)
         # 1e-6: runtimes compute the sampling weights in float32
         return LocalBound(norm * (1 + 1e-6), f"{attrs[0]} grid sampling: max_n ||M_n||", exact=exact)
