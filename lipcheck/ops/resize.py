@@ -110,8 +110,8 @@ class Kernel:
             weights = weights / weights.sum(axis=1, keepdims=True)
         return offsets, weights
 
-    def matrix(self, coords: np.ndarray, n: int, scale: float) -> np.ndarray:
-        """The [out, n] matrix of the 1-D resize whose outputs read the input at ``coords`` (edge clamped)."""
+    def gather(self, coords: np.ndarray, n: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+        """(input index [out, K], clamped to the edge; weight [out, K]) of the taps of outputs reading ``coords``."""
         base = np.floor(coords)
         base = np.where(base == coords, base - 1, base)  # the reference's ratio lies in (0, 1]
         offsets, weights = self.taps(coords - base, scale)
@@ -120,23 +120,31 @@ class Kernel:
             weights = np.where((index < 0) | (index >= n), 0.0, weights)
             total = weights.sum(axis=1, keepdims=True)
             weights = weights / np.where(total == 0, 1.0, total)
-        result = np.zeros((len(coords), n))
-        rows = np.broadcast_to(np.arange(len(coords))[:, None], index.shape)
-        np.add.at(result, (rows, np.clip(index, 0, n - 1)), weights)
-        return result
+        return np.clip(index, 0, n - 1), weights
+
+
+def interpolation_taps(
+    kernel: Kernel, transform: str, out: int, n: int, scale: float, window: tuple[float, float], length: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One axis's resize as (input index [out, K], weight [out, K], float64; the outputs that are the
+    extrapolation value, whose weights are 0)."""
+    coords = source_coordinates(transform, out, n, scale, window, length=length)
+    index, weights = kernel.gather(coords, n, scale)
+    outside = np.zeros(out, dtype=bool)
+    if transform == "tf_crop_and_resize":
+        outside = (coords < 0) | (coords > n - 1)
+        weights[outside] = 0.0
+    return index, weights, outside
 
 
 def interpolation_matrix(
     kernel: Kernel, transform: str, out: int, n: int, scale: float, window: tuple[float, float], length: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """(the [out, n] linear part of one axis's resize, float64; the outputs that are the extrapolation value)."""
-    coords = source_coordinates(transform, out, n, scale, window, length=length)
-    matrix = kernel.matrix(coords, n, scale)
-    outside = np.zeros(out, dtype=bool)
-    if transform == "tf_crop_and_resize":
-        outside = (coords < 0) | (coords > n - 1)
-        matrix[outside] = 0.0
-    return matrix, outside
+) -> np.ndarray:
+    """The [out, n] linear part of one axis's resize (float64), from the taps the evaluation applies."""
+    index, weights, _ = interpolation_taps(kernel, transform, out, n, scale, window, length)
+    result = np.zeros((out, n))
+    np.add.at(result, (np.broadcast_to(np.arange(out)[:, None], index.shape), index), weights)
+    return result
 
 
 def _present(values: tuple[Any, ...], index: int) -> torch.Tensor | None:
@@ -211,10 +219,16 @@ class _Plan:
         self, ctx: EvalContext, x: torch.Tensor, axis: int, spec: tuple[int, float, tuple[float, float], float]
     ) -> torch.Tensor:
         out, scale, window, length = spec
-        matrix, outside = interpolation_matrix(
+        index, weights, outside = interpolation_taps(
             Kernel.of(ctx.attrs), self.transform, out, x.shape[axis], scale, window, length
         )
-        y = torch.movedim(torch.movedim(x, axis, -1) @ ctx.float_tensor(matrix.T), -1, axis)
+        shape = [1] * x.dim()
+        shape[axis] = out
+        y = sum(
+            x.index_select(axis, ctx.int_tensor(index[:, k])) * ctx.float_tensor(weights[:, k]).reshape(shape)
+            for k in range(index.shape[1])
+        )
+        assert isinstance(y, torch.Tensor)
         return self._extrapolate(y, axis, outside)
 
     def _extrapolate(self, y: torch.Tensor, axis: int, outside: np.ndarray) -> torch.Tensor:
@@ -341,7 +355,7 @@ def _axis_norm(
     by (scale * n in the ONNX reference, the integer size in onnxruntime)."""
     norms, exact = [], True
     for length in {float(out), n * scale}:
-        value, tight = _spectral_norm(interpolation_matrix(kernel, transform, out, n, scale, window, length)[0])
+        value, tight = _spectral_norm(interpolation_matrix(kernel, transform, out, n, scale, window, length))
         norms.append(value)
         exact = exact and tight
     return max(norms), exact and max(norms) - min(norms) <= 1e-12 * max(norms)
