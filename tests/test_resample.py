@@ -3,10 +3,14 @@ used for large sampling matrices, and the interpreter against the ONNX reference
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from lipcheck.compose import compose
@@ -106,3 +110,35 @@ def test_torch_grid_sample_with_a_grid_buffer(mode: str, padding: str) -> None:
     x = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
     jac = torch.autograd.functional.jacobian(lambda v: net.double()(v.reshape(x.shape)).reshape(-1), x.reshape(-1))
     assert result.upper_bound == pytest.approx(float(torch.linalg.matrix_norm(jac, ord=2)), rel=1e-5)
+
+
+def _frozen_cases(tmp_path, word: str) -> list[tuple[str, Path, np.ndarray]]:
+    """The ONNX backend models named ``word``, every input but the image made a constant (grid, roi, scales)."""
+    from benchmarks import onnx_node_suite as suite
+
+    names = [n for n in suite.all_case_names() if n.startswith("node/") and word in n]
+    found = []
+    for case in suite.materialise(names, tmp_path):
+        folder = Path(case.directory)
+        proto = onnx.load(folder / "model.onnx")
+        data = sorted((folder / "test_data_set_0").glob("input_*.pb"))
+        values = [numpy_helper.to_array(onnx.load_tensor(str(f))) for f in data]
+        for index in range(len(values) - 1, 0, -1):
+            proto.graph.initializer.append(numpy_helper.from_array(values[index], proto.graph.input[index].name))
+            del proto.graph.input[index]
+        found.append((case.name, save(proto, tmp_path, case.name.replace("/", "_") + ".onnx"), values[0]))
+    return found
+
+
+@pytest.mark.onnx_node_suite
+@pytest.mark.parametrize("word", ["resize", "upsample", "gridsample"])
+def test_backend_models_with_constant_parameters_get_the_exact_norm(tmp_path, word: str) -> None:
+    """Every Resize, Upsample and GridSample backend model, its grid or roi/scales made constants: the bound is
+    onnxruntime's Jacobian norm (up to the rule's 1e-6 margin), never below it."""
+    cases = _frozen_cases(tmp_path, word)
+    assert cases
+    for name, path, image in cases:
+        report = _analyse(path, [",".join(map(str, image.shape))])
+        exact = sigma_max(ort_jacobian(path, image.shape))
+        assert report.upper_bound is not None, (name, report.unbounded_reasons)
+        assert exact * (1 - 1e-6) <= report.upper_bound <= exact * (1 + 1e-5), name
