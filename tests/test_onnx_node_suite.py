@@ -91,9 +91,7 @@ INTERESTING = [
 ]
 
 UNSOUND: dict[str, str] = {}  # model -> the mechanism by which its certified bound is below a measured quotient
-PARITY = {  # model -> why lipcheck's interpreter disagrees with the expected outputs or crashes today
-    "node/test_upsample_nearest": "issue 14: Upsample (opset 9, scales input) fails in the interpreter",
-}
+PARITY: dict[str, str] = {}  # model -> why lipcheck's interpreter disagrees with the expected outputs today
 CRASHES: dict[str, str] = {}
 
 # max_runs binds before the seconds do, so the search (and each xfail) is the same on any machine

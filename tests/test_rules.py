@@ -74,6 +74,7 @@ class Linear:
     dims: tuple | None = None  # declared input dims when not the fixed shape (symbolic sizes)
     circulant: dict | None = None  # stride-1 zero-padded conv: {"pads", "groups", "dilation"} of weight W
     layers: int | None = None  # expected number of report layers (after folding)
+    runtimes_differ: str | None = None  # why onnxruntime computes another map than the ONNX reference
 
 
 def single(
@@ -226,6 +227,27 @@ def const(value) -> Callable:
 
 
 I64 = np.int64
+
+
+def resize(cid: str, shape, *, scales=None, sizes=None, roi=None, exact=True, opset=19, differ=None, **attrs):
+    """A Resize of constant scales or sizes (a linear map of its input) as a Linear case."""
+    consts = {"roi": np.array(roi or [], np.float32), "scales": np.array(scales or [], np.float32)}
+    if sizes is not None:
+        consts["sizes"] = np.array(sizes, I64)
+    build = single("Resize", consts=consts, **attrs)
+    return Linear(cid, shape, build, exact=exact, opset=opset, runtimes_differ=differ)
+
+
+def grid_sample(cid: str, shape, grid_shape, *, opset: int = 16, exact: bool = True, **attrs):
+    """GridSample of its input at a constant random grid (a linear map of the input) as a Linear case."""
+
+    def build(rng):
+        grid = rng.uniform(-1.25, 1.25, size=grid_shape).astype(np.float32)
+        return [node("GridSample", ["x", "grid"], ["y"], **attrs)], {"grid": grid}
+
+    return Linear(cid, shape, build, exact=exact, opset=opset)
+
+
 LINEAR = [
     # dense layers
     Linear("gemm", (3, 8), single("Gemm", {"W": (8, 5), "C": (5,)}), exact=True),
@@ -598,6 +620,120 @@ LINEAR = [
         ),
         exact=True,
         opset=18,
+    ),
+    # linear and cubic resize: the product of the axes' interpolation norms, against onnxruntime's Jacobian
+    resize("resize-linear-x2", (1, 2, 3, 4), scales=[1, 1, 2, 2], mode="linear"),
+    resize("resize-linear-down-half-pixel", (1, 1, 5, 7), scales=[1, 1, 0.6, 0.45], mode="linear"),
+    # onnxruntime divides by the integer size, the ONNX reference by scale * n: the larger norm of the two
+    resize(
+        "resize-linear-down-align-corners-scales",
+        (1, 1, 2, 4),
+        scales=[1, 1, 0.6, 0.6],
+        exact=False,
+        mode="linear",
+        coordinate_transformation_mode="align_corners",
+        differ="onnxruntime divides by the integer size, the reference by scale * n",
+    ),
+    resize(
+        "resize-linear-down-align-corners-sizes",
+        (1, 1, 6, 9),
+        sizes=[1, 1, 4, 5],
+        mode="linear",
+        coordinate_transformation_mode="align_corners",
+    ),
+    resize(
+        "resize-linear-pytorch-half-pixel",
+        (1, 1, 4, 8),
+        sizes=[1, 1, 1, 3],
+        mode="linear",
+        coordinate_transformation_mode="pytorch_half_pixel",
+    ),
+    resize(
+        "resize-linear-asymmetric",
+        (1, 1, 3, 5),
+        scales=[1, 1, 2.5, 1.4],
+        exact=False,
+        mode="linear",
+        coordinate_transformation_mode="asymmetric",
+        differ="5 * 1.4 is 7 outputs in onnxruntime's float32, 6 in the reference's float64",
+    ),
+    resize(
+        "resize-linear-half-pixel-symmetric",
+        (1, 1, 4, 5),
+        scales=[1, 1, 0.6, 1.7],
+        mode="linear",
+        coordinate_transformation_mode="half_pixel_symmetric",
+    ),
+    resize(
+        "resize-linear-tf-crop-extrapolate",
+        (1, 1, 4, 5),
+        sizes=[1, 1, 6, 7],
+        roi=[0, 0, -0.2, 0.1, 1, 1, 1.3, 0.8],
+        mode="linear",
+        coordinate_transformation_mode="tf_crop_and_resize",
+        extrapolation_value=10.0,
+    ),
+    resize("resize-linear-antialias-down", (1, 1, 8, 9), sizes=[1, 1, 3, 4], mode="linear", antialias=1, opset=18),
+    resize("resize-cubic-up", (1, 1, 4, 4), scales=[1, 1, 2, 1.5], mode="cubic"),
+    resize("resize-cubic-down", (1, 1, 7, 8), sizes=[1, 1, 3, 5], mode="cubic"),
+    resize(
+        "resize-cubic-align-corners",
+        (1, 1, 4, 5),
+        scales=[1, 1, 1.5, 0.8],
+        exact=False,
+        mode="cubic",
+        coordinate_transformation_mode="align_corners",
+    ),
+    resize(
+        "resize-cubic-a-exclude-outside",
+        (1, 1, 4, 4),
+        scales=[1, 1, 2.5, 0.75],
+        mode="cubic",
+        cubic_coeff_a=-0.5,
+        exclude_outside=1,
+    ),
+    resize(
+        "resize-cubic-asymmetric",
+        (1, 1, 4, 4),
+        scales=[1, 1, 2, 3],
+        mode="cubic",
+        coordinate_transformation_mode="asymmetric",
+    ),
+    resize("resize-cubic-antialias-down", (1, 1, 9, 8), sizes=[1, 1, 4, 3], mode="cubic", antialias=1, opset=18),
+    resize("resize-cubic-axes-opset18", (1, 2, 5, 3), scales=[0.8, 2], mode="cubic", axes=[3, 2], opset=18),
+    # GridSample with a constant grid (points beyond [-1, 1] exercise the padding): max_n ||M_n||
+    grid_sample("gridsample-bilinear-zeros", (2, 2, 4, 5), (2, 3, 6, 2)),
+    grid_sample("gridsample-bilinear-border-align", (1, 2, 5, 4), (1, 7, 3, 2), padding_mode="border", align_corners=1),
+    grid_sample("gridsample-bilinear-reflection", (2, 1, 4, 4), (2, 5, 5, 2), padding_mode="reflection"),
+    grid_sample("gridsample-nearest-zeros", (2, 1, 4, 5), (2, 6, 7, 2), mode="nearest"),
+    grid_sample(
+        "gridsample-nearest-reflection-align",
+        (1, 1, 3, 4),
+        (1, 8, 8, 2),
+        mode="nearest",
+        padding_mode="reflection",
+        align_corners=1,
+    ),
+    grid_sample("gridsample-bicubic-zeros", (2, 1, 4, 5), (2, 4, 3, 2), mode="bicubic"),
+    grid_sample("gridsample-bicubic-border", (1, 2, 5, 4), (1, 3, 6, 2), mode="bicubic", padding_mode="border"),
+    grid_sample(
+        "gridsample-bicubic-reflection-align",
+        (1, 1, 4, 4),
+        (1, 5, 5, 2),
+        mode="bicubic",
+        padding_mode="reflection",
+        align_corners=1,
+    ),
+    grid_sample("gridsample-linear-opset20", (1, 1, 4, 5), (1, 3, 3, 2), mode="linear", opset=20),
+    grid_sample("gridsample-cubic-opset20", (1, 1, 4, 5), (1, 3, 3, 2), mode="cubic", opset=20),
+    grid_sample("gridsample-linear-volume-opset20", (1, 2, 3, 4, 3), (1, 2, 3, 4, 3), mode="linear", opset=20),
+    grid_sample("gridsample-nearest-volume-opset20", (2, 1, 3, 3, 4), (2, 4, 2, 3, 3), mode="nearest", opset=20),
+    Linear(  # Upsample-9 with a constant scales input: asymmetric linear interpolation
+        "upsample-linear-opset9",
+        (1, 1, 3, 4),
+        single("Upsample", consts={"scales": np.array([1, 1, 2, 1.5], np.float32)}, mode="linear"),
+        exact=True,
+        opset=9,
     ),
     Linear(
         "resize-nearest-x2-opset10",
@@ -1632,21 +1768,26 @@ def test_shape_of_an_input_of_unknown_size_is_not_a_variable(tmp_path) -> None:
 def _unknown_ops_model(rng, variant: bool = True) -> onnx.ModelProto:
     nodes = [node("Einsum", ["x", "W"], ["e"], equation="ij,jk->ik"), node("Foo", ["e"], ["f"], domain="my.domain")]
     if variant:  # a known op with attributes lipcheck has no rule for
-        nodes.append(node("Resize", ["f", "", "scales"], ["y"], mode="linear"))
+        nodes.append(node("Reshape", ["f", "volume"], ["v"]))
+        nodes.append(node("GridSample", ["v", "grid"], ["y"], mode="cubic"))
     else:
         nodes.append(node("Relu", ["f"], ["y"]))
-    inits = {"W": randn(rng, 4, 4), "scales": np.array([1.0, 2.0], np.float32)}
-    return model(nodes, {"x": (3, 4)}, ["y"], inits, extra_opsets={"my.domain": 1})
+    inits = {
+        "W": randn(rng, 4, 4),
+        "volume": np.array([1, 1, 1, 3, 4], I64),
+        "grid": rng.uniform(-1, 1, size=(1, 1, 2, 2, 3)).astype(np.float32),
+    }
+    return model(nodes, {"x": (3, 4)}, ["y"], inits, opset=20, extra_opsets={"my.domain": 1})
 
 
 def test_unknown_ops_are_listed_together(tmp_path) -> None:
     path = save(_unknown_ops_model(rng_for("unknown")), tmp_path)
     with pytest.raises(UnsupportedOpsError) as caught:
         run_analyse(path)
-    assert set(caught.value.ops) == {"Einsum", "my.domain:Foo", "Resize(mode=linear)"}
+    assert set(caught.value.ops) == {"Einsum", "my.domain:Foo", "GridSample(mode=cubic) of a volume"}
     assert caught.value.ops["Einsum"] == ["Einsum_e"]
     message = str(caught.value)
-    assert all(op in message for op in ("Einsum", "my.domain:Foo", "Resize(mode=linear)"))
+    assert all(op in message for op in ("Einsum", "my.domain:Foo", "GridSample(mode=cubic) of a volume"))
 
 
 def test_assumed_constants_make_an_uncertified_bound(tmp_path) -> None:

@@ -969,6 +969,18 @@ def _pad(node: Node, at: _Opset) -> None:
     a["mode"] = a.get("mode", "constant") or "constant"
 
 
+def _sizes_scales(sizes: list, in_shape: Shape, axes: list | None, policy: str | None) -> list[float] | None:
+    """Resize's scales (one per axis resized) from constant sizes, with keep_aspect_ratio_policy's one scale."""
+    rank = len(in_shape)
+    resized = [int(axis) % rank for axis in (axes or range(rank))]
+    if len(sizes) != len(resized):
+        return None
+    scales = [s / in_shape[axis] for s, axis in zip(sizes, resized, strict=True)]
+    if policy in ("not_larger", "not_smaller"):
+        return [min(scales) if policy == "not_larger" else max(scales)] * len(scales)
+    return scales
+
+
 def _resize(node: Node, at: _Opset) -> None:
     """Upsample becomes Resize; scales as an attribute (from the scales or sizes input, or the shapes)."""
     a, op, in_shape = node.attrs, node.op, at.in_shape
@@ -980,13 +992,14 @@ def _resize(node: Node, at: _Opset) -> None:
         if not scales and op == "Resize" and at.version >= 11:
             sizes = _const_list(at.constants, node, 3)
             out_shape = at.shapes.get(node.outputs[0])
-            if sizes and in_shape and len(sizes) == len(in_shape) and all(in_shape):
-                scales = [s / n for s, n in zip(sizes, in_shape, strict=True)]
-            elif out_shape and in_shape and all(out_shape) and all(in_shape):
+            if sizes and in_shape and all(in_shape):
+                scales = _sizes_scales(sizes, in_shape, a.get("axes"), a.get("keep_aspect_ratio_policy"))
+            if not scales and out_shape and in_shape and all(out_shape) and all(in_shape):
                 scales = [o / n for o, n in zip(out_shape, in_shape, strict=True)]  # type: ignore[operator]
     node.op = "Resize"
     a["scales"] = scales
-    a["mode"] = a.get("mode", "nearest") or "nearest"
+    mode = a.get("mode", "nearest") or "nearest"
+    a["mode"] = "linear" if mode in ("bilinear", "trilinear") else mode  # old Upsample's names for linear
 
 
 def _reduce(node: Node, at: _Opset) -> None:

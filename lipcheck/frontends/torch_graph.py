@@ -1098,6 +1098,17 @@ def _upsample(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     )
 
 
+@converts("grid_sampler", "grid_sampler_2d", "grid_sampler_3d")
+def _grid_sampler(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
+    x, grid, mode, padding, align = list(args.values())[:5]
+    attrs = {
+        "mode": ("bilinear", "nearest", "bicubic")[int(mode)],
+        "padding_mode": ("zeros", "border", "reflection")[int(padding)],
+        "align_corners": int(bool(align)),
+    }
+    b.emit("GridSample", [b.value(x), b.value(grid)], attrs)
+
+
 @converts("pixel_shuffle", "pixel_unshuffle")
 def _pixel_shuffle(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     values = list(args.values())
