@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import TensorProto
 
+from benchmarks import onnx_node_suite as suite
 from lipcheck import ops
 from lipcheck.frontends import load_graph
 from lipcheck.interpret import interpret
@@ -179,6 +182,8 @@ SOUND = [
     ("LSTM", "Y_c", {"extra": ["P", "initial_c"]}),
     ("LSTM", "Y_h", {"variable": ("initial_h",), "extra": ["P"]}),
     ("LSTM", "Y", {"direction": "reverse", "activations": ["Sigmoid", "Tanh", "Relu"]}),
+    ("GRU", "Y", {"steps": 1, "extra": ["initial_h"]}),  # one step: the step constants alone
+    ("LSTM", "Y_h", {"steps": 1, "extra": ["P", "initial_c"]}),
 ]
 
 
@@ -194,6 +199,21 @@ def test_bound_holds_against_jacobians_and_quotients(tmp_path: Path, op: str, ou
     largest = max(_largest_jacobian_norm(path, shapes, tag), _quotients(path, shapes, tag))
     assert largest <= report.upper_bound * (1 + 1e-6), (largest, report.upper_bound)
     print(f"{op} {output}: largest found {largest:.4g}, bound {report.upper_bound:.4g}")
+
+
+@pytest.mark.parametrize(
+    ("op", "output", "attrs"), SOUND, ids=[f"{o}-{out}-{i}" for i, (o, out, _) in enumerate(SOUND)]
+)
+def test_node_suite_search_does_not_beat_the_bound(tmp_path: Path, op: str, output: str, attrs: dict) -> None:
+    """The node suite's instrument (onnxruntime quotients: random, far, Jacobian directions, line scans,
+    ascent) on the same models, an implementation lipcheck does not share."""
+    path, shapes = _build(op, tmp_path, outputs=(output,), scale=1.2, **dict(attrs))
+    bound = analyse(path).upper_bound
+    assert bound is not None
+    feeds = {n: rng_for("start").standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    data = suite.TestData(onnx.load(str(path)), feeds, {}, dict.fromkeys(feeds, TensorProto.FLOAT))
+    result = suite.measure(data, bound, seconds=10, max_runs=1500)
+    assert result["status"] == "measured" and not result["unsound"], result
 
 
 def test_scalar_rnn_bound_is_the_jacobian_at_zero(tmp_path: Path) -> None:
