@@ -22,7 +22,7 @@ from benchmarks import onnx_node_suite as suite
 from lipcheck import ops
 from lipcheck.frontends import load_graph
 from lipcheck.interpret import interpret
-from lipcheck.ops import RuleContext
+from lipcheck.ops import RuleContext, recurrent
 from lipcheck.pipeline import analyse
 from tests.jacobian import brute_force_norm
 from tests.onnx_builders import model, node, rng_for, save
@@ -255,6 +255,8 @@ def test_sequence_length_is_the_analysed_shape(tmp_path: Path) -> None:
     """A symbolic length is analysed at the shape given (longer sequences: larger bounds); a length no
     shape says is the verdict."""
     path, _ = _build("RNN", tmp_path, steps=None, scale=1.2)
+    unknown = analyse(path)  # the first axis is the time axis here: not taken as a batch axis of 1
+    assert unknown.upper_bound is None and "sequence length" in unknown.unbounded_reasons[0].reason
     bounds = [analyse(path, input_shapes=[f"{t},{BATCH},{IN}"]).upper_bound for t in (1, 4, 9)]
     assert bounds[0] is not None and bounds[0] < bounds[1] < bounds[2]  # type: ignore[operator]
     graph = load_graph(path, [f"4,{BATCH},{IN}"])
@@ -262,3 +264,13 @@ def test_sequence_length_is_the_analysed_shape(tmp_path: Path) -> None:
     rnn = graph.nodes[0]
     local = ops.get("RNN").lipschitz(RuleContext(rnn, graph, [1.0] + [0.0] * (len(rnn.inputs) - 1)))  # type: ignore[union-attr]
     assert not local.bounded and "sequence length" in (local.reason or "")
+
+
+def test_long_sequences_stream_into_the_schur_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond DENSE_STEPS the matrix of block norms is not stored: sqrt(||N||_1 ||N||_inf) >= ||N||."""
+    path, _ = _build("LSTM", tmp_path, outputs=("Y", "Y_h"))
+    dense = analyse(path).upper_bound
+    monkeypatch.setattr(recurrent, "DENSE_STEPS", 0)
+    schur = analyse(path).upper_bound
+    assert dense is not None and schur is not None
+    assert dense <= schur <= dense * math.sqrt(T) * (1 + 1e-9)

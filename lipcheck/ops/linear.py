@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 
@@ -280,9 +281,9 @@ class Einsum(Op):
         return _einsum_norm(x_term, x_shape, weights, output)
 
     def evaluate(self, ctx: EvalContext, *operands: torch.Tensor) -> torch.Tensor:
-        floats = [t for t in operands if t.is_floating_point()]
+        floats = [t.dtype for t in operands if t.is_floating_point()]
         if floats:
-            dtype = torch.promote_types(floats[0].dtype, floats[-1].dtype)
+            dtype = functools.reduce(torch.promote_types, floats)
             operands = tuple(t.to(dtype) for t in operands)
         return torch.einsum(str(ctx.attrs["equation"]).replace(" ", ""), *operands)
 

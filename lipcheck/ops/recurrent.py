@@ -40,6 +40,7 @@ _ACTIVATIONS = {
     "softplus": _Activation(F.softplus, 1.0, 0.0, math.inf, math.log(2.0)),
 }
 MARGIN = 1 + 1e-6  # float32 evaluation and the float64 sums of the bound
+DENSE_STEPS = 2048  # longer sequences: the Schur bound on the matrix of block norms
 BILINEAR = "the input multiplies the weights W/R (bilinear: not globally Lipschitz)"
 
 
@@ -165,7 +166,8 @@ class _Recurrent(Op):
         shape = ctx.shape(0)
         steps = None if shape is None or len(shape) != 3 else shape[int(ctx.attrs["layout"])]
         if steps is None:
-            return unbounded(f"{ctx.node.op}: not globally Lipschitz over unbounded sequence length", "unknown length")
+            reason = f"{ctx.node.op}: not globally Lipschitz over unbounded sequence length (give --input-shape)"
+            return unbounded(reason, "unknown length")
         found: list[tuple[float, float, float]] = []
         for d, acts in enumerate(self.activations(ctx)):
             bound = self.direction_bound(ctx, d, acts, int(steps))
@@ -190,40 +192,39 @@ class _Recurrent(Op):
         matrices = [recurrence(t) for t in range(steps)]
         if not all(np.isfinite(m).all() for m in matrices):
             return unbounded(f"{ctx.node.op}: gate products with an unbounded activation range")
-        n_h, n_c = _block_norms(matrices, ctx.is_variable(5))
-        return _spectral(n_h), _max_row(n_h), _max_row(n_c)
+        return _block_norms(matrices, ctx.is_variable(5))
 
     def recurrence(self, ctx: RuleContext, d: int, acts: list[_Activation]) -> Callable[[int], np.ndarray] | LocalBound:
         """t -> the step matrix M_t (2 x 3: rows h, c; columns x, h, c), or a verdict."""
         raise NotImplementedError
 
 
-def _block_norms(matrices: list[np.ndarray], initial_h: bool) -> tuple[np.ndarray, np.ndarray]:
-    """N_h, N_c [T, sources]: sources are the T input steps, then h_0 when it is variable."""
+def _block_norms(matrices: list[np.ndarray], initial_h: bool) -> tuple[float, float, float]:
+    """(||N_h||, largest row norm of N_h, of N_c) for N [T, sources]: sources are the T input steps, then
+    h_0 when it is variable. N is kept for an exact spectral norm up to DENSE_STEPS steps; beyond, the
+    rows stream into the Schur bound ||N|| <= sqrt(||N||_1 ||N||_inf)."""
     steps = len(matrices)
     sources = steps + int(initial_h)
     state = np.zeros((2, sources))
     if initial_h:
         state[0, steps] = 1.0
-    rows_h, rows_c = np.zeros((steps, sources)), np.zeros((steps, sources))
+    dense = np.zeros((steps, sources)) if steps <= DENSE_STEPS else None
+    columns, widest_row, row_h, row_c = np.zeros(sources), 0.0, 0.0, 0.0
     for t, m in enumerate(matrices):
         state = m[:, 1:] @ state
         state[:, t] = m[:, 0]
-        rows_h[t], rows_c[t] = state[0], state[1]
-    return rows_h, rows_c
-
-
-def _spectral(n: np.ndarray) -> float:
-    if n.size == 0:
-        return 0.0
-    if n.shape[0] * n.shape[1] <= 4096 * 4096:
-        return dense_sigma_max(torch.from_numpy(n)).value
-    # ||N||_2 <= sqrt(||N||_1 ||N||_inf) (Schur), for very long sequences
-    return math.sqrt(float(n.sum(0).max()) * float(n.sum(1).max())) * MARGIN
-
-
-def _max_row(n: np.ndarray) -> float:
-    return float(np.sqrt((n * n).sum(1)).max()) * MARGIN if n.size else 0.0
+        row_h = max(row_h, float(np.sqrt((state[0] ** 2).sum())))
+        row_c = max(row_c, float(np.sqrt((state[1] ** 2).sum())))
+        if dense is not None:
+            dense[t] = state[0]
+        else:
+            columns += state[0]
+            widest_row = max(widest_row, float(state[0].sum()))
+    if dense is not None:
+        spectral = dense_sigma_max(torch.from_numpy(dense)).value if dense.size else 0.0
+    else:
+        spectral = math.sqrt(float(columns.max()) * widest_row) * MARGIN
+    return spectral, row_h * MARGIN, row_c * MARGIN
 
 
 def _text(attrs: object, key: str) -> str:
