@@ -340,10 +340,15 @@ def onnx_to_graph(
     return graph
 
 
+# ops that run along an axis their inputs' first dimension may be (a loop's iterations, a recurrent layer's
+# time steps): in a model with one, an unknown first dimension is not a batch axis of 1
+_SEQUENTIAL_OPS = ("Loop", "Scan", "RNN", "GRU", "LSTM")
+
+
 def _has_loops(g: onnx.GraphProto) -> bool:
-    """Whether the graph or one of its subgraphs holds a Loop or a Scan."""
+    """Whether the graph or one of its subgraphs holds a Loop, a Scan or a recurrent layer."""
     for proto in g.node:
-        if proto.op_type in ("Loop", "Scan") and proto.domain in ("", "ai.onnx"):
+        if proto.op_type in _SEQUENTIAL_OPS and proto.domain in ("", "ai.onnx"):
             return True
         for attr in proto.attribute:
             if any(_has_loops(body) for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)):

@@ -3,9 +3,9 @@
 Families (one module each): ``activations``, ``arithmetic``, ``attention``, ``linear`` (Gemm, MatMul),
 ``control`` (If, Loop, Scan), ``conv``, ``normalization``, ``pooling``, ``reductions``, ``shape``
 (rearrangements, casts), ``selection`` (slices, gathers, concatenation, padding, copies), ``indexing``
-(gathers and scatters by index tensors, unpooling, folding patches), ``resize``, ``elementwise`` (math
-without a global constant, logic), ``steps`` (arg-max, remainders, quantisation), ``signal`` (DFT, cache
-writes), ``generators``.
+(gathers and scatters by index tensors, unpooling, folding patches), ``resize``, ``recurrent`` (recurrent
+layers unrolled), ``elementwise`` (math without a global constant, logic), ``steps`` (arg-max, remainders,
+quantisation), ``signal`` (DFT, cache writes), ``generators``.
 ``base`` defines the facets (see ``Op``) and the registry; importing this package registers every op.
 CONTRIBUTING.md shows how to add one.
 """
@@ -22,6 +22,7 @@ from lipcheck.ops import (  # noqa: F401  (registration)
     linear,
     normalization,
     pooling,
+    recurrent,
     reductions,
     resize,
     selection,

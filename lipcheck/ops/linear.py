@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import math
+from collections import Counter
+
 import numpy as np
 import torch
 
@@ -14,6 +18,7 @@ from lipcheck.ops.base import (
     NotFoldable,
     Op,
     RuleContext,
+    UnsupportedVariant,
     node_attrs,
     register,
     replace_parameters,
@@ -228,3 +233,112 @@ class Det(Op):
 
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
         return torch.linalg.det(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Einsum: a linear map of its one variable operand, taken apart into independent blocks
+
+BILINEAR_EINSUM = "Einsum of two activations (or one used twice): bilinear, not globally Lipschitz"
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def einsum_terms(equation: str, ranks: list[int]) -> tuple[list[str], str]:
+    """The operands' subscripts and the output's, with each ellipsis spelled out in fresh letters
+    (aligned from the right, as broadcasting aligns them) and an implicit output made explicit."""
+    equation = equation.replace(" ", "")
+    lhs, arrow, rhs = equation.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ranks):
+        raise UnsupportedVariant(f"Einsum({equation}: {len(terms)} terms for {len(ranks)} operands)")
+    fresh = [c for c in _LETTERS if c not in equation]
+    widest = max((rank - len(term.replace("...", "")) for term, rank in zip(terms, ranks, strict=True)), default=0)
+    spelled = "".join(fresh[:widest])
+    expanded = [
+        t.replace("...", spelled[widest - (r - len(t.replace("...", ""))) :]) for t, r in zip(terms, ranks, strict=True)
+    ]
+    if arrow:
+        output = rhs.replace("...", spelled)
+    else:
+        counts = Counter("".join(terms).replace("...", ""))
+        output = spelled + "".join(sorted(c for c, n in counts.items() if n == 1))
+    return expanded, output
+
+
+@register
+class Einsum(Op):
+    """Einsum linear in one variable operand: its exact norm, max over independent blocks of sigma_max.
+
+    With the constants contracted into one tensor W, Y[b, k, o] = sum_{c, s} W[b, c, o] X[b, k, c, s]:
+    b (in X, W and Y) indexes independent blocks, k (X and Y only) identical ones, c is contracted with
+    W, s (X only) is summed (norm sqrt(|s|)), o (W and Y only) spans the output. A repeated index of X
+    reads its diagonal (a coordinate selection): the norm is the map's on that diagonal. So the norm is
+    sqrt(|s|) max_b sigma_max(W[b] as a c x o matrix). Two variable operands: bilinear.
+    """
+
+    attributes = {"equation": ""}
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        variables = ctx.variable_inputs()
+        if not variables:
+            return LocalBound(0.0, "constant")
+        if len(variables) > 1:
+            return unbounded(BILINEAR_EINSUM)
+        v = variables[0]
+        constants = [ctx.const(i) for i in range(len(ctx.node.inputs))]
+        shapes = [ctx.shape(i) if i == v else getattr(c, "shape", None) for i, c in enumerate(constants)]
+        if any(shape is None for shape in shapes):
+            return unbounded("the input's shape or a weight is unknown; give --input-shape", "unknown shape")
+        terms, output = einsum_terms(str(ctx.attrs["equation"]), [len(s) for s in shapes])  # type: ignore[arg-type]
+        x_term, x_shape = _diagonal(terms[v], shapes[v])  # type: ignore[arg-type]
+        weights = [(terms[i], ctx.tensor(i)) for i in range(len(terms)) if i != v]
+        return _einsum_norm(x_term, x_shape, weights, output)
+
+    def evaluate(self, ctx: EvalContext, *operands: torch.Tensor) -> torch.Tensor:
+        floats = [t.dtype for t in operands if t.is_floating_point()]
+        if floats:
+            dtype = functools.reduce(torch.promote_types, floats)
+            operands = tuple(t.to(dtype) for t in operands)
+        return torch.einsum(str(ctx.attrs["equation"]).replace(" ", ""), *operands)
+
+
+def _diagonal(term: str, shape: tuple[int | None, ...]) -> tuple[str, dict[str, int | None]]:
+    """The variable's subscripts with repeats removed (its diagonal) and the size of each letter."""
+    sizes: dict[str, int | None] = {}
+    for letter, size in zip(term, shape, strict=True):
+        sizes[letter] = size if sizes.get(letter) is None else sizes[letter]
+    return "".join(dict.fromkeys(term)), sizes
+
+
+def _einsum_norm(
+    x_term: str, x_sizes: dict[str, int | None], weights: list[tuple[str, torch.Tensor]], output: str
+) -> LocalBound:
+    if len(set(output)) != len(output):
+        raise UnsupportedVariant("Einsum(repeated output index)")
+    sizes: dict[str, int] = {}
+    for term, tensor in weights:
+        for c, n in zip(term, tensor.shape, strict=True):
+            sizes[c] = max(sizes.get(c, 1), int(n))
+    # a broadcast axis of size 1 in X: X does not vary along it (the letter is W's and Y's only)
+    x_letters = [c for c in x_term if not (x_sizes[c] == 1 and sizes.get(c, 1) > 1)]
+    # a broadcast axis of size 1 in W: W does not vary along it (the letter is X's and Y's only)
+    keep = (set(x_letters) | set(output)) & set(sizes)
+    keep -= {c for c in keep if sizes[c] == 1 and c in x_letters and (x_sizes[c] or 2) > 1}
+    w_term = "".join(sorted(keep))
+    if weights:
+        subscripts = ",".join(term for term, _ in weights) + "->" + w_term
+        w = torch.einsum(subscripts, *[t for _, t in weights])
+    else:
+        w = torch.ones((), dtype=torch.float64)
+    blocks = [c for c in w_term if c in x_letters and c in output]
+    contracted = [c for c in w_term if c in x_letters and c not in output]
+    spanned = [c for c in w_term if c not in x_letters]
+    summed = [c for c in x_letters if c not in output and c not in w_term]
+    if any(x_sizes[c] is None for c in summed):
+        return unbounded("a summed axis of unknown size; give --input-shape", "unknown shape")
+    count = math.prod(int(x_sizes[c] or 1) for c in summed)
+    order = [w_term.index(c) for c in blocks + contracted + spanned]
+    shape = [math.prod(w.shape[w_term.index(c)] for c in group) for group in (blocks, contracted, spanned)]
+    found = matrix_bound(w.permute(order).reshape(shape))
+    note = f"; sum over {count} entries (sqrt)" if count > 1 else ""
+    return LocalBound(found.value * math.sqrt(count) * (1 + 1e-12), found.method + note, exact=True)
