@@ -142,3 +142,31 @@ def test_backend_models_with_constant_parameters_get_the_exact_norm(tmp_path, wo
         exact = sigma_max(ort_jacobian(path, image.shape))
         assert report.upper_bound is not None, (name, report.unbounded_reasons)
         assert exact * (1 - 1e-6) <= report.upper_bound <= exact * (1 + 1e-5), name
+
+
+@pytest.mark.parametrize(("size", "align"), [([2, 3, 4, 5], 0), ([1, 1, 3, 2], 1), ([2, 1, 2, 3, 4], 0)])
+def test_affine_grid_is_linear_in_theta_with_the_base_grid_norm(size: list[int], align: int, tmp_path) -> None:
+    """Against onnxruntime, and the exact norm against the dense Jacobian (theta is the variable)."""
+    import onnxruntime as ort
+
+    from lipcheck.pipeline import analyse
+    from tests.jacobian import brute_force_norm
+
+    d = len(size) - 2
+    theta = np.random.default_rng(3).standard_normal((size[0], d, d + 1)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("AffineGrid", ["x", "size"], ["y"], align_corners=align)],
+        "affine",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(theta.shape))],
+        [onnx.ValueInfoProto(name="y")],
+        [numpy_helper.from_array(np.array(size, np.int64), "size")],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 20)])
+    proto.ir_version = 10
+    path = str(tmp_path / "affine.onnx")
+    onnx.save(proto, path)
+    want = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": theta})[0]
+    loaded = load_graph(path, [])
+    assert np.allclose(interpret(loaded).run({"x": theta})["y"].numpy(), want, atol=1e-5)
+    bound = analyse(path).upper_bound
+    assert bound == pytest.approx(brute_force_norm(loaded, {"x": theta.astype(np.float64)}), rel=1e-9)

@@ -586,3 +586,38 @@ class GridSample(Op):
         if x.dim() == 5 and mode == "bicubic":
             raise UnsupportedVariant("GridSample(mode=cubic) of a volume")
         return _grid_sample(x, grid, mode, padding, align)
+
+
+def affine_base_grid(spatial: list[int], align_corners: bool) -> torch.Tensor:
+    """[prod(spatial), d + 1]: each output point's homogeneous coordinates (x, y[, z], 1) in [-1, 1]."""
+    axes = []
+    for n in spatial:
+        if align_corners:
+            axes.append(torch.linspace(-1.0, 1.0, n, dtype=torch.float64) if n > 1 else torch.full((1,), -1.0))
+        else:
+            axes.append((2 * torch.arange(n, dtype=torch.float64) + 1) / n - 1)
+    mesh = torch.meshgrid(*axes, indexing="ij")  # depth/height first, width last
+    coords = [m.reshape(-1).to(torch.float64) for m in reversed(mesh)]  # x (width) first
+    return torch.stack([*coords, torch.ones_like(coords[0])], 1)
+
+
+@register
+class AffineGrid(Op):
+    """The sampling grid of an affine transform theta: grid_n = B theta_n^T with B the base coordinates,
+    linear in theta with the exact norm sigma_max(B). A size known only at run time: the verdict."""
+
+    attributes = {"align_corners": 0}
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        size = ctx.const(1)
+        if size is None:
+            return unbounded("AffineGrid of a size known only at run time: the grid's extent is not bounded")
+        base = affine_base_grid([int(n) for n in size.reshape(-1)[2:]], bool(int(ctx.attrs["align_corners"])))
+        norm = float(torch.linalg.matrix_norm(base, ord=2)) * (1 + 1e-12)
+        return LocalBound(norm, "sigma_max of the base coordinates [x, y, 1]", exact=True)
+
+    def evaluate(self, ctx: EvalContext, theta: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+        spatial = [int(n) for n in size.reshape(-1).tolist()[2:]]
+        base = affine_base_grid(spatial, bool(int(ctx.attrs["align_corners"]))).to(theta.dtype)
+        grid = theta @ base.T  # [N, d, points]
+        return grid.transpose(1, 2).reshape(theta.shape[0], *spatial, len(spatial))
