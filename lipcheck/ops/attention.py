@@ -198,7 +198,8 @@ class RotaryEmbedding(Op):
         cos, sin = ctx.const(1), ctx.const(2)
         if cos is None or sin is None:
             return unbounded("RotaryEmbedding with cos/sin caches computed from the input multiplies them with it")
-        scale = float(np.sqrt(np.square(cos) + np.square(sin)).max()) if cos.size else 0.0
+        c, s = np.asarray(cos, np.float64), np.asarray(sin, np.float64)
+        scale = float(np.sqrt(c * c + s * s).max()) * (1 + 1e-15) if c.size else 0.0
         shape, rotated = ctx.shape(0), int(ctx.attrs["rotary_embedding_dim"])
         passes = rotated > 0 and (shape is None or None in shape or rotated < _head_size(shape, ctx.attrs))
         value = max(scale, 1.0) if passes else scale
@@ -244,8 +245,8 @@ class SwiGLU(Op):
             return unbounded("SwiGLU multiplies Swish(A) by B, both computed from the input")
         if b is not None:
             swish = SILU_MAX_SLOPE if float(ctx.attrs["alpha"]) != 0 else 0.5
-            return LocalBound(swish * float(np.abs(b).max(initial=0.0)), "max|Swish'| max|B|")
-        gate = _swish(torch.as_tensor(a), float(ctx.attrs["alpha"]))
+            return LocalBound(swish * float(np.abs(b).max(initial=0.0)) * (1 + 1e-15), "max|Swish'| max|B|")
+        gate = _swish(torch.as_tensor(a, dtype=torch.float64), float(ctx.attrs["alpha"]))
         return LocalBound(float(gate.abs().max()) * (1 + 1e-12), "max |Swish(A)|", exact=True)
 
     def evaluate(self, ctx: EvalContext, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

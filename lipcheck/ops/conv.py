@@ -347,7 +347,9 @@ def _causal_norm(taps: np.ndarray, length: int | None, with_state: bool) -> tupl
     """max over channels of ||T_c||: exact (dense, float64) for known short sequences, else max ||w_c||_1.
     Without a variable past state only the input's columns of T_c move."""
     if length is None or length > CAUSAL_EXACT_LENGTH:
-        return float(np.abs(taps).sum(axis=1).max(initial=0.0)) * (1 + 1e-12), "max ||w_c||_1 (Young)"
+        return float(np.abs(taps.astype(np.float64)).sum(axis=1).max(initial=0.0)) * (
+            1 + 1e-12
+        ), "max ||w_c||_1 (Young)"
     k = taps.shape[1]
     rows = torch.arange(length).reshape(-1, 1)
     offsets = torch.arange(length + k - 1).reshape(1, -1) - rows  # T[i, i + j] = w[j]
