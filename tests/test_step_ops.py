@@ -116,3 +116,31 @@ def test_determinant_is_not_lipschitz_beyond_one_by_one(tmp_path) -> None:
     path = _save(tmp_path, [helper.make_node("Det", ["x"], ["y"])], x=x)
     _agree(path, x)
     assert analyse(path).upper_bound is None
+
+
+def test_quantised_matmul_and_dynamic_quantisation_run_like_onnxruntime(tmp_path) -> None:
+    """The float scale of a quantised product is a graph input here: the output steps with it."""
+    a = RNG.integers(0, 255, (3, 4)).astype(np.uint8)
+    nodes = [
+        helper.make_node("QLinearMatMul", ["a", "sa", "za", "b", "sb", "zb", "x", "zy"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "x", "zy"], ["d"]),
+        helper.make_node("DynamicQuantizeLinear", ["d"], ["y", "scale", "zero"]),
+    ]
+    inits = {"a": a, "sa": np.float32(0.02), "za": np.uint8(120), "b": RNG.integers(0, 255, (4, 2)).astype(np.uint8),
+             "sb": np.float32(0.01), "zb": np.uint8(128), "zy": np.uint8(100)}  # fmt: skip
+    x = np.array(0.05, np.float32)
+    path = _save(tmp_path, nodes, inits, x=x)
+    want = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = interpret(load_graph(path, [])).run({"x": x})["y"].numpy()
+    assert got.dtype == np.uint8 and np.array_equal(got, want)
+    report = analyse(path)
+    assert report.upper_bound is None and report.unbounded_reasons[0].op == "QLinearMatMul"
+
+
+def test_range_of_bounds_computed_from_the_input_is_named(tmp_path) -> None:
+    x = np.array(1.5, np.float32)
+    nodes = [helper.make_node("Range", ["x", "limit", "delta"], ["y"])]
+    path = _save(tmp_path, nodes, {"limit": np.float32(6.0), "delta": np.float32(0.5)}, x=x)
+    _agree(path, x)
+    report = analyse(path)
+    assert [(r.op, "length" in r.reason) for r in report.unbounded_reasons] == [("Range", True)]

@@ -1,11 +1,12 @@
-"""Ops that make tensors from shapes and scalars (exporters leave them in graphs); they have no rule."""
+"""Ops that make tensors from shapes and scalars (exporters leave them in graphs). From integer shapes they are
+constants; a Range whose bounds are computed from the input changes its length: the verdict."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from lipcheck.ops.base import EvalContext, Op, constant_tensor, register
+from lipcheck.ops.base import EvalContext, LocalBound, Op, RuleContext, constant_tensor, register, unbounded
 from lipcheck.ops.shape import ints
 
 
@@ -23,6 +24,9 @@ class ConstantOfShape(Op):
 @register
 class Range(Op):
     """start, start + delta, ... below limit."""
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        return unbounded("Range's length (limit - start) / delta changes with values computed from the input")
 
     def evaluate(self, ctx: EvalContext, start: torch.Tensor, limit: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         if start.is_floating_point():

@@ -172,3 +172,46 @@ class DequantizeLinear(Op):
         if zero is not None:
             value = value - _broadcast_scale(zero.to(ctx.dtype), x, axis, block)
         return value * _broadcast_scale(scale.to(ctx.dtype), x, axis, block)
+
+
+def _saturate(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round half to even and clip to the integer type (uint8 or int8, as the zero point says)."""
+    info = torch.iinfo(dtype)
+    return torch.round(values).clamp(info.min, info.max).to(dtype)
+
+
+@register
+class QLinearMatMul(Op):
+    """A quantised matrix product: its output is rounded to the integer grid, a step function of any float
+    operand (scales) it reads; its integer operands are not perturbed."""
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        return unbounded("a quantised product rounds its output to an integer grid: a step function")
+
+    def evaluate(self, ctx: EvalContext, *args: torch.Tensor | None) -> torch.Tensor:
+        a, a_scale, a_zero, b, b_scale, b_zero, y_scale, y_zero = (list(args) + [None] * 8)[:8]
+        assert a is not None and b is not None and a_scale is not None and b_scale is not None and y_scale is not None
+        left = a.to(torch.float64) - (a_zero.to(torch.float64) if a_zero is not None else 0.0)
+        right = b.to(torch.float64) - (b_zero.to(torch.float64) if b_zero is not None else 0.0)
+        product = (left @ right) * (a_scale.to(torch.float64) * b_scale.to(torch.float64) / y_scale.to(torch.float64))
+        if y_zero is not None:
+            product = product + y_zero.to(torch.float64)
+        return _saturate(product, y_zero.dtype if y_zero is not None else a.dtype)
+
+
+@register
+class DynamicQuantizeLinear(Op):
+    """uint8 quantisation with the scale and zero point taken from the input's range: a step function (the
+    scale itself jumps from ~0 to 1 where the input becomes all zero)."""
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        return unbounded("dynamic quantisation rounds to a grid the input's own range sets: a step function")
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        values = x.to(torch.float32)  # ONNX computes the scale in float32
+        high = torch.clamp_min(values.max(), 0.0) if values.numel() else torch.tensor(0.0)
+        low = torch.clamp_max(values.min(), 0.0) if values.numel() else torch.tensor(0.0)
+        scale = torch.where(high == low, torch.tensor(1.0), (high - low)) / 255.0
+        zero = torch.round(torch.clamp(-low / scale, 0.0, 255.0))
+        y = torch.clamp(torch.round(values / scale) + zero, 0, 255).to(torch.uint8)
+        return y, scale.to(ctx.dtype), zero.to(torch.uint8)
