@@ -170,3 +170,44 @@ def test_affine_grid_is_linear_in_theta_with_the_base_grid_norm(size: list[int],
     assert np.allclose(interpret(loaded).run({"x": theta})["y"].numpy(), want, atol=1e-5)
     bound = analyse(path).upper_bound
     assert bound == pytest.approx(brute_force_norm(loaded, {"x": theta.astype(np.float64)}), rel=1e-9)
+
+
+@pytest.mark.parametrize(("mode", "transform", "ratio"), [("avg", "half_pixel", 0), ("avg", "output_half_pixel", 2),
+                                                          ("max", "half_pixel", 0)])  # fmt: skip
+def test_roi_align_with_constant_regions(mode: str, transform: str, ratio: int, tmp_path) -> None:
+    """Against onnxruntime; avg is linear with the exact norm, max is bounded above its Jacobian."""
+    import onnxruntime as ort
+
+    from lipcheck.pipeline import analyse
+    from tests.jacobian import brute_force_norm
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 2, 6, 7)).astype(np.float32)
+    rois = np.array([[0.5, 1.0, 5.2, 4.4], [1.0, 0.0, 6.0, 5.5], [2.0, 2.0, 3.0, 3.5]], np.float32)
+    attrs = {"output_height": 3, "output_width": 2, "spatial_scale": 0.9}
+    node = onnx.helper.make_node(
+        "RoiAlign",
+        ["x", "rois", "b"],
+        ["y"],
+        mode=mode,
+        sampling_ratio=ratio,
+        coordinate_transformation_mode=transform,
+        **attrs,
+    )
+    inits = [numpy_helper.from_array(rois, "rois"), numpy_helper.from_array(np.array([0, 1, 0], np.int64), "b")]
+    graph = onnx.helper.make_graph(
+        [node], "roi", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(x.shape))],
+        [onnx.ValueInfoProto(name="y")], inits,
+    )  # fmt: skip
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 16)])
+    proto.ir_version = 10
+    path = str(tmp_path / "roi.onnx")
+    onnx.save(proto, path)
+    want = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    loaded = load_graph(path, [])
+    assert np.allclose(interpret(loaded).run({"x": x})["y"].numpy(), want, atol=1e-5)
+    bound = analyse(path).upper_bound
+    found = max(brute_force_norm(loaded, {"x": rng.standard_normal(x.shape)}) for _ in range(4))
+    assert bound is not None and bound >= found * (1 - 1e-9)
+    if mode == "avg":
+        assert bound == pytest.approx(found, rel=1e-5)

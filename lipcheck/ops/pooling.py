@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from lipcheck.graph import Graph, Node, Shape
@@ -280,3 +281,86 @@ class GlobalLpPool(Op):
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> Any:
         p = float(ctx.attrs["p"])
         return x.abs().pow(p).sum(dim=tuple(range(2, x.dim())), keepdim=True).pow(1 / p)
+
+
+def roi_samples(roi: Any, size: tuple[int, ...], pooled: tuple[int, int], attrs: Any) -> tuple:
+    """ONNX RoiAlign's bilinear samples of one region: positions [bins, samples, 4] into the flattened image,
+    their weights, and the samples per bin (the reference implementation's arithmetic, in float64)."""
+    height, width = size
+    half = str(attrs["coordinate_transformation_mode"]) == "half_pixel"
+    scale, offset = float(attrs["spatial_scale"]), 0.5 if half else 0.0
+    x0, y0, x1, y1 = (float(v) * scale - offset for v in roi)
+    roi_w, roi_h = (x1 - x0, y1 - y0) if half else (max(x1 - x0, 1.0), max(y1 - y0, 1.0))
+    bin_h, bin_w = roi_h / pooled[0], roi_w / pooled[1]
+    ratio = int(attrs["sampling_ratio"])
+    grid_h = ratio if ratio > 0 else int(math.ceil(roi_h / pooled[0]))
+    grid_w = ratio if ratio > 0 else int(math.ceil(roi_w / pooled[1]))
+    ys = y0 + np.arange(pooled[0])[:, None] * bin_h + (np.arange(grid_h)[None, :] + 0.5) * bin_h / max(grid_h, 1)
+    xs = x0 + np.arange(pooled[1])[:, None] * bin_w + (np.arange(grid_w)[None, :] + 0.5) * bin_w / max(grid_w, 1)
+    y = np.broadcast_to(ys[:, None, :, None], (pooled[0], pooled[1], grid_h, grid_w)).reshape(pooled[0] * pooled[1], -1)
+    x = np.broadcast_to(xs[None, :, None, :], (pooled[0], pooled[1], grid_h, grid_w)).reshape(pooled[0] * pooled[1], -1)
+    outside = (y < -1.0) | (y > height) | (x < -1.0) | (x > width)
+    y, x = np.maximum(y, 0.0), np.maximum(x, 0.0)
+    y_low, x_low = np.floor(y).astype(np.int64), np.floor(x).astype(np.int64)
+    y_edge, x_edge = y_low >= height - 1, x_low >= width - 1
+    y_low, x_low = np.where(y_edge, height - 1, y_low), np.where(x_edge, width - 1, x_low)
+    y, x = np.where(y_edge, y_low, y), np.where(x_edge, x_low, x)
+    y_high, x_high = np.where(y_edge, y_low, y_low + 1), np.where(x_edge, x_low, x_low + 1)
+    ly, lx = y - y_low, x - x_low
+    positions = np.stack(
+        [y_low * width + x_low, y_low * width + x_high, y_high * width + x_low, y_high * width + x_high], -1
+    )
+    weights = np.stack([(1 - ly) * (1 - lx), (1 - ly) * lx, ly * (1 - lx), ly * lx], -1)
+    weights = np.where(outside[..., None], 0.0, weights)
+    return np.where(outside[..., None], 0, positions), weights, max(grid_h * grid_w, 1)
+
+
+@register
+class RoiAlign(Op):
+    """Bilinear samples averaged (or maxed) over each bin of each region. With constant regions it is linear
+    in X (avg): the exact norm of the sampling rows stacked over the regions reading one image (all regions
+    when the batch indices are known only at run time); max mode: each output entry is one weighted pixel
+    (weight <= 1), so sqrt(most output entries reading one pixel). Regions from the input: the verdict."""
+
+    attributes = {"coordinate_transformation_mode": "half_pixel", "mode": "avg", "output_height": 1,
+                  "output_width": 1, "sampling_ratio": 0, "spatial_scale": 1.0}  # fmt: skip
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        rois, shape = ctx.const(1), ctx.shape(0)
+        if rois is None:
+            return unbounded("RoiAlign of regions computed from the input: the sampling moves with them")
+        if shape is None or len(shape) != 4 or shape[2] is None or shape[3] is None:
+            raise UnsupportedVariant("RoiAlign(image size unknown: give --input-shape)")
+        size, pooled = (shape[2], shape[3]), (int(ctx.attrs["output_height"]), int(ctx.attrs["output_width"]))
+        batch = ctx.const(2)
+        groups: dict[int, list[np.ndarray]] = {}
+        for r, roi in enumerate(np.asarray(rois, np.float64).reshape(-1, 4)):
+            positions, weights, count = roi_samples(roi, size, pooled, ctx.attrs)
+            rows = np.zeros((positions.shape[0], size[0] * size[1]))
+            if str(ctx.attrs["mode"]) == "avg":
+                np.add.at(rows, (np.arange(rows.shape[0])[:, None, None], positions), weights / count)
+            else:  # which pixels each output entry may read
+                np.add.at(rows, (np.arange(rows.shape[0])[:, None, None], positions), (weights > 0).astype(float))
+            groups.setdefault(int(batch.reshape(-1)[r]) if batch is not None else 0, []).append(rows)
+        if str(ctx.attrs["mode"]) != "avg":
+            most = (
+                max(float((np.vstack(g) > 0).sum(axis=0).max(initial=0.0)) for g in groups.values()) if groups else 0.0
+            )
+            return LocalBound(math.sqrt(most), "sqrt(most output entries reading one pixel), weights <= 1")
+        norm = (
+            max(float(dense_sigma_max(torch.as_tensor(np.vstack(g))).value) for g in groups.values()) if groups else 0.0
+        )
+        return LocalBound(norm * (1 + 1e-6), "exact norm of the sampling rows stacked per image", exact=True)
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor, rois: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        pooled = (int(ctx.attrs["output_height"]), int(ctx.attrs["output_width"]))
+        flat = x.reshape(x.shape[0], x.shape[1], -1)
+        outputs = []
+        for roi, image in zip(rois.detach().cpu().double().tolist(), batch.reshape(-1).tolist(), strict=True):
+            positions, weights, count = roi_samples(roi, tuple(x.shape[2:]), pooled, ctx.attrs)
+            picked = flat[int(image)][:, torch.as_tensor(positions, device=x.device)]  # [C, bins, samples, 4]
+            weighted = picked * torch.as_tensor(weights, dtype=x.dtype, device=x.device)
+            average = str(ctx.attrs["mode"]) == "avg"
+            value = weighted.sum((-1, -2)) / count if average else weighted.amax(-1).amax(-1)
+            outputs.append(value.reshape(x.shape[1], *pooled))
+        return torch.stack(outputs) if outputs else x.new_zeros((0, x.shape[1], *pooled))
