@@ -175,6 +175,8 @@ class GraphFunction:
 def _torch_readable(name: str, value: Any) -> Any:
     """Arrays of numpy's extension types (bfloat16, float8, float4, int4: ONNX's, by ml_dtypes) as float32 or
     int8/uint8, exactly; strings and objects are refused with a lipcheck error."""
+    if isinstance(value, np.ndarray) and not value.flags.writeable:
+        value = value.copy()  # torch warns about read-only arrays (protobuf and memory-mapped data)
     if not isinstance(value, np.ndarray) or value.dtype in _TORCH_NATIVE:
         return value
     kind = value.dtype.name
