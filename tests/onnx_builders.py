@@ -57,6 +57,30 @@ def model(
     return result
 
 
+def save_nodes(
+    directory: Path,
+    nodes: Sequence[onnx.NodeProto],
+    x: np.ndarray,
+    initializers: dict | None = None,
+    opset: int = 21,
+    x_type: int = TensorProto.FLOAT,
+    outputs: Sequence[str] = ("y",),
+) -> str:
+    """A model of ``nodes`` on one input ``x`` of x's shape, outputs of unknown type and shape, saved."""
+    graph = helper.make_graph(
+        list(nodes),
+        "test",
+        [helper.make_tensor_value_info("x", x_type, list(x.shape))],
+        [onnx.ValueInfoProto(name=o) for o in outputs],
+        [numpy_helper.from_array(np.asarray(v), name=k) for k, v in (initializers or {}).items()],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = 10
+    path = str(Path(directory) / "model.onnx")
+    onnx.save(proto, path)
+    return path
+
+
 def save(proto: onnx.ModelProto, directory: Path, name: str = "model.onnx") -> Path:
     path = Path(directory) / name
     onnx.save(proto, str(path))

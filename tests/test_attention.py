@@ -13,6 +13,7 @@ from lipcheck.frontends import load_graph
 from lipcheck.interpret import interpret
 from lipcheck.pipeline import analyse
 from tests.jacobian import brute_force_norm
+from tests.onnx_builders import save_nodes
 
 SHAPE = (2, 4, 3, 4)  # batch, query heads, sequence, head size
 KV_SHAPE = (2, 2, 3, 4)  # two key/value heads: grouped-query attention
@@ -110,21 +111,6 @@ def test_cache_outputs_run_like_onnxruntime(tmp_path) -> None:
         assert np.allclose(got[name].numpy(), value, atol=1e-5), name
 
 
-def _single(tmp_path, node: onnx.NodeProto, x: np.ndarray, inits: dict, opset: int) -> str:
-    graph = helper.make_graph(
-        [node],
-        "block",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
-        [onnx.ValueInfoProto(name="y")],
-        [numpy_helper.from_array(np.asarray(v), name=k) for k, v in inits.items()],
-    )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    proto.ir_version = 10
-    path = str(tmp_path / "model.onnx")
-    onnx.save(proto, path)
-    return path
-
-
 def _reference(path: str, x: np.ndarray) -> np.ndarray:
     try:
         return ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
@@ -144,7 +130,7 @@ def test_rotary_embedding_is_a_rotation(interleaved: int, rotated: int, radius: 
     node = helper.make_node(
         "RotaryEmbedding", ["x", "cos", "sin", "pos"], ["y"], interleaved=interleaved, rotary_embedding_dim=rotated
     )
-    path = _single(tmp_path, node, x, inits, opset=23)
+    path = save_nodes(tmp_path, [node], x, inits, opset=23)
     graph = load_graph(path, [])
     got = interpret(graph).run({"x": x})["y"].numpy()
     assert np.allclose(got, _reference(path, x), atol=1e-5)
@@ -158,7 +144,7 @@ def test_swiglu_with_one_constant_operand(constant: str, tmp_path) -> None:
     x = RNG.standard_normal((3, 4)).astype(np.float32)
     other = (3 * RNG.standard_normal((3, 4))).astype(np.float32)
     inputs = ["c", "x"] if constant == "A" else ["x", "c"]
-    path = _single(tmp_path, helper.make_node("SwiGLU", inputs, ["y"], alpha=1.5), x, {"c": other}, opset=28)
+    path = save_nodes(tmp_path, [helper.make_node("SwiGLU", inputs, ["y"], alpha=1.5)], x, {"c": other}, opset=28)
     graph = load_graph(path, [])
     assert np.allclose(interpret(graph).run({"x": x})["y"].numpy(), _reference(path, x), atol=1e-5)
     bound = analyse(path).upper_bound

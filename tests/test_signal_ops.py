@@ -13,23 +13,9 @@ from lipcheck.frontends import load_graph
 from lipcheck.interpret import interpret
 from lipcheck.pipeline import analyse
 from tests.jacobian import brute_force_norm
+from tests.onnx_builders import save_nodes
 
 RNG = np.random.default_rng(5)
-
-
-def _save(tmp_path, node: onnx.NodeProto, x: np.ndarray, inits: dict, opset: int) -> str:
-    graph = helper.make_graph(
-        [node],
-        "signal",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
-        [onnx.ValueInfoProto(name="y")],
-        [numpy_helper.from_array(np.asarray(v), name=k) for k, v in inits.items()],
-    )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    proto.ir_version = 10
-    path = str(tmp_path / "model.onnx")
-    onnx.save(proto, path)
-    return path
 
 
 def _check(path: str, x: np.ndarray, exact: bool) -> None:
@@ -58,7 +44,7 @@ def test_dft_constant_is_sqrt_of_its_length(
     inputs = ["x", "n" if length else "", "axis"]
     if length:
         inits["n"] = np.int64(length)
-    path = _save(tmp_path, helper.make_node("DFT", inputs, ["y"], **attrs), x, inits, opset=20)
+    path = save_nodes(tmp_path, [helper.make_node("DFT", inputs, ["y"], **attrs)], x, inits, opset=20)
     _check(path, x, exact)
 
 
@@ -68,7 +54,7 @@ def test_tensor_scatter_writes_each_entry_once(mode: str, tmp_path) -> None:
     x = RNG.standard_normal((2, 5, 4)).astype(np.float32)  # the cache is the variable
     inits = {"u": update, "w": np.array([1, 4] if mode == "circular" else [0, 2], np.int64)}
     node = helper.make_node("TensorScatter", ["x", "u", "w"], ["y"], mode=mode, axis=1)
-    _check(_save(tmp_path, node, x, inits, opset=24), x, exact=True)
+    _check(save_nodes(tmp_path, [node], x, inits, opset=24), x, exact=True)
 
 
 @pytest.mark.parametrize(("activation", "state_read"), [("none", False), ("silu", False), ("none", True)])

@@ -264,14 +264,21 @@ class CumSum(Op):
         return LocalBound(running_sum_norm(n), method, exact=axis is not None)
 
     def evaluate(self, ctx: EvalContext, x: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
-        dim = axis_index(ints(axis)[0], x.dim())
-        reverse = bool(int(ctx.attrs["reverse"]))
-        line = x.flip(dim) if reverse else x
-        total = torch.cumsum(line, dim).to(x.dtype)
-        if int(ctx.attrs["exclusive"]):
-            zeros = torch.zeros_like(total.narrow(dim, 0, min(1, total.shape[dim])))
-            total = torch.cat([zeros, total.narrow(dim, 0, max(total.shape[dim] - 1, 0))], dim)
-        return total.flip(dim) if reverse else total
+        return running(ctx, x, axis, torch.cumsum, 0.0)
+
+
+def running(
+    ctx: EvalContext, x: torch.Tensor, axis: torch.Tensor, accumulate: Callable, identity: float
+) -> torch.Tensor:
+    """A running sum or product along ``axis`` (ONNX's exclusive and reverse attributes)."""
+    dim = axis_index(ints(axis)[0], x.dim())
+    reverse = bool(int(ctx.attrs["reverse"]))
+    line = x.flip(dim) if reverse else x
+    total = accumulate(line, dim).to(x.dtype)
+    if int(ctx.attrs["exclusive"]):
+        first = torch.full_like(total.narrow(dim, 0, min(1, total.shape[dim])), identity)
+        total = torch.cat([first, total.narrow(dim, 0, max(total.shape[dim] - 1, 0))], dim)
+    return total.flip(dim) if reverse else total
 
 
 @register
@@ -284,11 +291,4 @@ class CumProd(Op):
         return unbounded("a running product has unbounded slope (the other entries)")
 
     def evaluate(self, ctx: EvalContext, x: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
-        dim = axis_index(ints(axis)[0], x.dim())
-        reverse = bool(int(ctx.attrs["reverse"]))
-        line = x.flip(dim) if reverse else x
-        total = torch.cumprod(line, dim).to(x.dtype)
-        if int(ctx.attrs["exclusive"]):
-            ones = torch.ones_like(total.narrow(dim, 0, min(1, total.shape[dim])))
-            total = torch.cat([ones, total.narrow(dim, 0, max(total.shape[dim] - 1, 0))], dim)
-        return total.flip(dim) if reverse else total
+        return running(ctx, x, axis, torch.cumprod, 1.0)
