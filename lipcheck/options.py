@@ -204,7 +204,7 @@ def assumptions(value: Any, what: str) -> dict[str, float]:
     if isinstance(value, list | tuple):
         return dict(_assumption(item, what) for item in value)
     if not isinstance(value, dict):
-        raise ConfigError(f"{what}: expected a table of op = constant, e.g. assume = {{ DFT = 1.5 }}")
+        raise ConfigError(f"{what}: expected a table of op = constant, e.g. assume = {{ STFT = 1.5 }}")
     return {str(op): limit(constant, f"{what}.{op}") for op, constant in value.items()}
 
 
@@ -215,7 +215,7 @@ def _assumption(item: str, what: str) -> tuple[str, float]:
     except ValueError:
         number = math.nan
     if not sep or not op or not (number >= 0) or number == math.inf:
-        raise LipcheckError(f"{what} {item!r}: expected OP=VALUE with a finite VALUE >= 0, e.g. DFT=1.5")
+        raise LipcheckError(f"{what} {item!r}: expected OP=VALUE with a finite VALUE >= 0, e.g. STFT=1.5")
     return op, number
 
 
@@ -344,7 +344,7 @@ class Settings:
         parse=assumptions,
         cli_type=list[str],
         merge=True,
-        help="Lipschitz constant for an op lipcheck has no rule for, e.g. DFT=1.5. "
+        help="Lipschitz constant for an op lipcheck has no rule for, e.g. STFT=1.5. "
         "The report then says it rests on this assumption.",
         override_help="Add to every model's assume table.",
     )

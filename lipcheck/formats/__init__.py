@@ -126,7 +126,7 @@ def findings(run: ModelRun) -> list[Annotation]:
 
 
 def bound_sentence(run: ModelRun) -> str:
-    """'certified upper bound 1.13969', 'upper bound 2.5 (not certified: assumes DFT=1.5)', 'not globally
+    """'certified upper bound 1.13969', 'upper bound 2.5 (not certified: assumes STFT=1.5)', 'not globally
     Lipschitz'."""
     report = run.report
     assert report is not None

@@ -369,7 +369,7 @@ class Swish(Op):
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
         if float(ctx.attrs["alpha"]) == 0.0:
             return _exact(0.5, "x sigmoid(0) = x/2")
-        return LocalBound(SILU_MAX_SLOPE, "max |f'| = SiLU's, at any alpha")
+        return LocalBound(swish_constant(1.0), "max |f'| = SiLU's, at any alpha")
 
     def slope(self, node: Node, graph: Graph) -> Slope | None:
         if float(node_attrs(node)["alpha"]) == 0.0:
@@ -377,7 +377,17 @@ class Swish(Op):
         return Slope(1.0 - SILU_MAX_SLOPE, SILU_MAX_SLOPE)
 
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(float(ctx.attrs["alpha"]) * x)
+        return swish(x, float(ctx.attrs["alpha"]))
+
+
+def swish(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """x sigmoid(alpha x)."""
+    return x * torch.sigmoid(alpha * x)
+
+
+def swish_constant(alpha: float) -> float:
+    """max |d/dx x sigmoid(alpha x)| (see ``Swish``): SiLU's for alpha != 0, 1/2 for alpha = 0."""
+    return SILU_MAX_SLOPE if alpha != 0.0 else 0.5
 
 
 @register

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lipcheck.ops.activations import SILU_MAX_SLOPE
+from lipcheck.ops.activations import swish, swish_constant
 from lipcheck.ops.base import EvalContext, LocalBound, Op, RuleContext, UnsupportedVariant, register, unbounded
 
 Q, K, V, MASK, PAST_KEY, PAST_VALUE, NONPAD = range(7)
@@ -199,7 +199,7 @@ class RotaryEmbedding(Op):
         if cos is None or sin is None:
             return unbounded("RotaryEmbedding with cos/sin caches computed from the input multiplies them with it")
         c, s = np.asarray(cos, np.float64), np.asarray(sin, np.float64)
-        scale = float(np.sqrt(c * c + s * s).max()) * (1 + 1e-15) if c.size else 0.0
+        scale = float(np.sqrt(c * c + s * s).max()) if c.size else 0.0
         shape, rotated = ctx.shape(0), int(ctx.attrs["rotary_embedding_dim"])
         passes = rotated > 0 and (shape is None or None in shape or rotated < _head_size(shape, ctx.attrs))
         value = max(scale, 1.0) if passes else scale
@@ -243,15 +243,12 @@ class SwiGLU(Op):
         a, b = ctx.const(0), ctx.const(1)
         if a is None and b is None:
             return unbounded("SwiGLU multiplies Swish(A) by B, both computed from the input")
+        alpha = float(ctx.attrs["alpha"])
         if b is not None:
-            swish = SILU_MAX_SLOPE if float(ctx.attrs["alpha"]) != 0 else 0.5
-            return LocalBound(swish * float(np.abs(b).max(initial=0.0)) * (1 + 1e-15), "max|Swish'| max|B|")
-        gate = _swish(torch.as_tensor(a, dtype=torch.float64), float(ctx.attrs["alpha"]))
+            bound = swish_constant(alpha) * float(np.abs(b).max(initial=0.0)) * (1 + 1e-15)
+            return LocalBound(bound, "max|Swish'| max|B|")
+        gate = swish(torch.as_tensor(a, dtype=torch.float64), alpha)
         return LocalBound(float(gate.abs().max()) * (1 + 1e-12), "max |Swish(A)|", exact=True)
 
     def evaluate(self, ctx: EvalContext, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return _swish(a, float(ctx.attrs["alpha"])) * b
-
-
-def _swish(a: torch.Tensor, alpha: float) -> torch.Tensor:
-    return a * torch.sigmoid(alpha * a)
+        return swish(a, float(ctx.attrs["alpha"])) * b

@@ -52,15 +52,16 @@ class DFT(Op):
         shape = ctx.shape(0)
         given = ctx.const(2)
         axis = int(given.reshape(-1)[0]) if given is not None else int(ctx.attrs.get("axis", -2))
-        if shape is None or shape[axis_index(axis, len(shape))] is None:
+        size = shape[axis_index(axis, len(shape))] if shape is not None else None
+        if size is None:
             return None
-        n = int(shape[axis_index(axis, len(shape))])  # type: ignore[arg-type]
+        n = int(size)
         return 2 * (n - 1) if int(ctx.attrs["inverse"]) and int(ctx.attrs["onesided"]) else n
 
     def evaluate(
         self, ctx: EvalContext, x: torch.Tensor, length: torch.Tensor | None = None, axis: torch.Tensor | None = None
     ) -> torch.Tensor:
-        dim = axis_index(int(ints(axis)[0]) if axis is not None else int(ctx.attrs.get("axis", -2)), x.dim())
+        dim = axis_index(ints(axis)[0] if axis is not None else int(ctx.attrs.get("axis", -2)), x.dim())
         if dim == x.dim() - 1:
             raise UnsupportedVariant("DFT along the last (real/imaginary) axis")
         signal = x[..., 0] if x.shape[-1] == 1 else torch.complex(x[..., 0], x[..., 1])

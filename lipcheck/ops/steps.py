@@ -37,11 +37,10 @@ class ArgExtreme(Op):
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
         axis = axis_index(int(ctx.attrs["axis"]), x.dim())
         keep = bool(int(ctx.attrs["keepdims"]))
-        signed = x if self.largest else -x.to(torch.float64) if not x.is_floating_point() else -x
+        find = torch.argmax if self.largest else torch.argmin
         if int(ctx.attrs["select_last_index"]):  # torch returns the first of equal entries: search reversed
-            last = x.shape[axis] - 1
-            return last - torch.argmax(signed.flip(axis), dim=axis, keepdim=keep)
-        return torch.argmax(signed, dim=axis, keepdim=keep)
+            return x.shape[axis] - 1 - find(x.flip(axis), dim=axis, keepdim=keep)
+        return find(x, dim=axis, keepdim=keep)
 
 
 @register
@@ -112,13 +111,16 @@ QUANTISED = {
 }
 
 
-def _broadcast_scale(scale: torch.Tensor, x: torch.Tensor, axis: int, block: int) -> torch.Tensor:
-    """Per-tensor, per-axis or blocked scale (or zero point) laid out against ``x``."""
+def _laid_out(ctx: EvalContext, scale: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A per-tensor, per-axis or blocked scale (or zero point) laid out against ``x`` (attributes axis and
+    block_size), in ``dtype``."""
+    scale = scale.to(dtype)
     if scale.dim() == 0 or scale.numel() == 1:
         return scale.reshape(())
+    axis = axis_index(int(ctx.attrs["axis"]), x.dim())
+    block = int(ctx.attrs["block_size"])
     if block > 0:
-        scale = scale.repeat_interleave(block, dim=axis).narrow(axis, 0, x.shape[axis])
-        return scale
+        return scale.repeat_interleave(block, dim=axis).narrow(axis, 0, x.shape[axis])
     shape = [1] * x.dim()
     shape[axis] = -1
     return scale.reshape(shape)
@@ -142,11 +144,9 @@ class QuantizeLinear(Op):
         self, ctx: EvalContext, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None
     ) -> torch.Tensor:
         dtype, low, high = QUANTISED[int(ctx.attrs["output_dtype"] or 2)]  # the frontend fills it
-        axis = axis_index(int(ctx.attrs["axis"]), x.dim()) if x.dim() else 0
-        block = int(ctx.attrs["block_size"])
-        scaled = torch.round(x.to(torch.float64) / _broadcast_scale(scale.to(torch.float64), x, axis, block))
+        scaled = torch.round(x.to(torch.float64) / _laid_out(ctx, scale, x, torch.float64))
         if zero is not None:
-            scaled = scaled + _broadcast_scale(zero.to(torch.float64), x, axis, block)
+            scaled = scaled + _laid_out(ctx, zero, x, torch.float64)
         return scaled.clamp(low, high).to(dtype)
 
 
@@ -166,12 +166,10 @@ class DequantizeLinear(Op):
     def evaluate(
         self, ctx: EvalContext, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None
     ) -> torch.Tensor:
-        axis = axis_index(int(ctx.attrs["axis"]), x.dim()) if x.dim() else 0
-        block = int(ctx.attrs["block_size"])
         value = x.to(ctx.dtype)
         if zero is not None:
-            value = value - _broadcast_scale(zero.to(ctx.dtype), x, axis, block)
-        return value * _broadcast_scale(scale.to(ctx.dtype), x, axis, block)
+            value = value - _laid_out(ctx, zero, x, ctx.dtype)
+        return value * _laid_out(ctx, scale, x, ctx.dtype)
 
 
 def _saturate(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -188,14 +186,24 @@ class QLinearMatMul(Op):
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
         return unbounded("a quantised product rounds its output to an integer grid: a step function")
 
-    def evaluate(self, ctx: EvalContext, *args: torch.Tensor | None) -> torch.Tensor:
-        a, a_scale, a_zero, b, b_scale, b_zero, y_scale, y_zero = (list(args) + [None] * 8)[:8]
-        assert a is not None and b is not None and a_scale is not None and b_scale is not None and y_scale is not None
-        left = a.to(torch.float64) - (a_zero.to(torch.float64) if a_zero is not None else 0.0)
-        right = b.to(torch.float64) - (b_zero.to(torch.float64) if b_zero is not None else 0.0)
-        product = (left @ right) * (a_scale.to(torch.float64) * b_scale.to(torch.float64) / y_scale.to(torch.float64))
+    def evaluate(
+        self,
+        ctx: EvalContext,
+        a: torch.Tensor,
+        a_scale: torch.Tensor,
+        a_zero: torch.Tensor | None,
+        b: torch.Tensor,
+        b_scale: torch.Tensor,
+        b_zero: torch.Tensor | None,
+        y_scale: torch.Tensor,
+        y_zero: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        wide = torch.float64
+        left = a.to(wide) - (a_zero.to(wide) if a_zero is not None else 0.0)
+        right = b.to(wide) - (b_zero.to(wide) if b_zero is not None else 0.0)
+        product = (left @ right) * (a_scale.to(wide) * b_scale.to(wide) / y_scale.to(wide))
         if y_zero is not None:
-            product = product + y_zero.to(torch.float64)
+            product = product + y_zero.to(wide)
         return _saturate(product, y_zero.dtype if y_zero is not None else a.dtype)
 
 
@@ -209,9 +217,10 @@ class DynamicQuantizeLinear(Op):
 
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         values = x.to(torch.float32)  # ONNX computes the scale in float32
-        high = torch.clamp_min(values.max(), 0.0) if values.numel() else torch.tensor(0.0)
-        low = torch.clamp_max(values.min(), 0.0) if values.numel() else torch.tensor(0.0)
-        scale = torch.where(high == low, torch.tensor(1.0), (high - low)) / 255.0
+        zero_ = values.new_zeros(())
+        high = torch.clamp_min(values.max(), 0.0) if values.numel() else zero_
+        low = torch.clamp_max(values.min(), 0.0) if values.numel() else zero_
+        scale = torch.where(high == low, values.new_ones(()), high - low) / 255.0
         zero = torch.round(torch.clamp(-low / scale, 0.0, 255.0))
         y = torch.clamp(torch.round(values / scale) + zero, 0, 255).to(torch.uint8)
         return y, scale.to(ctx.dtype), zero.to(torch.uint8)
