@@ -39,6 +39,7 @@ class Method(str, Enum):
     folded = "folded"
     combettes_pesquet = "combettes-pesquet"
     eclipse_fast = "eclipse-fast"
+    frequency_cp = "frequency-cp"
     lipsdp = "lipsdp"
     all = "all"
 
@@ -303,9 +304,10 @@ SHAPE_HELP = (
     "Without it, the batch axis is 1 and unknown spatial sizes get size-independent bounds."
 )
 METHOD_HELP = (
-    "best (default): the smallest of product, folded, combettes-pesquet and eclipse-fast, chain by chain; "
-    "product: per-layer AutoLip only; folded: consecutive linear ops composed into one matrix; "
+    "best (default): the smallest of product, folded, combettes-pesquet, eclipse-fast and frequency-cp, chain by "
+    "chain; product: per-layer AutoLip only; folded: consecutive linear ops composed into one matrix; "
     "combettes-pesquet / eclipse-fast: bounds on chains of linear layers and slope-restricted activations; "
+    "frequency-cp: Combettes-Pesquet over convolution chains and residual blocks, per frequency (FFT); "
     "lipsdp: LipSDP-neuron on small chains (pip install 'lipcheck[sdp]'); all: best plus lipsdp."
 )
 MODEL_HELP = (

@@ -94,6 +94,7 @@ class Add(Branches):
     """a + b: L_a + L_b; a bias when b is constant."""
 
     decomposes_activations = True
+    adds_inputs = True
 
     def evaluate(self, ctx: EvalContext, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.add(*same_float(a, b))

@@ -97,6 +97,27 @@ class Slope:
         return (self.high - self.low) / 2
 
 
+@dataclass(frozen=True)
+class ShiftInvariant:
+    """A node that is a stride-1 convolution keeping the spatial size: y[i] = sum_t K_t x[i + t d - p] + bias.
+
+    ``circular``: indices wrap around the grid (a wrap padding folded in); else zero padding. The frequency
+    chain bounds (``lipcheck.refine.regions``) multiply such maps in the frequency domain.
+    """
+
+    weight: torch.Tensor  # [c_out, c_in / groups, *kernel], float64
+    begins: tuple[int, ...]  # padding before, per spatial axis
+    ends: tuple[int, ...]
+    dilations: tuple[int, ...]
+    groups: int
+    circular: bool
+
+    @property
+    def pointwise(self) -> bool:
+        """A 1x1 convolution: it commutes with restricting the grid."""
+        return all(int(k) == 1 for k in self.weight.shape[2:]) and not any(self.begins) and not any(self.ends)
+
+
 class Attributes(Mapping[str, Any]):
     """A node's attributes over its op's declared defaults (a value of None on the node is 'not given')."""
 
@@ -385,6 +406,7 @@ class Op:
     compares: ClassVar[bool] = False  # an elementwise order comparison: a step function of its operands
     selects: ClassVar[bool] = False  # an elementwise choice between two operands by a condition (Where)
     type_inputs: ClassVar[tuple[int, ...]] = ()  # inputs read for their type or shape only: no value flows out
+    adds_inputs: ClassVar[bool] = False  # the sum of its two inputs (where a residual block joins)
 
     @property
     def summary(self) -> str:
@@ -418,6 +440,10 @@ class Op:
     def rounding_terms(self, node: Node, graph: Graph) -> int:
         """Terms in the longest sum one output entry of ``affine`` is computed from (for rounding bounds)."""
         return 2
+
+    def shift_invariant(self, node: Node, graph: Graph) -> ShiftInvariant | None:
+        """The node as a stride-1, size-keeping convolution of its one variable input (None when it is not)."""
+        return None
 
     def value_range(self, ctx: RuleContext, *ranges: Any) -> Any:
         """The range of the outputs from the inputs' ranges: None (unknown) until the op has a range rule."""

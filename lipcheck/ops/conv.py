@@ -18,11 +18,13 @@ from lipcheck.ops.base import (
     NotFoldable,
     Op,
     RuleContext,
+    ShiftInvariant,
     UnsupportedVariant,
     node_attrs,
     register,
     replace_parameters,
     unbounded,
+    variable_inputs,
 )
 from lipcheck.ops.linear import folded_note, layer_parameters
 from lipcheck.ops.spatial import CONV, CONV_TRANSPOSE, pad_spatial, spatial_pads, wrap_spatial
@@ -156,6 +158,31 @@ class Conv(Op):
         if ctx.shifts and b is not None:
             y = y + torch.from_numpy(b).reshape(-1, *([1] * d))
         return y.reshape(x.shape[0], *ctx.out_shape[1:])
+
+    def shift_invariant(self, node: Node, graph: Graph) -> ShiftInvariant | None:
+        """Stride 1, constant weight and bias, the output grid the input's (same padding, or circular)."""
+        weight = graph.constants.get(node.inputs[1]) if len(node.inputs) > 1 else None
+        if weight is None or variable_inputs(node, graph) != [0]:
+            return None
+        attrs = node_attrs(node)
+        d = np.ndim(weight) - 2
+        shape_in, shape_out = graph.shape(node.inputs[0]), graph.shape(node.outputs[0])
+        if shape_in is None or shape_out is None or list(shape_in[2:]) != list(shape_out[2:]) or len(shape_in) != d + 2:
+            return None
+        if any(n is None for n in shape_in[2:]) or any(int(s) != 1 for s in attrs["strides"]):
+            return None
+        wrap = attrs.get("wrap_pads")
+        pads = wrap if wrap is not None else attrs.get("pads")
+        if pads is None or len(pads) != 2 * d:
+            return None
+        return ShiftInvariant(
+            torch.from_numpy(np.asarray(weight, dtype=np.float64)),
+            tuple(int(p) for p in pads[:d]),
+            tuple(int(p) for p in pads[d:]),
+            tuple(int(r) for r in attrs["dilations"]),
+            int(attrs["group"]),
+            circular=wrap is not None,
+        )
 
     def rounding_terms(self, node: Node, graph: Graph) -> int:
         w = graph.constants.get(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] else None

@@ -10,23 +10,25 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lipcheck.compose import Composition, compose
+from lipcheck.compose import Composition, Refinements, compose
 from lipcheck.graph import Graph
 from lipcheck.refine.affine import CertifiedMatrix, segment_operator
 from lipcheck.refine.bounds import combettes_pesquet_bound, eclipse_fast_bound, folded_bound
 from lipcheck.refine.chains import MAX_DIM, MAX_ENTRIES, Chain, find_chains
 from lipcheck.refine.lipsdp import lipsdp_bound
+from lipcheck.refine.regions import NotLiftable, Region, find_regions, region_bound
 
 PRODUCT = "product"
 FOLDED = "folded"
 COMBETTES_PESQUET = "combettes-pesquet"
 ECLIPSE_FAST = "eclipse-fast"
 LIPSDP = "lipsdp"
+FREQUENCY_CP = "frequency-cp"
 BEST = "best"
 ALL = "all"
-CHAIN_METHODS = (FOLDED, COMBETTES_PESQUET, ECLIPSE_FAST, LIPSDP)
-CHEAP_METHODS = (FOLDED, COMBETTES_PESQUET, ECLIPSE_FAST)
-METHOD_CHOICES = (BEST, PRODUCT, FOLDED, COMBETTES_PESQUET, ECLIPSE_FAST, LIPSDP, ALL)
+CHAIN_METHODS = (FOLDED, COMBETTES_PESQUET, ECLIPSE_FAST, FREQUENCY_CP, LIPSDP)
+CHEAP_METHODS = (FOLDED, COMBETTES_PESQUET, ECLIPSE_FAST, FREQUENCY_CP)
+METHOD_CHOICES = (BEST, PRODUCT, FOLDED, COMBETTES_PESQUET, ECLIPSE_FAST, FREQUENCY_CP, LIPSDP, ALL)
 
 
 def methods_for(choice: str) -> tuple[str, ...]:
@@ -59,12 +61,23 @@ class ChainResult:
 
 
 @dataclass
+class RegionResult:
+    """A region's certified bound (``lipcheck.refine.regions``): L(end) <= bound * L(start)."""
+
+    region: Region
+    bound: float | None
+    seconds: float
+    note: str = ""
+
+
+@dataclass
 class Refinement:
     bound_method: str
     method_bounds: dict[str, float | None]
     method_seconds: dict[str, float]
     chains: list[ChainResult]
     composition: Composition
+    regions: list[RegionResult] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -124,9 +137,50 @@ def refine(
     if not methods or not product.bounded:
         return Refinement(PRODUCT, {PRODUCT: product.upper_bound}, {}, [], product)
     cache = {} if cache is None else cache
+    seconds = {method: 0.0 for method in methods}
+    chain_methods = tuple(method for method in methods if method != FREQUENCY_CP)
+    results = _bound_chains(graph, product, chain_methods, max_dim, max_entries, seconds) if chain_methods else []
+    regions = bound_regions(graph) if FREQUENCY_CP in methods else []
+    if FREQUENCY_CP in methods:
+        seconds[FREQUENCY_CP] = sum(r.seconds for r in regions)
+
+    def walk(refinements: Refinements) -> Composition:
+        return compose(graph, assume=assume, device=device, refinements=refinements, rule_cache=cache)
+
+    method_bounds: dict[str, float | None] = {PRODUCT: product.upper_bound}
+    compositions: dict[str, Composition] = {PRODUCT: product}
+    for method in methods:
+        compositions[method] = walk(_refinements_by(method, results, regions))
+        method_bounds[method] = compositions[method].upper_bound
+    # per chain and region, the smallest of the computed methods
+    mixed: Refinements = {}
+    for r in results:
+        found = r.best(methods)
+        if found is not None:
+            mixed.setdefault(r.chain.end, []).append((r.chain.start, found[1], found[0]))
+    _add_regions(mixed, regions)
+    singles = [(value, name) for name, value in method_bounds.items() if value is not None]
+    best_value, best_name = min(singles, key=lambda item: (item[0], _order(item[1])))
+    chosen, composition = best_name, compositions[best_name]
+    if len(methods) > 1 and mixed:
+        combined = walk(mixed)
+        if combined.upper_bound is not None and combined.upper_bound < best_value * (1 - 1e-12):
+            used = sorted({method for candidates in mixed.values() for _, _, method in candidates}, key=_order)
+            chosen, composition = "per chain: " + ", ".join(used), combined
+    return Refinement(chosen, method_bounds, seconds, results, composition, regions)
+
+
+def _bound_chains(
+    graph: Graph,
+    product: Composition,
+    methods: tuple[str, ...],
+    max_dim: int,
+    max_entries: int,
+    seconds: dict[str, float],
+) -> list[ChainResult]:
+    """Every dense chain bounded by every method (``seconds`` gets each method's time, folding included)."""
     local = {layer.name: layer.lipschitz for layer in product.layers}
     results: list[ChainResult] = []
-    seconds = {method: 0.0 for method in methods}
     for chain in find_chains(graph, max_dim, max_entries):
         started = time.perf_counter()
         try:
@@ -142,33 +196,39 @@ def refine(
         for method in methods:
             seconds[method] += result.seconds.get(method, 0.0) + fold_time
         results.append(result)
+    return results
 
-    def walk(refinements: dict[str, tuple[str, float, str]]) -> Composition:
-        return compose(graph, assume=assume, device=device, refinements=refinements, rule_cache=cache)
 
-    method_bounds: dict[str, float | None] = {PRODUCT: product.upper_bound}
-    compositions: dict[str, Composition] = {PRODUCT: product}
-    for method in methods:
-        refinements = {
-            r.chain.end: (r.chain.start, value, method) for r in results if (value := r.bounds.get(method)) is not None
-        }
-        compositions[method] = walk(refinements)
-        method_bounds[method] = compositions[method].upper_bound
-    # per chain, the smallest of the computed methods
-    mixed: dict[str, tuple[str, float, str]] = {}
-    for r in results:
-        found = r.best(methods)
-        if found is not None:
-            mixed[r.chain.end] = (r.chain.start, found[1], found[0])
-    singles = [(value, name) for name, value in method_bounds.items() if value is not None]
-    best_value, best_name = min(singles, key=lambda item: (item[0], _order(item[1])))
-    chosen, composition = best_name, compositions[best_name]
-    if len(methods) > 1 and mixed:
-        combined = walk(mixed)
-        if combined.upper_bound is not None and combined.upper_bound < best_value * (1 - 1e-12):
-            used = sorted({method for _, _, method in mixed.values()}, key=_order)
-            chosen, composition = "per chain: " + ", ".join(used), combined
-    return Refinement(chosen, method_bounds, seconds, results, composition)
+def _refinements_by(method: str, chains: list[ChainResult], regions: list[RegionResult]) -> Refinements:
+    """What one method proves: its chain bounds, and for frequency-cp the regions'."""
+    refinements: Refinements = {}
+    for r in chains:
+        if (value := r.bounds.get(method)) is not None:
+            refinements.setdefault(r.chain.end, []).append((r.chain.start, value, method))
+    if method == FREQUENCY_CP:
+        _add_regions(refinements, regions)
+    return refinements
+
+
+def bound_regions(graph: Graph) -> list[RegionResult]:
+    """Every region's frequency-domain Combettes-Pesquet bound (None, with a note, where it is not computed)."""
+    found: list[RegionResult] = []
+    for region in find_regions(graph):
+        started = time.perf_counter()
+        try:
+            with single_thread(), torch.no_grad():
+                value: float | None = region_bound(region, graph)
+            note = ""
+        except (NotLiftable, MemoryError, RuntimeError) as exc:
+            value, note = None, f"not bounded as a region: {exc}"
+        found.append(RegionResult(region, value, time.perf_counter() - started, note))
+    return found
+
+
+def _add_regions(refinements: Refinements, regions: list[RegionResult]) -> None:
+    for r in regions:
+        if r.bound is not None and math.isfinite(r.bound):
+            refinements.setdefault(r.region.end, []).append((r.region.start, r.bound, FREQUENCY_CP))
 
 
 def _order(name: str) -> int:
