@@ -99,18 +99,19 @@ class Slope:
 
 @dataclass(frozen=True)
 class ShiftInvariant:
-    """A node that is a stride-1 convolution keeping the spatial size: y[i] = sum_t K_t x[i + t d - p] + bias.
+    """A node that is a stride-1 convolution: y[i] = sum_t K_t x[i + t d - p] + bias, i in [0, n_out).
 
-    ``circular``: indices wrap around the grid (a wrap padding folded in); else zero padding. The frequency
-    chain bounds (``lipcheck.refine.regions``) multiply such maps in the frequency domain.
+    ``circular``: indices wrap around the input grid (a wrap padding folded in; then n_out = n_in); else zero
+    padding. The frequency chain bounds (``lipcheck.refine.regions``) multiply such maps in the frequency domain.
     """
 
     weight: torch.Tensor  # [c_out, c_in / groups, *kernel], float64
-    begins: tuple[int, ...]  # padding before, per spatial axis
+    begins: tuple[int, ...]  # padding before, per spatial axis (may exceed the kernel's span: a full conv)
     ends: tuple[int, ...]
     dilations: tuple[int, ...]
     groups: int
     circular: bool
+    input_size: tuple[int, ...]
 
     @property
     def pointwise(self) -> bool:
@@ -406,7 +407,7 @@ class Op:
     compares: ClassVar[bool] = False  # an elementwise order comparison: a step function of its operands
     selects: ClassVar[bool] = False  # an elementwise choice between two operands by a condition (Where)
     type_inputs: ClassVar[tuple[int, ...]] = ()  # inputs read for their type or shape only: no value flows out
-    adds_inputs: ClassVar[bool] = False  # the sum of its two inputs (where a residual block joins)
+    join_signs: ClassVar[tuple[float, float] | None] = None  # a x + b y of its two inputs (a residual join)
 
     @property
     def summary(self) -> str:
@@ -442,7 +443,11 @@ class Op:
         return 2
 
     def shift_invariant(self, node: Node, graph: Graph) -> ShiftInvariant | None:
-        """The node as a stride-1, size-keeping convolution of its one variable input (None when it is not)."""
+        """The node as a stride-1 convolution of its one variable input (None when it is not)."""
+        return None
+
+    def channel_scale(self, node: Node, graph: Graph) -> np.ndarray | None:
+        """Per-channel multipliers m (axis 1) when the node computes m * x + shift of its one variable input."""
         return None
 
     def value_range(self, ctx: RuleContext, *ranges: Any) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -13,10 +13,11 @@ import torch
 from lipcheck.compose import Composition, Refinements, compose
 from lipcheck.graph import Graph
 from lipcheck.refine.affine import CertifiedMatrix, segment_operator
+from lipcheck.refine.blocks import block_bound
 from lipcheck.refine.bounds import combettes_pesquet_bound, eclipse_fast_bound, folded_bound
 from lipcheck.refine.chains import MAX_DIM, MAX_ENTRIES, Chain, find_chains
 from lipcheck.refine.lipsdp import lipsdp_bound
-from lipcheck.refine.regions import NotLiftable, Region, find_regions, region_bound
+from lipcheck.refine.regions import NotLiftable, Region, find_blocks, find_regions, region_bound
 
 PRODUCT = "product"
 FOLDED = "folded"
@@ -24,11 +25,13 @@ COMBETTES_PESQUET = "combettes-pesquet"
 ECLIPSE_FAST = "eclipse-fast"
 LIPSDP = "lipsdp"
 FREQUENCY_CP = "frequency-cp"
+BLOCK_SDP = "block-sdp"
 BEST = "best"
 ALL = "all"
-CHAIN_METHODS = (FOLDED, COMBETTES_PESQUET, ECLIPSE_FAST, FREQUENCY_CP, LIPSDP)
-CHEAP_METHODS = (FOLDED, COMBETTES_PESQUET, ECLIPSE_FAST, FREQUENCY_CP)
-METHOD_CHOICES = (BEST, PRODUCT, FOLDED, COMBETTES_PESQUET, ECLIPSE_FAST, FREQUENCY_CP, LIPSDP, ALL)
+CHAIN_METHODS = (FOLDED, COMBETTES_PESQUET, ECLIPSE_FAST, FREQUENCY_CP, BLOCK_SDP, LIPSDP)
+CHEAP_METHODS = (FOLDED, COMBETTES_PESQUET, ECLIPSE_FAST, FREQUENCY_CP, BLOCK_SDP)
+METHOD_CHOICES = (BEST, PRODUCT, FOLDED, COMBETTES_PESQUET, ECLIPSE_FAST, FREQUENCY_CP, BLOCK_SDP, LIPSDP, ALL)
+REGION_METHODS = (FREQUENCY_CP, BLOCK_SDP)  # bounded on regions and blocks, not on dense chains
 
 
 def methods_for(choice: str) -> tuple[str, ...]:
@@ -62,9 +65,10 @@ class ChainResult:
 
 @dataclass
 class RegionResult:
-    """A region's certified bound (``lipcheck.refine.regions``): L(end) <= bound * L(start)."""
+    """A region's or block's certified bound by one method: L(end) <= bound * L(start)."""
 
     region: Region
+    method: str
     bound: float | None
     seconds: float
     note: str = ""
@@ -138,11 +142,12 @@ def refine(
         return Refinement(PRODUCT, {PRODUCT: product.upper_bound}, {}, [], product)
     cache = {} if cache is None else cache
     seconds = {method: 0.0 for method in methods}
-    chain_methods = tuple(method for method in methods if method != FREQUENCY_CP)
+    chain_methods = tuple(method for method in methods if method not in REGION_METHODS)
     results = _bound_chains(graph, product, chain_methods, max_dim, max_entries, seconds) if chain_methods else []
-    regions = bound_regions(graph) if FREQUENCY_CP in methods else []
-    if FREQUENCY_CP in methods:
-        seconds[FREQUENCY_CP] = sum(r.seconds for r in regions)
+    regions = bound_regions(graph, methods)
+    for method in REGION_METHODS:
+        if method in methods:
+            seconds[method] = sum(r.seconds for r in regions if r.method == method)
 
     def walk(refinements: Refinements) -> Composition:
         return compose(graph, assume=assume, device=device, refinements=refinements, rule_cache=cache)
@@ -205,30 +210,37 @@ def _refinements_by(method: str, chains: list[ChainResult], regions: list[Region
     for r in chains:
         if (value := r.bounds.get(method)) is not None:
             refinements.setdefault(r.chain.end, []).append((r.chain.start, value, method))
-    if method == FREQUENCY_CP:
-        _add_regions(refinements, regions)
+    _add_regions(refinements, [r for r in regions if r.method == method])
     return refinements
 
 
-def bound_regions(graph: Graph) -> list[RegionResult]:
-    """Every region's frequency-domain Combettes-Pesquet bound (None, with a note, where it is not computed)."""
+def bound_regions(graph: Graph, methods: tuple[str, ...]) -> list[RegionResult]:
+    """Regions bounded by frequency-cp and residual blocks by block-sdp, as far as ``methods`` asks."""
     found: list[RegionResult] = []
-    for region in find_regions(graph):
-        started = time.perf_counter()
-        try:
-            with single_thread(), torch.no_grad():
-                value: float | None = region_bound(region, graph)
-            note = ""
-        except (NotLiftable, MemoryError, RuntimeError) as exc:
-            value, note = None, f"not bounded as a region: {exc}"
-        found.append(RegionResult(region, value, time.perf_counter() - started, note))
+    if FREQUENCY_CP in methods:
+        found += [_bound_region(region, FREQUENCY_CP, region_bound, graph) for region in find_regions(graph)]
+    if BLOCK_SDP in methods:
+        found += [_bound_region(region, BLOCK_SDP, block_bound, graph) for region in find_blocks(graph)]
     return found
+
+
+def _bound_region(
+    region: Region, method: str, bound: Callable[[Region, Graph], float | None], graph: Graph
+) -> RegionResult:
+    started = time.perf_counter()
+    try:
+        with single_thread(), torch.no_grad():
+            value = bound(region, graph)
+        note = "" if value is not None else "certificate not found"
+    except (NotLiftable, MemoryError, RuntimeError) as exc:
+        value, note = None, f"not bounded: {exc}"
+    return RegionResult(region, method, value, time.perf_counter() - started, note)
 
 
 def _add_regions(refinements: Refinements, regions: list[RegionResult]) -> None:
     for r in regions:
         if r.bound is not None and math.isfinite(r.bound):
-            refinements.setdefault(r.region.end, []).append((r.region.start, r.bound, FREQUENCY_CP))
+            refinements.setdefault(r.region.end, []).append((r.region.start, r.bound, r.method))
 
 
 def _order(name: str) -> int:

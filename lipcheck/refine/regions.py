@@ -64,11 +64,12 @@ class Cut:
 
 @dataclass
 class Block:
-    """x -> skip(x) + branch(x): skip linear (empty: the identity), branch linear nodes and cuts."""
+    """x -> a skip(x) + b branch(x): skip linear (empty: the identity), branch linear nodes and cuts."""
 
     join: Node
     skip: list[Linear]
     branch: list[Linear | Cut | Block]
+    signs: tuple[float, float] = (1.0, 1.0)  # (a, b)
     before: int = -1
     last: int = -1  # index of the block's last cut (== before when it has none)
 
@@ -102,6 +103,20 @@ def _slope(node: Node, graph: Graph) -> Slope | None:
     return op.slope(node, graph) if op is not None else None
 
 
+def _channel_scale(node: Node, graph: Graph) -> ShiftInvariant | None:
+    """A per-channel scaling (plus shift) of a feature map, as the 1x1 convolution diag(m)."""
+    op = ops.get(node.op)
+    shape = full_shape(graph, node.outputs[0])
+    if op is None or shape is None or len(shape) < 3:
+        return None
+    multiplier = op.channel_scale(node, graph)
+    if multiplier is None:
+        return None
+    d = len(shape) - 2
+    weight = torch.diag(torch.from_numpy(multiplier)).reshape(shape[1], shape[1], *([1] * d))
+    return ShiftInvariant(weight, (0,) * d, (0,) * d, (1,) * d, 1, circular=False, input_size=tuple(shape[2:]))
+
+
 def _dense_vector(node: Node, graph: Graph) -> bool:
     """A foldable linear node between flat vectors [1, d] (a dense layer of an MLP)."""
     variables = variable_inputs(node, graph)
@@ -127,7 +142,7 @@ class _Parser:
         slope = _slope(node, self.graph)
         if slope is not None:
             return Cut(node, slope)
-        conv = _shift_invariant(node, self.graph)
+        conv = _shift_invariant(node, self.graph) or _channel_scale(node, self.graph)
         if conv is not None:
             return Linear(node, conv)
         return Linear(node, None) if _dense_vector(node, self.graph) else None
@@ -163,7 +178,7 @@ class _Parser:
         node = first
         while True:
             op = ops.get(node.op)
-            if op is not None and op.adds_inputs:
+            if op is not None and op.join_signs is not None and len(variable_inputs(node, self.graph)) == 2:
                 return items, node
             item = self.item(node, value)
             if item is None:
@@ -180,15 +195,25 @@ class _Parser:
         if first is None or second is None or first[1] is not second[1]:
             return None
         (a, join), (b, _) = first, second
-        if variable_inputs(join, self.graph) != [0, 1] or len(join.inputs) != 2:
+        if variable_inputs(join, self.graph) != [0, 1] or len(join.inputs) != 2 or join.inputs[0] == join.inputs[1]:
             return None
         shapes = [self.graph.shape(v) for v in (*join.inputs, join.outputs[0])]
         if shapes[0] is None or not shapes[0] == shapes[1] == shapes[2]:
             return None
         if any(isinstance(i, Cut | Block) for i in a) and any(isinstance(i, Cut | Block) for i in b):
             return None
-        skip, branch = (a, b) if not any(isinstance(i, Cut | Block) for i in a) else (b, a)
-        return Block(join, [i for i in skip if isinstance(i, Linear)], branch)
+        signs = ops.get(join.op).join_signs  # type: ignore[union-attr]
+        assert signs is not None
+        # which join input each path arrives at (a path without nodes arrives with the block's input itself)
+        ends = [_end_value(path, value) for path in (a, b)]
+        sign_a, sign_b = signs if join.inputs.index(ends[0]) == 0 else signs[::-1]
+        if any(isinstance(i, Cut | Block) for i in a):
+            return Block(join, [i for i in b if isinstance(i, Linear)], a, (sign_b, sign_a))
+        return Block(join, [i for i in a if isinstance(i, Linear)], b, (sign_a, sign_b))
+
+
+def _end_value(path: list[Item], start: str) -> str:
+    return _end_of(path) if path else start
 
 
 def _region_nodes(items: list[Item]) -> list[Node]:
@@ -224,6 +249,19 @@ def find_regions(graph: Graph) -> list[Region]:
         inside.update(out for n in nodes for out in n.outputs if out != region.end)
         regions.append(region)
     return regions
+
+
+def find_blocks(graph: Graph) -> list[Region]:
+    """Every residual block of the graph, each alone as a region from its input to its join."""
+    parser = _Parser(graph)
+    found: list[Region] = []
+    for value, users in parser.consumers.items():
+        if len(users) != 2 or value in parser.outputs:
+            continue
+        block = parser.block(value, users)
+        if block is not None and any(isinstance(i, Cut) for i in block.branch):
+            found.append(Region(value, block.join.outputs[0], [block], _region_nodes([block])))
+    return found
 
 
 def _end_of(items: list[Item]) -> str:
@@ -262,7 +300,8 @@ class NotLiftable(Exception):
 
 
 def _grid(region: Region, graph: Graph) -> tuple[tuple[int, ...], bool]:
-    """(grid, circular): the input's spatial size, enlarged by the largest zero padding."""
+    """(grid, circular): circular convolutions on their input's grid; zero-padded ones (placed at the origin)
+    on one large enough for every layer: N >= n_in + max(begin, end) on each axis."""
     shape = full_shape(graph, region.start)
     if shape is None:
         raise NotLiftable("size unknown")
@@ -277,10 +316,12 @@ def _grid(region: Region, graph: Graph) -> tuple[tuple[int, ...], bool]:
     circular = {c.circular for c in wide}
     if len(circular) > 1:
         raise NotLiftable("circular and zero-padded convolutions mixed")
-    if circular == {True} or not wide:
+    if circular == {True}:
+        if any(c.input_size != tuple(spatial) for c in wide):
+            raise NotLiftable("circular convolutions on different grids")
         return tuple(spatial), True
-    extra = [max(max(c.begins[a], c.ends[a]) for c in wide) for a in range(len(spatial))]
-    return tuple(n + e for n, e in zip(spatial, extra, strict=True)), False
+    grid = [max([n, *(c.input_size[a] + max(0, c.begins[a], c.ends[a]) for c in wide)]) for a, n in enumerate(spatial)]
+    return tuple(grid), not wide
 
 
 def _linears(items: list[Item]) -> list[Linear]:
@@ -372,7 +413,7 @@ def _place(items: list[Item], clean: bool, circular: bool) -> tuple[list[Item], 
                 clean = True
             skip_clean = clean and all(i.conv is None or i.conv.pointwise for i in item.skip)
             branch, branch_clean = _place(item.branch, clean, circular)
-            placed.append(Block(item.join, item.skip, branch))
+            placed.append(Block(item.join, item.skip, branch, item.signs))
             clean = skip_clean and branch_clean
     return placed, clean
 
@@ -452,11 +493,13 @@ class _Segments:
             return self.product(block.branch, i, j).after(result)  # a split in the branch: no skip in this term
         if not (i <= block.before and block.last < j):
             return result
-        skip = _Map()
+        skip = _Map(scalar=block.signs[0])
         for linear in block.skip:
             skip = skip.then(self.lifted.operators[id(linear)])
+        branch = self.product(block.branch, i, j)
+        branch = _Map(branch.operator, branch.scalar * block.signs[1])
         channels = self.lifted.channels.get(id(block), self.lifted.channels_in)
-        whole = skip.plus(self.product(block.branch, i, j), channels, self.lifted.frequencies)
+        whole = skip.plus(branch, channels, self.lifted.frequencies)
         return whole.after(result)
 
     def norm(self, i: int, j: int) -> float:
