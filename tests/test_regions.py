@@ -333,3 +333,49 @@ def test_block_sdp_is_sound_on_random_blocks(name: str, tmp_path: Path) -> None:
     value = certify(load_graph(str(path)), method="block-sdp").refinement.method_bounds["block-sdp"]
     assert value is not None
     assert sampled_sup(net, shape, samples=16, seed=3) <= value * (1 + 1e-9)
+
+
+# --------------------------------------------------------------------------------------------------
+# per-channel rescaling across activations
+
+
+class Mlp(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(3))
+        self.gates = nn.ModuleList(Gate() for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers[0](x)
+        for gate, layer in zip(self.gates, self.layers[1:], strict=True):
+            x = layer(gate(x))
+        return x
+
+
+def _skew(first: nn.Module, second: nn.Module, seed: int) -> None:
+    """Scale first's output channels by 2^k and second's input channels by 2^-k (k random in -4..4): with a ReLU
+    between them the network computes the same function."""
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.exp2(torch.randint(-4, 5, (first.weight.shape[0],), generator=gen).double()).float()
+    shape = (-1,) + (1,) * (first.weight.dim() - 1)
+    first.weight.data *= s.reshape(shape)
+    first.bias.data *= s
+    second.weight.data /= s.reshape((1, -1) + (1,) * (second.weight.dim() - 2))
+
+
+@pytest.mark.parametrize("kind", ["conv chain (frequency-cp)", "mlp (combettes-pesquet)"])
+def test_rescaling_undoes_skewed_channels(kind: str, tmp_path: Path) -> None:
+    torch.manual_seed(11)
+    conv = kind.startswith("conv")
+    net, shape, method = (Chain(4), (1, 4, 6, 6), "frequency-cp") if conv else (Mlp(8), (1, 8), "combettes-pesquet")
+    layers = list(net.convs if conv else net.layers)  # type: ignore[union-attr]
+    plain = certify(load_graph(str(export(net, shape, tmp_path / "a.onnx"))), method=method).refinement.method_bounds
+    x = torch.randn(shape)
+    before = net(x)
+    _skew(layers[0], layers[1], 1)
+    _skew(layers[1], layers[2], 2)
+    assert torch.allclose(net(x), before, rtol=1e-4, atol=1e-4)
+    skewed = certify(load_graph(str(export(net, shape, tmp_path / "b.onnx"))), method=method).refinement.method_bounds
+    assert skewed["product"] > 4 * plain["product"]  # the per-layer product suffers from the scales
+    assert skewed[method] < 2 * plain[method]  # the rescaled chain bound does not
+    assert sampled_sup(net, shape, samples=12, seed=4) <= skewed[method] * (1 + 1e-9)

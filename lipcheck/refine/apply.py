@@ -18,6 +18,7 @@ from lipcheck.refine.bounds import combettes_pesquet_bound, eclipse_fast_bound, 
 from lipcheck.refine.chains import MAX_DIM, MAX_ENTRIES, Chain, find_chains
 from lipcheck.refine.lipsdp import lipsdp_bound
 from lipcheck.refine.regions import NotLiftable, Region, find_blocks, find_regions, region_bound
+from lipcheck.refine.rescale import balanced
 
 PRODUCT = "product"
 FOLDED = "folded"
@@ -101,26 +102,30 @@ def chain_operators(chain: Chain, graph: Graph) -> list[CertifiedMatrix]:
 
 
 def bound_chain(weights: list[CertifiedMatrix], chain: Chain, methods: tuple[str, ...]) -> ChainResult:
-    """Every requested method's certified bound on one chain (None where a method does not apply)."""
+    """Every requested method's certified bound on one chain (None where a method does not apply), each the
+    smaller of its value on the chain's matrices and on their rescaled form (``lipcheck.refine.rescale``)."""
     result = ChainResult(chain, math.inf)
-    slopes = chain.slopes
+    forms = [weights] if len(weights) < 2 else [weights, balanced(weights)]
     for method in methods:
         started = time.perf_counter()
-        value: float | None
-        if method == FOLDED:
-            value = folded_bound(weights, slopes)
-        elif len(weights) < 2:
-            value = None  # no activation in the chain: only the fold applies
-        elif method == COMBETTES_PESQUET:
-            value = combettes_pesquet_bound(weights, slopes)
-        elif method == ECLIPSE_FAST:
-            value = eclipse_fast_bound(weights, slopes)
-        else:
-            found = lipsdp_bound(weights, slopes)
-            value = None if found is None else found.value
-        result.bounds[method] = value
+        values = [value for form in forms if (value := _method_bound(method, form, chain)) is not None]
+        result.bounds[method] = min(values) if values else None
         result.seconds[method] = time.perf_counter() - started
     return result
+
+
+def _method_bound(method: str, weights: list[CertifiedMatrix], chain: Chain) -> float | None:
+    slopes = chain.slopes
+    if method == FOLDED:
+        return folded_bound(weights, slopes)
+    if len(weights) < 2:
+        return None  # no activation in the chain: only the fold applies
+    if method == COMBETTES_PESQUET:
+        return combettes_pesquet_bound(weights, slopes)
+    if method == ECLIPSE_FAST:
+        return eclipse_fast_bound(weights, slopes)
+    found = lipsdp_bound(weights, slopes)
+    return None if found is None else found.value
 
 
 def refine(

@@ -30,6 +30,7 @@ from lipcheck import ops
 from lipcheck.graph import Graph, Node
 from lipcheck.ops import ShiftInvariant, Slope, variable_inputs
 from lipcheck.refine.affine import full_shape, is_foldable, segment_operator
+from lipcheck.refine.rescale import power_of_two_balance
 from lipcheck.spectral.dense import UNIT_ROUNDOFF
 from lipcheck.spectral.frequency import (
     FrequencyMatrices,
@@ -507,8 +508,15 @@ class _Segments:
 
 
 def region_bound(region: Region, graph: Graph) -> float:
-    """The certified Combettes-Pesquet bound of the region (see the module docstring)."""
+    """The certified Combettes-Pesquet bound of the region (see the module docstring), the smaller of its value on
+    the layers as they are and with per-channel scales moved across activations (``lipcheck.refine.rescale``)."""
     lifted = lift(region, graph)
+    value = _combettes_pesquet(lifted)
+    rescaled = _rescaled(lifted)
+    return value if rescaled is None else min(value, _combettes_pesquet(rescaled))
+
+
+def _combettes_pesquet(lifted: _Lifted) -> float:
     segments = _Segments(lifted)
     cuts = lifted.cuts
     p = len(cuts)
@@ -521,3 +529,36 @@ def region_bound(region: Region, graph: Graph) -> float:
         )
     # every term is a product of at most 2p + 2 nonnegative roundings
     return total[p] * (1 + 4 * (p * p + 4 * p + 4) * UNIT_ROUNDOFF) if math.isfinite(total[p]) else math.inf
+
+
+def _rescaled(lifted: _Lifted) -> _Lifted | None:
+    """The same region with a power-of-two per-channel scale moved across every activation that sits between two
+    linear layers of one run (None when no scale differs from 1)."""
+    operators = dict(lifted.operators)
+    changed = False
+    for items in _item_lists(lifted.items):
+        for k in range(1, len(items) - 1):
+            left, cut, right = items[k - 1], items[k], items[k + 1]
+            if not (isinstance(cut, Cut) and isinstance(left, Linear) and isinstance(right, Linear)):
+                continue
+            a, b = operators[id(left)], operators[id(right)]
+            rows = torch.linalg.vector_norm(a.matrix, dim=(0, 2))
+            columns = torch.linalg.vector_norm(b.matrix, dim=(0, 1))
+            s = power_of_two_balance(rows, columns)
+            if bool((s == 1).all()):
+                continue
+            changed = True
+            operators[id(left)] = FrequencyMatrices(a.matrix * s[:, None], a.bound * s[:, None], a.gamma)
+            operators[id(right)] = FrequencyMatrices(b.matrix / s[None, :], b.bound / s[None, :], b.gamma)
+    if not changed:
+        return None
+    return _Lifted(lifted.items, lifted.cuts, operators, lifted.frequencies, lifted.channels_in, lifted.channels)
+
+
+def _item_lists(items: list[Item]) -> list[list[Item]]:
+    """The region's runs of items: the main line and every branch."""
+    found = [items]
+    for item in items:
+        if isinstance(item, Block):
+            found += _item_lists(item.branch)
+    return found
