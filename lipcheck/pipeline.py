@@ -163,6 +163,7 @@ def _report(model: str, found: Certificate, device: torch.device) -> Report:
         bound_method=found.refinement.bound_method,
         method_bounds=found.refinement.method_bounds,
         chains=found.refinement.chains,
+        regions=found.refinement.regions,
     )
 
 

@@ -87,7 +87,7 @@ def _cert(layer: LayerResult) -> Text:
 
 def _method(report: Report, layer: LayerResult) -> str:
     text = layer.method if not layer.reason else layer.reason
-    return text + (f"; running L by {layer.refined_by} chain bound" if layer.refined_by else "")
+    return text + (f"; running L by {layer.refined_by} bound" if layer.refined_by else "")
 
 
 def narrow_table(report: Report, width: int) -> Group:

@@ -63,6 +63,7 @@ class Report:
     bound_method: str = "product"
     method_bounds: dict[str, float | None] = field(default_factory=dict)
     chains: list[Any] = field(default_factory=list)
+    regions: list[Any] = field(default_factory=list)  # regions and residual blocks (frequency-cp, block-sdp)
 
     @property
     def bounded(self) -> bool:
@@ -95,6 +96,7 @@ class Report:
             "bound_method": self.bound_method,
             "method_bounds": dict(self.method_bounds),
             "chains": [_chain_dict(chain) for chain in self.chains],
+            "regions": [_region_dict(region) for region in self.regions],
             **self._lower_fields(),
         }
 
@@ -124,6 +126,19 @@ def _chain_dict(result: Any) -> dict[str, Any]:
         "activations": [{"node": node.name, "slope": [slope.low, slope.high]} for node, slope in chain.activations],
         "product": _finite(result.product),
         "bounds": dict(result.bounds),
+    }
+
+
+def _region_dict(result: Any) -> dict[str, Any]:
+    region = result.region
+    return {
+        "method": result.method,
+        "input": region.start,
+        "output": region.end,
+        "nodes": [node.name for node in region.nodes],
+        "residual_blocks": region.blocks,
+        "bound": result.bound,
+        **({"note": result.note} if result.note else {}),
     }
 
 

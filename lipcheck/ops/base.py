@@ -8,6 +8,9 @@ An op's class declares its attribute defaults once and implements the facets it 
 * ``evaluate(ctx, *inputs)``: how it runs, as differentiable torch code (``lipcheck.interpret``);
 * ``affine(ctx, x)``: for a linear op, its action on a batch of vectors, exactly, with its linear part
   and its absolute-value part (``lipcheck.refine.affine``);
+* ``shift_invariant(node, graph)`` / ``channel_scale(node, graph)``: the node as a convolution (or a per-channel
+  scaling) for the frequency-domain region bounds (``lipcheck.refine.regions``); ``join_signs`` marks the
+  ops that join a residual block (a x + b y);
 * ``value_range(ctx, *ranges)``: the range of its outputs from its inputs' ranges (room for input
   domains: returns None, "unknown", until an op has one);
 * flags the analyses read (``piecewise_linear``, ``kinked``, ``decomposes_activations``) and the

@@ -237,7 +237,7 @@ def _bound_region(
         with single_thread(), torch.no_grad():
             value = bound(region, graph)
         note = "" if value is not None else "certificate not found"
-    except (NotLiftable, MemoryError, RuntimeError) as exc:
+    except (NotLiftable, MemoryError, RuntimeError, ValueError) as exc:  # too large, or not one grid
         value, note = None, f"not bounded: {exc}"
     return RegionResult(region, method, value, time.perf_counter() - started, note)
 

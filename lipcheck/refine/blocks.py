@@ -108,15 +108,25 @@ class _Problem:
         return float(torch.linalg.eigvalsh(q_mat)[..., -1].max())
 
     def solve(self) -> float | None:
-        base = self.least_squares()
-        if base is None:
-            return None
-        found = [(value, scale) for scale in SCALINGS if (value := self.rho_squared(base * scale)) is not None]
-        if not found:
-            return None
-        value, scale = min(found)
-        value, scale = self.refine_scale(base, scale, value)
-        return self.certify(base * scale, max(value, 0.0))
+        """The best rho over two families of multipliers, each scaled: the least-squares fit (exact for SLL-type
+        blocks) and the diagonal of b^2 A^H A (which keeps 2 Lam - b^2 A^H A positive definite for scales > 1/2)."""
+        best: tuple[float, torch.Tensor] | None = None
+        for base in (self.least_squares(), self.output_weights()):
+            if base is None:
+                continue
+            found = [(value, scale) for scale in SCALINGS if (value := self.rho_squared(base * scale)) is not None]
+            if not found:
+                continue
+            value, scale = self.refine_scale(base, *min(found)[::-1])
+            if best is None or value < best[0]:
+                best = (value, base * scale)
+        return None if best is None else self.certify(best[1], max(best[0], 0.0))
+
+    def output_weights(self) -> torch.Tensor | None:
+        """b^2 times the largest diagonal entry of A^H A over frequencies, per hidden channel."""
+        diagonal = self.aa.diagonal(dim1=-2, dim2=-1).real.amax(dim=0) * self.b**2
+        top = float(diagonal.max()) if diagonal.numel() else 0.0
+        return diagonal.clamp_min(1e-6 * top) if top > 0 else None
 
     def refine_scale(self, base: torch.Tensor, scale: float, value: float) -> tuple[float, float]:
         """Golden-section search on log(scale) around the best coarse scaling (rho^2 is often smallest right at

@@ -16,7 +16,11 @@ prod_{k in S} r_k times the product of the norms of the maps between consecutive
 c_k. A block's identity survives only in the term where none of its branch's cuts is split. The sum over S
 is a dynamic programme over the last split cut; each map between two cuts is a polynomial in circular
 convolutions, so its norm is the largest sigma_max of its matrices over the frequencies (FFT), never a
-materialised operator. Regions of flat vectors (dense layers) are the one-frequency case.
+materialised operator. Regions of flat vectors (dense layers) are the one-frequency case. Strided convolutions
+may read the region's input: on the input's phases x_r[j] = x[s j + r] (an orthogonal rearrangement) they are
+stride-1 convolutions on the coarse grid, so a ResNet stage is one region from its transition block on.
+Each region is bounded twice, as it is and with per-channel scales moved across its activations
+(``lipcheck.refine.rescale``).
 """
 
 from __future__ import annotations
