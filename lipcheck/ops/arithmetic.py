@@ -148,6 +148,7 @@ class Max(Variadic):
 
     function = staticmethod(torch.maximum)
     single_method, elementwise_extremum = "clamp by constant", True
+    extremum = "max"
 
 
 @register
@@ -156,6 +157,7 @@ class Min(Variadic):
 
     function = staticmethod(torch.minimum)
     single_method, elementwise_extremum = "clamp by constant", True
+    extremum = "min"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +253,7 @@ class Pow(Op):
 class Neg(Op):
     """-x: an isometry."""
 
-    piecewise_linear = decomposes_activations = True
+    piecewise_linear = decomposes_activations = negates = True
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
         return LocalBound(1.0, "isometry", exact=True)

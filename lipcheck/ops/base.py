@@ -78,6 +78,17 @@ def unbounded(reason: str, method: str = "not globally Lipschitz") -> LocalBound
 
 
 @dataclass(frozen=True)
+class OrderStatistics:
+    """Entries of the sorted groups of a node's first input: a group is the entries along ``axes`` at one
+    position of the other axes, of ``size`` entries; ``ranks`` are the places in the sorted group (0 the
+    smallest) that the node's first output holds, each once."""
+
+    axes: tuple[int, ...]
+    size: int
+    ranks: frozenset[int]
+
+
+@dataclass(frozen=True)
 class Slope:
     """Every difference quotient (f(x) - f(y)) / (x - y) of an elementwise activation lies in [low, high]."""
 
@@ -385,6 +396,9 @@ class Op:
     compares: ClassVar[bool] = False  # an elementwise order comparison: a step function of its operands
     selects: ClassVar[bool] = False  # an elementwise choice between two operands by a condition (Where)
     type_inputs: ClassVar[tuple[int, ...]] = ()  # inputs read for their type or shape only: no value flows out
+    extremum: ClassVar[str] = ""  # "max" or "min": the elementwise largest or smallest of its operands
+    positive_part: ClassVar[bool] = False  # max(x, 0) elementwise
+    negates: ClassVar[bool] = False  # -x elementwise
 
     @property
     def summary(self) -> str:
@@ -418,6 +432,24 @@ class Op:
     def rounding_terms(self, node: Node, graph: Graph) -> int:
         """Terms in the longest sum one output entry of ``affine`` is computed from (for rounding bounds)."""
         return 2
+
+    def selection_axis(self, node: Node, graph: Graph) -> int | None:
+        """The one axis (counted from 0) along which the node copies entries of its first input to its outputs at
+        positions fixed by constants, keeping the rank (a Slice, a Split, a Gather of 1-D constant indices)."""
+        return None
+
+    def joined_axis(self, node: Node, graph: Graph) -> int | None:
+        """The axis (counted from 0) along which the node places its inputs side by side (a Concat)."""
+        return None
+
+    def order_statistics(self, node: Node, graph: Graph) -> OrderStatistics | None:
+        """The sorted entries of groups of its first input that its first output holds (ReduceMax: the largest)."""
+        return None
+
+    def window_mean(self, node: Node, graph: Graph) -> dict[str, Any] | None:
+        """For a mean over windows that are all full (one divisor, the window size): the windows' geometry, as
+        the attributes ``kernel_shape``, ``strides``, ``dilations``, ``pads``, ``ceil_mode`` of a pooling op."""
+        return None
 
     def value_range(self, ctx: RuleContext, *ranges: Any) -> Any:
         """The range of the outputs from the inputs' ranges: None (unknown) until the op has a range rule."""
