@@ -28,7 +28,7 @@ from lipcheck.errors import LipcheckError
 from lipcheck.graph import Graph, Node, unique_name
 from lipcheck.ops.activations import KNOWN_ACTIVATIONS, Recognised
 from lipcheck.ops.arithmetic import Mul
-from lipcheck.ops.base import EvalContext, add_constant, constant_tensor
+from lipcheck.ops.base import EvalContext, add_constant, constant_tensor, variable_inputs
 from lipcheck.ops.elementwise import Piecewise
 from lipcheck.ops.pooling import LpPool
 from lipcheck.ops.selection import Gather, Nonexpansive
@@ -474,6 +474,9 @@ def merge_rejoined_selections(graph: Graph) -> None:
         axis = _op(join).joined_axis(join, graph)
         if axis is None or len(join.inputs) < 2 or not all(join.inputs):
             continue
+        makers = [producers.get(value) for value in join.inputs]
+        if not any(m is not None and _op(m).selection_axis(m, graph) == axis for m in makers):
+            continue
         picks = [_selected(graph, value, axis, producers) for value in join.inputs]
         if any(p is None for p in picks) or len({p[0] for p in picks}) != 1 or not any(p[1] for p in picks):  # type: ignore[index]
             continue
@@ -502,13 +505,16 @@ def recognise_sorting(graph: Graph) -> None:
     for index, join in enumerate(graph.nodes):
         if _op(join).joined_axis(join, graph) is None or len(join.inputs) < 2 or not all(join.inputs):
             continue
-        makers = [producers.get(value) for value in join.inputs]
+        moves = [_rearranged(graph, value, producers) for value in join.inputs]
+        parts = [part for part, _ in moves]
+        makers = [producers.get(part) for part in parts]
         if any(maker is None for maker in makers):
             continue
-        found = _sorting_idiom(graph, join.inputs, makers, producers)  # type: ignore[arg-type]
+        found = _sorting_idiom(graph, parts, makers, producers)  # type: ignore[arg-type]
         if found is None:
             continue
         source, nodes, idiom, why = found
+        nodes = [*nodes, *(node for _, moved in moves for node in moved)]
         region = sorted({id(n): n for n in nodes}.values(), key=lambda n: order[n.outputs[0]])
         attrs = {"function": _subgraph(graph, [*region, join], source, join.outputs[:1]), "idiom": idiom, "why": why}
         folded = [n.name for n in region]
@@ -516,6 +522,18 @@ def recognise_sorting(graph: Graph) -> None:
         replaced = True
     if replaced:
         graph.prune()
+
+
+def _rearranged(graph: Graph, value: str, producers: dict[str, Node]) -> tuple[str, list[Node]]:
+    """The value that ``value`` moves the entries of, through Reshapes, Unsqueezes, Transposes (torch.stack
+    writes an Unsqueeze before its Concat): placing entries elsewhere, each once, keeps a map 1-Lipschitz."""
+    moved: list[Node] = []
+    node = producers.get(value)
+    while node is not None and _op(node).rearranges and len(variable_inputs(node, graph)) == 1:
+        moved.append(node)
+        value = node.inputs[0]
+        node = producers.get(value)
+    return value, moved
 
 
 def _sorting_idiom(graph: Graph, parts: list[str], makers: list[Node], producers: dict[str, Node]) -> Idiom | None:
@@ -599,6 +617,7 @@ def recognise_l2_pooling(graph: Graph) -> None:
     then follows from the pooling geometry."""
     producers, consumers = graph.producers(), graph.consumers()
     order = {out: i for i, node in enumerate(graph.nodes) for out in node.outputs}
+    replaced = False
     for pool in list(graph.nodes):
         geometry = _op(pool).window_mean(pool, graph)
         if geometry is None or not pool.inputs:
@@ -610,7 +629,9 @@ def recognise_l2_pooling(graph: Graph) -> None:
         _replace_by_lp_pool(graph, pool, geometry, head, tail)
         producers, consumers = graph.producers(), graph.consumers()
         order = {out: i for i, node in enumerate(graph.nodes) for out in node.outputs}
-    graph.prune()
+        replaced = True
+    if replaced:
+        graph.prune()
 
 
 def _square(

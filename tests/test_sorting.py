@@ -20,7 +20,11 @@ import pytest
 import torch
 from torch import nn
 
+from lipcheck.frontends import load_model
 from lipcheck.frontends.torch_frontend import TorchOptions
+from lipcheck.graph import Graph
+from lipcheck.interpret import interpret
+from lipcheck.passes import prepare
 from lipcheck.pipeline import analyse
 from lipcheck.report import Report
 from tests.onnx_builders import Runner, node, ort_jacobian, rng_for, save_nodes, sigma_max
@@ -89,12 +93,30 @@ def _largest_quotient(run: Function, shape: tuple[int, ...], tag: str, pairs: in
     return worst
 
 
+def _prepared_is_the_same_function(path: Path, shape: tuple[int, ...]) -> None:
+    """The recognised nodes compute what the ops they replace computed (lipcheck's interpreter, float64)."""
+    graph = load_model(path, [])
+    assert isinstance(graph, Graph)
+    x = torch.as_tensor(rng_for(str(path)).standard_normal(shape))
+    before = interpret(graph)(x)
+    assert torch.allclose(interpret(prepare(graph.copy()))(x), before, rtol=1e-12, atol=1e-12)
+
+
 def _ops(report: Report) -> list[str]:
     return [layer.op for layer in report.layers]
 
 
 # ---------------------------------------------------------------------------------------------
 # Sorting activations: 1 however written (before: GroupSort2 sqrt 2, MaxMin 2 or sqrt 2, FullSort in .pt2 refused)
+
+
+class StackedGroupSort(nn.Module):
+    """GroupSort2 by torch.stack (an Unsqueeze before each part of the Concat)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pairs = x.view(x.shape[0], -1, 2)
+        return torch.stack([pairs.min(-1)[0], pairs.max(-1)[0]], -1).flatten(1)
+
 
 SORTING = {  # factory, input shape, the op the report shows
     "GroupSort2": (lambda: TorchlipGroupSort(2), (1, 8), "GroupSort"),
@@ -103,6 +125,7 @@ SORTING = {  # factory, input shape, the op the report shows
     "FullSort": (lambda: TorchlipGroupSort(None), (1, 8), "TopK"),
     "MaxMin (deel-torchlip)": (TorchlipMaxMin, (1, 6), "CReLU"),
     "MaxMin (orthogonium)": (OrthogoniumMaxMin, (1, 8, 3, 3), "MaxMin"),
+    "GroupSort2 by torch.stack": (StackedGroupSort, (1, 8), "GroupSort"),
 }
 
 
@@ -114,6 +137,7 @@ def test_sorting_activation_is_one_lipschitz(name: str, form: str, tmp_path: Pat
     report = analyse(path, device="cpu")
     assert report.upper_bound is not None and report.upper_bound <= 1 + 1e-6
     assert shown in _ops(report)
+    _prepared_is_the_same_function(path, shape)
     worst = _largest_quotient(_function(path), shape, f"{name} {form}")
     # sorts, max, min, relu and negation are exact in float32: the quotients are 1 up to float64 rounding
     assert 1 - 1e-9 <= worst <= report.upper_bound * (1 + 1e-9)
@@ -247,6 +271,7 @@ def test_l2_norm_pooling_is_an_lp_pool(name: str, form: str, tmp_path: Path) -> 
     report = analyse(path, device="cpu")
     assert "LpPool" in _ops(report)
     assert report.upper_bound == pytest.approx(constant, rel=1e-12) and report.upper_bound >= constant
+    _prepared_is_the_same_function(path, shape)
     run = _function(path)
     assert _reached(run, shape) == pytest.approx(constant, rel=1e-6)
     assert _largest_quotient(run, shape, f"{name} {form}") <= report.upper_bound * (1 + 1e-5)  # float32 sums
@@ -307,6 +332,7 @@ def test_rejoined_selections_cost_their_most_copies(name: str, form: str, tmp_pa
     path = _export(make(), shape, form, tmp_path)
     report = analyse(path, device="cpu")
     assert report.upper_bound == pytest.approx(norm, rel=1e-12)
+    _prepared_is_the_same_function(path, shape)
     assert sigma_max(ort_jacobian(path, shape)) == pytest.approx(norm, rel=1e-6)
 
 

@@ -1033,7 +1033,8 @@ def _sort(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     """torch.sort and torch.topk as ONNX's TopK (a sort is the top n of n, sorted); values and indices."""
     x = _first(args)
     shape = _shape_of(x.meta.get("val")) or ()
-    dim = int(args.get("dim") if args.get("dim") is not None else -1) % max(len(shape), 1)
+    given = args.get("dim")
+    dim = (int(given) if given is not None else -1) % max(len(shape), 1)
     if aten_name(node.target) == "sort":
         count, largest = shape[dim] if shape else None, bool(args.get("descending"))
     else:

@@ -399,6 +399,7 @@ class Op:
     extremum: ClassVar[str] = ""  # "max" or "min": the elementwise largest or smallest of its operands
     positive_part: ClassVar[bool] = False  # max(x, 0) elementwise
     negates: ClassVar[bool] = False  # -x elementwise
+    rearranges: ClassVar[bool] = False  # moves the entries of its first input, each once, unchanged (Reshape)
 
     @property
     def summary(self) -> str:
