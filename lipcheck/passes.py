@@ -11,6 +11,15 @@
 * ``recognise_switches``: ``Where(u(x) > t, a(x), b(x))`` whose pieces a and b meet at the one point
   where the affine u(x) crosses t (thresholded activations, ReLU written as a Where) is replaced by one
   ``Piecewise`` node bounded by the larger piece constant, instead of being a switch (not Lipschitz).
+* ``recognise_sorting``: a Concat of sorted entries of one value's groups (ReduceMin/ReduceMax, TopK: GroupSort),
+  of max(a, b) and min(a, b) for disjoint selections a, b of one value (MaxMin), or of relu(x) and relu(-x)
+  (CReLU) is replaced by one ``Nonexpansive`` node: 1, where the Concat rule gives sqrt(2) or 2. The structure
+  proves it (constant positions, distinct ranks, disjoint pairs), not an evaluation.
+* ``recognise_l2_pooling``: x^2, a mean over full windows, then c sqrt (torch's LPPool written out) is replaced
+  by ``LpPool(p=2)`` times its scale, instead of x^p and sign, which have no global constant.
+* ``merge_rejoined_selections``: a Concat of Slices, Split outputs and Gathers of constant positions of one
+  value along the concatenation axis (torch.roll) is one Gather: sqrt(most copies of an entry), not
+  sqrt(number of branches).
 
 Passes ask the ops for facets (``channel_affine``, ``fold_output_affine``, ``decomposes_activations``...);
 they never test op names.
@@ -607,7 +616,7 @@ _NONNEGATIVE = torch.cat(
     ]
 )
 _LINE = torch.cat([_GRID, torch.tensor([1.0], dtype=torch.float64)])  # 1 exactly: the constant is the value there
-_EXACT = 1e-12  # relative: the decompositions exporters write evaluate exactly up to float64 rounding
+_EXACT = 1e-14  # relative: exporters' decompositions match up to float64 rounding (a few ulps), nothing more
 
 
 def recognise_l2_pooling(graph: Graph) -> None:
@@ -691,7 +700,7 @@ def _replace_by_lp_pool(
     taps = math.prod(geometry["kernel_shape"])
     scale = math.sqrt(c1 * c1 * c2 / taps)
     if scale != 1.0:
-        scale *= 1 + 4 * 2.0**-52  # the three roundings above, up
+        scale *= 1 + _EXACT + 4 * 2.0**-52  # the match's tolerance and the three roundings above, up
     folded = [n.name for n in [*head_nodes, pool, *tail_nodes]]
     attrs = {**geometry, "p": 2, "auto_pad": "NOTSET"}
     output = last.outputs[0]

@@ -11,7 +11,10 @@ An op's class declares its attribute defaults once and implements the facets it 
 * ``value_range(ctx, *ranges)``: the range of its outputs from its inputs' ranges (room for input
   domains: returns None, "unknown", until an op has one);
 * flags the analyses read (``piecewise_linear``, ``kinked``, ``decomposes_activations``) and the
-  folding facets of layers and per-channel affine ops.
+  folding facets of layers and per-channel affine ops;
+* what the recognition passes ask (``lipcheck.passes``): ``selection_axis``, ``joined_axis``,
+  ``order_statistics``, ``window_mean``, and the flags ``extremum``, ``positive_part``, ``negates``,
+  ``rearranges``.
 
 The registry (``register``) keys instances by op name and refuses a second registration of a name.
 Analyses never test op names: they ask the op (``get(node.op)``) for a facet.
