@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+from lipcheck.errors import ModelLoadError
 from lipcheck.frontends import load_model
 from lipcheck.frontends.torch_frontend import TorchOptions
 from lipcheck.graph import Graph
@@ -165,6 +166,27 @@ def test_orthogonal_network_with_sorting_activations_is_one_lipschitz(tmp_path: 
     report = analyse(path, device="cpu")
     assert report.upper_bound is not None and report.upper_bound <= 1 + 1e-6
     assert _largest_quotient(_in_float64(net), (1, 8), "network") <= report.upper_bound * (1 + 1e-9)
+
+
+class TopThree(nn.Module):
+    def __init__(self, ordered: bool) -> None:
+        super().__init__()
+        self.ordered = ordered
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.topk(x, 3, dim=1, sorted=self.ordered).values
+
+
+def test_torch_topk_is_topk(tmp_path: Path) -> None:
+    """torch.topk in a .pt2: ONNX's TopK, 1; unsorted, torch's order is its own: refused, not guessed."""
+    path = _export(TopThree(True), (2, 6), "pt2", tmp_path)
+    report = analyse(path, device="cpu")
+    assert _ops(report) == ["TopK"] and report.upper_bound == 1.0
+    _prepared_is_the_same_function(path, (2, 6))
+    (tmp_path / "unsorted").mkdir()
+    unsorted = _export(TopThree(False), (2, 6), "pt2", tmp_path / "unsorted")
+    with pytest.raises(ModelLoadError, match=r"aten\.topk\(sorted=False\)"):
+        analyse(unsorted, device="cpu")
 
 
 def _pairs_model(tmp_path: Path, first: tuple[int, int], second: tuple[int, int]) -> str:
@@ -325,7 +347,14 @@ REJOINS = {  # factory, input shape, the norm (before: sqrt of the branches, per
 }
 
 
-@pytest.mark.parametrize("form", ["torchscript", "dynamo"])
+def _dense_norm(run: Function, shape: tuple[int, ...]) -> float:
+    """sigma_max of the Jacobian of a linear map, column by column: f(e_i) - f(0)."""
+    n = math.prod(shape)
+    base = run(np.zeros(shape))
+    return sigma_max(np.stack([run(np.eye(n)[i].reshape(shape)) - base for i in range(n)], axis=1))
+
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("name", REJOINS)
 def test_rejoined_selections_cost_their_most_copies(name: str, form: str, tmp_path: Path) -> None:
     make, shape, norm = REJOINS[name]
@@ -333,7 +362,7 @@ def test_rejoined_selections_cost_their_most_copies(name: str, form: str, tmp_pa
     report = analyse(path, device="cpu")
     assert report.upper_bound == pytest.approx(norm, rel=1e-12)
     _prepared_is_the_same_function(path, shape)
-    assert sigma_max(ort_jacobian(path, shape)) == pytest.approx(norm, rel=1e-6)
+    assert _dense_norm(_function(path), shape) == pytest.approx(norm, rel=1e-6)
 
 
 def test_slices_steps_and_gathers_rejoined(tmp_path: Path) -> None:
