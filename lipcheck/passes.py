@@ -493,7 +493,8 @@ def merge_rejoined_selections(graph: Graph) -> None:
         indices = add_constant(graph, f"{join.name}.positions", positions)
         folded = list(dict.fromkeys(node.name for p in picks for node in p[1]))  # type: ignore[index]
         source = picks[0][0]  # type: ignore[index]
-        graph.nodes[index] = Node(join.name, Gather.name, [source, indices], join.outputs[:1], {"axis": axis}, folded)
+        gather = Node(join.name, Gather.name, [source, indices], join.outputs[:1], {"axis": axis}, folded)
+        graph.nodes[index] = producers[join.outputs[0]] = gather  # a later Concat may select from it in turn
         replaced = True
     if replaced:
         graph.prune()

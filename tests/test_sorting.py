@@ -342,6 +342,7 @@ class OverlappingSlices(nn.Module):
 REJOINS = {  # factory, input shape, the norm (before: sqrt of the branches, per Concat)
     "roll along one axis": (lambda: Roll(2, 1), (1, 6), 1.0),
     "roll along two axes": (lambda: Roll((1, 2), (2, 3)), (1, 2, 4, 5), 1.0),
+    "rolled twice along one axis": (lambda: nn.Sequential(Roll(1, 1), Roll(2, 1)), (1, 6), 1.0),  # one Gather
     "split, permuted": (PermutedSplit, (1, 6), 1.0),
     "overlapping slices": (OverlappingSlices, (1, 6), math.sqrt(2)),
 }
