@@ -45,8 +45,9 @@ class Composition:
         return self.bounded and all(layer.certified for layer in self.layers)
 
 
-# a value v -> (u, factor, method): L(v) <= factor * L(u), certified by a chain bound (lipcheck.refine)
-Refinements = dict[str, tuple[str, float, str]]
+# a value v -> [(u, factor, method), ...]: L(v) <= factor * L(u), each certified by a chain or region bound
+# (lipcheck.refine); the walk takes the smallest
+Refinements = dict[str, list[tuple[str, float, str]]]
 # node name -> (the rule's answer, the --assume key used): answers kept between walks of one graph
 RuleCache = dict[str, tuple[LocalBound | None, str | None]]
 
@@ -84,8 +85,7 @@ class _Walk:
             self.used_assumptions[assumed_key] = self.assume[assumed_key]
         out_l = self.output_lipschitz(node, local, inputs_l)
         refined_by = None
-        if self.refinements and node.outputs and node.outputs[0] in self.refinements:
-            start, factor, refined_method = self.refinements[node.outputs[0]]
+        for start, factor, refined_method in (self.refinements or {}).get(node.outputs[0] if node.outputs else "", []):
             if factor * self.lipschitz.get(start, math.inf) < out_l:
                 out_l, refined_by = factor * self.lipschitz[start], refined_method
         self.layers.append(self.layer(node, local, inputs_l, out_l, assumed_key, refined_by))
@@ -181,9 +181,9 @@ def compose(
 
     ``progress`` is told which node comes next (for a progress bar); ``cache`` answers nodes bounded
     before with the same weights, attributes and shapes (``lipcheck.cache``).
-    ``refinements`` maps a value v to (u, factor, method): a certified L(v) <= factor * L(u) from a chain
-    bound (lipcheck.refine); the smaller of it and the product is kept. ``rule_cache`` keeps the rules'
-    answers between walks over the same graph in one run (answers that depend on the inputs' constants
+    ``refinements`` maps a value v to candidates (u, factor, method): a certified L(v) <= factor * L(u) from a
+    chain or region bound (lipcheck.refine); the smallest of them and the product is kept. ``rule_cache`` keeps
+    the rules' answers between walks over the same graph in one run (answers that depend on the inputs' constants
     are not kept). ``input_lipschitz``: the graph inputs' own constants where they are not 1 (a branch
     of an If, whose inputs are values of the enclosing graph).
     """

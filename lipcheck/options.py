@@ -39,6 +39,8 @@ class Method(str, Enum):
     folded = "folded"
     combettes_pesquet = "combettes-pesquet"
     eclipse_fast = "eclipse-fast"
+    frequency_cp = "frequency-cp"
+    block_sdp = "block-sdp"
     lipsdp = "lipsdp"
     all = "all"
 
@@ -303,9 +305,11 @@ SHAPE_HELP = (
     "Without it, the batch axis is 1 and unknown spatial sizes get size-independent bounds."
 )
 METHOD_HELP = (
-    "best (default): the smallest of product, folded, combettes-pesquet and eclipse-fast, chain by chain; "
-    "product: per-layer AutoLip only; folded: consecutive linear ops composed into one matrix; "
+    "best (default): the smallest of product, folded, combettes-pesquet, eclipse-fast, frequency-cp and block-sdp, "
+    "chain by chain; product: per-layer AutoLip only; folded: consecutive linear ops composed into one matrix; "
     "combettes-pesquet / eclipse-fast: bounds on chains of linear layers and slope-restricted activations; "
+    "frequency-cp: Combettes-Pesquet over convolution chains and residual blocks, per frequency (FFT); "
+    "block-sdp: each residual block as a whole by the LipSDP/SLL certificate with per-channel multipliers; "
     "lipsdp: LipSDP-neuron on small chains (pip install 'lipcheck[sdp]'); all: best plus lipsdp."
 )
 MODEL_HELP = (

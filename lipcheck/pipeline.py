@@ -71,7 +71,7 @@ def certify(
 ) -> Certificate:
     """Prepare, compose and refine ``graph`` (a copy of it with ``copy``: the caller's graph stays as loaded).
 
-    ``method``: best (default), product, folded, combettes-pesquet, eclipse-fast, lipsdp or all
+    ``method``: best (default), product, folded, combettes-pesquet, eclipse-fast, frequency-cp, block-sdp, lipsdp or all
     (``lipcheck.refine``). ``cache``: per-layer results reused across runs (``lipcheck.cache``);
     ``progress``: told which layer comes next. ``fold_batchnorms=False`` keeps BatchNorms as layers.
     """

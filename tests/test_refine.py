@@ -301,7 +301,12 @@ def test_chain_inside_a_residual_branch(tmp_path) -> None:
     product = report.method_bounds["product"]
     branch = report.chains[0]
     # the Add rule: L(y) = 1 + L(branch), with the branch's chain bound in place of its product
-    assert report.upper_bound == pytest.approx(1 + min(v for v in branch.bounds.values() if v is not None), rel=1e-12)
+    by_chain = 1 + min(v for v in branch.bounds.values() if v is not None)
+    assert report.upper_bound <= by_chain * (1 + 1e-12)
+    # the block as one region: ||I + c^2 W3 W2 W1|| + (split terms) <= 1 + the branch's Combettes-Pesquet bound
+    region = report.method_bounds["frequency-cp"]
+    assert region is not None and region <= (1 + branch.bounds["combettes-pesquet"]) * (1 + 1e-9)
+    assert report.upper_bound == pytest.approx(min(by_chain, region), rel=1e-12)
     assert report.upper_bound < product
     run = Runner(path)
     x = rng.standard_normal((200, 8))

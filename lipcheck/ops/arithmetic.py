@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from lipcheck.graph import Graph, Node
 from lipcheck.ops.base import (
     AffineContext,
     EvalContext,
@@ -22,6 +23,7 @@ from lipcheck.ops.base import (
     RuleContext,
     register,
     unbounded,
+    variable_inputs,
 )
 
 PRODUCT_REASON = "product of two activations (not globally Lipschitz)"
@@ -94,6 +96,10 @@ class Add(Branches):
     """a + b: L_a + L_b; a bias when b is constant."""
 
     decomposes_activations = True
+    join_signs = (1.0, 1.0)
+
+    def channel_scale(self, node: Node, graph: Graph) -> np.ndarray | None:
+        return _shift_scale(node, graph, 1.0)
 
     def evaluate(self, ctx: EvalContext, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.add(*same_float(a, b))
@@ -108,6 +114,10 @@ class Sub(Branches):
     """a - b: L_a + L_b; a shift when one operand is constant."""
 
     decomposes_activations = True
+    join_signs = (1.0, -1.0)
+
+    def channel_scale(self, node: Node, graph: Graph) -> np.ndarray | None:
+        return _shift_scale(node, graph, -1.0)
 
     def evaluate(self, ctx: EvalContext, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.sub(*same_float(a, b))
@@ -160,6 +170,33 @@ class Min(Variadic):
     extremum = "min"
 
 
+def per_channel(graph: Graph, node: Node, constant: Any) -> np.ndarray | None:
+    """The constant as one value per channel of the output (axis 1), when it broadcasts that way onto a variable
+    operand of the output's own shape."""
+    shape = graph.shape(node.outputs[0])
+    variable = graph.shape(node.inputs[variable_inputs(node, graph)[0]])
+    if constant is None or shape is None or variable != shape or len(shape) < 2 or not isinstance(shape[1], int):
+        return None
+    c = np.asarray(constant, dtype=np.float64)
+    if c.ndim > len(shape):
+        return None
+    full = (1,) * (len(shape) - c.ndim) + c.shape
+    if any(d != 1 for i, d in enumerate(full) if i != 1) or full[1] not in (1, shape[1]):
+        return None
+    return np.broadcast_to(c.reshape(-1), (int(shape[1]),)).copy()
+
+
+def _shift_scale(node: Node, graph: Graph, sign_of_second: float) -> np.ndarray | None:
+    """x + c, x - c (multiplier 1) or c - x (multiplier -1) with c constant per channel or smaller."""
+    variables = variable_inputs(node, graph)
+    if len(variables) != 1 or len(node.inputs) != 2:
+        return None
+    shape_in, shape_out = graph.shape(node.inputs[variables[0]]), graph.shape(node.outputs[0])
+    if shape_in is None or shape_in != shape_out or len(shape_out) < 2 or not isinstance(shape_out[1], int):
+        return None
+    return np.full(int(shape_out[1]), sign_of_second if variables[0] == 1 else 1.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Products and quotients
 
@@ -187,6 +224,12 @@ class Mul(Op):
 
     def evaluate(self, ctx: EvalContext, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.mul(*same_float(a, b))
+
+    def channel_scale(self, node: Node, graph: Graph) -> np.ndarray | None:
+        variables = variable_inputs(node, graph)
+        if len(variables) != 1 or len(node.inputs) != 2:
+            return None
+        return per_channel(graph, node, graph.constants.get(node.inputs[1 - variables[0]]))
 
     def affine(self, ctx: AffineContext, x: torch.Tensor) -> torch.Tensor:
         t = _constant_operand(ctx)

@@ -111,6 +111,28 @@ class Slope:
         return (self.high - self.low) / 2
 
 
+@dataclass(frozen=True)
+class ShiftInvariant:
+    """A node that is a stride-1 convolution: y[i] = sum_t K_t x[i + t d - p] + bias, i in [0, n_out).
+
+    ``circular``: indices wrap around the input grid (a wrap padding folded in; then n_out = n_in); else zero
+    padding. The frequency chain bounds (``lipcheck.refine.regions``) multiply such maps in the frequency domain.
+    """
+
+    weight: torch.Tensor  # [c_out, c_in / groups, *kernel], float64
+    begins: tuple[int, ...]  # padding before, per spatial axis (may exceed the kernel's span: a full conv)
+    ends: tuple[int, ...]
+    dilations: tuple[int, ...]
+    groups: int
+    circular: bool
+    input_size: tuple[int, ...]
+
+    @property
+    def pointwise(self) -> bool:
+        """A 1x1 convolution: it commutes with restricting the grid."""
+        return all(int(k) == 1 for k in self.weight.shape[2:]) and not any(self.begins) and not any(self.ends)
+
+
 class Attributes(Mapping[str, Any]):
     """A node's attributes over its op's declared defaults (a value of None on the node is 'not given')."""
 
@@ -399,6 +421,7 @@ class Op:
     compares: ClassVar[bool] = False  # an elementwise order comparison: a step function of its operands
     selects: ClassVar[bool] = False  # an elementwise choice between two operands by a condition (Where)
     type_inputs: ClassVar[tuple[int, ...]] = ()  # inputs read for their type or shape only: no value flows out
+    join_signs: ClassVar[tuple[float, float] | None] = None  # a x + b y of its two inputs (a residual join)
     extremum: ClassVar[str] = ""  # "max" or "min": the elementwise largest or smallest of its operands
     positive_part: ClassVar[bool] = False  # max(x, 0) elementwise
     negates: ClassVar[bool] = False  # -x elementwise
@@ -436,6 +459,14 @@ class Op:
     def rounding_terms(self, node: Node, graph: Graph) -> int:
         """Terms in the longest sum one output entry of ``affine`` is computed from (for rounding bounds)."""
         return 2
+
+    def shift_invariant(self, node: Node, graph: Graph) -> ShiftInvariant | None:
+        """The node as a stride-1 convolution of its one variable input (None when it is not)."""
+        return None
+
+    def channel_scale(self, node: Node, graph: Graph) -> np.ndarray | None:
+        """Per-channel multipliers m (axis 1) when the node computes m * x + shift of its one variable input."""
+        return None
 
     def selection_axis(self, node: Node, graph: Graph) -> int | None:
         """The one axis (counted from 0) along which the node copies entries of its first input to its outputs at

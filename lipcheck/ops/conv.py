@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,11 +19,13 @@ from lipcheck.ops.base import (
     NotFoldable,
     Op,
     RuleContext,
+    ShiftInvariant,
     UnsupportedVariant,
     node_attrs,
     register,
     replace_parameters,
     unbounded,
+    variable_inputs,
 )
 from lipcheck.ops.linear import folded_note, layer_parameters
 from lipcheck.ops.spatial import CONV, CONV_TRANSPOSE, pad_spatial, spatial_pads, wrap_spatial
@@ -49,6 +52,25 @@ def conv_geometry(ctx: RuleContext, weight: torch.Tensor) -> ConvGeometry:
         groups=int(ctx.attrs["group"]),
         input_size=spatial,
     )
+
+
+def _stride_one(node: Node, graph: Graph) -> tuple[torch.Tensor, Any, tuple[int, ...]] | None:
+    """(weight, attributes, input size) of a stride-1 (transposed) convolution of its first input with constant
+    weight and bias and known sizes; else None."""
+    weight = graph.constants.get(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None or variable_inputs(node, graph) != [0]:
+        return None
+    attrs = node_attrs(node)
+    d = np.ndim(weight) - 2
+    shape_in, shape_out = graph.shape(node.inputs[0]), graph.shape(node.outputs[0])
+    if shape_in is None or shape_out is None or len(shape_in) != d + 2 or len(shape_out) != d + 2:
+        return None
+    if not all(isinstance(n, int) for n in [*shape_in[2:], *shape_out[2:]]):
+        return None
+    if any(int(s) != 1 for s in attrs["strides"]):
+        return None
+    size = tuple(int(n) for n in shape_in[2:])  # type: ignore[arg-type]
+    return torch.from_numpy(np.asarray(weight, dtype=np.float64)), attrs, size
 
 
 def _with_variable_bias(ctx: RuleContext, local: LocalBound) -> LocalBound:
@@ -156,6 +178,27 @@ class Conv(Op):
         if ctx.shifts and b is not None:
             y = y + torch.from_numpy(b).reshape(-1, *([1] * d))
         return y.reshape(x.shape[0], *ctx.out_shape[1:])
+
+    def shift_invariant(self, node: Node, graph: Graph) -> ShiftInvariant | None:
+        """Stride 1 with constant weight and bias (padding of any size, or circular)."""
+        found = _stride_one(node, graph)
+        if found is None:
+            return None
+        weight, attrs, size = found
+        d = weight.dim() - 2
+        wrap = attrs.get("wrap_pads")
+        pads = wrap if wrap is not None else attrs.get("pads")
+        if pads is None or len(pads) != 2 * d:
+            return None
+        return ShiftInvariant(
+            weight,
+            tuple(int(p) for p in pads[:d]),
+            tuple(int(p) for p in pads[d:]),
+            tuple(int(r) for r in attrs["dilations"]),
+            int(attrs["group"]),
+            circular=wrap is not None,
+            input_size=size,
+        )
 
     def rounding_terms(self, node: Node, graph: Graph) -> int:
         w = graph.constants.get(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] else None
@@ -296,6 +339,33 @@ class ConvTranspose(Op):
 
     def fold_output_affine(self, graph: Graph, node: Node, multiplier: np.ndarray, shift: np.ndarray) -> bool:
         return _fold_output_channels(self, graph, node, multiplier, shift)
+
+    def shift_invariant(self, node: Node, graph: Graph) -> ShiftInvariant | None:
+        """Stride 1: y[j] = sum_t W_t^T x[j - t d + p], the correlation with the flipped, transposed kernel and
+        begin padding (k - 1) d - p (one group, no output padding)."""
+        found = _stride_one(node, graph)
+        if found is None:
+            return None
+        weight, attrs, size = found
+        d = weight.dim() - 2
+        pads = attrs.get("pads")
+        adjust = attrs.get("output_padding") or [0] * d
+        if int(attrs["group"]) != 1 or pads is None or len(pads) != 2 * d or any(int(a) for a in adjust):
+            return None
+        if attrs.get("output_shape") or attrs.get("auto_pad") not in (None, "NOTSET"):
+            return None
+        dilations = tuple(int(r) for r in attrs["dilations"])
+        spans = [(int(k) - 1) * r for k, r in zip(weight.shape[2:], dilations, strict=True)]
+        flipped = weight.flip(dims=list(range(2, d + 2))).transpose(0, 1).contiguous()
+        return ShiftInvariant(
+            flipped,
+            tuple(span - int(p) for span, p in zip(spans, pads[:d], strict=True)),
+            tuple(span - int(p) for span, p in zip(spans, pads[d:], strict=True)),
+            dilations,
+            1,
+            circular=False,
+            input_size=size,
+        )
 
 
 CAUSAL_EXACT_LENGTH = 1024  # sequences up to this length get the exact norm of each channel's Toeplitz matrix

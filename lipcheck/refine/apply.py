@@ -5,28 +5,34 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from lipcheck.compose import Composition, compose
+from lipcheck.compose import Composition, Refinements, compose
 from lipcheck.graph import Graph
 from lipcheck.refine.affine import CertifiedMatrix, segment_operator
+from lipcheck.refine.blocks import block_bound
 from lipcheck.refine.bounds import combettes_pesquet_bound, eclipse_fast_bound, folded_bound
 from lipcheck.refine.chains import MAX_DIM, MAX_ENTRIES, Chain, find_chains
 from lipcheck.refine.lipsdp import lipsdp_bound
+from lipcheck.refine.regions import NotLiftable, Region, find_blocks, find_regions, region_bound
+from lipcheck.refine.rescale import balanced
 
 PRODUCT = "product"
 FOLDED = "folded"
 COMBETTES_PESQUET = "combettes-pesquet"
 ECLIPSE_FAST = "eclipse-fast"
 LIPSDP = "lipsdp"
+FREQUENCY_CP = "frequency-cp"
+BLOCK_SDP = "block-sdp"
 BEST = "best"
 ALL = "all"
-CHAIN_METHODS = (FOLDED, COMBETTES_PESQUET, ECLIPSE_FAST, LIPSDP)
-CHEAP_METHODS = (FOLDED, COMBETTES_PESQUET, ECLIPSE_FAST)
-METHOD_CHOICES = (BEST, PRODUCT, FOLDED, COMBETTES_PESQUET, ECLIPSE_FAST, LIPSDP, ALL)
+CHAIN_METHODS = (FOLDED, COMBETTES_PESQUET, ECLIPSE_FAST, FREQUENCY_CP, BLOCK_SDP, LIPSDP)
+CHEAP_METHODS = (FOLDED, COMBETTES_PESQUET, ECLIPSE_FAST, FREQUENCY_CP, BLOCK_SDP)
+METHOD_CHOICES = (BEST, PRODUCT, FOLDED, COMBETTES_PESQUET, ECLIPSE_FAST, FREQUENCY_CP, BLOCK_SDP, LIPSDP, ALL)
+REGION_METHODS = (FREQUENCY_CP, BLOCK_SDP)  # bounded on regions and blocks, not on dense chains
 
 
 def methods_for(choice: str) -> tuple[str, ...]:
@@ -59,12 +65,24 @@ class ChainResult:
 
 
 @dataclass
+class RegionResult:
+    """A region's or block's certified bound by one method: L(end) <= bound * L(start)."""
+
+    region: Region
+    method: str
+    bound: float | None
+    seconds: float
+    note: str = ""
+
+
+@dataclass
 class Refinement:
     bound_method: str
     method_bounds: dict[str, float | None]
     method_seconds: dict[str, float]
     chains: list[ChainResult]
     composition: Composition
+    regions: list[RegionResult] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -84,26 +102,30 @@ def chain_operators(chain: Chain, graph: Graph) -> list[CertifiedMatrix]:
 
 
 def bound_chain(weights: list[CertifiedMatrix], chain: Chain, methods: tuple[str, ...]) -> ChainResult:
-    """Every requested method's certified bound on one chain (None where a method does not apply)."""
+    """Every requested method's certified bound on one chain (None where a method does not apply), each the
+    smaller of its value on the chain's matrices and on their rescaled form (``lipcheck.refine.rescale``)."""
     result = ChainResult(chain, math.inf)
-    slopes = chain.slopes
+    forms = [weights] if len(weights) < 2 else [weights, balanced(weights)]
     for method in methods:
         started = time.perf_counter()
-        value: float | None
-        if method == FOLDED:
-            value = folded_bound(weights, slopes)
-        elif len(weights) < 2:
-            value = None  # no activation in the chain: only the fold applies
-        elif method == COMBETTES_PESQUET:
-            value = combettes_pesquet_bound(weights, slopes)
-        elif method == ECLIPSE_FAST:
-            value = eclipse_fast_bound(weights, slopes)
-        else:
-            found = lipsdp_bound(weights, slopes)
-            value = None if found is None else found.value
-        result.bounds[method] = value
+        values = [value for form in forms if (value := _method_bound(method, form, chain)) is not None]
+        result.bounds[method] = min(values) if values else None
         result.seconds[method] = time.perf_counter() - started
     return result
+
+
+def _method_bound(method: str, weights: list[CertifiedMatrix], chain: Chain) -> float | None:
+    slopes = chain.slopes
+    if method == FOLDED:
+        return folded_bound(weights, slopes)
+    if len(weights) < 2:
+        return None  # no activation in the chain: only the fold applies
+    if method == COMBETTES_PESQUET:
+        return combettes_pesquet_bound(weights, slopes)
+    if method == ECLIPSE_FAST:
+        return eclipse_fast_bound(weights, slopes)
+    found = lipsdp_bound(weights, slopes)
+    return None if found is None else found.value
 
 
 def refine(
@@ -124,9 +146,51 @@ def refine(
     if not methods or not product.bounded:
         return Refinement(PRODUCT, {PRODUCT: product.upper_bound}, {}, [], product)
     cache = {} if cache is None else cache
+    seconds = {method: 0.0 for method in methods}
+    chain_methods = tuple(method for method in methods if method not in REGION_METHODS)
+    results = _bound_chains(graph, product, chain_methods, max_dim, max_entries, seconds) if chain_methods else []
+    regions = bound_regions(graph, methods)
+    for method in REGION_METHODS:
+        if method in methods:
+            seconds[method] = sum(r.seconds for r in regions if r.method == method)
+
+    def walk(refinements: Refinements) -> Composition:
+        return compose(graph, assume=assume, device=device, refinements=refinements, rule_cache=cache)
+
+    method_bounds: dict[str, float | None] = {PRODUCT: product.upper_bound}
+    compositions: dict[str, Composition] = {PRODUCT: product}
+    for method in methods:
+        compositions[method] = walk(_refinements_by(method, results, regions))
+        method_bounds[method] = compositions[method].upper_bound
+    # per chain and region, the smallest of the computed methods
+    mixed: Refinements = {}
+    for r in results:
+        found = r.best(methods)
+        if found is not None:
+            mixed.setdefault(r.chain.end, []).append((r.chain.start, found[1], found[0]))
+    _add_regions(mixed, regions)
+    singles = [(value, name) for name, value in method_bounds.items() if value is not None]
+    best_value, best_name = min(singles, key=lambda item: (item[0], _order(item[1])))
+    chosen, composition = best_name, compositions[best_name]
+    if len(methods) > 1 and mixed:
+        combined = walk(mixed)
+        if combined.upper_bound is not None and combined.upper_bound < best_value * (1 - 1e-12):
+            used = sorted({method for candidates in mixed.values() for _, _, method in candidates}, key=_order)
+            chosen, composition = "per chain: " + ", ".join(used), combined
+    return Refinement(chosen, method_bounds, seconds, results, composition, regions)
+
+
+def _bound_chains(
+    graph: Graph,
+    product: Composition,
+    methods: tuple[str, ...],
+    max_dim: int,
+    max_entries: int,
+    seconds: dict[str, float],
+) -> list[ChainResult]:
+    """Every dense chain bounded by every method (``seconds`` gets each method's time, folding included)."""
     local = {layer.name: layer.lipschitz for layer in product.layers}
     results: list[ChainResult] = []
-    seconds = {method: 0.0 for method in methods}
     for chain in find_chains(graph, max_dim, max_entries):
         started = time.perf_counter()
         try:
@@ -142,33 +206,46 @@ def refine(
         for method in methods:
             seconds[method] += result.seconds.get(method, 0.0) + fold_time
         results.append(result)
+    return results
 
-    def walk(refinements: dict[str, tuple[str, float, str]]) -> Composition:
-        return compose(graph, assume=assume, device=device, refinements=refinements, rule_cache=cache)
 
-    method_bounds: dict[str, float | None] = {PRODUCT: product.upper_bound}
-    compositions: dict[str, Composition] = {PRODUCT: product}
-    for method in methods:
-        refinements = {
-            r.chain.end: (r.chain.start, value, method) for r in results if (value := r.bounds.get(method)) is not None
-        }
-        compositions[method] = walk(refinements)
-        method_bounds[method] = compositions[method].upper_bound
-    # per chain, the smallest of the computed methods
-    mixed: dict[str, tuple[str, float, str]] = {}
-    for r in results:
-        found = r.best(methods)
-        if found is not None:
-            mixed[r.chain.end] = (r.chain.start, found[1], found[0])
-    singles = [(value, name) for name, value in method_bounds.items() if value is not None]
-    best_value, best_name = min(singles, key=lambda item: (item[0], _order(item[1])))
-    chosen, composition = best_name, compositions[best_name]
-    if len(methods) > 1 and mixed:
-        combined = walk(mixed)
-        if combined.upper_bound is not None and combined.upper_bound < best_value * (1 - 1e-12):
-            used = sorted({method for _, _, method in mixed.values()}, key=_order)
-            chosen, composition = "per chain: " + ", ".join(used), combined
-    return Refinement(chosen, method_bounds, seconds, results, composition)
+def _refinements_by(method: str, chains: list[ChainResult], regions: list[RegionResult]) -> Refinements:
+    """What one method proves: its chain bounds, and for frequency-cp the regions'."""
+    refinements: Refinements = {}
+    for r in chains:
+        if (value := r.bounds.get(method)) is not None:
+            refinements.setdefault(r.chain.end, []).append((r.chain.start, value, method))
+    _add_regions(refinements, [r for r in regions if r.method == method])
+    return refinements
+
+
+def bound_regions(graph: Graph, methods: tuple[str, ...]) -> list[RegionResult]:
+    """Regions bounded by frequency-cp and residual blocks by block-sdp, as far as ``methods`` asks."""
+    found: list[RegionResult] = []
+    if FREQUENCY_CP in methods:
+        found += [_bound_region(region, FREQUENCY_CP, region_bound, graph) for region in find_regions(graph)]
+    if BLOCK_SDP in methods:
+        found += [_bound_region(region, BLOCK_SDP, block_bound, graph) for region in find_blocks(graph)]
+    return found
+
+
+def _bound_region(
+    region: Region, method: str, bound: Callable[[Region, Graph], float | None], graph: Graph
+) -> RegionResult:
+    started = time.perf_counter()
+    try:
+        with single_thread(), torch.no_grad():
+            value = bound(region, graph)
+        note = "" if value is not None else "certificate not found"
+    except (NotLiftable, MemoryError, RuntimeError) as exc:
+        value, note = None, f"not bounded: {exc}"
+    return RegionResult(region, method, value, time.perf_counter() - started, note)
+
+
+def _add_regions(refinements: Refinements, regions: list[RegionResult]) -> None:
+    for r in regions:
+        if r.bound is not None and math.isfinite(r.bound):
+            refinements.setdefault(r.region.end, []).append((r.region.start, r.bound, r.method))
 
 
 def _order(name: str) -> int:
