@@ -210,6 +210,25 @@ def test_max_and_min_of_disjoint_slices_sort_pairs(tmp_path: Path) -> None:
     assert _largest_quotient(Runner(path), (1, 4), "slices") <= 1 + 1e-9
 
 
+def test_groupsort2_as_tensorflow_writes_it(tmp_path: Path) -> None:
+    """deel-lip's GroupSort2 (TensorFlow, through tf2onnx): Reshape to [-1, 2], Split, Min and Max, Concat,
+    Reshape back."""
+    nodes = [
+        node("Reshape", ["x", "pairs"], ["flat"]),
+        node("Split", ["flat"], ["b", "c"], axis=1, num_outputs=2),
+        node("Min", ["b", "c"], ["low"]),
+        node("Max", ["b", "c"], ["high"]),
+        node("Concat", ["low", "high"], ["sorted"], axis=1),
+        node("Reshape", ["sorted", "back"], ["y"]),
+    ]
+    constants = {"pairs": np.array([-1, 2]), "back": np.array([2, 8])}
+    path = save_nodes(tmp_path, nodes, np.zeros((2, 8), np.float32), constants, opset=18)
+    report = analyse(path, device="cpu")
+    assert "MaxMin" in _ops(report) and report.upper_bound == 1.0
+    _prepared_is_the_same_function(path, (2, 8))
+    assert 1 - 1e-9 <= _largest_quotient(Runner(path), (2, 8), "tensorflow") <= 1 + 1e-9
+
+
 def test_max_and_min_of_overlapping_slices_are_not_sorted_pairs(tmp_path: Path) -> None:
     """x[0:3] and x[1:4] share entries: moving x1 moves two maxima, sqrt 2 > 1."""
     path = _pairs_model(tmp_path, (0, 3), (1, 4))
