@@ -581,8 +581,8 @@ def _sorted_pairs(graph: Graph, makers: list[Node], producers: dict[str, Node]) 
     operands = [sorted(m.inputs) for m in makers]
     if operands[0] != operands[1] or len(operands[0]) != 2 or "" in operands[0] or operands[0][0] == operands[0][1]:
         return None
-    first = producers.get(operands[0][0])
-    axis = _op(first).selection_axis(first, graph) if first is not None else None
+    axes = [_op(n).selection_axis(n, graph) for v in operands[0] if (n := producers.get(v)) is not None]
+    axis = next((a for a in axes if a is not None), None)  # one operand may be the value itself
     picks = [_selected(graph, value, axis, producers) for value in operands[0]] if axis is not None else [None]
     if any(p is None for p in picks) or picks[0][0] != picks[1][0]:  # type: ignore[index]
         return None
