@@ -51,6 +51,31 @@ class Basic(nn.Module):
         return self.skip(x) + self.c2(self.gate(self.c1(x)))
 
 
+class Down(nn.Module):
+    """A ResNet transition block: stride-2 3x3 conv, ReLU, 3x3 conv, plus a stride-2 1x1 projection."""
+
+    def __init__(self, c: int, out: int, k: int = 3):
+        super().__init__()
+        self.c1 = nn.Conv2d(c, out, k, stride=2, padding=k // 2)
+        self.gate = Gate()
+        self.c2 = nn.Conv2d(out, out, 3, padding=1)
+        self.skip = nn.Conv2d(c, out, 1, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.c2(self.gate(self.c1(x)))
+
+
+class StridedChain(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.c1 = nn.Conv2d(c, 2 * c, 4, stride=(2, 3), padding=1, dilation=(1, 2))
+        self.gate = Gate()
+        self.c2 = nn.Conv2d(2 * c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(self.gate(self.c1(x)))
+
+
 class Stage(nn.Module):
     """Blocks with a ReLU after each join (as in a ResNet), the last join the output."""
 
@@ -132,7 +157,7 @@ def sampled_sup(net: nn.Module, shape: tuple[int, ...], samples: int, seed: int)
         for gate in _gates(net):
             d = torch.rand(sizes[id(gate)], generator=gen, dtype=torch.float64)
             gate.d = (d > 0.5).double() if s % 2 == 0 else d
-        jac = torch.autograd.functional.jacobian(net, x).reshape(math.prod(shape[1:]), -1)
+        jac = torch.autograd.functional.jacobian(net, x).reshape(-1, math.prod(shape[1:]))
         best = max(best, float(torch.linalg.matrix_norm(jac, ord=2)))
     for gate in _gates(net):
         gate.d = None
@@ -164,6 +189,9 @@ NETS = {
     "conv chain": (lambda: Chain(3), (1, 3, 6, 6)),
     "1-d grid": (lambda: Stage([Basic1d(3), Basic1d(3)]), (1, 3, 9)),
     "dense residual": (lambda: DenseResidual(6), (1, 6)),
+    "strided transition, odd size": (lambda: Stage([Down(2, 3), Basic(3)]), (1, 2, 7, 7)),
+    "strided transition, 5x5": (lambda: Stage([Down(2, 3, k=5)]), (1, 2, 8, 8)),
+    "strided chain": (lambda: StridedChain(2), (1, 2, 9, 10)),
     "SLL blocks, zero padding": (lambda: Stage([SllBlock(2, 3, 1), SllBlock(2, 4, 1)]), (1, 2, 5, 5)),
     "SLL block, valid conv": (lambda: Stage([SllBlock(2, 3, 0)]), (1, 2, 6, 6)),
 }

@@ -113,7 +113,7 @@ class Slope:
 
 @dataclass(frozen=True)
 class ShiftInvariant:
-    """A node that is a stride-1 convolution: y[i] = sum_t K_t x[i + t d - p] + bias, i in [0, n_out).
+    """A node that is a convolution: y[i] = sum_t K_t x[s i + t d - p] + bias, i in [0, n_out).
 
     ``circular``: indices wrap around the input grid (a wrap padding folded in; then n_out = n_in); else zero
     padding. The frequency chain bounds (``lipcheck.refine.regions``) multiply such maps in the frequency domain.
@@ -126,11 +126,17 @@ class ShiftInvariant:
     groups: int
     circular: bool
     input_size: tuple[int, ...]
+    strides: tuple[int, ...] = ()  # empty: 1 on every axis (a strided one enters a region in polyphase form)
 
     @property
     def pointwise(self) -> bool:
-        """A 1x1 convolution: it commutes with restricting the grid."""
-        return all(int(k) == 1 for k in self.weight.shape[2:]) and not any(self.begins) and not any(self.ends)
+        """A 1x1 stride-1 convolution: it commutes with restricting the grid."""
+        ones = all(int(k) == 1 for k in self.weight.shape[2:])
+        return ones and not any(self.begins) and not any(self.ends) and not self.strided
+
+    @property
+    def strided(self) -> bool:
+        return any(s != 1 for s in self.strides)
 
 
 class Attributes(Mapping[str, Any]):
@@ -461,7 +467,7 @@ class Op:
         return 2
 
     def shift_invariant(self, node: Node, graph: Graph) -> ShiftInvariant | None:
-        """The node as a stride-1 convolution of its one variable input (None when it is not)."""
+        """The node as a convolution of its one variable input (None when it is not)."""
         return None
 
     def channel_scale(self, node: Node, graph: Graph) -> np.ndarray | None:

@@ -54,9 +54,9 @@ def conv_geometry(ctx: RuleContext, weight: torch.Tensor) -> ConvGeometry:
     )
 
 
-def _stride_one(node: Node, graph: Graph) -> tuple[torch.Tensor, Any, tuple[int, ...]] | None:
-    """(weight, attributes, input size) of a stride-1 (transposed) convolution of its first input with constant
-    weight and bias and known sizes; else None."""
+def _known_conv(node: Node, graph: Graph, any_stride: bool = False) -> tuple[torch.Tensor, Any, tuple[int, ...]] | None:
+    """(weight, attributes, input size) of a (transposed) convolution of its first input with constant weight and
+    bias and known sizes, stride 1 unless ``any_stride``; else None."""
     weight = graph.constants.get(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None or variable_inputs(node, graph) != [0]:
         return None
@@ -67,7 +67,7 @@ def _stride_one(node: Node, graph: Graph) -> tuple[torch.Tensor, Any, tuple[int,
         return None
     if not all(isinstance(n, int) for n in [*shape_in[2:], *shape_out[2:]]):
         return None
-    if any(int(s) != 1 for s in attrs["strides"]):
+    if not any_stride and any(int(s) != 1 for s in attrs["strides"]):
         return None
     size = tuple(int(n) for n in shape_in[2:])  # type: ignore[arg-type]
     return torch.from_numpy(np.asarray(weight, dtype=np.float64)), attrs, size
@@ -180,11 +180,12 @@ class Conv(Op):
         return y.reshape(x.shape[0], *ctx.out_shape[1:])
 
     def shift_invariant(self, node: Node, graph: Graph) -> ShiftInvariant | None:
-        """Stride 1 with constant weight and bias (padding of any size, or circular)."""
-        found = _stride_one(node, graph)
+        """Constant weight and bias (padding of any size, or circular with stride 1)."""
+        found = _known_conv(node, graph, any_stride=True)
         if found is None:
             return None
         weight, attrs, size = found
+        strides = tuple(int(s) for s in attrs["strides"])
         d = weight.dim() - 2
         wrap = attrs.get("wrap_pads")
         pads = wrap if wrap is not None else attrs.get("pads")
@@ -198,6 +199,7 @@ class Conv(Op):
             int(attrs["group"]),
             circular=wrap is not None,
             input_size=size,
+            strides=strides if any(s != 1 for s in strides) else (),
         )
 
     def rounding_terms(self, node: Node, graph: Graph) -> int:
@@ -343,7 +345,7 @@ class ConvTranspose(Op):
     def shift_invariant(self, node: Node, graph: Graph) -> ShiftInvariant | None:
         """Stride 1: y[j] = sum_t W_t^T x[j - t d + p], the correlation with the flipped, transposed kernel and
         begin padding (k - 1) d - p (one group, no output padding)."""
-        found = _stride_one(node, graph)
+        found = _known_conv(node, graph)
         if found is None:
             return None
         weight, attrs, size = found

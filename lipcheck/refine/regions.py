@@ -21,8 +21,10 @@ materialised operator. Regions of flat vectors (dense layers) are the one-freque
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -36,6 +38,7 @@ from lipcheck.spectral.frequency import (
     FrequencyMatrices,
     conv_frequency_matrices,
     dense_frequency_matrices,
+    dense_groups,
     half_frequencies,
 )
 
@@ -136,6 +139,7 @@ class _Parser:
         self.graph = graph
         self.consumers = graph.consumers()
         self.outputs = set(graph.outputs)
+        self.start = ""  # the region's input: the only value a strided convolution may read (polyphase form)
 
     def item(self, node: Node, value: str) -> Linear | Cut | None:
         if len(node.outputs) != 1 or variable_inputs(node, self.graph) != [node.inputs.index(value)]:
@@ -144,6 +148,8 @@ class _Parser:
         if slope is not None:
             return Cut(node, slope)
         conv = _shift_invariant(node, self.graph) or _channel_scale(node, self.graph)
+        if conv is not None and conv.strided and value != self.start:
+            return None
         if conv is not None:
             return Linear(node, conv)
         return Linear(node, None) if _dense_vector(node, self.graph) else None
@@ -154,6 +160,7 @@ class _Parser:
 
     def sequence(self, value: str) -> list[Item]:
         """Items from ``value`` on, as far as they go."""
+        self.start = value
         items: list[Item] = []
         while True:
             users = self.consumers.get(value, [])
@@ -259,6 +266,7 @@ def find_blocks(graph: Graph) -> list[Region]:
     for value, users in parser.consumers.items():
         if len(users) != 2 or value in parser.outputs:
             continue
+        parser.start = value
         block = parser.block(value, users)
         if block is not None and any(isinstance(i, Cut) for i in block.branch):
             found.append(Region(value, block.join.outputs[0], [block], _region_nodes([block])))
@@ -300,13 +308,9 @@ class NotLiftable(Exception):
     """The region's layers do not share one grid (or are too large to hold)."""
 
 
-def _grid(region: Region, graph: Graph) -> tuple[tuple[int, ...], bool]:
+def _grid(region: Region, spatial: tuple[int, ...]) -> tuple[tuple[int, ...], bool]:
     """(grid, circular): circular convolutions on their input's grid; zero-padded ones (placed at the origin)
     on one large enough for every layer: N >= n_in + max(begin, end) on each axis."""
-    shape = full_shape(graph, region.start)
-    if shape is None:
-        raise NotLiftable("size unknown")
-    spatial = shape[2:]
     convs = [i.conv for i in _linears(region.items) if i.conv is not None]
     dense = [i for i in _linears(region.items) if i.conv is None]
     if convs and dense:
@@ -337,7 +341,11 @@ def _linears(items: list[Item]) -> list[Linear]:
 
 def lift(region: Region, graph: Graph) -> _Lifted:
     """Number the cuts (adding restriction cuts where zero padding needs them) and build each operator."""
-    grid, circular = _grid(region, graph)
+    shape = full_shape(graph, region.start)
+    if shape is None:
+        raise NotLiftable("size unknown")
+    spatial, channels_in = _polyphase_start(region, shape)
+    grid, circular = _grid(region, spatial)
     freqs = half_frequencies(grid)
     for linear in _linears(region.items):
         m, n = _size(linear, graph)
@@ -349,10 +357,59 @@ def lift(region: Region, graph: Graph) -> _Lifted:
     _number(items, cuts)
     if len(cuts) > MAX_CUTS:
         raise NotLiftable(f"{len(cuts)} activations")
-    shape = full_shape(graph, region.start)
-    assert shape is not None
     channels = {id(block): _channels(block, graph) for block in _blocks(items)}
-    return _Lifted(items, cuts, operators, int(freqs.shape[0]), int(shape[1]), channels)
+    return _Lifted(items, cuts, operators, int(freqs.shape[0]), channels_in, channels)
+
+
+def _polyphase_start(region: Region, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+    """(spatial size, channels) of the region's input as its layers see it: as it is, or, when strided
+    convolutions read it, in polyphase form (each phase of the stride a channel of its own, on the coarse grid:
+    an orthogonal rearrangement, zero-filled to a multiple of the stride) with those convolutions made stride-1
+    convolutions on that grid."""
+    strided = [linear for linear in _linears(region.items) if linear.conv is not None and linear.conv.strided]
+    spatial, channels = tuple(shape[2:]), int(shape[1])
+    if not strided:
+        return spatial, channels
+    strides = {linear.conv.strides for linear in strided if linear.conv is not None}
+    if len(strides) != 1:
+        raise NotLiftable("strided convolutions with different strides")
+    (stride,) = strides
+    for linear in strided:
+        assert linear.conv is not None
+        linear.conv = polyphase(linear.conv)
+    coarse = tuple(-(-n // s) for n, s in zip(spatial, stride, strict=True))
+    return coarse, channels * math.prod(stride)
+
+
+def polyphase(conv: ShiftInvariant) -> ShiftInvariant:
+    """The strided convolution y[i] = sum_t K_t x[s i + t d - p] as a stride-1 one on the phases x_r[j] = x[s j + r]
+    (input channel (r, c) at index r c_in + c, r in row-major order): offset t d - p = s q + r reads x_r[i + q]."""
+    stride, d = conv.strides, len(conv.strides)
+    weight = dense_groups(conv.weight, conv.groups)
+    c_out, c_in, *taps = weight.shape
+    offsets = [[t * conv.dilations[a] - conv.begins[a] for t in range(taps[a])] for a in range(d)]
+    q_min = [min(m // stride[a] for m in offsets[a]) for a in range(d)]
+    q_max = [max(m // stride[a] for m in offsets[a]) for a in range(d)]
+    size = [q_max[a] - q_min[a] + 1 for a in range(d)]
+    phases = math.prod(stride)
+    result = torch.zeros((c_out, c_in * phases, *size), dtype=torch.float64)
+    for tap in itertools.product(*[range(k) for k in taps]):
+        q = [offsets[a][tap[a]] // stride[a] - q_min[a] for a in range(d)]
+        r = [offsets[a][tap[a]] % stride[a] for a in range(d)]
+        phase = 0
+        for a in range(d):
+            phase = phase * stride[a] + r[a]
+        into: tuple[Any, ...] = (slice(None), slice(phase * c_in, (phase + 1) * c_in), *q)
+        source: tuple[Any, ...] = (slice(None), slice(None), *tap)
+        result[into] = weight[source]
+    coarse = tuple(-(-n // s) for n, s in zip(conv.input_size, stride, strict=True))
+    n_out = [
+        (n + b + e - (k - 1) * r - 1) // s + 1
+        for n, b, e, k, r, s in zip(conv.input_size, conv.begins, conv.ends, taps, conv.dilations, stride, strict=True)
+    ]
+    begins = tuple(-q for q in q_min)
+    ends = tuple(n_out[a] - coarse[a] - begins[a] + size[a] - 1 for a in range(d))
+    return ShiftInvariant(result, begins, ends, (1,) * d, 1, circular=False, input_size=coarse)
 
 
 def _blocks(items: list[Item]) -> list[Block]:

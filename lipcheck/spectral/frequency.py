@@ -128,17 +128,8 @@ def conv_frequency_matrices(
     within a few u of |angle|, cos/sin to within a few u, so every term of the sum is within
     (8 + 4 |angle|) u |K_t| of exact; the sum over T taps adds (T + 2) u of sum_t |K_t|.
     """
-    w = to_float64(weight)
-    c_out, c_in_group, *taps = w.shape
-    c_in = c_in_group * groups
-    if groups > 1:
-        full = torch.zeros((c_out, c_in, *taps), dtype=torch.float64)
-        step_out = c_out // groups
-        for g in range(groups):
-            full[g * step_out : (g + 1) * step_out, g * c_in_group : (g + 1) * c_in_group] = w[
-                g * step_out : (g + 1) * step_out
-            ]
-        w = full
+    w = dense_groups(to_float64(weight), groups)
+    c_out, c_in, *taps = w.shape
     flat = w.reshape(c_out, c_in, -1)
     mesh = torch.meshgrid(*[torch.arange(k, dtype=torch.float64) for k in taps], indexing="ij")
     offsets = torch.stack(
@@ -152,6 +143,18 @@ def conv_frequency_matrices(
     largest_angle = float(angles.abs().max()) if angles.numel() else 0.0
     gamma = (n_taps + 10 + 4 * largest_angle) * 2 * UNIT_ROUNDOFF
     return FrequencyMatrices(matrix, bound * (1 + 2 * UNIT_ROUNDOFF), gamma)
+
+
+def dense_groups(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped convolution's weight [c_out, c_in / g, *k] as the block-diagonal one [c_out, c_in, *k]."""
+    if groups == 1:
+        return weight
+    c_out, per_group, *taps = weight.shape
+    full = torch.zeros((c_out, per_group * groups, *taps), dtype=weight.dtype)
+    step = c_out // groups
+    for g in range(groups):
+        full[g * step : (g + 1) * step, g * per_group : (g + 1) * per_group] = weight[g * step : (g + 1) * step]
+    return full
 
 
 def dense_frequency_matrices(matrix: torch.Tensor, bound: torch.Tensor, gamma: float) -> FrequencyMatrices:
