@@ -11,6 +11,15 @@
 * ``recognise_switches``: ``Where(u(x) > t, a(x), b(x))`` whose pieces a and b meet at the one point
   where the affine u(x) crosses t (thresholded activations, ReLU written as a Where) is replaced by one
   ``Piecewise`` node bounded by the larger piece constant, instead of being a switch (not Lipschitz).
+* ``recognise_sorting``: a Concat of sorted entries of one value's groups (ReduceMin/ReduceMax, TopK: GroupSort),
+  of max(a, b) and min(a, b) for disjoint selections a, b of one value (MaxMin), or of relu(x) and relu(-x)
+  (CReLU) is replaced by one ``Nonexpansive`` node: 1, where the Concat rule gives sqrt(2) or 2. The structure
+  proves it (constant positions, distinct ranks, disjoint pairs), not an evaluation.
+* ``recognise_l2_pooling``: x^2, a mean over full windows, then c sqrt (torch's LPPool written out) is replaced
+  by ``LpPool(p=2)`` times its scale, instead of x^p and sign, which have no global constant.
+* ``merge_rejoined_selections``: a Concat of Slices, Split outputs and Gathers of constant positions of one
+  value along the concatenation axis (torch.roll) is one Gather: sqrt(most copies of an entry), not
+  sqrt(number of branches).
 
 Passes ask the ops for facets (``channel_affine``, ``fold_output_affine``, ``decomposes_activations``...);
 they never test op names.
@@ -24,10 +33,14 @@ import numpy as np
 import torch
 
 from lipcheck import ops
-from lipcheck.graph import Graph, Node
+from lipcheck.errors import LipcheckError
+from lipcheck.graph import Graph, Node, unique_name
 from lipcheck.ops.activations import KNOWN_ACTIVATIONS, Recognised
-from lipcheck.ops.base import EvalContext
+from lipcheck.ops.arithmetic import Mul
+from lipcheck.ops.base import EvalContext, add_constant, constant_tensor, variable_inputs
 from lipcheck.ops.elementwise import Piecewise
+from lipcheck.ops.pooling import LpPool
+from lipcheck.ops.selection import Gather, Nonexpansive
 from lipcheck.walk import walk
 
 
@@ -35,6 +48,9 @@ def prepare(graph: Graph, fold_batchnorms: bool = True) -> Graph:
     """All passes, in order (``fold_batchnorms=False`` keeps BatchNorms as layers of their own)."""
     recognise_activations(graph)
     recognise_switches(graph)
+    recognise_sorting(graph)
+    recognise_l2_pooling(graph)
+    merge_rejoined_selections(graph)
     fold_wrap_padding(graph)
     if fold_batchnorms:
         fold_batchnorm(graph)
@@ -168,7 +184,7 @@ def _region(
     return sorted(region.values(), key=lambda n: order[n.outputs[0]])
 
 
-def _evaluate(graph: Graph, nodes: list[Node], source: str) -> torch.Tensor | None:
+def _evaluate(graph: Graph, nodes: list[Node], source: str, grid: torch.Tensor = _GRID) -> torch.Tensor | None:
     """The region's output on the grid (its scalar constants broadcast), by the ops' ``evaluate``."""
 
     def scalar(name: str) -> torch.Tensor:
@@ -179,9 +195,9 @@ def _evaluate(graph: Graph, nodes: list[Node], source: str) -> torch.Tensor | No
         return out if isinstance(out, tuple) else (out,)
 
     with np.errstate(all="ignore"):
-        values = walk(nodes, {source: _GRID}, step, read=scalar)
+        values = walk(nodes, {source: grid}, step, read=scalar)
     result = values[nodes[-1].outputs[0]]
-    return result if result.shape == _GRID.shape else None
+    return result if result.shape == grid.shape else None
 
 
 def identify_activation(values: torch.Tensor) -> tuple[str, float] | None:
@@ -364,9 +380,9 @@ def _affine_path(graph: Graph, value: str, source: str, producers: dict[str, Nod
 
 
 def _subgraph(graph: Graph, nodes: list[Node], source: str, outputs: list[str]) -> Graph:
-    """``nodes`` as a graph of ``source`` alone, with the scalar constants they read."""
+    """``nodes`` as a graph of ``source`` alone, with the constants they read."""
     names = {v for node in nodes for v in node.inputs if v}
-    constants = {v: np.asarray(graph.constants[v]) for v in names if v != source and _scalar(graph, v) is not None}
+    constants = {v: np.asarray(graph.constants[v]) for v in names if v != source and v in graph.constants}
     values = names | {v for node in nodes for v in node.outputs}
     shapes = {v: graph.shapes[v] for v in values if v in graph.shapes}
     function = Graph(nodes=list(nodes), inputs=[source], outputs=outputs, constants=constants, shapes=shapes)
@@ -412,3 +428,290 @@ def _pieces_constant(graph: Graph, region: list[Node], source: str, pieces: list
         return None
     constant = max(result.output_lipschitz)
     return constant if math.isfinite(constant) and not result.unbounded else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Selections along one axis: which entries of a value another value holds
+
+Selected = tuple[str, list[Node], np.ndarray]  # (source, the selections in order, positions along the axis)
+
+
+def _selected(graph: Graph, value: str, axis: int, producers: dict[str, Node]) -> Selected | None:
+    """``value`` as entries of an earlier value along ``axis``, through the Slices, Splits and Gathers of
+    constant positions before it (none: the value itself); the positions come from the selections' own
+    ``evaluate`` run on the positions 0..n-1."""
+    path: list[Node] = []
+    source, node = value, producers.get(value)
+    while node is not None and _op(node).selection_axis(node, graph) == axis:
+        path.append(node)
+        source = node.inputs[0]
+        node = producers.get(source)
+    path.reverse()
+    shape = graph.shape(source)
+    if shape is None or axis >= len(shape) or shape[axis] is None:
+        return None
+    n = int(shape[axis])  # type: ignore[arg-type]
+    probe = torch.arange(n, dtype=torch.float64).reshape([n if i == axis else 1 for i in range(len(shape))])
+
+    def step(node: Node, args: list[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
+        out = _op(node).evaluate(EvalContext(node, torch.float64, torch.device("cpu")), *args)
+        return out if isinstance(out, tuple) else (out,)
+
+    def read(name: str) -> torch.Tensor:
+        return constant_tensor(graph.constants[name], torch.float64, torch.device("cpu"))
+
+    try:
+        picked = walk(path, {source: probe}, step, read=read)[value]
+    except LipcheckError:
+        return None
+    if picked.dim() != len(shape) or picked.numel() != picked.shape[axis]:
+        return None
+    return source, path, picked.reshape(-1).round().to(torch.int64).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Selections that rejoin: one selection map, sqrt(the most copies of one entry), not sqrt(branches)
+
+
+def merge_rejoined_selections(graph: Graph) -> None:
+    """Replace each Concat of selections of one value along the concatenation axis (Slice, Split, Gather of
+    constant positions: ``torch.roll``, channel permutations) by one Gather of that value: its rule counts the
+    copies of each entry (a permutation: 1) where the Concat rule charges sqrt(number of branches)."""
+    producers = graph.producers()
+    replaced = False
+    for index, join in enumerate(graph.nodes):
+        axis = _op(join).joined_axis(join, graph)
+        if axis is None or len(join.inputs) < 2 or not all(join.inputs):
+            continue
+        makers = [producers.get(value) for value in join.inputs]
+        if not any(m is not None and _op(m).selection_axis(m, graph) == axis for m in makers):
+            continue
+        picks = [_selected(graph, value, axis, producers) for value in join.inputs]
+        if any(p is None for p in picks) or len({p[0] for p in picks}) != 1 or not any(p[1] for p in picks):  # type: ignore[index]
+            continue
+        positions = np.concatenate([p[2] for p in picks])  # type: ignore[index]
+        indices = add_constant(graph, f"{join.name}.positions", positions)
+        folded = list(dict.fromkeys(node.name for p in picks for node in p[1]))  # type: ignore[index]
+        source = picks[0][0]  # type: ignore[index]
+        gather = Node(join.name, Gather.name, [source, indices], join.outputs[:1], {"axis": axis}, folded)
+        graph.nodes[index] = producers[join.outputs[0]] = gather  # a later Concat may select from it in turn
+        replaced = True
+    if replaced:
+        graph.prune()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sorting idioms written out: pairs sorted by Max and Min, order statistics concatenated, CReLU
+
+Idiom = tuple[str, list[Node], str, str]  # (source, the nodes before the Concat, name, the structure found)
+
+
+def recognise_sorting(graph: Graph) -> None:
+    """Replace each Concat that provably computes a 1-Lipschitz sorting idiom of one value by one
+    ``Nonexpansive`` node (the Concat rule would charge sqrt(2) or 2 for a GroupSort or a MaxMin)."""
+    producers = graph.producers()
+    order = {out: i for i, node in enumerate(graph.nodes) for out in node.outputs}
+    replaced = False
+    for index, join in enumerate(graph.nodes):
+        if _op(join).joined_axis(join, graph) is None or len(join.inputs) < 2 or not all(join.inputs):
+            continue
+        moves = [_rearranged(graph, value, producers) for value in join.inputs]
+        parts = [part for part, _ in moves]
+        makers = [producers.get(part) for part in parts]
+        if any(maker is None for maker in makers):
+            continue
+        found = _sorting_idiom(graph, parts, makers, producers)  # type: ignore[arg-type]
+        if found is None:
+            continue
+        source, nodes, idiom, why = found
+        nodes = [*nodes, *(node for _, moved in moves for node in moved)]
+        region = sorted({id(n): n for n in nodes}.values(), key=lambda n: order[n.outputs[0]])
+        attrs = {"function": _subgraph(graph, [*region, join], source, join.outputs[:1]), "idiom": idiom, "why": why}
+        folded = [n.name for n in region]
+        graph.nodes[index] = Node(join.name, Nonexpansive.name, [source], join.outputs[:1], attrs, folded)
+        replaced = True
+    if replaced:
+        graph.prune()
+
+
+def _rearranged(graph: Graph, value: str, producers: dict[str, Node]) -> tuple[str, list[Node]]:
+    """The value that ``value`` moves the entries of, through Reshapes, Unsqueezes, Transposes (torch.stack
+    writes an Unsqueeze before its Concat): placing entries elsewhere, each once, keeps a map 1-Lipschitz."""
+    moved: list[Node] = []
+    node = producers.get(value)
+    while node is not None and _op(node).rearranges and len(variable_inputs(node, graph)) == 1:
+        moved.append(node)
+        value = node.inputs[0]
+        node = producers.get(value)
+    return value, moved
+
+
+def _sorting_idiom(graph: Graph, parts: list[str], makers: list[Node], producers: dict[str, Node]) -> Idiom | None:
+    return (
+        _order_statistics(graph, parts, makers)
+        or _sorted_pairs(graph, makers, producers)
+        or _concatenated_relu(makers, producers)
+    )
+
+
+def _order_statistics(graph: Graph, parts: list[str], makers: list[Node]) -> Idiom | None:
+    """Each part holds entries of the same groups of one value, sorted (ReduceMax, ReduceMin, TopK's values),
+    and no entry of a sorted group twice: a selection of the sorted groups (deel-torchlip's GroupSort2)."""
+    stats = [
+        _op(m).order_statistics(m, graph) if m.outputs[0] == v else None for m, v in zip(makers, parts, strict=True)
+    ]
+    if any(s is None for s in stats) or len({m.inputs[0] for m in makers}) != 1:
+        return None
+    if len({(s.axes, s.size) for s in stats}) != 1:  # type: ignore[union-attr]
+        return None
+    ranks = [r for s in stats for r in s.ranks]  # type: ignore[union-attr]
+    if len(ranks) != len(set(ranks)):
+        return None
+    size = stats[0].size  # type: ignore[union-attr]
+    idiom = "GroupSort" if len(ranks) == size else "order statistics"
+    why = f"{len(ranks)} of the sorted {size} entries of each group, each once (sorting is 1-Lipschitz)"
+    return makers[0].inputs[0], makers, idiom, why
+
+
+def _sorted_pairs(graph: Graph, makers: list[Node], producers: dict[str, Node]) -> Idiom | None:
+    """max(a, b) and min(a, b) of two disjoint selections a, b of one value along one axis: each pair sorted
+    (orthogonium's MaxMin: Split, Max, Min, Concat)."""
+    if len(makers) != 2 or {_op(m).extremum for m in makers} != {"max", "min"}:
+        return None
+    operands = [sorted(m.inputs) for m in makers]
+    if operands[0] != operands[1] or len(operands[0]) != 2 or "" in operands[0] or operands[0][0] == operands[0][1]:
+        return None
+    axes = [_op(n).selection_axis(n, graph) for v in operands[0] if (n := producers.get(v)) is not None]
+    axis = next((a for a in axes if a is not None), None)  # one operand may be the value itself
+    picks = [_selected(graph, value, axis, producers) for value in operands[0]] if axis is not None else [None]
+    if any(p is None for p in picks) or picks[0][0] != picks[1][0]:  # type: ignore[index]
+        return None
+    (source, path_a, at_a), (_, path_b, at_b) = picks  # type: ignore[misc]
+    positions = np.concatenate([at_a, at_b])
+    if at_a.size != at_b.size or np.unique(positions).size != positions.size:
+        return None
+    why = f"max and min of {at_a.size} disjoint pairs along axis {axis}: each pair sorted"
+    return source, [*path_a, *path_b, *makers], "MaxMin", why
+
+
+def _concatenated_relu(makers: list[Node], producers: dict[str, Node]) -> Idiom | None:
+    """max(x, 0) and max(-x, 0) (deel-torchlip's MaxMin, CReLU): per entry |x - y| when the signs agree, else
+    sqrt(x^2 + y^2) <= |x - y|."""
+    if len(makers) != 2 or not all(_op(m).positive_part for m in makers):
+        return None
+    x, y = (m.inputs[0] for m in makers)
+    for plain, negated in ((x, y), (y, x)):
+        negation = producers.get(negated)
+        if negation is not None and _op(negation).negates and negation.inputs[0] == plain:
+            return plain, [*makers, negation], "CReLU", "max(x, 0) and max(-x, 0) of each entry"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# l2-norm pooling written out: sqrt(c * mean over windows of x^2)
+
+_NONNEGATIVE = torch.cat(
+    [
+        torch.linspace(0, 40, 4001, dtype=torch.float64),
+        torch.tensor([1.0, 1e-12, 1e-6, 1e-3, 100.0, 1e3, 1e4, 1e8], dtype=torch.float64),
+    ]
+)
+_LINE = torch.cat([_GRID, torch.tensor([1.0], dtype=torch.float64)])  # 1 exactly: the constant is the value there
+_EXACT = 1e-14  # relative: exporters' decompositions match up to float64 rounding (a few ulps), nothing more
+
+
+def recognise_l2_pooling(graph: Graph) -> None:
+    """Replace h(x) -> mean over full windows -> t as ``LpPool(p=2)`` times a scale, when h(x) = c2 x^2 and
+    t(m) = c1 sqrt(m) (torch's LPPool: x^2, AveragePool, sign(m) relu(|m|), times k, ^0.5): the output is
+    c1 sqrt(c2 / taps) ||window of x||_2. h and t are matched on grids, as activations are; the norm's rule
+    then follows from the pooling geometry."""
+    producers, consumers = graph.producers(), graph.consumers()
+    order = {out: i for i, node in enumerate(graph.nodes) for out in node.outputs}
+    replaced = False
+    for pool in list(graph.nodes):
+        geometry = _op(pool).window_mean(pool, graph)
+        if geometry is None or not pool.inputs:
+            continue
+        head = _square(graph, pool.inputs[0], producers, order)
+        tail = _square_root(graph, pool.outputs[0], producers, consumers, order) if head is not None else None
+        if head is None or tail is None:
+            continue
+        _replace_by_lp_pool(graph, pool, geometry, head, tail)
+        producers, consumers = graph.producers(), graph.consumers()
+        order = {out: i for i, node in enumerate(graph.nodes) for out in node.outputs}
+        replaced = True
+    if replaced:
+        graph.prune()
+
+
+def _square(
+    graph: Graph, value: str, producers: dict[str, Node], order: dict[str, int]
+) -> tuple[str, list[Node], float] | None:
+    """(x, nodes, c2) when ``value`` = c2 x^2 elementwise, c2 > 0."""
+    for source in _candidate_sources([value], producers, graph, order):
+        nodes = _region(graph, [value], source, producers, order)
+        if not nodes:
+            continue
+        values = _evaluate(graph, nodes, source, _LINE)
+        c2 = _multiple(values, _LINE * _LINE) if values is not None else None
+        if c2 is not None and c2 > 0:
+            return source, nodes, c2
+    return None
+
+
+def _square_root(
+    graph: Graph, value: str, producers: dict[str, Node], consumers: dict[str, list[Node]], order: dict[str, int]
+) -> tuple[Node, list[Node], float] | None:
+    """(last node, nodes, c1) for the furthest elementwise function of ``value`` (>= 0) that is c1 sqrt(value)."""
+    reached: dict[int, Node] = {}
+    stack = [value]
+    while stack and len(reached) < 32:
+        for user in consumers.get(stack.pop(), []):
+            if _op(user).decomposes_activations and id(user) not in reached:
+                reached[id(user)] = user
+                stack.extend(user.outputs)
+    for last in sorted(reached.values(), key=lambda n: -order[n.outputs[0]]):
+        nodes = _region(graph, [last.outputs[0]], value, producers, order)
+        values = _evaluate(graph, nodes, value, _NONNEGATIVE) if nodes else None
+        c1 = _multiple(values, _NONNEGATIVE.sqrt()) if values is not None else None
+        if c1 is not None and c1 > 0:
+            return last, nodes, c1  # type: ignore[return-value]
+    return None
+
+
+def _multiple(values: torch.Tensor, reference: torch.Tensor) -> float | None:
+    """c when values = c * reference on the grid (relative error below ``_EXACT``); c is the value at 1."""
+    at_one = (reference == 1.0).nonzero()
+    if not torch.isfinite(values).all() or at_one.numel() == 0:
+        return None
+    c = float(values[at_one[0, 0]])
+    error = (values - c * reference).abs() / (abs(c) * reference.abs()).clamp_min(1.0)
+    return c if float(error.max()) <= _EXACT else None
+
+
+def _replace_by_lp_pool(
+    graph: Graph,
+    pool: Node,
+    geometry: dict,
+    head: tuple[str, list[Node], float],
+    tail: tuple[Node, list[Node], float],
+) -> None:
+    """LpPool(p=2) of x in place of the tail's last node, then a Mul by the scale unless it is 1."""
+    (source, head_nodes, c2), (last, tail_nodes, c1) = head, tail
+    taps = math.prod(geometry["kernel_shape"])
+    scale = math.sqrt(c1 * c1 * c2 / taps)
+    if scale != 1.0:
+        scale *= 1 + _EXACT + 4 * 2.0**-52  # the match's tolerance and the three roundings above, up
+    folded = [n.name for n in [*head_nodes, pool, *tail_nodes]]
+    attrs = {**geometry, "p": 2, "auto_pad": "NOTSET"}
+    output = last.outputs[0]
+    taken = {v for node in graph.nodes for v in node.outputs} | set(graph.inputs) | set(graph.constants)
+    pooled = output if scale == 1.0 else unique_name(taken, f"{pool.outputs[0]}.l2")
+    nodes = [Node(last.name if scale == 1.0 else pool.name, LpPool.name, [source], [pooled], attrs, folded)]
+    if scale != 1.0 and output in graph.shapes:
+        graph.shapes[pooled] = graph.shapes[output]
+    if scale != 1.0:
+        factor = add_constant(graph, f"{last.name}.scale", np.asarray(scale))
+        nodes.append(Node(last.name, Mul.name, [pooled, factor], [output]))
+    index = graph.nodes.index(last)
+    graph.nodes[index : index + 1] = nodes

@@ -33,7 +33,7 @@ from lipcheck.graph import Graph
 from lipcheck.passes import prepare
 from lipcheck.pipeline import analyse
 from tests.conftest import ROOT, SAMPLES
-from tests.torch_nets import FunctionalForms, ParityNet, WithSort, make_parity_net
+from tests.torch_nets import FunctionalForms, ParityNet, WithCummax, make_parity_net
 
 IMG = "1,3,16,16"
 RESNET = "sample_models.build:ResNetSmall"
@@ -376,11 +376,11 @@ def test_wrong_keys_are_listed(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_unsupported_module_names_the_op(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = tmp_path / "sort.pt"
-    torch.save(WithSort().state_dict(), path)
-    code, _, err = run_cli(capsys, "report", str(path), "--model", "tests.torch_nets:WithSort", "-s", "1,4")
+    path = tmp_path / "cummax.pt"
+    torch.save(WithCummax().state_dict(), path)
+    code, _, err = run_cli(capsys, "report", str(path), "--model", "tests.torch_nets:WithCummax", "-s", "1,4")
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "aten.sort" in err
+    assert "aten.cummax" in err
 
 
 def test_garbage_and_empty_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

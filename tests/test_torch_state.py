@@ -119,13 +119,13 @@ def test_the_watch_restores_what_the_forward_changed() -> None:
 
 
 def test_one_unmapped_op_is_named_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.torch_nets import GroupSortNet
+    from tests.torch_nets import CummaxNet
 
     path = tmp_path / "g.pt"
-    torch.save(GroupSortNet().state_dict(), path)
-    code, _, err = run_cli(capsys, "report", str(path), "--model", f"{NETS}:GroupSortNet", "-s", "1,8")
+    torch.save(CummaxNet().state_dict(), path)
+    code, _, err = run_cli(capsys, "report", str(path), "--model", f"{NETS}:CummaxNet", "-s", "1,8")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "for 1 PyTorch op(s): aten.sort (sort)" in err  # not every use of its result after it
+    assert "for 1 PyTorch op(s): aten.cummax (cummax)" in err  # not every use of its result after it
 
 
 def _dense_norm(module: torch.nn.Module, shape: tuple[int, ...]) -> float:

@@ -63,15 +63,15 @@ class FunctionalForms(nn.Module):
         return self.lin(z[:, :4]) - z[:, 4:].clamp(-1, 1)
 
 
-class WithSort(nn.Module):
-    """torch.sort has no lipcheck mapping."""
+class WithCummax(nn.Module):
+    """torch.cummax has no lipcheck mapping."""
 
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(4, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sort(self.fc(x), dim=-1).values.cumsum(-1)
+        return torch.cummax(self.fc(x), dim=-1).values
 
 
 def make_parity_net(width: int = 6, classes: int = 5) -> ParityNet:
@@ -165,7 +165,7 @@ class PowerIterationAssigned(PowerIteration):
 
 
 class GroupSortNet(nn.Module):
-    """Sorting pairs (GroupSort, as 1-Lipschitz networks do): one op without a mapping, used by several after it."""
+    """Sorting pairs (GroupSort, as 1-Lipschitz networks do), by torch.sort."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -175,5 +175,14 @@ class GroupSortNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fc1(x).view(-1, 4, 2).sort(dim=-1)[0].view(-1, 8)
+        y = torch.relu(self.fc2(y)) + y
+        return self.fc3(torch.tanh(y) * 2)
+
+
+class CummaxNet(GroupSortNet):
+    """A running max: one op without a mapping, used by several after it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc1(x).view(-1, 4, 2).cummax(dim=-1)[0].view(-1, 8)
         y = torch.relu(self.fc2(y)) + y
         return self.fc3(torch.tanh(y) * 2)

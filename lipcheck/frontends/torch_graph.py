@@ -1028,6 +1028,26 @@ def _reduce(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     b.emit(op, [b.value(x)], {"axes": axes, "keepdims": int(keepdim), "noop_with_empty_axes": 0})
 
 
+@converts("sort", "topk")
+def _sort(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
+    """torch.sort and torch.topk as ONNX's TopK (a sort is the top n of n, sorted); values and indices."""
+    x = _first(args)
+    shape = _shape_of(x.meta.get("val")) or ()
+    given = args.get("dim")
+    dim = (int(given) if given is not None else -1) % max(len(shape), 1)
+    if aten_name(node.target) == "sort":
+        count, largest = shape[dim] if shape else None, bool(args.get("descending"))
+    else:
+        count, largest = int(args["k"]), bool(args.get("largest", True))
+        if not args.get("sorted", True):  # torch's order of unsorted top values is its own
+            raise UnmappedOps({"aten.topk(sorted=False)": [b.layer_base(node)]})
+    if count is None:
+        raise UnmappedOps({f"aten.{aten_name(node.target)} over an axis of unknown size": [b.layer_base(node)]})
+    k = b.constant(torch.tensor([count], dtype=torch.int64), "k")
+    attrs = {"axis": dim, "largest": int(largest), "sorted": 1}
+    b.values[node.name] = b.emit("TopK", [b.value(x), k], attrs, outputs=2, final=False)
+
+
 @converts(
     "constant_pad_nd",
     "pad",

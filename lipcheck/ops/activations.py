@@ -78,7 +78,7 @@ class Relu(Activation):
     """max(x, 0): slope in [0, 1]."""
 
     quotients = (0.0, 1.0)
-    piecewise_linear = kinked = decomposes_activations = True
+    piecewise_linear = kinked = decomposes_activations = positive_part = True
 
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
         return relu(ctx, x)

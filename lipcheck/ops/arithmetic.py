@@ -158,6 +158,7 @@ class Max(Variadic):
 
     function = staticmethod(torch.maximum)
     single_method, elementwise_extremum = "clamp by constant", True
+    extremum = "max"
 
 
 @register
@@ -166,6 +167,7 @@ class Min(Variadic):
 
     function = staticmethod(torch.minimum)
     single_method, elementwise_extremum = "clamp by constant", True
+    extremum = "min"
 
 
 def per_channel(graph: Graph, node: Node, constant: Any) -> np.ndarray | None:
@@ -294,7 +296,7 @@ class Pow(Op):
 class Neg(Op):
     """-x: an isometry."""
 
-    piecewise_linear = decomposes_activations = True
+    piecewise_linear = decomposes_activations = negates = True
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
         return LocalBound(1.0, "isometry", exact=True)

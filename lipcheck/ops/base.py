@@ -14,7 +14,10 @@ An op's class declares its attribute defaults once and implements the facets it 
 * ``value_range(ctx, *ranges)``: the range of its outputs from its inputs' ranges (room for input
   domains: returns None, "unknown", until an op has one);
 * flags the analyses read (``piecewise_linear``, ``kinked``, ``decomposes_activations``) and the
-  folding facets of layers and per-channel affine ops.
+  folding facets of layers and per-channel affine ops;
+* what the recognition passes ask (``lipcheck.passes``): ``selection_axis``, ``joined_axis``,
+  ``order_statistics``, ``window_mean``, and the flags ``extremum``, ``positive_part``, ``negates``,
+  ``rearranges``.
 
 The registry (``register``) keys instances by op name and refuses a second registration of a name.
 Analyses never test op names: they ask the op (``get(node.op)``) for a facet.
@@ -78,6 +81,17 @@ class LocalBound:
 
 def unbounded(reason: str, method: str = "not globally Lipschitz") -> LocalBound:
     return LocalBound(math.inf, method, certified=True, reason=reason)
+
+
+@dataclass(frozen=True)
+class OrderStatistics:
+    """Entries of the sorted groups of a node's first input: a group is the entries along ``axes`` at one
+    position of the other axes, of ``size`` entries; ``ranks`` are the places in the sorted group (0 the
+    smallest) that the node's first output holds, each once."""
+
+    axes: tuple[int, ...]
+    size: int
+    ranks: frozenset[int]
 
 
 @dataclass(frozen=True)
@@ -417,6 +431,10 @@ class Op:
     selects: ClassVar[bool] = False  # an elementwise choice between two operands by a condition (Where)
     type_inputs: ClassVar[tuple[int, ...]] = ()  # inputs read for their type or shape only: no value flows out
     join_signs: ClassVar[tuple[float, float] | None] = None  # a x + b y of its two inputs (a residual join)
+    extremum: ClassVar[str] = ""  # "max" or "min": the elementwise largest or smallest of its operands
+    positive_part: ClassVar[bool] = False  # max(x, 0) elementwise
+    negates: ClassVar[bool] = False  # -x elementwise
+    rearranges: ClassVar[bool] = False  # moves the entries of its first input, each once, unchanged (Reshape)
 
     @property
     def summary(self) -> str:
@@ -457,6 +475,24 @@ class Op:
 
     def channel_scale(self, node: Node, graph: Graph) -> np.ndarray | None:
         """Per-channel multipliers m (axis 1) when the node computes m * x + shift of its one variable input."""
+        return None
+
+    def selection_axis(self, node: Node, graph: Graph) -> int | None:
+        """The one axis (counted from 0) along which the node copies entries of its first input to its outputs at
+        positions fixed by constants, keeping the rank (a Slice, a Split, a Gather of 1-D constant indices)."""
+        return None
+
+    def joined_axis(self, node: Node, graph: Graph) -> int | None:
+        """The axis (counted from 0) along which the node places its inputs side by side (a Concat)."""
+        return None
+
+    def order_statistics(self, node: Node, graph: Graph) -> OrderStatistics | None:
+        """The sorted entries of groups of its first input that its first output holds (ReduceMax: the largest)."""
+        return None
+
+    def window_mean(self, node: Node, graph: Graph) -> dict[str, Any] | None:
+        """For a mean over windows that are all full (one divisor, the window size): the windows' geometry, as
+        the attributes ``kernel_shape``, ``strides``, ``dilations``, ``pads``, ``ceil_mode`` of a pooling op."""
         return None
 
     def value_range(self, ctx: RuleContext, *ranges: Any) -> Any:

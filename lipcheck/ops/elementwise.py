@@ -58,6 +58,7 @@ class Sqrt(NotLipschitz):
     """sqrt x: unbounded slope near 0."""
 
     function, reason = staticmethod(torch.sqrt), "sqrt has unbounded slope near 0"
+    decomposes_activations = True
 
 
 @register
@@ -121,6 +122,7 @@ class Sign(NotLipschitz):
     """sign: discontinuous."""
 
     function, reason = staticmethod(torch.sign), "sign is discontinuous"
+    decomposes_activations = True
 
 
 @register

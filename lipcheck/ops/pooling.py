@@ -55,6 +55,30 @@ def _window_overlaps(ctx: RuleContext) -> int:
     return math.prod(window_overlap(kk, ss, dd) for kk, ss, dd in zip(k, s, d, strict=True))
 
 
+def largest_multiplicity(ctx: RuleContext) -> int | None:
+    """Most windows one input entry lies in, on the input's known size (None when a size or the padding is unknown).
+
+    The windows holding an entry are a product over axes, so the most is the product of the most per axis."""
+    attrs, shape = ctx.attrs, ctx.shape(0)
+    k = [int(v) for v in attrs["kernel_shape"]]
+    d = len(k)
+    pads = attrs.get("pads") or ([0] * 2 * d if attrs["auto_pad"] in ("NOTSET", "VALID") else None)
+    if pads is None or shape is None or len(shape) != d + 2 or None in shape[2:]:
+        return None
+    strides = [int(v) for v in attrs.get("strides") or [1] * d]
+    dilations = [int(v) for v in attrs.get("dilations") or [1] * d]
+    spatial = [int(n) for n in shape[2:]]  # type: ignore[arg-type]
+    sizes = pool_output_sizes(spatial, k, strides, dilations, [int(p) for p in pads], bool(int(attrs["ceil_mode"])))
+    most = 1
+    for i, n in enumerate(spatial):
+        counts = np.zeros(n, dtype=np.int64)
+        for j in range(sizes[i]):
+            taps = j * strides[i] - int(pads[i]) + np.arange(k[i]) * dilations[i]
+            np.add.at(counts, taps[(taps >= 0) & (taps < n)], 1)
+        most *= int(counts.max()) if n else 0
+    return most
+
+
 class Pool(Op):
     """A window sliding over 1 to 3 spatial axes."""
 
@@ -109,15 +133,20 @@ class LpPool(Pool):
     attributes = {**POOL_ATTRIBUTES, "p": 2}
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        """sum over windows of (||a_w||_p - ||b_w||_p)^2 <= sum_w ||a_w - b_w||_2^2 (p >= 2) = sum_i m_i (a_i - b_i)^2
+        with m_i the windows holding entry i: sqrt(max m_i), reached at b = 0, a = t e_i (each window holding
+        entry i then differs by |t|). Counted on the input when its size is known, else the most on any size."""
         p = float(ctx.attrs["p"])
         if p < 1:
             return unbounded("LpPool with p < 1 is not Lipschitz")
-        overlap = _window_overlaps(ctx)
-        value, method = math.sqrt(overlap), f"sqrt({overlap}) overlapping windows"
+        counted = largest_multiplicity(ctx)
+        overlap = counted if counted is not None else _window_overlaps(ctx)
+        where = " (counted on the input)" if counted is not None else ""
+        value, method = math.sqrt(overlap), f"sqrt({overlap}) overlapping windows{where}"
         # | ||a||_p - ||b||_p | <= ||a - b||_p <= taps^(1/p - 1/2) ||a - b||_2 for 1 <= p < 2
         factor = lp_to_l2(p, math.prod(ctx.attrs["kernel_shape"]))
         method += f" x {factor:.6g} (l_p vs l_2 norm)" if factor != 1 else ""
-        return LocalBound(value * factor, method, exact=overlap == 1)
+        return LocalBound(value * factor, method, exact=overlap <= 1 or (counted is not None and p >= 2))
 
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
         k, strides, dilations, pads = self.geometry(ctx, x)
@@ -192,6 +221,18 @@ class AveragePool(Pool):
             smallest_divisor = kk if include_pad and not ceil_mode else 1
             value *= math.sqrt(window_overlap(kk, ss, dd) / smallest_divisor)
         return LocalBound(value, "size-independent Schur bound")
+
+    def window_mean(self, node: Node, graph: Graph) -> dict[str, Any] | None:
+        """Without padding or ceil mode every window is full: each divides by the window size."""
+        attrs = node_attrs(node)
+        k = [int(v) for v in attrs["kernel_shape"]]
+        d = len(k)
+        pads = [int(p) for p in attrs.get("pads") or [0] * 2 * d]
+        if attrs["auto_pad"] not in ("NOTSET", "VALID") or int(attrs["ceil_mode"]) or any(pads):
+            return None
+        strides = [int(v) for v in attrs.get("strides") or [1] * d]
+        dilations = [int(v) for v in attrs.get("dilations") or [1] * d]
+        return {"kernel_shape": k, "strides": strides, "dilations": dilations, "pads": [0] * 2 * d, "ceil_mode": 0}
 
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
         k, strides, dilations, pads = self.geometry(ctx, x)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -19,8 +20,10 @@ from lipcheck.ops.base import (
     LocalBound,
     NotFoldable,
     Op,
+    OrderStatistics,
     RuleContext,
     axis_index,
+    node_attrs,
     register,
     unbounded,
 )
@@ -142,20 +145,40 @@ def _extreme(x: torch.Tensor, axes: tuple[int, ...], keepdims: bool, largest: bo
     return torch.full(shape, info.min if largest else info.max, dtype=x.dtype, device=x.device)
 
 
+class Extreme(DisjointGroups):
+    """The largest (or smallest) entry of each group: one entry of the sorted group."""
+
+    largest: ClassVar[bool]
+    piecewise_linear = True
+
+    def order_statistics(self, node: Node, graph: Graph) -> OrderStatistics | None:
+        shape = graph.shape(node.inputs[0])
+        axes = node_attrs(node).get("axes")
+        if shape is None or (not axes and len(node.inputs) > 1 and node.inputs[1]):
+            return None  # axes given as an input the frontend could not read
+        if not axes and int(node_attrs(node)["noop_with_empty_axes"]):
+            return None
+        reduced = sorted({axis_index(int(a), len(shape)) for a in axes} if axes else range(len(shape)))
+        size = spatial_count(shape, reduced)
+        if size is None or size == 0:
+            return None
+        return OrderStatistics(tuple(reduced), size, frozenset([size - 1 if self.largest else 0]))
+
+
 @register
-class ReduceMax(DisjointGroups):
+class ReduceMax(Extreme):
     """Max over disjoint groups: 1."""
 
     function = staticmethod(lambda x, a, k: _extreme(x, a, k, largest=True))
-    piecewise_linear = True
+    largest = True
 
 
 @register
-class ReduceMin(DisjointGroups):
+class ReduceMin(Extreme):
     """Min over disjoint groups: 1."""
 
     function = staticmethod(lambda x, a, k: _extreme(x, a, k, largest=False))
-    piecewise_linear = True
+    largest = False
 
 
 @register

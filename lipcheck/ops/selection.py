@@ -21,6 +21,7 @@ from lipcheck.ops.base import (
     LocalBound,
     NotFoldable,
     Op,
+    OrderStatistics,
     RuleContext,
     UnsupportedVariant,
     axis_index,
@@ -53,9 +54,43 @@ def _slice_indices(start: int, end: int, step: int, n: int) -> range:
     return range(start, end, step)
 
 
+def _rank(graph: Graph, value: str) -> int | None:
+    shape = graph.shape(value)
+    return None if shape is None else len(shape)
+
+
+def _one_axis(axis: int, rank: int | None) -> int | None:
+    """An axis counted from 0 (None for a negative axis of an input whose rank is unknown)."""
+    if axis >= 0:
+        return axis
+    return None if rank is None else axis + rank
+
+
+def _constants(graph: Graph, values: list[str]) -> list[np.ndarray | None] | None:
+    """The given inputs' constant values (None for an omitted one); None when one of them is not a constant."""
+    if any(v and v not in graph.constants for v in values):
+        return None
+    return [np.asarray(graph.constants[v]) if v else None for v in values]
+
+
 @register
 class Slice(Selection):
     """Selects a strided range on some axes: <= 1."""
+
+    def selection_axis(self, node: Node, graph: Graph) -> int | None:
+        starts: Any
+        axes: Any
+        if len(node.inputs) > 1:  # opset >= 10: starts, ends, axes, steps as inputs
+            values = _constants(graph, node.inputs[1:5])
+            if values is None or values[0] is None:
+                return None
+            starts, axes = values[0], values[2] if len(values) > 2 else None
+        else:
+            starts, axes = node_attrs(node).get("starts"), node_attrs(node).get("axes")
+            if starts is None:
+                return None
+        listed = [int(a) for a in np.asarray(axes).reshape(-1)] if axes is not None else list(range(np.size(starts)))
+        return _one_axis(listed[0], _rank(graph, node.inputs[0])) if len(listed) == 1 else None
 
     def evaluate(
         self,
@@ -89,6 +124,11 @@ class Split(Selection):
     """Splits into parts along an axis: each entry goes to one output, <= 1."""
 
     attributes = {"axis": 0}
+
+    def selection_axis(self, node: Node, graph: Graph) -> int | None:
+        if _constants(graph, node.inputs[1:2]) is None:  # split sizes known only at run time
+            return None
+        return _one_axis(int(node_attrs(node)["axis"]), _rank(graph, node.inputs[0]))
 
     def evaluate(self, ctx: EvalContext, x: torch.Tensor, split: Any = None) -> tuple[torch.Tensor, ...]:
         axis = axis_index(int(ctx.attrs["axis"]), x.dim())
@@ -146,6 +186,9 @@ class Concat(Op):
         total = math.sqrt(sum(lip * lip for lip in ctx.input_lipschitz))
         return LocalBound(1.0, "concat: sqrt(sum L_i^2)", output_lipschitz=total)
 
+    def joined_axis(self, node: Node, graph: Graph) -> int | None:
+        return _one_axis(int(node_attrs(node)["axis"]), _rank(graph, node.outputs[0]))
+
     def evaluate(self, ctx: EvalContext, *xs: Any) -> torch.Tensor:
         present = [x for x in xs if x is not None]
         if any(x.is_floating_point() for x in present):
@@ -180,6 +223,12 @@ class Gather(Op):
         return LocalBound(
             math.sqrt(copies), f"selection, {copies} cop{'y' if copies == 1 else 'ies'} max", exact=copies <= 1
         )
+
+    def selection_axis(self, node: Node, graph: Graph) -> int | None:
+        indices = _constants(graph, node.inputs[1:2])
+        if not indices or indices[0] is None or indices[0].ndim != 1:  # a scalar index drops the axis
+            return None
+        return _one_axis(int(node_attrs(node)["axis"]), _rank(graph, node.inputs[0]))
 
     def evaluate(self, ctx: EvalContext, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         axis = axis_index(int(ctx.attrs["axis"]), x.dim())
@@ -401,9 +450,51 @@ class TopK(Op):
         if not int(node.attrs.get("sorted", 1)):
             raise UnsupportedVariant("TopK(sorted=0)")
 
+    def order_statistics(self, node: Node, graph: Graph) -> OrderStatistics | None:
+        attrs, shape = node_attrs(node), graph.shape(node.inputs[0])
+        k = _constants(graph, node.inputs[1:2])
+        if shape is None or k is None or not int(attrs["sorted"]):
+            return None
+        count = int(k[0].reshape(-1)[0]) if k and k[0] is not None else attrs.get("k")
+        axis = axis_index(int(attrs["axis"]), len(shape))
+        size = shape[axis]
+        if size is None or count is None or not 0 < int(count) <= size:
+            return None
+        first = size - int(count) if int(attrs["largest"]) else 0
+        return OrderStatistics((axis,), size, frozenset(range(first, first + int(count))))
+
     def evaluate(self, ctx: EvalContext, x: torch.Tensor, k: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         count = ints(k)[0] if k is not None else int(ctx.attrs["k"])
         axis = axis_index(int(ctx.attrs["axis"]), x.dim())
         # a stable sort: of equal values the one at the lower index comes first, as ONNX asks
         values, indices = torch.sort(x, dim=axis, descending=bool(int(ctx.attrs["largest"])), stable=True)
         return values.narrow(axis, 0, count), indices.narrow(axis, 0, count)
+
+
+@register
+class Nonexpansive(Op):
+    """A 1-Lipschitz map an exporter wrote out in several ops (pairs sorted, order statistics, CReLU): 1.
+
+    Written by ``lipcheck.passes.recognise_sorting`` in place of the ops, when their structure proves the
+    map 1-Lipschitz: each group's sorted entries, each kept at most once (sorting is 1-Lipschitz in l2: the
+    rearrangement inequality), or (max(x, 0), max(-x, 0)) per entry. Equality holds wherever the order does
+    not change. ``attrs``: ``function`` (the ops, as a Graph of the one input), ``idiom`` (the name the
+    report shows), ``why`` (the structure found).
+    """
+
+    piecewise_linear = True
+
+    def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        shape = ctx.output_shape()
+        exact = shape is not None and None not in shape and 0 not in shape
+        return LocalBound(1.0, f"{ctx.attrs['idiom']}: {ctx.attrs['why']}", exact=exact)
+
+    def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
+        function = ctx.attrs["function"]
+        return ctx.run_subgraph(function, {function.inputs[0]: x}, ctx.dtype, ctx.device)[function.outputs[0]]
+
+    def subgraphs(self, node: Node) -> list[Graph]:
+        return [node.attrs["function"]]
+
+    def display_name(self, node: Node) -> str:
+        return str(node.attrs.get("idiom", node.op))

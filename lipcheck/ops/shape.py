@@ -55,7 +55,7 @@ def ints(value: torch.Tensor | Any) -> list[int]:
 class Rearrangement(Op):
     """Rearranges entries without copying: an isometry (1)."""
 
-    piecewise_linear = True
+    piecewise_linear = rearranges = True
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
         return LocalBound(1.0, "isometry", exact=True)
