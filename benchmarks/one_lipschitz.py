@@ -58,7 +58,9 @@ from torch.nn.utils import parametrize
 
 TOL = 1e-6
 PATHS = ["onnx-ts", "onnx-dynamo", "pt2", "state_dict", "state_dict-baked"]
-EXTRA_PATHS = ["torchscript"]  # torch.jit.trace of the baked network: not in the default list
+# not in the default list: torch.jit.trace of the baked network; the exporters on the network with its
+# parametrizations still registered (what a user gets without baking first)
+EXTRA_PATHS = ["torchscript", "onnx-ts-unbaked", "onnx-dynamo-unbaked", "pt2-unbaked"]
 SEED = 0
 LINEAR_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
@@ -386,49 +388,47 @@ def export(net: str, path: str, folder: Path) -> tuple[Path, list[str], dict[str
     shape = NETS[net].shape
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     shapes = [",".join(map(str, shape))]
-    if path == "state_dict":
-        file = folder / f"{net}_state.pt"
-        torch.save(build(net).state_dict(), file)
-        return file, shapes, {"model": "benchmarks.one_lipschitz:build", "model_kwargs": {"net": net}}
-    if path == "state_dict-baked":
-        file = folder / f"{net}_baked_state.pt"
-        torch.save(build_baked(net).state_dict(), file)
-        return file, shapes, {"model": "benchmarks.one_lipschitz:build_baked", "model_kwargs": {"net": net}}
-    module = build_baked(net)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_stderr():
+    suffix = {"onnx-ts": ".onnx", "onnx-dynamo": ".onnx", "pt2": ".pt2"}.get(path.removesuffix("-unbaked"), ".pt")
+    file = folder / f"{net}_{path}{suffix}"
+    if path in ("state_dict", "state_dict-baked"):
+        factory = "build" if path == "state_dict" else "build_baked"
+        torch.save((build if path == "state_dict" else build_baked)(net).state_dict(), file)
+        return file, shapes, {"model": f"benchmarks.one_lipschitz:{factory}", "model_kwargs": {"net": net}}
+    module = build(net) if path.endswith("-unbaked") else build_baked(net)
+    kind = path.removesuffix("-unbaked")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_output():
         warnings.simplefilter("ignore")
-        if path == "onnx-ts":
-            file = folder / f"{net}_ts.onnx"
+        if kind == "onnx-ts":
             torch.onnx.export(module, (x,), str(file), dynamo=False, opset_version=17, input_names=["x"])
-            return file, [], {}
-        if path == "onnx-dynamo":
-            file = folder / f"{net}_dynamo.onnx"
+        elif kind == "onnx-dynamo":
             torch.onnx.export(module, (x,), str(file), dynamo=True, input_names=["x"], verbose=False)
-            return file, [], {}
-        if path == "pt2":
-            file = folder / f"{net}.pt2"
+        elif kind == "pt2":
             torch.export.save(torch.export.export(module, (x,)), str(file))
-            return file, [], {}
-        if path == "torchscript":
-            file = folder / f"{net}_ts.pt"
+        elif kind == "torchscript":
             torch.jit.save(torch.jit.trace(module, (x,)), str(file))
-            return file, shapes, {}
-    raise ValueError(f"unknown path {path!r}")
+        else:
+            raise ValueError(f"unknown path {path!r}")
+    return file, shapes if kind == "torchscript" else [], {}
 
 
 @contextlib.contextmanager
-def _quiet_stderr() -> Any:
-    """The exporters print to the process's stderr (file descriptor 2) directly: silence it."""
+def _quiet_output() -> Any:
+    """The exporters print to the process's stdout and stderr (file descriptors 1 and 2: the TorchScript
+    exporter dumps its whole IR graph when it fails) directly: silence both."""
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved = [os.dup(1), os.dup(2)]
     with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
         os.dup2(null.fileno(), 2)
         try:
             yield
         finally:
+            sys.stdout.flush()
             sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
+            for fd, copy in zip((1, 2), saved, strict=True):
+                os.dup2(copy, fd)
+                os.close(copy)
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -562,15 +562,16 @@ def table(rows: list[Row]) -> str:
 
 
 def blocks_table(rows: list[Row]) -> str:
-    """Per residual block: every refine method's network bound and its ratio to 1."""
+    """Per residual block: every refine method's network bound, the best, its ratio to 1, the lower bound."""
     methods = sorted({m for r in rows for m in r.method_bounds})
-    head = "| block | path | " + " | ".join(methods) + " | best | best / 1 |"
-    lines = [head, "|" + "---|" * (len(methods) + 4)]
+    head = "| block | path | " + " | ".join(methods) + " | best / 1 | lower | time s |"
+    lines = [head, "|" + "---|" * (len(methods) + 5)]
     for r in rows:
         cells = [_fmt(r.method_bounds.get(m)) for m in methods]
         best = _fmt(r.bound) if r.status == "ok" else r.status
-        ratio = f"{r.bound:.6f}" if r.bound is not None else "-"
-        lines.append(f"| {r.net} | {r.path} | " + " | ".join(cells) + f" | {best} | {ratio} |")
+        lines.append(
+            f"| {r.net} | {r.path} | " + " | ".join(cells) + f" | {best} | {_fmt(r.lower)} | {r.seconds:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -589,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", default="all", help=f"comma-separated, or 'all': {', '.join(PATHS + EXTRA_PATHS)}")
     parser.add_argument("--method", default="best", help="lipcheck's --method (best, product, all, ...)")
     parser.add_argument("--lower", action="store_true", help="also lipcheck's empirical lower bound (first path)")
-    parser.add_argument("--lower-budget", type=int, default=300, help="JVPs for --lower (default 300)")
+    parser.add_argument("--lower-budget", type=int, default=1000, help="JVPs for --lower (default 1000)")
     parser.add_argument("--blocks", action="store_true", help="the residual blocks alone, --method all, per method")
     parser.add_argument("--out", help="also write the result as Markdown to this file")
     parser.add_argument("--label", default="", help="a title for the Markdown output")
