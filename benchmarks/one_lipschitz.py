@@ -41,6 +41,7 @@ import contextlib
 import io
 import math
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -59,8 +60,9 @@ from torch.nn.utils import parametrize
 TOL = 1e-6
 PATHS = ["onnx-ts", "onnx-dynamo", "pt2", "state_dict", "state_dict-baked"]
 # not in the default list: torch.jit.trace of the baked network; the exporters on the network with its
-# parametrizations still registered (what a user gets without baking first)
-EXTRA_PATHS = ["torchscript", "onnx-ts-unbaked", "onnx-dynamo-unbaked", "pt2-unbaked"]
+# parametrizations still registered (what a user gets without baking first); the baked state_dict read with
+# the parametrized architecture (--model build)
+EXTRA_PATHS = ["torchscript", "onnx-ts-unbaked", "onnx-dynamo-unbaked", "pt2-unbaked", "state_dict-baked-to-param"]
 SEED = 0
 LINEAR_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
@@ -390,8 +392,8 @@ def export(net: str, path: str, folder: Path) -> tuple[Path, list[str], dict[str
     shapes = [",".join(map(str, shape))]
     suffix = {"onnx-ts": ".onnx", "onnx-dynamo": ".onnx", "pt2": ".pt2"}.get(path.removesuffix("-unbaked"), ".pt")
     file = folder / f"{net}_{path}{suffix}"
-    if path in ("state_dict", "state_dict-baked"):
-        factory = "build" if path == "state_dict" else "build_baked"
+    if path.startswith("state_dict"):
+        factory = "build_baked" if path == "state_dict-baked" else "build"
         torch.save((build if path == "state_dict" else build_baked)(net).state_dict(), file)
         return file, shapes, {"model": f"benchmarks.one_lipschitz:{factory}", "model_kwargs": {"net": net}}
     module = build(net) if path.endswith("-unbaked") else build_baked(net)
@@ -462,7 +464,8 @@ def where_it_loses(report: Any, limit: int = 4) -> str:
     """The nodes to look at in a bound above 1 + TOL: local bounds above it, then the first nodes whose running
     bound crosses it although their own does not (a composition step), and reasons for 'not Lipschitz'."""
     parts = [f"{r.op} {r.node}: {r.reason}" for r in report.unbounded_reasons[:limit]]
-    local = [layer for layer in report.layers if layer.lipschitz > 1 + TOL]
+    named = {r.node for r in report.unbounded_reasons}
+    local = [layer for layer in report.layers if layer.lipschitz > 1 + TOL and layer.name not in named]
     parts += [f"{layer.op} {layer.name} = {layer.lipschitz:.6g} [{layer.method}]" for layer in local[:limit]]
     if len(local) > limit:
         parts.append(f"... {len(local) - limit} more local > 1")
@@ -576,10 +579,15 @@ def blocks_table(rows: list[Row]) -> str:
 
 
 def _commit() -> str:
+    """The checkout's commit, and the last commit that changed lipcheck/ (the code measured)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-        return out.stdout.strip() + (" (modified)" if dirty.stdout.strip() else "")
+        head, code = git("rev-parse", "--short", "HEAD"), git("log", "-1", "--format=%h", "--", "lipcheck")
+        dirty = " (lipcheck/ modified)" if git("status", "--porcelain", "--", "lipcheck") else ""
+        return f"{head} (lipcheck/ as of {code}{dirty})"
     except Exception:
         return "unknown"
 
@@ -594,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", action="store_true", help="the residual blocks alone, --method all, per method")
     parser.add_argument("--out", help="also write the result as Markdown to this file")
     parser.add_argument("--label", default="", help="a title for the Markdown output")
+    parser.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
     parser.add_argument("--keep", help="write the exported files into this folder and keep them")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -628,17 +637,18 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(summary)
     if args.out:
-        command = "PYTHONPATH=. python benchmarks/one_lipschitz.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]
-        )
+        given = sys.argv[1:] if argv is None else argv
+        command = "PYTHONPATH=. python benchmarks/one_lipschitz.py " + shlex.join(given)
         header = [
-            f"# {args.label or '1-Lipschitz networks'}",
+            f"{'##' if args.append else '#'} {args.label or '1-Lipschitz networks'}",
             "",
             f"lipcheck commit {_commit()}, torch {torch.__version__}, {_versions()}; `{command}`; "
             f"method `{method}`; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
             "",
         ]
-        Path(args.out).write_text("\n".join([*header, text, "", summary, ""]))
+        out = Path(args.out)
+        before = out.read_text() + "\n" if args.append and out.exists() else ""
+        out.write_text(before + "\n".join([*header, text, "", summary, ""]))
     return 0
 
 
