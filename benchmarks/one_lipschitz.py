@@ -41,6 +41,7 @@ import contextlib
 import io
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -177,6 +178,13 @@ def net_fullsort() -> nn.Module:
     import deel.torchlip as tl
 
     return nn.Sequential(_linear(32, 16), tl.FullSort(), _linear(16, 16), tl.FullSort(), _linear(16, 4))
+
+
+def net_torchlip_maxmin() -> nn.Module:
+    """deel-torchlip's MaxMin, [relu(x), relu(-x)] along channels, between zero-padded orthogonal convs."""
+    import deel.torchlip as tl
+
+    return nn.Sequential(_aoc(2, 4, 3), tl.MaxMin(), _aoc(8, 4, 3))
 
 
 def net_l2pool() -> nn.Module:
@@ -336,6 +344,7 @@ NETS: dict[str, Net] = {
     "groupsort2": Net(net_groupsort2, IMAGE),
     "groupsort4": Net(net_groupsort4, IMAGE),
     "fullsort": Net(net_fullsort, (1, 32)),
+    "torchlip_maxmin": Net(net_torchlip_maxmin, IMAGE),
     "l2pool": Net(net_l2pool, IMAGE),
     "torchlip": Net(net_torchlip, IMAGE),
     "sll_block": Net(net_sll_block, (1, 4, 16, 16)),
@@ -350,6 +359,8 @@ NETS: dict[str, Net] = {
     "lip_residual": Net(net_lip_residual, (1, 4, 16, 16)),
 }
 BLOCKS = ["sll_block", "sll_dense_block", "sll_aoc_block", "aoc_res_block"]
+CONV_BLOCKS = ["sll_block", "sll_aoc_block", "aoc_res_block"]  # any input size: --block-size N gives N x N
+SHAPES: dict[str, tuple[int, ...]] = {}  # input shapes that replace NETS[net].shape for this run
 
 
 def build(net: str) -> nn.Module:
@@ -387,7 +398,7 @@ def build_baked(net: str) -> nn.Module:
 
 def export(net: str, path: str, folder: Path) -> tuple[Path, list[str], dict[str, Any]]:
     """Write ``net`` in the form ``path``: (file, lipcheck --input-shape, TorchOptions kwargs)."""
-    shape = NETS[net].shape
+    shape = SHAPES.get(net, NETS[net].shape)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     shapes = [",".join(map(str, shape))]
     suffix = {"onnx-ts": ".onnx", "onnx-dynamo": ".onnx", "pt2": ".pt2"}.get(path.removesuffix("-unbaked"), ".pt")
@@ -455,7 +466,8 @@ class Row:
 
 
 def _short(exc: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(exc).split())
+    text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(exc).split()))  # the dynamo exporter's colours
+    text = re.sub(r"\S*/(?=[^/\s]+\.(?:pt2|pt|onnx)\b)", "", text)  # the temporary folder
     text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -600,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lower", action="store_true", help="also lipcheck's empirical lower bound (first path)")
     parser.add_argument("--lower-budget", type=int, default=1000, help="JVPs for --lower (default 1000)")
     parser.add_argument("--blocks", action="store_true", help="the residual blocks alone, --method all, per method")
+    parser.add_argument("--block-size", type=int, help="input size N x N of the conv residual blocks (default 16)")
     parser.add_argument("--out", help="also write the result as Markdown to this file")
     parser.add_argument("--label", default="", help="a title for the Markdown output")
     parser.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
@@ -616,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown net or path: {', '.join(unknown)}")
 
+    if args.block_size:
+        SHAPES.update({net: (*NETS[net].shape[:2], args.block_size, args.block_size) for net in CONV_BLOCKS})
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.keep or tmp)
