@@ -58,7 +58,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-TOL = 1e-6
+TOL = 1e-6  # pass: bound <= 1 + TOL (--tol)
 PATHS = ["onnx-ts", "onnx-dynamo", "pt2", "state_dict", "state_dict-baked"]
 # not in the default list: torch.jit.trace of the baked network; the exporters on the network with its
 # parametrizations still registered (what a user gets without baking first); the baked state_dict read with
@@ -529,6 +529,8 @@ def measure(net: str, path: str, folder: Path, method: str, lower_budget: int | 
         row.status, row.where = "crash", f"{_short(exc)} ({Path(tail.filename).name}:{tail.lineno})"
         return row
     row.bound = report.upper_bound
+    if row.bound is not None and row.lower is not None and row.lower > row.bound * (1 + 1e-6):
+        row.status = "UNSOUND"  # the empirical lower bound is above the certified one
     row.linear = math.prod(layer.lipschitz for layer in report.layers if layer.op in LINEAR_OPS)
     row.method = report.bound_method or ""
     row.method_bounds = dict(report.method_bounds or {})
@@ -536,6 +538,8 @@ def measure(net: str, path: str, folder: Path, method: str, lower_budget: int | 
         row.status = "unbounded"
     if not row.passed:
         row.where = where_it_loses(report)
+    if row.status == "UNSOUND":
+        row.where = f"UNSOUND: lower bound {row.lower:.9g} > certified {row.bound:.9g}; " + row.where
     return row
 
 
@@ -605,9 +609,11 @@ def _commit() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global TOL
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nets", default="all", help=f"comma-separated, or 'all': {', '.join(NETS)}")
     parser.add_argument("--paths", default="all", help=f"comma-separated, or 'all': {', '.join(PATHS + EXTRA_PATHS)}")
+    parser.add_argument("--tol", type=float, default=TOL, help=f"pass when the bound is <= 1 + TOL (default {TOL:g})")
     parser.add_argument("--method", default="best", help="lipcheck's --method (best, product, all, ...)")
     parser.add_argument("--lower", action="store_true", help="also lipcheck's empirical lower bound (first path)")
     parser.add_argument("--lower-budget", type=int, default=1000, help="JVPs for --lower (default 1000)")
@@ -618,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
     parser.add_argument("--keep", help="write the exported files into this folder and keep them")
     args = parser.parse_args(argv)
+    TOL = args.tol
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
     names = list(NETS) if args.nets == "all" else args.nets.split(",")
