@@ -223,7 +223,7 @@ def net_torchlip() -> nn.Module:
 
 
 def net_sll_block() -> nn.Module:
-    """One SDPBasedLipschitzResBlock (SLL: x - 2 K^T t relu(K x + b), zero padding)."""
+    """One SDPBasedLipschitzResBlock (SLL: x - 2 K^T relu(K x + b), K rescaled by AOL, zero padding)."""
     from orthogonium.layers.conv.SLL import SDPBasedLipschitzResBlock
 
     return SDPBasedLipschitzResBlock(4, 2, kernel_size=3)
@@ -324,6 +324,7 @@ class _LipRes(nn.Module):
 
 
 def net_lip_residual() -> nn.Module:
+    """deel-torchlip LipResidual: a x + (1 - a) f(x), a = sigmoid(alpha), f conv-MaxMin-conv."""
     return _LipRes()
 
 
@@ -331,7 +332,6 @@ def net_lip_residual() -> nn.Module:
 class Net:
     make: Callable[[], nn.Module]
     shape: tuple[int, ...]
-    doc: str = ""
 
 
 IMAGE = (1, 2, 16, 16)
@@ -623,7 +623,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="", help="a title for the Markdown output")
     parser.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
     parser.add_argument("--keep", help="write the exported files into this folder and keep them")
+    parser.add_argument("--list", action="store_true", help="list the networks and exit")
     args = parser.parse_args(argv)
+    if args.list:
+        for name, spec in NETS.items():
+            doc = " ".join((spec.make.__doc__ or "").split())
+            print(f"{name:18s} {'x'.join(map(str, spec.shape)):12s} {doc}")
+        return 0
     TOL = args.tol
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
