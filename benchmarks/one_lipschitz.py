@@ -600,6 +600,11 @@ def _commit() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
 
+    import lipcheck
+
+    used = Path(lipcheck.__file__).resolve().parent
+    if used != Path("lipcheck").resolve():
+        return f"lipcheck imported from {used} (not this checkout)"
     try:
         head, code = git("rev-parse", "--short", "HEAD"), git("log", "-1", "--format=%h", "--", "lipcheck")
         dirty = " (lipcheck/ modified)" if git("status", "--porcelain", "--", "lipcheck") else ""
