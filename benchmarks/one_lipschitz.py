@@ -608,7 +608,7 @@ def _commit() -> str:
     try:
         head, code = git("rev-parse", "--short", "HEAD"), git("log", "-1", "--format=%h", "--", "lipcheck")
         dirty = " (lipcheck/ modified)" if git("status", "--porcelain", "--", "lipcheck") else ""
-        return f"{head} (lipcheck/ as of {code}{dirty})"
+        return f"checkout {head}, lipcheck/ as of {code}{dirty}"
     except Exception:
         return "unknown"
 
@@ -675,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         header = [
             f"{'##' if args.append else '#'} {args.label or '1-Lipschitz networks'}",
             "",
-            f"lipcheck commit {_commit()}, torch {torch.__version__}, {_versions()}; `{command}`; "
+            f"lipcheck: {_commit()}, torch {torch.__version__}, {_versions()}; `{command}`; "
             f"method `{method}`; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
             "",
         ]
