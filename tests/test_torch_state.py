@@ -12,7 +12,7 @@ import torch
 from torch.nn.utils import parametrize as torch_parametrize
 
 from lipcheck.frontends.torch_frontend import TorchOptions
-from lipcheck.frontends.torch_state import effective_state
+from lipcheck.frontends.torch_state import baked, effective_state
 from lipcheck.pipeline import analyse
 from lipcheck.rewrite.normalize import NormalizeOptions, normalize
 from lipcheck.spectral.conv import ConvGeometry, conv_operator_norm
@@ -62,6 +62,21 @@ def test_parametrized_state_dicts_are_read_as_the_weights_they_compute(factory, 
     ):  # a plain module, or one that registers the same parametrization
         bound = analyse(path, [IMG], device="cpu", torch_options=TorchOptions(f"{NETS}:{architecture}")).upper_bound
         assert bound == pytest.approx(reference, rel=1e-6)
+
+
+@pytest.mark.parametrize("factory", [spectral_normed_cnn, weight_normed_cnn])
+def test_a_baked_state_dict_loads_into_the_parametrized_factory(factory, tmp_path: Path) -> None:
+    """remove_parametrizations(leave_parametrized=True) before saving: plain keys, read by the same factory."""
+    model = factory().eval()
+    reference_path = tmp_path / "parametrized.pt"
+    torch.save(model.state_dict(), reference_path)
+    baked_path = tmp_path / "baked.pt"
+    torch.save(baked(model).state_dict(), baked_path)
+    assert not any(".parametrizations." in key for key in torch.load(baked_path))
+    options = TorchOptions(f"{NETS}:{factory.__name__}")
+    expected = analyse(reference_path, [IMG], device="cpu", torch_options=options).upper_bound
+    found = analyse(baked_path, [IMG], device="cpu", torch_options=options).upper_bound
+    assert expected is not None and found == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("architecture", ["SmallCNN", "spectral_normed_cnn", None])

@@ -325,6 +325,8 @@ def _from_state_dict(
                 check_finite(key, tensor.detach().cpu().float().numpy(), weight=2 <= tensor.dim() <= 5)
         return WeightTensors(dict(state), where, shown)
     module = build_module(options.model, options.model_kwargs)
+    if is_parametrized(module) and not any(".parametrizations." in key for key in state):
+        module = baked(module)  # a state_dict saved after the parametrizations were removed, values kept
     load_weights(module, module_state(module, state), shown)
     return module_to_graph(module, input_shapes, shown)
 
