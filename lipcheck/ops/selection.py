@@ -28,6 +28,7 @@ from lipcheck.ops.base import (
     node_attrs,
     register,
     unbounded,
+    variable_inputs,
 )
 from lipcheck.ops.pooling import spatial_count
 from lipcheck.ops.shape import ints
@@ -175,6 +176,14 @@ class Compress(Selection):
         return x.index_select(axis, chosen)
 
 
+def _identity_channels(node: Node, graph: Graph) -> np.ndarray | None:
+    """Ones per channel when the node's one variable input has the output's shape (the node is the identity)."""
+    shape_in, shape_out = graph.shape(node.inputs[0]), graph.shape(node.outputs[0])
+    if variable_inputs(node, graph) != [0] or shape_in is None or shape_in != shape_out or len(shape_out) < 2:
+        return None
+    return np.ones(int(shape_out[1])) if isinstance(shape_out[1], int) else None
+
+
 @register
 class Concat(Op):
     """Concatenated branches: sqrt(sum of L_i^2)."""
@@ -188,6 +197,10 @@ class Concat(Op):
 
     def joined_axis(self, node: Node, graph: Graph) -> int | None:
         return _one_axis(int(node_attrs(node)["axis"]), _rank(graph, node.outputs[0]))
+
+    def channel_scale(self, node: Node, graph: Graph) -> np.ndarray | None:
+        """A concatenation of one tensor (TorchScript writes a zero-width wrap padding so) is the identity."""
+        return _identity_channels(node, graph) if len([v for v in node.inputs if v]) == 1 else None
 
     def evaluate(self, ctx: EvalContext, *xs: Any) -> torch.Tensor:
         present = [x for x in xs if x is not None]
@@ -306,6 +319,15 @@ class Pad(Op):
             index = padded_indices(int(n), before, after, mode)
             copies *= int(np.bincount(index).max()) if index.size else 1
         return LocalBound(math.sqrt(copies), f"{mode} padding: sqrt({copies}) copies", exact=True)
+
+    def channel_scale(self, node: Node, graph: Graph) -> np.ndarray | None:
+        """Padding by nothing is the identity."""
+        pads = node_attrs(node).get("pads")
+        if pads is None and len(node.inputs) > 1 and node.inputs[1]:
+            pads = graph.constants.get(node.inputs[1])
+        if pads is None or np.any(np.asarray(pads) != 0):
+            return None
+        return _identity_channels(node, graph)
 
     def _variable_fill(self, ctx: RuleContext) -> LocalBound:
         """The fill value computed from the input: it lands in every padded entry, sqrt(P) times its L."""

@@ -77,6 +77,10 @@ class Identity(Reshaping):
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def channel_scale(self, node: Node, graph: Graph) -> np.ndarray | None:
+        shape = graph.shape(node.outputs[0])
+        return np.ones(int(shape[1])) if shape is not None and len(shape) >= 2 and isinstance(shape[1], int) else None
+
 
 def dropout_training(node: Node, graph: Graph) -> bool | None:
     """Whether a Dropout node drops entries: its training_mode input (opset 12 on), None when only the run says."""
