@@ -35,7 +35,7 @@ The default budget (``budget=None``) is 1000 products for the search plus what t
 per-layer bounds need, unless the network is too expensive for that: one forward pass is measured in
 floating-point operations (torch's FlopCounterMode, deterministic) plus an overhead per node, and the
 budget is capped at ``DEFAULT_WORK`` flop-equivalents, never below ``MIN_BUDGET``: about 40 s of one core
-of the development machine, where ResNet-50 at 224x224 (8.2 GFLOP a pass) gets 32 products.
+of the development machine, where ResNet-50 at 224x224 (8.2 GFLOP a pass) gets 24 products.
 
 The graph is interpreted as loaded (before ``prepare``): exactly the file's function.
 For a piecewise-linear network (ReLU, max pooling, linear layers) J(x) is the exact linear map of the
@@ -65,7 +65,7 @@ from lipcheck.graph import Graph, Node
 from lipcheck.interpret import GraphFunction, interpret
 
 DEFAULT_SEARCH = 1000  # the search's share of the default budget on networks that can afford it
-DEFAULT_WORK = 2.7e11  # cap of the default budget: products x (forward flops + NODE_FLOPS x nodes)
+DEFAULT_WORK = 2e11  # cap of the default budget: products x (forward flops + NODE_FLOPS x nodes)
 NODE_FLOPS = 7e5  # a node's interpretation overhead in one product, in flop-equivalents (measured, float64)
 MIN_BUDGET = 8  # one certificate: a product pass, two power-iteration products, a JVP, two secants
 CERTIFY_ITERATIONS = 50  # power iterations at the best point before its certificate (fewer on small budgets)
@@ -389,6 +389,7 @@ class _FlatFunction:
         self.outputs = list(outputs)
         self.budget = budget or _Budget(2**62)
         self.output_sizes: list[int] = []  # of each output, at the last evaluation
+        self.constant = False  # the last linearisation's J does not depend on x
 
     @property
     def evaluations(self) -> int:
@@ -446,7 +447,9 @@ class _FlatFunction:
     def linearise(self, x: torch.Tensor) -> _Linearisation:
         """J(x) as two products on one recorded forward pass (counts one evaluation)."""
         self.budget.take()
-        return _Linearisation(self, x)
+        jacobian = _Linearisation(self, x)
+        self.constant = jacobian.constant
+        return jacobian
 
     def top_singular(
         self,
@@ -522,6 +525,24 @@ class _Linearisation:
     @property
     def output_size(self) -> int:
         return self.y.numel()
+
+    @property
+    def constant(self) -> bool:
+        """J does not depend on x: the recorded J^T w has no path back to x (an affine network). Any
+        nonlinearity (a ReLU's mask included) leaves a path, so this never calls a nonlinear map constant."""
+        if self.pulled is None or self.pulled.grad_fn is None:
+            return True
+        seen: set[int] = set()
+        stack = [self.pulled.grad_fn]
+        while stack:
+            node = stack.pop()
+            if getattr(node, "variable", None) is self.leaf:
+                return False
+            for parent, _ in node.next_functions:
+                if parent is not None and id(parent) not in seen:
+                    seen.add(id(parent))
+                    stack.append(parent)
+        return True
 
     def jtu(self, u: torch.Tensor) -> torch.Tensor:
         self.network.budget.take()
@@ -659,6 +680,8 @@ class _Search:
         self.n = self.network.dim
         self.finalists: list[_Candidate] = []
         self.screened = 0
+        self.affine = False  # J found constant at the first start: the search's share goes to power iteration
+        self.spare = 0  # the search's share left unspent for that reason
         self.scale = (self.bounds[1] - self.bounds[0]) if self.bounds is not None else 1.0
         self.trial_cost = 4 + 2 * ASCENT_ITERATIONS
         self.kinked = any(_op_flag(node, "kinked") for node in function.nodes)
@@ -697,8 +720,11 @@ class _Search:
         began = self.budget.spent
         with self.budget.phase(began + plan.search):
             screened = self.screen(starts, began, plan.search)
-            with suppress(_Exhausted):
-                self.climb(screened)
+            if self.affine:
+                self.spare = self.budget.left
+            else:
+                with suppress(_Exhausted):
+                    self.climb(screened)
         if not self.finalists:
             self.finalists = [_Candidate(-1.0, starts[0][1], _unit(self.randn(self.n)), starts[0][0])]
 
@@ -716,6 +742,9 @@ class _Search:
                 break
             if math.isfinite(value) and value >= 0:
                 screened.append(_Candidate(value, x, v, label))
+                if self.network.constant:  # the same J everywhere: other starts and the ascent are moot
+                    self.affine = True
+                    break
         if not screened and not exhausted:
             raise LowerBoundError("the network's Jacobian is not finite at any starting point")
         screened.sort(key=lambda c: -c.value)
@@ -776,9 +805,8 @@ class _Search:
         """The best finalist certified, and the per-layer lower bounds at its point."""
         self.finalists.sort(key=lambda c: -c.value)
         with self.budget.phase(self.budget.total - plan.layer_reserve):
-            best = _certify(
-                self.network, self.finalists[:CERTIFY_CANDIDATES], self.bounds, self.gen, plan.certify_iterations
-            )
+            iterations = plan.certify_iterations + self.spare // 2
+            best = _certify(self.network, self.finalists[:CERTIFY_CANDIDATES], self.bounds, self.gen, iterations)
         certified, check, x_certified, v_certified, best_start = best
         found = self.layer_bounds(layers, x_certified, v_certified) if layers else {}
         return LowerBound(

@@ -504,7 +504,7 @@ class Settings:
         implies="search_lower",
         help="Lower-bound budget: the total Jacobian-vector products (JVP, VJP, forward pass of a secant; a "
         "gradient counts 3) of the search, its certificate and the per-layer bounds. Default: 1000 for the search "
-        "plus what the rest needs, capped on expensive networks (about 45 s of one CPU core). Implies --lower.",
+        "plus what the rest needs, capped on expensive networks (about 40 s of one CPU core). Implies --lower.",
     )
     seed: int = option(
         0,

@@ -347,7 +347,7 @@ def test_the_default_budget_is_scaled_down_on_expensive_networks() -> None:
     assert cheap.search == DEFAULT_SEARCH and cheap.certify_iterations == CERTIFY_ITERATIONS
     assert cheap.total == 1 + DEFAULT_SEARCH + _certify_cost(CERTIFY_ITERATIONS) + LAYER_ONE_SHOT + 10 * LAYER_REFINE
     resnet50 = _default_plan(layers=122, cost=8.26e9, spent=1)  # ResNet-50 at 224x224: 8.2 GFLOP a forward pass
-    assert resnet50.total == 32 and resnet50.search >= 1 + 2 * 4  # one screening
+    assert resnet50.total == 24 and resnet50.search >= 1 + 2 * 4  # one screening
     assert resnet50.layer_reserve == LAYER_ONE_SHOT
     assert _default_plan(layers=0, cost=1e15, spent=1).total == MIN_BUDGET + 1
 
@@ -359,3 +359,15 @@ def test_the_default_budget_on_a_sample_model_keeps_the_full_search() -> None:
     certificate = _certify_cost(CERTIFY_ITERATIONS)
     assert lower.budget == 1 + DEFAULT_SEARCH + certificate + LAYER_ONE_SHOT + layers * LAYER_REFINE
     assert lower.evaluations <= lower.budget and set(lower.layers) == {layer.name for layer in report.layers}
+
+
+def test_a_linear_net_spends_the_search_on_power_iteration(tmp_path) -> None:
+    """J is the same everywhere: after the first start, the budget goes to the certificate's power iteration,
+    so a budget far below the default still gives the exact constant; a ReLU net is never taken as linear."""
+    path, sigma = _linear_model(tmp_path, 40, 48, "linear-short")
+    found = lower_bound(load_graph(path), LowerSettings(budget=150))
+    assert found.evaluations <= 150 and found.starts == 1
+    assert found.value <= sigma and found.value == pytest.approx(sigma, rel=1e-6)
+    (tmp_path / "relu").mkdir()
+    relu_path, _ = _linear_model(tmp_path / "relu", 5, 8, "relu-short", relu=True)
+    assert lower_bound(load_graph(relu_path), LowerSettings(budget=150)).starts > 1
