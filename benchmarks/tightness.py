@@ -166,7 +166,7 @@ def provenance(args: argparse.Namespace) -> str:
         return done.stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = " (uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
+    dirty = " (uncommitted changes in lipcheck/)" if git("status", "--porcelain", "--", "lipcheck") else ""
     command = "python benchmarks/tightness.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return (
