@@ -142,7 +142,9 @@ def _ratio(upper: float | None, lower: float | None) -> str:
 
 
 def table(rows: list[Row], label: str) -> str:
-    methods = [m for m in METHODS if any(m in row.bounds for row in rows)]
+    # the known methods in their usual order, then any others the report names (newer lipcheck versions)
+    seen = list(dict.fromkeys(method for row in rows for method in row.bounds))
+    methods = [m for m in METHODS if m in seen] + [m for m in seen if m not in METHODS]
     head = ["net", "input", "layers", *methods, "best (method)", "lower", "product/lower", "best/lower"]
     head += ["report s (cpu)", "lower s (cpu)", "lower products"]
     lines = [f"**{label}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
