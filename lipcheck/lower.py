@@ -33,7 +33,8 @@ remains, each prefix gets its own power iteration (about twenty products a layer
 
 The default budget (``budget=None``) is 1000 products for the search plus what the certificate and the
 per-layer bounds need, unless the network is too expensive for that: one forward pass is measured in
-floating-point operations (torch's FlopCounterMode, deterministic) plus an overhead per node, and the
+floating-point operations of its convolutions and matrix products (deterministic) plus an overhead per
+node, and the
 budget is capped at ``DEFAULT_WORK`` flop-equivalents, never below ``MIN_BUDGET``: about 40 s of one core
 of the development machine, where ResNet-50 at 224x224 (8.2 GFLOP a pass) gets 24 products.
 

@@ -11,20 +11,23 @@ import sys
 import jsonschema
 import numpy as np
 import pytest
+import torch
 
 from lipcheck.frontends import load_graph
 from lipcheck.graph import Graph, Node
-from lipcheck.interpret import GraphFunction, UninterpretableOpsError
+from lipcheck.interpret import GraphFunction, UninterpretableOpsError, interpret
 from lipcheck.lower import (
     CERTIFY_ITERATIONS,
     DEFAULT_SEARCH,
     LAYER_ONE_SHOT,
     LAYER_REFINE,
     MIN_BUDGET,
+    NODE_FLOPS,
     LowerBoundError,
     LowerSettings,
     _certify_cost,
     _default_plan,
+    _FlatFunction,
     _plan,
     load_starts,
     lower_bound,
@@ -371,3 +374,24 @@ def test_a_linear_net_spends_the_search_on_power_iteration(tmp_path) -> None:
     (tmp_path / "relu").mkdir()
     relu_path, _ = _linear_model(tmp_path / "relu", 5, 8, "relu-short", relu=True)
     assert lower_bound(load_graph(relu_path), LowerSettings(budget=150)).starts > 1
+
+
+def test_the_cost_counts_conv_and_matmul_flops(tmp_path) -> None:
+    """A 3x3 conv (3 -> 4 channels, padded, on 8x8) then a 256 -> 5 Gemm: 2 x 256 x 27 + 2 x 5 x 256 flops,
+    plus the per-node overhead of the graph's nodes; the measuring pass is one product."""
+    rng = rng_for("cost")
+    inits = {
+        "W": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        "G": rng.standard_normal((256, 5)).astype(np.float32),
+        "shape": np.array([1, 256], dtype=np.int64),
+    }
+    nodes = [
+        node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+        node("Reshape", ["c", "shape"], ["f"]),
+        node("Gemm", ["f", "G"], ["y"]),
+    ]
+    graph = load_graph(save(model(nodes, {"x": (1, 3, 8, 8)}, ["y"], inits), tmp_path))
+    network = _FlatFunction(interpret(graph, dtype=torch.float64), {"x": (1, 3, 8, 8)}, graph.outputs)
+    cost = network.cost(torch.zeros(network.dim, dtype=torch.float64))
+    assert cost == 2 * 256 * 27 + 2 * 5 * 256 + NODE_FLOPS * len(network.function.nodes)
+    assert network.evaluations == 1
