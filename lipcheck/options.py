@@ -271,10 +271,13 @@ def memory_size(value: Any, what: str) -> int:
 
 
 def budget(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """The lower-bound budget: at least what one certified Jacobian norm costs."""
+    from lipcheck.lower import MIN_BUDGET
+
+    if isinstance(value, bool) or not isinstance(value, int) or value < MIN_BUDGET:
         if is_flag(what):
-            raise LipcheckError(f"{what} {value}: must be at least 1")
-        raise ConfigError(f"{what} must be an integer >= 1, got {value!r}")
+            raise LipcheckError(f"{what} {value}: must be at least {MIN_BUDGET}")
+        raise ConfigError(f"{what} must be an integer >= {MIN_BUDGET}, got {value!r}")
     return value
 
 
@@ -503,8 +506,9 @@ class Settings:
         cli_type=int,
         commands=("report",),
         implies="search_lower",
-        help="Lower-bound search budget in Jacobian-vector products (JVP, VJP or gradient; default 1000, about a "
-        "second on small models). Implies --lower.",
+        help="Lower-bound budget: the total Jacobian-vector products (JVP, VJP, forward pass of a secant; a "
+        "gradient counts 3) of the search, its certificate and the per-layer bounds. Default: 1000 for the search "
+        "plus what the rest needs, capped on expensive networks (about 40 s of one CPU core). Implies --lower.",
     )
     seed: int = option(
         0,
@@ -542,10 +546,9 @@ class Settings:
         """The lower-bound search's settings, or None when it is not asked for."""
         if not self.search_lower:
             return None
-        from lipcheck.lower import DEFAULT_BUDGET, LowerSettings
+        from lipcheck.lower import LowerSettings
 
-        budget = DEFAULT_BUDGET if self.lower_budget is None else self.lower_budget
-        return LowerSettings(budget=budget, seed=self.seed, inputs=self.inputs, input_range=self.input_range)
+        return LowerSettings(budget=self.lower_budget, seed=self.seed, inputs=self.inputs, input_range=self.input_range)
 
     def gate_options(self, baseline: Baseline | None = None) -> GateOptions:
         """The gate's options: the fields marked ``gate``, and the loaded baseline."""

@@ -11,11 +11,28 @@ import sys
 import jsonschema
 import numpy as np
 import pytest
+import torch
 
 from lipcheck.frontends import load_graph
 from lipcheck.graph import Graph, Node
-from lipcheck.interpret import UninterpretableOpsError
-from lipcheck.lower import LowerBoundError, LowerSettings, load_starts, lower_bound, parse_input_range
+from lipcheck.interpret import GraphFunction, UninterpretableOpsError, interpret
+from lipcheck.lower import (
+    CERTIFY_ITERATIONS,
+    DEFAULT_SEARCH,
+    LAYER_ONE_SHOT,
+    LAYER_REFINE,
+    MIN_BUDGET,
+    NODE_FLOPS,
+    LowerBoundError,
+    LowerSettings,
+    _certify_cost,
+    _default_plan,
+    _FlatFunction,
+    _plan,
+    load_starts,
+    lower_bound,
+    parse_input_range,
+)
 from lipcheck.pipeline import analyse
 from lipcheck.schemas import REPORT, load_schema
 from tests.conftest import ROOT, SAMPLE_MODELS, SAMPLES
@@ -115,7 +132,7 @@ def test_same_seed_same_result_and_budget_respected() -> None:
     first = lower_bound(graph, LowerSettings(budget=80, seed=3, per_layer=False))
     again = lower_bound(graph, LowerSettings(budget=80, seed=3, per_layer=False))
     assert first.value == again.value and first.start == again.start
-    assert first.evaluations <= 80 + 60  # the budget bounds the search; certification adds a few products
+    assert first.evaluations <= 80 and first.budget == 80  # the budget bounds everything, certificate included
 
 
 def test_input_range_keeps_the_search_inside(tmp_path) -> None:
@@ -216,7 +233,7 @@ def test_cli_without_lower_has_no_lower_fields() -> None:
     [
         (["--input-range", "1,0"], "--input-range '1,0': LO must be below HI"),
         (["--input-range", "x"], "expected LO,HI"),
-        (["--lower-budget", "0"], "--lower-budget 0: must be at least 1"),
+        (["--lower-budget", "7"], "--lower-budget 7: must be at least 8"),
         (["--inputs", "missing.npy"], "--inputs missing.npy: no such file"),
         (["--inputs", "BAD"], "fits neither the model's input shape [1,16]"),
         (["--inputs", "TEXT"], "not a readable .npy or .npz file"),
@@ -257,7 +274,7 @@ def test_config_keys_turn_the_search_on(tmp_path) -> None:
     assert first.settings.lower == LowerSettings(budget=50, seed=4, input_range=(0.0, 1.0))
     assert second.settings.lower is None
     config.write_text(f'[[models]]\npath = "{SAMPLES / "mlp.onnx"}"\nlower_budget = 0\n')
-    with pytest.raises(ConfigError, match="lower_budget must be an integer >= 1"):
+    with pytest.raises(ConfigError, match="lower_budget must be an integer >= 8"):
         load_config(config)
 
 
@@ -268,9 +285,113 @@ def test_linear_cases_lower_bound_meets_the_certified_bound(case, tmp_path) -> N
     proto = model(nodes, {"x": case.dims or case.shape}, _outputs(nodes), inits, opset=case.opset)
     spec = [",".join(map(str, case.shape))]
     report = analyse(
-        save(proto, tmp_path), input_shapes=spec, device="cpu", lower=LowerSettings(budget=60, per_layer=False)
+        save(proto, tmp_path), input_shapes=spec, device="cpu", lower=LowerSettings(budget=90, per_layer=False)
     )
     assert report.upper_bound is not None and report.lower_bound is not None
     assert report.lower_bound <= report.upper_bound
     if case.exact:
         assert report.lower_bound >= report.upper_bound * (1 - 1e-2), (report.lower_bound, report.upper_bound)
+
+
+@pytest.fixture
+def forward_passes(monkeypatch) -> list[int]:
+    """Counts the interpreter's forward passes, independently of the search's own count: every product
+    runs at most one (a JVP or a linearisation one, J v and J^T u on a recorded pass none, a gradient two
+    for three products, a secant two for two), so passes <= evaluations <= budget."""
+    count = [0]
+    run = GraphFunction.run
+
+    def counted(self, *args, **kwargs):
+        count[0] += 1
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(GraphFunction, "run", counted)
+    return count
+
+
+@pytest.mark.parametrize("budget", [MIN_BUDGET, 9, 13, 31, 64, 150])
+def test_the_budget_caps_everything(budget: int, forward_passes: list[int]) -> None:
+    """Search, certificate and per-layer bounds together; what the budget allows is still certified."""
+    graph = load_graph(SAMPLES / "resnet_small.onnx")
+    layers = {f"layer {i}": node.outputs[0] for i, node in enumerate(graph.nodes) if node.op in {"Relu", "Add"}}
+    found = lower_bound(graph, LowerSettings(budget=budget), layer_outputs=layers)
+    assert forward_passes[0] <= found.evaluations <= budget and found.budget == budget
+    assert found.value > 0
+    assert found.value <= brute_force_norm(graph, found.point) * (1 + 1e-9)
+    if budget >= 13:  # room for the one-shot bound of every layer: each gets one
+        assert set(found.layers) == set(layers)
+        assert all(value > 0 for value in found.layers.values())
+
+
+def test_exhaustion_mid_search_certifies_the_best_point_so_far(forward_passes: list[int]) -> None:
+    """A budget that runs out inside the ascent: the value is still ||J v|| at a point, confirmed."""
+    graph = load_graph(SAMPLES / "mlp.onnx")
+    small = lower_bound(graph, LowerSettings(budget=47, per_layer=False))
+    large = lower_bound(graph, LowerSettings(budget=400, per_layer=False))
+    assert forward_passes[0] <= small.evaluations + large.evaluations
+    assert small.evaluations <= 47 and large.evaluations <= 400
+    for found in (small, large):
+        exact = brute_force_norm(graph, found.point)
+        assert exact * (1 - 1e-3) <= found.value <= exact * (1 + 1e-9)
+    assert small.check == "jvp" and small.value <= large.value
+
+
+@pytest.mark.parametrize("layers", [0, 1, 12])
+def test_explicit_plans_fit_their_budget(layers: int) -> None:
+    for total in range(MIN_BUDGET, 400):
+        plan = _plan(total, layers)
+        assert plan.search >= 0 and plan.certify_iterations >= 1
+        assert plan.search + _certify_cost(plan.certify_iterations) + plan.layer_reserve <= total
+    assert _plan(1000, layers).certify_iterations == CERTIFY_ITERATIONS
+
+
+def test_the_default_budget_is_scaled_down_on_expensive_networks() -> None:
+    cheap = _default_plan(layers=10, cost=1e7, spent=1)
+    assert cheap.search == DEFAULT_SEARCH and cheap.certify_iterations == CERTIFY_ITERATIONS
+    assert cheap.total == 1 + DEFAULT_SEARCH + _certify_cost(CERTIFY_ITERATIONS) + LAYER_ONE_SHOT + 10 * LAYER_REFINE
+    resnet50 = _default_plan(layers=122, cost=8.26e9, spent=1)  # ResNet-50 at 224x224: 8.2 GFLOP a forward pass
+    assert resnet50.total == 24 and resnet50.search >= 1 + 2 * 4  # one screening
+    assert resnet50.layer_reserve == LAYER_ONE_SHOT
+    assert _default_plan(layers=0, cost=1e15, spent=1).total == MIN_BUDGET + 1
+
+
+def test_the_default_budget_on_a_sample_model_keeps_the_full_search() -> None:
+    report = analyse(SAMPLES / "mlp.onnx", device="cpu", lower=True)
+    lower = report.lower
+    layers = len(report.layers)
+    certificate = _certify_cost(CERTIFY_ITERATIONS)
+    assert lower.budget == 1 + DEFAULT_SEARCH + certificate + LAYER_ONE_SHOT + layers * LAYER_REFINE
+    assert lower.evaluations <= lower.budget and set(lower.layers) == {layer.name for layer in report.layers}
+
+
+def test_a_linear_net_spends_the_search_on_power_iteration(tmp_path) -> None:
+    """J is the same everywhere: after the first start, the budget goes to the certificate's power iteration,
+    so a budget far below the default still gives the exact constant; a ReLU net is never taken as linear."""
+    path, sigma = _linear_model(tmp_path, 40, 48, "linear-short")
+    found = lower_bound(load_graph(path), LowerSettings(budget=150))
+    assert found.evaluations <= 150 and found.starts == 1
+    assert found.value <= sigma and found.value == pytest.approx(sigma, rel=1e-6)
+    (tmp_path / "relu").mkdir()
+    relu_path, _ = _linear_model(tmp_path / "relu", 5, 8, "relu-short", relu=True)
+    assert lower_bound(load_graph(relu_path), LowerSettings(budget=150)).starts > 1
+
+
+def test_the_cost_counts_conv_and_matmul_flops(tmp_path) -> None:
+    """A 3x3 conv (3 -> 4 channels, padded, on 8x8) then a 256 -> 5 Gemm: 2 x 256 x 27 + 2 x 5 x 256 flops,
+    plus the per-node overhead of the graph's nodes; the measuring pass is one product."""
+    rng = rng_for("cost")
+    inits = {
+        "W": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        "G": rng.standard_normal((256, 5)).astype(np.float32),
+        "shape": np.array([1, 256], dtype=np.int64),
+    }
+    nodes = [
+        node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+        node("Reshape", ["c", "shape"], ["f"]),
+        node("Gemm", ["f", "G"], ["y"]),
+    ]
+    graph = load_graph(save(model(nodes, {"x": (1, 3, 8, 8)}, ["y"], inits), tmp_path))
+    network = _FlatFunction(interpret(graph, dtype=torch.float64), {"x": (1, 3, 8, 8)}, graph.outputs)
+    cost = network.cost(torch.zeros(network.dim, dtype=torch.float64))
+    assert cost == 2 * 256 * 27 + 2 * 5 * 256 + NODE_FLOPS * len(network.function.nodes)
+    assert network.evaluations == 1
