@@ -26,9 +26,10 @@ from lipcheck.spectral.dense import UNIT_ROUNDOFF
 from lipcheck.spectral.frequency import FrequencyMatrices
 
 SCALINGS = (1.0, 0.7, 1.4, 0.5, 2.0, 0.3, 3.0)
-REFINE_STEPS = 40
+REFINE_STEPS = 40  # golden-section steps on the multipliers' scale, fewer where one evaluation is costly
+SEARCH_FLOPS = 2e10  # about the work the search may spend per family of multipliers
 MAX_ORDER = 768  # channels plus hidden channels of one frequency's matrix M
-MAX_ENTRIES = 1 << 24
+MAX_ENTRIES = 1 << 22  # entries of M over all frequencies (each search step solves and factors at that size)
 
 
 def block_bound(region: Region, graph: Graph) -> float | None:
@@ -49,8 +50,9 @@ def block_bound(region: Region, graph: Graph) -> float | None:
     if before is None or after is None:
         return None
     hidden = before.shape[0]
-    if channels + hidden > MAX_ORDER or freqs * (channels + hidden) ** 2 > MAX_ENTRIES:
-        raise NotLiftable(f"{freqs} matrices of order {channels + hidden}")
+    order = skip.shape[1] + hidden
+    if order > MAX_ORDER or freqs * order**2 > MAX_ENTRIES:
+        raise NotLiftable(f"{freqs} matrices of order {order}")
     problem = _Problem(skip, before, after, block.signs, slope.low, slope.high)
     return problem.solve()
 
@@ -134,12 +136,15 @@ class _Problem:
         lo, hi = math.log(scale) - 0.7, math.log(scale) + 0.7
         best = (value, scale)
         ratio = (math.sqrt(5) - 1) / 2
-        for _ in range(REFINE_STEPS):
+        freqs, c, h = self.sa.shape
+        per_step = 2 * 10.0 * freqs * (c**3 + h**3 + c * c * h)  # two Cholesky/eigensolves of each side
+        steps = int(min(REFINE_STEPS, max(4, SEARCH_FLOPS / per_step)))
+        for _ in range(steps):
             left, right = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
             f_left, f_right = self.rho_squared(base * math.exp(left)), self.rho_squared(base * math.exp(right))
-            for f, x in ((f_left, left), (f_right, right)):
-                if f is not None and f < best[0]:
-                    best = (f, math.exp(x))
+            for found, x in ((f_left, left), (f_right, right)):
+                if found is not None and found < best[0]:
+                    best = (found, math.exp(x))
             # an infeasible point (None) lies on the small side: the feasible minimum is to its right
             if f_left is None or (f_right is not None and f_right <= f_left):
                 lo = left
