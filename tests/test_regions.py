@@ -221,13 +221,16 @@ def test_region_bound_above_every_sampled_diagonal(name: str, tmp_path: Path) ->
     assert product is not None and bound <= product * (1 + 1e-9)
 
 
-def test_best_uses_the_region_on_a_residual_net(tmp_path: Path) -> None:
+def test_best_takes_the_regions_on_a_residual_net(tmp_path: Path) -> None:
     torch.manual_seed(0)
     path = export(Stage([Basic(3), Basic(3), Basic(3)]), (1, 3, 6, 6), tmp_path / "net.onnx")
     found = certify(load_graph(str(path)), method="best")
     bounds = found.refinement.method_bounds
     assert bounds["frequency-cp"] is not None and bounds["frequency-cp"] < 0.8 * bounds["product"]
-    assert found.upper_bound == pytest.approx(bounds["frequency-cp"], rel=1e-12)
+    assert found.upper_bound is not None and found.upper_bound <= bounds["frequency-cp"] * (1 + 1e-12)
+    assert found.upper_bound == pytest.approx(min(v for v in bounds.values() if v is not None), rel=1e-12) or (
+        found.refinement.bound_method.startswith("per chain")
+    )
 
 
 def _wrap_conv_model(weights: list[np.ndarray], grid: int) -> bytes:
