@@ -47,7 +47,7 @@ from lipcheck.spectral.frequency import (
 )
 
 # a region's operators are held as [F, out, in] complex matrices: at most this many entries each
-MAX_OPERATOR_ENTRIES = 1 << 23
+MAX_OPERATOR_ENTRIES = 1 << 24
 MAX_DENSE_DIM = 1024
 MAX_CUTS = 40
 
