@@ -114,8 +114,9 @@ def _ends_moving_region(graph: Graph, node: Node, consumers: dict[str, list[Node
 
 
 def _moving_region(graph: Graph, end: Node, producers: dict[str, Node]) -> tuple[list[Node], str] | None:
-    """The entry-moving nodes behind ``end`` and the one variable value they all read; None when they read
-    more than one, or a float constant (whose entries would mix with the source's)."""
+    """The entry-moving nodes behind ``end`` and the one variable value (of floats) they all read; None when
+    they read more than one. Constants they read are parameters (integers), or data that ``_index_map``
+    reads as zeros: entries from no source entry."""
     region: dict[int, Node] = {}
     sources: set[str] = set()
     stack = [end]
@@ -129,13 +130,12 @@ def _moving_region(graph: Graph, end: Node, producers: dict[str, Node]) -> tuple
         for value in filter(None, node.inputs):
             producer = producers.get(value)
             if value in graph.constants:
-                if not graph.is_discrete(value):
-                    return None
-            elif producer is not None and _op(producer).moves_entries:
+                continue
+            if producer is not None and _op(producer).moves_entries:
                 stack.append(producer)
             else:
                 sources.add(value)
-    if len(sources) != 1:
+    if len(sources) != 1 or graph.is_discrete(next(iter(sources))):
         return None
     return list(region.values()), sources.pop()
 
@@ -170,11 +170,14 @@ def _may_pad(shape: Shape | None, out_shape: Shape | None) -> bool:
 
 def _index_map(graph: Graph, nodes: list[Node], source: str, shape: Sequence[int]) -> torch.Tensor | None:
     """Which source entry (flat, from 0) each output entry of the region holds; None if some output entry
-    holds none (a constant fill)."""
+    holds none (a constant fill, or a float constant's entry: those are read as 0, the source's as 1, 2...).
+
+    The source holds floats, and movers keep their data's type, so an integer constant is never data here."""
     ids = torch.arange(1, math.prod(shape) + 1, dtype=torch.float64).reshape(tuple(shape))
 
     def read(name: str) -> torch.Tensor:
-        return constant_tensor(graph.constants[name], torch.float64, torch.device("cpu"))
+        value = constant_tensor(graph.constants[name], torch.float64, torch.device("cpu"))
+        return value if graph.is_discrete(name) else torch.zeros_like(value)
 
     def step(node: Node, args: list[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
         out = _op(node).evaluate(EvalContext(node, torch.float64, torch.device("cpu")), *args)

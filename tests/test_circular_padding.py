@@ -1,7 +1,8 @@
 """Circular padding however it reaches lipcheck is one exact circular convolution.
 
-``padding_mode="circular"`` is exported as Pad(mode=wrap) by the dynamo exporter and torch.export, but as a
-Slice/Slice/Concat per axis by the TorchScript exporter; both must give the circular convolution's exact norm,
+``padding_mode="circular"`` is exported as Pad(mode=wrap) by the dynamo exporter and torch.export, as a
+Slice/Slice/Concat per axis by the TorchScript exporter, and as slice_scatter/copy into an empty tensor by
+``run_decompositions``; all must give the circular convolution's exact norm,
 and a net of such convs whose top singular vectors line up must get its true constant on every path.
 The true constants here come from dense Jacobians: each layer's operator on the small grid (its SVD), and the
 whole net's Jacobian where every ReLU is active (a lower bound that meets the product of the layers' norms).
@@ -122,12 +123,15 @@ def true_constant(net: AlignedCircularNet, shape: tuple[int, ...]) -> float:
 def _paths(tmp_path: Path, net: nn.Module, x: torch.Tensor) -> dict[str, tuple[Path, TorchOptions | None]]:
     state = tmp_path / "state.pt"
     torch.save(net.state_dict(), state)
-    program = tmp_path / "net.pt2"
-    torch.export.save(torch.export.export(net, (x,)), program)
+    program, decomposed = tmp_path / "net.pt2", tmp_path / "decomposed.pt2"
+    exported = torch.export.export(net, (x,))
+    torch.export.save(exported, program)
+    torch.export.save(exported.run_decompositions(), decomposed)  # empty + slice_scatter + copy per side
     return {
         "torchscript-onnx": (export_onnx(net, x, tmp_path / "ts.onnx", dynamo=False), None),
         "dynamo-onnx": (export_onnx(net, x, tmp_path / "dynamo.onnx", dynamo=True), None),
         "torch.export": (program, None),
+        "torch.export-decomposed": (decomposed, None),
         "state_dict+model": (state, TorchOptions(f"{__name__}:aligned_circular_net")),
     }
 
@@ -249,3 +253,27 @@ def test_a_gather_of_wrapped_indices_is_a_wrap_padding(tmp_path: Path) -> None:
     report = analyse(export_onnx(net.float(), torch.randn(shape), tmp_path / "g.onnx", dynamo=False), device="cpu")
     assert [(layer.op, layer.exact) for layer in report.layers] == [("Conv", True)]
     assert exact <= report.upper_bound <= exact * (1 + 1e-8)
+
+
+def test_a_scatter_into_empty_memory_that_leaves_an_entry_unwritten_is_not_a_padding(tmp_path: Path) -> None:
+    """Entries of torch.empty that the program never overwrites are read as a constant, never as a wrap."""
+
+    class Partial(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(2, 2, 3, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.empty(1, 2, 8)
+            y[..., 1:7] = x
+            y[..., :1] = x[..., -1:]  # the last entry stays unwritten
+            return self.conv(y)
+
+    torch.manual_seed(5)
+    net, shape = Partial().eval(), (1, 2, 6)
+    path = tmp_path / "partial.pt2"
+    torch.export.save(torch.export.export(net, (torch.randn(shape),)).run_decompositions(), path)
+    report = analyse(path, device="cpu")
+    assert not [layer for layer in report.layers if "circular" in layer.method]
+    jacobian = torch.autograd.functional.jacobian(lambda v: net(v.reshape(shape)).reshape(-1), torch.zeros(12))
+    assert report.upper_bound >= float(torch.linalg.matrix_norm(jacobian.double(), 2)) * (1 - 1e-6)
