@@ -187,8 +187,8 @@ def _index_map(graph: Graph, nodes: list[Node], source: str, shape: Sequence[int
         values = walk(nodes, {source: ids}, step, read=read)
     except LipcheckError:
         return None
-    result = values[nodes[-1].outputs[0]]
-    if not bool((result >= 1).all()):
+    result = values[nodes[-1].outputs[0]]  # the region's end: every other node of it is its ancestor
+    if result.dim() != len(shape) or not bool((result >= 1).all()):
         return None
     return result.to(torch.int64) - 1
 

@@ -30,7 +30,7 @@ from lipcheck.spectral.dense import SpectralBound, batched_sigma_max_upper, to_f
 DENSE_FLOPS = 1.5e10
 DENSE_MAX_SIDE = 1536
 DENSE_MAX_ENTRIES = 1 << 23  # 64 MiB of float64 for all groups together
-DENSE_METHOD = "exact operator matrix, dense SVD per group (float64, rounding margin)"
+DENSE_METHOD = "operator matrix SVD (float64, rounding margin)"
 
 
 @dataclass(frozen=True)
