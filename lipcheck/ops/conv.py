@@ -77,7 +77,7 @@ def _window(ctx: EvalContext, w: torch.Tensor) -> tuple[int, list[int], list[int
 
 @register
 class Conv(Op):
-    """Convolution operator norm: circular embedding on the known input size, else size-independent."""
+    """Convolution operator norm: exact (dense) on small maps, else the circular embedding, else size-independent."""
 
     attributes = CONV_ATTRIBUTES
     piecewise_linear = True
