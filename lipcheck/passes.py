@@ -8,6 +8,10 @@
   x * HardSigmoid(x) = HardSwish) are replaced by one ``Recognised`` node, instead of being seen as a
   product of two activations. The subgraph is run by the ops' own ``evaluate`` on a grid of inputs.
 
+* ``recognise_wrap_padding``: a region of entry-moving nodes (Slice, Gather, Concat...) that computes a wrap
+  padding of one value (TorchScript's export of ``padding_mode="circular"``: a Slice/Slice/Concat per axis) is
+  replaced by one ``Pad(mode=wrap)``, which ``fold_wrap_padding`` then merges into the conv after it.
+
 * ``recognise_switches``: ``Where(u(x) > t, a(x), b(x))`` whose pieces a and b meet at the one point
   where the affine u(x) crosses t (thresholded activations, ReLU written as a Where) is replaced by one
   ``Piecewise`` node bounded by the larger piece constant, instead of being a switch (not Lipschitz).
@@ -28,19 +32,21 @@ they never test op names.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from lipcheck import ops
 from lipcheck.errors import LipcheckError
-from lipcheck.graph import Graph, Node, unique_name
+from lipcheck.graph import Graph, Node, Shape, unique_name
 from lipcheck.ops.activations import KNOWN_ACTIVATIONS, Recognised
 from lipcheck.ops.arithmetic import Mul
 from lipcheck.ops.base import EvalContext, add_constant, constant_tensor, variable_inputs
 from lipcheck.ops.elementwise import Piecewise
 from lipcheck.ops.pooling import LpPool
-from lipcheck.ops.selection import Gather, Nonexpansive
+from lipcheck.ops.selection import Gather, Nonexpansive, Pad
+from lipcheck.ops.spatial import padded_indices
 from lipcheck.walk import walk
 
 
@@ -50,6 +56,7 @@ def prepare(graph: Graph, fold_batchnorms: bool = True) -> Graph:
     recognise_switches(graph)
     recognise_sorting(graph)
     recognise_l2_pooling(graph)
+    recognise_wrap_padding(graph)  # before the selections merge: a wrap padding is one of them
     merge_rejoined_selections(graph)
     fold_wrap_padding(graph)
     if fold_batchnorms:
@@ -81,6 +88,146 @@ def fold_wrap_padding(graph: Graph) -> None:
             removed.add(id(pad))
     if removed:
         graph.nodes = [node for node in graph.nodes if id(node) not in removed]
+
+
+# Wrap padding written as selections: Slice + Concat per axis (TorchScript), a Gather of wrapped indices
+
+WRAP_REGION_NODES = 64  # entry-moving nodes looked at behind one candidate
+WRAP_ENTRIES = 1 << 24  # largest padded value whose index map is computed (bigger ones keep their own nodes)
+
+
+def recognise_wrap_padding(graph: Graph) -> None:
+    """Replace each region of entry-moving nodes that computes a wrap padding of one value by one Pad(wrap).
+
+    A region ends where a moved value is read by an op that is not a mover (or is a graph output). Its
+    nodes only copy entries, so the region is the 0/1 selection map that its output on distinct values
+    (1, 2, 3... in float64, exact) spells out: if that map is the wrap padding's, entry for entry, the
+    region is that padding. Concatenated branches would otherwise count sqrt(3) per padded axis, and the
+    conv after them would be bounded on the padded grid instead of as the circular conv it is."""
+    producers, consumers = graph.producers(), graph.consumers()
+    order = {id(node): i for i, node in enumerate(graph.nodes)}
+    replaced = False
+    for index, node in enumerate(graph.nodes):
+        if not _ends_moving_region(graph, node, consumers):
+            continue
+        pad = _as_wrap_pad(graph, node, producers, order)
+        if pad is not None:
+            graph.nodes[index] = pad
+            producers[pad.outputs[0]] = pad
+            order[id(pad)] = index
+            replaced = True
+    if replaced:  # the slices nothing else reads
+        graph.prune()
+
+
+def _ends_moving_region(graph: Graph, node: Node, consumers: dict[str, list[Node]]) -> bool:
+    if not _op(node).moves_entries or len(node.outputs) != 1 or _op(node).wrap_pads(graph, node) is not None:
+        return False
+    out = node.outputs[0]
+    return out in graph.outputs or any(not _op(user).moves_entries for user in consumers.get(out, []))
+
+
+def _moving_region(graph: Graph, end: Node, producers: dict[str, Node]) -> tuple[list[Node], str] | None:
+    """The entry-moving nodes behind ``end`` and the one variable value (of floats) they all read; None when
+    they read more than one. Constants they read are parameters (integers), or data that ``_index_map``
+    reads as zeros: entries from no source entry."""
+    region: dict[int, Node] = {}
+    sources: set[str] = set()
+    stack = [end]
+    while stack:
+        node = stack.pop()
+        if id(node) in region:
+            continue
+        region[id(node)] = node
+        if len(region) > WRAP_REGION_NODES:
+            return None
+        for value in filter(None, node.inputs):
+            producer = producers.get(value)
+            if value in graph.constants:
+                continue
+            if producer is not None and _op(producer).moves_entries:
+                stack.append(producer)
+            else:
+                sources.add(value)
+    if len(sources) != 1 or graph.is_discrete(next(iter(sources))):
+        return None
+    return list(region.values()), sources.pop()
+
+
+def _as_wrap_pad(graph: Graph, end: Node, producers: dict[str, Node], order: dict[int, int]) -> Node | None:
+    """One Pad(mode=wrap) node computing what ``end`` computes, when its region is a wrap padding."""
+    found = _moving_region(graph, end, producers)
+    if found is None:
+        return None
+    nodes, source = found
+    shape, out_shape = graph.shape(source), graph.shape(end.outputs[0])
+    if not _may_pad(shape, out_shape):
+        return None
+    index_map = _index_map(graph, sorted(nodes, key=lambda n: order[id(n)]), source, shape)  # type: ignore[arg-type]
+    if index_map is None:
+        return None
+    pads = _wrap_pads_of(index_map, shape)  # type: ignore[arg-type]
+    if pads is None:
+        return None
+    folded = [n.name for n in nodes if n is not end]
+    return Node(end.name, Pad.name, [source], list(end.outputs), {"mode": "wrap", "pads": pads}, folded)
+
+
+def _may_pad(shape: Shape | None, out_shape: Shape | None) -> bool:
+    """Known shapes of one rank, the output at least the input on every axis and larger on one, not too big."""
+    if shape is None or out_shape is None or len(shape) != len(out_shape) or None in shape or None in out_shape:
+        return False
+    if any(o < n for o, n in zip(out_shape, shape, strict=True)) or tuple(out_shape) == tuple(shape):  # type: ignore[operator]
+        return False
+    return 0 < math.prod(out_shape) <= WRAP_ENTRIES  # type: ignore[arg-type]
+
+
+def _index_map(graph: Graph, nodes: list[Node], source: str, shape: Sequence[int]) -> torch.Tensor | None:
+    """Which source entry (flat, from 0) each output entry of the region holds; None if some output entry
+    holds none (a constant fill, or a float constant's entry: those are read as 0, the source's as 1, 2...).
+
+    The source holds floats, and movers keep their data's type, so an integer constant is never data here."""
+    ids = torch.arange(1, math.prod(shape) + 1, dtype=torch.float64).reshape(tuple(shape))
+
+    def read(name: str) -> torch.Tensor:
+        value = constant_tensor(graph.constants[name], torch.float64, torch.device("cpu"))
+        return value if graph.is_discrete(name) else torch.zeros_like(value)
+
+    def step(node: Node, args: list[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
+        out = _op(node).evaluate(EvalContext(node, torch.float64, torch.device("cpu")), *args)
+        return out if isinstance(out, tuple) else (out,)
+
+    try:
+        values = walk(nodes, {source: ids}, step, read=read)
+    except LipcheckError:
+        return None
+    result = values[nodes[-1].outputs[0]]  # the region's end: every other node of it is its ancestor
+    if result.dim() != len(shape) or not bool((result >= 1).all()):
+        return None
+    return result.to(torch.int64) - 1
+
+
+def _wrap_pads_of(index_map: torch.Tensor, shape: Sequence[int]) -> list[int] | None:
+    """The ONNX pads [begins..., ends...] of the wrap padding of ``shape`` whose index map this is, or None.
+
+    The first output entry fixes the begin pad of every axis (it holds source entry -begin mod n); the
+    output size fixes the end pad; then the whole map must be that padding's."""
+    first = int(index_map.reshape(-1)[0])
+    begins: list[int] = []
+    ends: list[int] = []
+    for axis in reversed(range(len(shape))):
+        n = int(shape[axis])
+        first, position = divmod(first, n)
+        begin = (-position) % n
+        end = index_map.shape[axis] - n - begin
+        if end < 0:
+            return None
+        begins.insert(0, begin)
+        ends.insert(0, end)
+    expected = torch.arange(math.prod(shape), dtype=torch.int64).reshape(tuple(shape))
+    for axis, (n, begin, end) in enumerate(zip(shape, begins, ends, strict=True)):
+        expected = expected.index_select(axis, torch.from_numpy(padded_indices(int(n), begin, end, "wrap")))
+    return begins + ends if torch.equal(expected, index_map) else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ jsonschema = pytest.importorskip("jsonschema")
 from referencing import Registry, Resource  # noqa: E402  (installed with jsonschema)
 
 SARIF_SUBSET = json.loads((Path(__file__).parent / "schemas" / "sarif-2.1.0-subset.schema.json").read_text())
-GATE_FLAGS = ("--fail-above", "0.5", "--layer-fail-above", "2", "--baseline", "baseline.json", "--max-increase", "5%")
+GATE_FLAGS = ("--fail-above", "0.45", "--layer-fail-above", "2", "--baseline", "baseline.json", "--max-increase", "5%")
 
 
 def run(*args: str, cwd: Path, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess[str]:
@@ -225,11 +225,11 @@ def test_report_passes_exit_0_and_save_baseline_refuses_to_overwrite(workdir: Pa
 
 def test_report_exit_zero_reports_but_exits_0(workdir: Path) -> None:
     result = run(
-        "report", "cnn_bn.onnx", "--device", "cpu", "-f", "json", "--fail-above", "0.5", "--exit-zero", cwd=workdir
+        "report", "cnn_bn.onnx", "--device", "cpu", "-f", "json", "--fail-above", "0.45", "--exit-zero", cwd=workdir
     )
     assert result.returncode == 0
     assert json.loads(result.stdout)["gate"]["passed"] is False
-    assert "gate failed: cnn_bn.onnx: upper bound 0.505662 is above the limit 0.5" in result.stderr
+    assert "gate failed: cnn_bn.onnx: upper bound 0.496112 is above the limit 0.45" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -310,7 +310,7 @@ def test_check_exit_1_with_one_line_per_model(project: Path) -> None:
     lines = result.stdout.splitlines()
     assert len(lines) == 2
     assert lines[0].startswith("FAIL ") and "../" not in lines[0] and "mlp.onnx" in lines[0]
-    assert lines[1].startswith("PASS ") and "cnn_bn.onnx" in lines[1] and "0.505662" in lines[1]
+    assert lines[1].startswith("PASS ") and "cnn_bn.onnx" in lines[1] and "0.496112" in lines[1]
     assert "gate failed: " in result.stderr and "above the limit 0.5 (fail-above)" in result.stderr
 
 
@@ -385,7 +385,7 @@ def test_fail_above_and_unbounded(cnn_dict: dict[str, Any]) -> None:
 def test_layer_fail_above_names_each_layer(cnn_dict: dict[str, Any]) -> None:
     gate = evaluate(cnn_dict, GateOptions(layer_fail_above=1.5))
     assert [f.layer for f in gate.failures] == ["/0/Conv", "/4/Conv"]
-    assert "layer /0/Conv (Conv): local bound 2.29201 is above the limit 1.5" in gate.failures[0].message
+    assert "layer /0/Conv (Conv): local bound 2.24872 is above the limit 1.5" in gate.failures[0].message
 
 
 @pytest.mark.parametrize("max_increase", [0.05, parse_increase("5%")])
@@ -557,7 +557,7 @@ def test_github_escaping() -> None:
 
 
 def test_github_commands_stay_one_line_each(cnn: Any, cnn_dict: dict[str, Any]) -> None:
-    gate = evaluate(cnn_dict, GateOptions(fail_above=0.5))
+    gate = evaluate(cnn_dict, GateOptions(fail_above=0.45))
     gate.failures[0].message = "multi\nline 100% message"
     out = render_github([ModelRun("dir,with:odd/cnn 1.onnx", cnn, gate), ModelRun("x.onnx", error="bad\r\nfile")])
     lines = out.splitlines()
@@ -569,7 +569,7 @@ def test_github_commands_stay_one_line_each(cnn: Any, cnn_dict: dict[str, Any]) 
 
 def test_sarif_for_every_kind_of_run_is_valid(cnn: Any, cnn_dict: dict[str, Any]) -> None:
     runs = [
-        ModelRun("a b/cnn.onnx", cnn, evaluate(cnn_dict, GateOptions(fail_above=0.5, layer_fail_above=2))),
+        ModelRun("a b/cnn.onnx", cnn, evaluate(cnn_dict, GateOptions(fail_above=0.45, layer_fail_above=2))),
         ModelRun("ok.onnx", cnn, evaluate(cnn_dict, GateOptions(fail_above=10))),
         ModelRun("plain.onnx", cnn, evaluate(cnn_dict, GateOptions())),
         ModelRun("/abs/missing.onnx", error="no such file"),
@@ -589,14 +589,14 @@ def test_markdown_escapes_cells_and_summarises_several_models(cnn: Any, cnn_dict
     assert text("max |f'| = 1 <b> -> x_y") == "max \\|f'\\| = 1 \\<b> -> x\\_y"
     assert code("a|b") == "`a\\|b`" and code("x`y") == "``x`y``"
     runs = [
-        ModelRun("a.onnx", cnn, evaluate(cnn_dict, GateOptions(fail_above=0.5))),
+        ModelRun("a.onnx", cnn, evaluate(cnn_dict, GateOptions(fail_above=0.45))),
         ModelRun("b|c.onnx", cnn, evaluate(cnn_dict, GateOptions())),
         ModelRun("gone.onnx", error="gone.onnx: no such file"),
     ]
     out = render_markdown(runs)
     assert out.startswith("### ❗ lipcheck: 3 models: 1 failed the gate, 1 with errors\n")
-    assert "| ❌ | `a.onnx` | 0.505662 | failed (1) |" in out
-    assert "| ℹ️ | `b\\|c.onnx` | 0.505662 | no gate |" in out
+    assert "| ❌ | `a.onnx` | 0.496112 | failed (1) |" in out
+    assert "| ℹ️ | `b\\|c.onnx` | 0.496112 | no gate |" in out
     assert "| ❗ | `gone.onnx` | – | error: gone.onnx: no such file |" in out
     assert out.count("#### ") == 3
 
@@ -633,8 +633,8 @@ def test_summary_lines_respect_no_color(cnn: Any, cnn_dict: dict[str, Any]) -> N
 
     from lipcheck.render import summary_text
 
-    line = summary_text(ModelRun("a.onnx", cnn, evaluate(cnn_dict, GateOptions(fail_above=0.5))), 8)
-    assert line.plain == "FAIL   a.onnx    certified upper bound 0.505662; gate failed (1 failure)"
+    line = summary_text(ModelRun("a.onnx", cnn, evaluate(cnn_dict, GateOptions(fail_above=0.45))), 8)
+    assert line.plain == "FAIL   a.onnx    certified upper bound 0.496112; gate failed (1 failure)"
     colored, plain = io.StringIO(), io.StringIO()
     Console(file=colored, force_terminal=True, color_system="standard").print(line)
     Console(file=plain, force_terminal=True, color_system="standard", no_color=True).print(line)

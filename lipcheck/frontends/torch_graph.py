@@ -862,6 +862,65 @@ def _slice(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     b.emit("Slice", [b.value(values[0]), *consts])
 
 
+@converts("slice_scatter")
+def _slice_scatter(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
+    """``input`` with ``src`` written over a range of one axis: the input's entries before the range, ``src``,
+    the input's entries after it, concatenated (what ``run_decompositions`` makes of in-place padding)."""
+    x, src = args["self"], args["src"]
+    shape = _shape_of(x.meta.get("val")) or ()
+    dim = int(args.get("dim") or 0) % max(1, len(shape))
+    n = shape[dim] if dim < len(shape) else None
+    step = int(args.get("step") or 1)
+    if n is None or step != 1:
+        raise UnmappedOps({"aten.slice_scatter (strided, or on an axis of unknown size)": [b.layer_base(node)]})
+    start, end = (_slice_indices_of(args.get(k), default, n) for k, default in (("start", 0), ("end", n)))
+    end = max(start, end)
+    dtype = b.dtype(x)
+
+    def kept(lo: int, hi: int) -> list[str]:
+        if hi <= lo:
+            return []
+        bounds = ((lo, "starts"), (hi, "ends"), (dim, "axes"))
+        consts = [b.constant(torch.tensor([v], dtype=torch.int64), label) for v, label in bounds]
+        return b.emit("Slice", [b.value(x, dtype), *consts], final=False)
+
+    b.emit("Concat", [*kept(0, start), b.value(src, dtype), *kept(end, n)], {"axis": dim})
+
+
+def _slice_indices_of(value: Any, default: int, n: int) -> int:
+    """A slice bound as Python's slicing clamps it on an axis of ``n`` entries."""
+    if value is None:
+        return default
+    v = int(value)
+    return min(max(v + n if v < 0 else v, 0), n)
+
+
+@converts("copy")
+def _copy(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
+    """The functional copy: ``src``'s values in the shape of ``self`` (whose own values are not read)."""
+    target, src = args["self"], args["src"]
+    shape, src_shape = _shape_of(target.meta.get("val")), _shape_of(src.meta.get("val"))
+    if shape is not None and shape == src_shape and b.dtype(target) == b.dtype(src):
+        b.alias(node, b.value(src))
+    elif shape is not None and None not in shape:
+        b.emit("Expand", [b.value(src), b.constant(torch.tensor(shape, dtype=torch.int64), "shape")])
+    else:
+        raise UnmappedOps({"aten.copy (to a shape unknown before running)": [b.layer_base(node)]})
+
+
+@converts("empty", "empty_like", "new_empty")
+def _empty(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
+    """Uninitialised memory: its entries are no function of the input, and a program that reads one reads an
+    arbitrary value; taken as zeros, a constant. Decomposed padding (``run_decompositions``) allocates one
+    and writes every entry, which ``recognise_wrap_padding`` checks before it calls the result a padding."""
+    val = node.meta.get("val")
+    shape = _shape_of(val) or (None,)
+    sizes = [d for d in shape if d is not None]
+    if len(sizes) != len(shape):
+        raise UnmappedOps({"aten.empty (of a size unknown before running)": [b.layer_base(node)]})
+    b.alias(node, b.constant(torch.zeros(sizes, dtype=getattr(val, "dtype", torch.float32)), node.name))
+
+
 @converts("select", "index_select")
 def _select(b: GraphBuilder, node: fx.Node, args: dict[str, Any]) -> None:
     values = list(args.values())

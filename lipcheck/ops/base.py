@@ -429,6 +429,7 @@ class Op:
     recognition_root: ClassVar[bool] = False  # where such a decomposition ends (the product in x * sigmoid(x))
     compares: ClassVar[bool] = False  # an elementwise order comparison: a step function of its operands
     selects: ClassVar[bool] = False  # an elementwise choice between two operands by a condition (Where)
+    moves_entries: ClassVar[bool] = False  # only copies input entries to output positions (Slice, Concat, Gather)
     type_inputs: ClassVar[tuple[int, ...]] = ()  # inputs read for their type or shape only: no value flows out
     join_signs: ClassVar[tuple[float, float] | None] = None  # a x + b y of its two inputs (a residual join)
     extremum: ClassVar[str] = ""  # "max" or "min": the elementwise largest or smallest of its operands

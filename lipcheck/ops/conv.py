@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,6 +51,7 @@ def conv_geometry(ctx: RuleContext, weight: torch.Tensor) -> ConvGeometry:
         pads=tuple(pads),
         groups=int(ctx.attrs["group"]),
         input_size=spatial,
+        circular=ctx.attrs.get("wrap_pads") is not None,
     )
 
 
@@ -97,7 +98,7 @@ def _window(ctx: EvalContext, w: torch.Tensor) -> tuple[int, list[int], list[int
 
 @register
 class Conv(Op):
-    """Convolution operator norm: circular embedding on the known input size, else size-independent."""
+    """Convolution operator norm: exact (dense) on small maps, else the circular embedding, else size-independent."""
 
     attributes = CONV_ATTRIBUTES
     piecewise_linear = True
@@ -256,7 +257,7 @@ def _fold_output_channels(op: Op, graph: Graph, node: Node, multiplier: np.ndarr
 
 
 def transpose_pads(
-    ctx: EvalContext,
+    attrs: Mapping[str, Any],
     spatial: Sequence[int],
     kernel: Sequence[int],
     strides: Sequence[int],
@@ -265,9 +266,9 @@ def transpose_pads(
 ) -> tuple[list[int], list[int]]:
     """(begin pads, output sizes) of a ConvTranspose, as onnxruntime computes them."""
     d = len(spatial)
-    output_shape = ctx.attrs.get("output_shape")
-    auto_pad = ctx.attrs["auto_pad"]
-    pads = list(ctx.attrs.get("pads") or [0] * (2 * d))
+    output_shape = attrs.get("output_shape")
+    auto_pad = attrs["auto_pad"]
+    pads = list(attrs.get("pads") or [0] * (2 * d))
     begins, sizes = [], []
     for i in range(d):
         full = (spatial[i] - 1) * strides[i] + adjust[i] + (kernel[i] - 1) * dilations[i] + 1
@@ -301,13 +302,14 @@ class ConvTranspose(Op):
         if ctx.const(1) is None:
             return unbounded("weight is not a known constant", "unknown weight")
         weight = ctx.tensor(1)
-        found = conv_transpose_operator_norm(weight, conv_geometry(ctx, weight))
+        geometry = conv_geometry(ctx, weight)
+        found = conv_transpose_operator_norm(weight, geometry, _transpose_output(ctx, weight, geometry))
         return _with_variable_bias(
             ctx, LocalBound(found.value, "adjoint conv: " + found.method + folded_note(ctx.node))
         )
 
     def check(self, node: Node) -> None:
-        if node.attrs.get("auto_pad") in ("SAME_UPPER", "SAME_LOWER") and node.attrs.get("output_shape"):
+        if _same_with_output_shape(node.attrs):
             raise UnsupportedVariant("ConvTranspose(auto_pad=SAME with output_shape)")
 
     def evaluate(
@@ -318,7 +320,7 @@ class ConvTranspose(Op):
             raise ValueError(f"{d}-d transposed convolution")
         adjust = [int(a) for a in (ctx.attrs.get("output_padding") or [0] * d)]
         y = CONV_TRANSPOSE[d](x, w, None, tuple(strides), 0, 0, int(ctx.attrs["group"]), tuple(dilations))
-        begins, sizes = transpose_pads(ctx, x.shape[2:], list(w.shape[2:]), strides, dilations, adjust)
+        begins, sizes = transpose_pads(ctx.attrs, x.shape[2:], list(w.shape[2:]), strides, dilations, adjust)
         # output_padding adds zero rows at the end; then crop [begin, begin + size) on each axis
         y = pad_spatial(
             y, [0] * d + [max(0, bg + sz - n) for bg, sz, n in zip(begins, sizes, y.shape[2:], strict=True)]
@@ -368,6 +370,22 @@ class ConvTranspose(Op):
             circular=False,
             input_size=size,
         )
+
+
+def _same_with_output_shape(attrs: Mapping[str, Any]) -> bool:
+    return attrs.get("auto_pad") in ("SAME_UPPER", "SAME_LOWER") and bool(attrs.get("output_shape"))
+
+
+def _transpose_output(
+    ctx: RuleContext, weight: torch.Tensor, geometry: ConvGeometry
+) -> tuple[list[int], list[int]] | None:
+    """(begin crops, sizes) of a ConvTranspose's actual output, as ``evaluate`` computes it (None: unknown)."""
+    if geometry.input_size is None or _same_with_output_shape(ctx.attrs):
+        return None
+    d = weight.dim() - 2
+    adjust = [int(a) for a in (ctx.attrs.get("output_padding") or [0] * d)]
+    kernel = list(weight.shape[2:])
+    return transpose_pads(ctx.attrs, geometry.input_size, kernel, geometry.stride, geometry.dilation, adjust)
 
 
 CAUSAL_EXACT_LENGTH = 1024  # sequences up to this length get the exact norm of each channel's Toeplitz matrix

@@ -39,6 +39,7 @@ class Selection(Op):
     """Selects entries, each at most once: <= 1."""
 
     piecewise_linear = True
+    moves_entries = True
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
         return LocalBound(1.0, "selection")
@@ -190,6 +191,7 @@ class Concat(Op):
 
     attributes = {"axis": 0}
     piecewise_linear = True
+    moves_entries = True
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
         total = math.sqrt(sum(lip * lip for lip in ctx.input_lipschitz))
@@ -215,6 +217,7 @@ class Gather(Op):
 
     attributes = {"axis": 0}
     piecewise_linear = True
+    moves_entries = True
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
         if ctx.is_variable(1):
@@ -297,6 +300,7 @@ class Pad(Op):
 
     attributes = {"mode": "constant"}
     piecewise_linear = True
+    moves_entries = True  # a constant fill is not an input entry: recognise_wrap_padding tells it apart
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
         mode = str(ctx.attrs["mode"])

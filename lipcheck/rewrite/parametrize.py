@@ -309,6 +309,7 @@ class CircularConvSpectralNorm(SpectralNormalisation):
             dilation=self.dilation,
             groups=self.groups,
             input_size=self.input_length,
+            circular=True,
         )
         return conv_operator_norm(weight.detach().double(), geometry).value
 

@@ -3,6 +3,7 @@
 from lipcheck.spectral.conv import (
     ConvGeometry,
     circular_conv_norm,
+    circular_embedding_bound,
     conv_operator_norm,
     conv_transpose_operator_norm,
     reshaped_kernel_norm,
@@ -13,6 +14,7 @@ __all__ = [
     "ConvGeometry",
     "SpectralBound",
     "circular_conv_norm",
+    "circular_embedding_bound",
     "conv_operator_norm",
     "conv_transpose_operator_norm",
     "dense_sigma_max",

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from lipcheck.spectral.circular import grid_norm
+from lipcheck.spectral.conv_matrix import ConvWindow, dense_affordable, dense_conv_norm
 from lipcheck.spectral.dense import (
     UNIT_ROUNDOFF,
     SpectralBound,
@@ -40,7 +41,9 @@ class ConvGeometry:
     """Everything about a convolution's operator except its weights.
 
     ``pads`` is (begin_1, ..., begin_d, end_1, ..., end_d) as in ONNX. ``input_size`` is the spatial
-    size or None when unknown (then a size-independent bound is used).
+    size or None when unknown (then a size-independent bound is used). ``circular``: the operator is the
+    circular conv on the padded input grid (a wrap padding folded in, or a parametrization's circular
+    sigma), whose norm the circular embedding gives exactly; the zero-padded conv's dense matrix is not it.
     """
 
     stride: tuple[int, ...]
@@ -48,6 +51,7 @@ class ConvGeometry:
     pads: tuple[int, ...]
     groups: int = 1
     input_size: tuple[int, ...] | None = None
+    circular: bool = False
 
     @classmethod
     def default(cls, spatial_dims: int, **overrides) -> ConvGeometry:
@@ -146,10 +150,19 @@ def _padded_polyphase(weight: torch.Tensor, geometry: ConvGeometry) -> torch.Ten
 
 
 def conv_norm_known_size(weight: torch.Tensor, geometry: ConvGeometry) -> SpectralBound:
-    """Certified norm of a zero-padded convolution on a known input size.
+    """Certified norm of a zero-padded convolution on a known input size (of the circular one with
+    ``geometry.circular``): the circular embedding, or the exact operator's dense norm where that is cheap
+    and smaller (small maps against the kernel, where the embedding is loose)."""
+    embedded = circular_embedding_bound(weight, geometry)
+    if geometry.circular or embedded.exact:
+        return embedded
+    return _smaller(embedded, _dense_zero_padded(weight, geometry))
 
-    Grid m = ceil((n + pad_begin + pad_end) / stride) of the polyphase kernel. Exact when the
-    convolution is circular on that grid; never below the true norm.
+
+def circular_embedding_bound(weight: torch.Tensor, geometry: ConvGeometry) -> SpectralBound:
+    """The norm of the circular convolution on grid m = ceil((n + pad_begin + pad_end) / stride) of the
+    polyphase kernel: the zero-padded conv on n is a restriction of it. Exact when the convolution is
+    circular on that grid; never below the true norm.
     """
     assert geometry.input_size is not None
     d = weight.dim() - 2
@@ -164,6 +177,25 @@ def conv_norm_known_size(weight: torch.Tensor, geometry: ConvGeometry) -> Spectr
     value = grid_norm(poly, grid)
     shape = "x".join(map(str, grid))
     return SpectralBound(value, f"circular embedding, FFT grid {shape}")
+
+
+def _smaller(embedded: SpectralBound, dense: SpectralBound | None) -> SpectralBound:
+    """The dense operator's norm where it was affordable and is no larger (both are certified)."""
+    return dense if dense is not None and dense.value <= embedded.value else embedded
+
+
+def _dense_zero_padded(weight: torch.Tensor, geometry: ConvGeometry) -> SpectralBound | None:
+    """The exact norm of the zero-padded conv on its input from its dense matrix, when that is cheap."""
+    assert geometry.input_size is not None
+    d = weight.dim() - 2
+    eff = effective_kernel_size(weight.shape[2:], geometry.dilation)
+    out = tuple(
+        max(0, (n + geometry.pads[i] + geometry.pads[i + d] - e) // s + 1)
+        for i, (n, e, s) in enumerate(zip(geometry.input_size, eff, geometry.stride, strict=True))
+    )
+    pads, stride, dilation = geometry.pads[:d], geometry.stride, geometry.dilation
+    window = ConvWindow(geometry.input_size, out, pads, stride, dilation, geometry.groups)
+    return dense_conv_norm(weight, window) if dense_affordable(weight.shape, window) else None
 
 
 def reshape_bound(weight: torch.Tensor, geometry: ConvGeometry) -> SpectralBound:
@@ -282,12 +314,16 @@ def conv_operator_norm(weight: torch.Tensor, geometry: ConvGeometry) -> Spectral
     return fine if fine is not None and fine.value <= cheap.value else cheap
 
 
-def conv_transpose_operator_norm(weight: torch.Tensor, geometry: ConvGeometry) -> SpectralBound:
+def conv_transpose_operator_norm(
+    weight: torch.Tensor, geometry: ConvGeometry, output: tuple[Sequence[int], Sequence[int]] | None = None
+) -> SpectralBound:
     """Certified norm of a transposed convolution (weight ``[c_in, c_out/g, *k]``).
 
     ConvTranspose = crop o (adjoint of a valid conv on the uncropped output), and the adjoint has the
     same norm, so the valid conv with the same weight, stride, dilation and groups on the uncropped
-    output length (n - 1) * s + k_eff bounds it.
+    output length (n - 1) * s + k_eff bounds it. ``output``: the (begin crops, sizes) of the actual
+    output; where given and small, the exact norm of the cropped operator's adjoint (a conv from the
+    output to the input reading output position x * s - begin + a * d) from its dense matrix.
     """
     d = weight.dim() - 2
     if geometry.input_size is None:
@@ -298,7 +334,12 @@ def conv_transpose_operator_norm(weight: torch.Tensor, geometry: ConvGeometry) -
     adjoint = ConvGeometry.default(
         d, stride=geometry.stride, dilation=geometry.dilation, groups=geometry.groups, input_size=full
     )
-    return conv_norm_known_size(weight, adjoint)
+    embedded = circular_embedding_bound(weight, adjoint)
+    if embedded.exact:
+        return embedded
+    begins, sizes = ((0,) * d, full) if output is None else (tuple(int(v) for v in part) for part in output)
+    window = ConvWindow(sizes, geometry.input_size, begins, geometry.stride, geometry.dilation, geometry.groups)
+    return _smaller(embedded, dense_conv_norm(weight, window) if dense_affordable(weight.shape, window) else None)
 
 
 def reshaped_kernel_norm(weight: torch.Tensor) -> float:
