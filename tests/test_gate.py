@@ -229,7 +229,7 @@ def test_report_exit_zero_reports_but_exits_0(workdir: Path) -> None:
     )
     assert result.returncode == 0
     assert json.loads(result.stdout)["gate"]["passed"] is False
-    assert "gate failed: cnn_bn.onnx: upper bound 0.496112 is above the limit 0.45" in result.stderr
+    assert "gate failed: cnn_bn.onnx: upper bound 0.478692 is above the limit 0.45" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -310,7 +310,7 @@ def test_check_exit_1_with_one_line_per_model(project: Path) -> None:
     lines = result.stdout.splitlines()
     assert len(lines) == 2
     assert lines[0].startswith("FAIL ") and "../" not in lines[0] and "mlp.onnx" in lines[0]
-    assert lines[1].startswith("PASS ") and "cnn_bn.onnx" in lines[1] and "0.496112" in lines[1]
+    assert lines[1].startswith("PASS ") and "cnn_bn.onnx" in lines[1] and "0.478692" in lines[1]
     assert "gate failed: " in result.stderr and "above the limit 0.5 (fail-above)" in result.stderr
 
 
@@ -595,8 +595,8 @@ def test_markdown_escapes_cells_and_summarises_several_models(cnn: Any, cnn_dict
     ]
     out = render_markdown(runs)
     assert out.startswith("### ❗ lipcheck: 3 models: 1 failed the gate, 1 with errors\n")
-    assert "| ❌ | `a.onnx` | 0.496112 | failed (1) |" in out
-    assert "| ℹ️ | `b\\|c.onnx` | 0.496112 | no gate |" in out
+    assert "| ❌ | `a.onnx` | 0.478692 | failed (1) |" in out
+    assert "| ℹ️ | `b\\|c.onnx` | 0.478692 | no gate |" in out
     assert "| ❗ | `gone.onnx` | – | error: gone.onnx: no such file |" in out
     assert out.count("#### ") == 3
 
@@ -634,7 +634,7 @@ def test_summary_lines_respect_no_color(cnn: Any, cnn_dict: dict[str, Any]) -> N
     from lipcheck.render import summary_text
 
     line = summary_text(ModelRun("a.onnx", cnn, evaluate(cnn_dict, GateOptions(fail_above=0.45))), 8)
-    assert line.plain == "FAIL   a.onnx    certified upper bound 0.496112; gate failed (1 failure)"
+    assert line.plain == "FAIL   a.onnx    certified upper bound 0.478692; gate failed (1 failure)"
     colored, plain = io.StringIO(), io.StringIO()
     Console(file=colored, force_terminal=True, color_system="standard").print(line)
     Console(file=plain, force_terminal=True, color_system="standard", no_color=True).print(line)
