@@ -781,7 +781,8 @@ def test_reshaped_kernel_norm_underestimates_even_a_positive_averaging_kernel():
     exact = conv_exact(weight, geometry)
     assert reshaped_kernel_norm(weight) == pytest.approx(1.0 / 3.0)
     assert exact > 0.9  # a mean filter passes constants almost unchanged
-    assert conv_operator_norm(weight, geometry).value == pytest.approx(1.0, rel=1e-9)
+    found = conv_operator_norm(weight, geometry).value  # the exact operator (dense, a small map)
+    assert exact * (1 - 1e-12) <= found <= exact * (1 + 1e-9) and found > 2.5 * reshaped_kernel_norm(weight)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -475,8 +475,8 @@ input_shape = "1,16"
     code, out, err = run_cli(capsys, "check", "--config", str(config))
     lines = out.strip().splitlines()
     assert code == 2, out + err
-    assert lines[0].startswith("PASS") and "4.7915" in lines[0]
-    assert lines[1].startswith("OK") and "0.496094" in lines[1]  # the ECLipsE-Fast chain bound
+    assert lines[0].startswith("PASS") and "1.57576" in lines[0]
+    assert lines[1].startswith("OK") and "0.478668" in lines[1]  # the ECLipsE-Fast chain bound
     assert lines[2].startswith("ERROR") and "unexpected keyword argument" in lines[2]
 
 

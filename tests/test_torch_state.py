@@ -3,6 +3,7 @@ normalize), forwards that write into their own buffers, one unmapped op named on
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -190,7 +191,8 @@ def test_parametrize_mode_on_circular_padding(tmp_path: Path, capsys: pytest.Cap
     model.load_state_dict(torch.load(out))
     baked = remove_parametrizations(model.eval())
     weight = baked.conv.weight.detach().double()
-    certified = conv_operator_norm(weight, ConvGeometry.default(2, input_size=(16, 16))).value
+    geometry = dataclasses.replace(ConvGeometry.default(2, input_size=(16, 16)), circular=True)
+    certified = conv_operator_norm(weight, geometry).value
     assert certified == pytest.approx(1.0, rel=1e-6)  # the circular conv on the input's own 16x16 grid
     import lipcheck.rewrite.normalize as module
 
