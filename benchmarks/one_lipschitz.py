@@ -56,7 +56,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 TOL = 1e-6  # pass: bound <= 1 + TOL (--tol)
 PATHS = ["onnx-ts", "onnx-dynamo", "pt2", "state_dict", "state_dict-baked"]
@@ -377,20 +376,12 @@ def build(net: str) -> nn.Module:
     return module.eval()
 
 
-def bake(module: nn.Module) -> nn.Module:
-    """Every parametrization removed, its current value kept (in place)."""
-    module.eval()
-    with torch.no_grad():
-        for layer in list(module.modules()):
-            if parametrize.is_parametrized(layer):
-                for name in list(layer.parametrizations):  # type: ignore[arg-type]
-                    parametrize.remove_parametrizations(layer, name, leave_parametrized=True)
-    return module
-
-
 def build_baked(net: str) -> nn.Module:
-    """``build`` then ``bake`` (the ``--model`` factory of the baked state_dict)."""
-    return bake(build(net))
+    """``build`` with its parametrizations removed, their values kept (the ``--model`` factory of the baked
+    state_dict): lipcheck's own ``baked``."""
+    from lipcheck.frontends.torch_state import baked
+
+    return baked(build(net))
 
 
 # ---------------------------------------------------------------------------------------------- paths

@@ -36,6 +36,7 @@ from lipcheck import ops
 from lipcheck.graph import Graph, Node
 from lipcheck.ops import ShiftInvariant, Slope, variable_inputs
 from lipcheck.refine.affine import full_shape, is_foldable, segment_operator
+from lipcheck.refine.chains import MAX_DIM
 from lipcheck.refine.rescale import power_of_two_balance
 from lipcheck.spectral.dense import UNIT_ROUNDOFF
 from lipcheck.spectral.frequency import (
@@ -48,7 +49,6 @@ from lipcheck.spectral.frequency import (
 
 # a region's operators are held as [F, out, in] complex matrices: at most this many entries each
 MAX_OPERATOR_ENTRIES = 1 << 24
-MAX_DENSE_DIM = 1024
 MAX_CUTS = 40
 
 
@@ -133,7 +133,7 @@ def _dense_vector(node: Node, graph: Graph) -> bool:
     shape_in, shape_out = full_shape(graph, node.inputs[variables[0]]), full_shape(graph, node.outputs[0])
     if shape_in is None or shape_out is None or len(shape_in) != 2 or len(shape_out) != 2:
         return False
-    return max(shape_in[1], shape_out[1]) <= MAX_DENSE_DIM and is_foldable(node, graph)
+    return max(shape_in[1], shape_out[1]) <= MAX_DIM and is_foldable(node, graph)
 
 
 class _Parser:
