@@ -105,7 +105,8 @@ def bound_chain(weights: list[CertifiedMatrix], chain: Chain, methods: tuple[str
     """Every requested method's certified bound on one chain (None where a method does not apply), each the
     smaller of its value on the chain's matrices and on their rescaled form (``lipcheck.refine.rescale``)."""
     result = ChainResult(chain, math.inf)
-    forms = [weights] if len(weights) < 2 else [weights, balanced(weights)]
+    rescaled = balanced(weights) if len(weights) > 1 else None
+    forms = [weights] if rescaled is None else [weights, rescaled]
     for method in methods:
         started = time.perf_counter()
         values = [value for form in forms if (value := _method_bound(method, form, chain)) is not None]

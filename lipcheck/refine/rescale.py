@@ -33,9 +33,11 @@ def _scale_columns(matrix: CertifiedMatrix, s: torch.Tensor) -> CertifiedMatrix:
     return CertifiedMatrix(matrix.matrix / s[None, :], matrix.bound / s[None, :], matrix.gamma)
 
 
-def balanced(weights: list[CertifiedMatrix]) -> list[CertifiedMatrix]:
-    """The chain's matrices with a power-of-two diagonal moved across every activation (same map, same D's)."""
+def balanced(weights: list[CertifiedMatrix]) -> list[CertifiedMatrix] | None:
+    """The chain's matrices with a power-of-two diagonal moved across every activation (same map, same D's);
+    None when every scale is 1 (the chain is balanced already)."""
     result = list(weights)
+    changed = False
     for _ in range(SWEEPS):
         for i in range(len(result) - 1):
             rows = torch.linalg.vector_norm(result[i].matrix, dim=1)
@@ -44,4 +46,5 @@ def balanced(weights: list[CertifiedMatrix]) -> list[CertifiedMatrix]:
             if bool((s == 1).all()):
                 continue
             result[i], result[i + 1] = _scale_rows(result[i], s), _scale_columns(result[i + 1], s)
-    return result
+            changed = True
+    return result if changed else None
