@@ -8,6 +8,7 @@ says (AutoLip, Virmaux & Scaman 2018). The network bound is sqrt(sum of L^2) ove
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,7 @@ from lipcheck import ops
 from lipcheck.errors import UnsupportedOpsError
 from lipcheck.graph import Graph, Node
 from lipcheck.interpret import run_graph
-from lipcheck.ops import LocalBound, RuleContext, UnsupportedVariant
+from lipcheck.ops import Interval, LocalBound, RuleContext, UnsupportedVariant
 from lipcheck.ops.base import SubgraphBound
 from lipcheck.report import LayerResult, UnboundedReason
 from lipcheck.walk import ProgressCallback, walk
@@ -62,6 +63,7 @@ class _Walk:
     cache: LayerCache | None
     refinements: Refinements | None
     rule_cache: RuleCache | None
+    ranges: Mapping[str, Interval] | None = None
     lipschitz: dict[str, float] = field(default_factory=dict)
     missing: dict[str, list[str]] = field(default_factory=dict)
     layers: list[LayerResult] = field(default_factory=list)
@@ -103,12 +105,24 @@ class _Walk:
 
     def local_bound(self, node: Node, inputs_l: list[float]) -> tuple[LocalBound | None, str | None]:
         """The rule's answer, from this run's rule cache when the same node was bounded before."""
-        if self.rule_cache is not None and node.name in self.rule_cache:
-            return self.rule_cache[node.name]
-        local, assumed_key = bound_node(node, self.graph, inputs_l, self.device, self.assume, self.missing, self.cache)
-        if self.rule_cache is not None and local is not None and local.output_lipschitz is None:
-            self.rule_cache[node.name] = (local, assumed_key)
+        ranges = self.node_ranges(node)
+        keep = self.rule_cache is not None and ranges is None
+        if keep and node.name in self.rule_cache:  # type: ignore[operator]
+            return self.rule_cache[node.name]  # type: ignore[index]
+        cache = self.cache if ranges is None else None
+        local, assumed_key = bound_node(
+            node, self.graph, inputs_l, self.device, self.assume, self.missing, cache, ranges
+        )
+        if keep and local is not None and local.output_lipschitz is None:
+            self.rule_cache[node.name] = (local, assumed_key)  # type: ignore[index]
         return local, assumed_key
+
+    def node_ranges(self, node: Node) -> list[Interval | None] | None:
+        """The inputs' value ranges for a rule that reads them (None: the rule's global answer, cacheable)."""
+        op = ops.get(node.op)
+        if not self.ranges or op is None or not op.uses_ranges:
+            return None
+        return [self.ranges.get(name) if name else None for name in node.inputs]
 
     def output_lipschitz(self, node: Node, local: LocalBound, inputs_l: list[float]) -> float:
         if local.output_lipschitz is not None:
@@ -176,6 +190,7 @@ def compose(
     refinements: Refinements | None = None,
     rule_cache: RuleCache | None = None,
     input_lipschitz: dict[str, float] | None = None,
+    ranges: Mapping[str, Interval] | None = None,
 ) -> Composition:
     """Bound every node and the whole network. Raises UnsupportedOpsError listing all unknown ops.
 
@@ -185,9 +200,10 @@ def compose(
     chain or region bound (lipcheck.refine); the smallest of them and the product is kept. ``rule_cache`` keeps
     the rules' answers between walks over the same graph in one run (answers that depend on the inputs' constants
     are not kept). ``input_lipschitz``: the graph inputs' own constants where they are not 1 (a branch
-    of an If, whose inputs are values of the enclosing graph).
+    of an If, whose inputs are values of the enclosing graph). ``ranges``: every value's range on an input
+    domain (``lipcheck.ranges``): the rules that read ranges give the constant on that domain.
     """
-    state = _Walk(graph, dict(assume or {}), torch.device(device), cache, refinements, rule_cache)
+    state = _Walk(graph, dict(assume or {}), torch.device(device), cache, refinements, rule_cache, ranges)
     # integer and boolean inputs (indices, axes, masks) are not directions anyone perturbs
     state.lipschitz.update({name: 0.0 if graph.is_discrete(name) else 1.0 for name in graph.inputs})
     state.lipschitz.update(input_lipschitz or {})
@@ -213,6 +229,7 @@ def bound_node(
     assume: dict[str, float],
     missing: dict[str, list[str]],
     cache: LayerCache | None = None,
+    ranges: list[Interval | None] | None = None,
 ) -> tuple[LocalBound | None, str | None]:
     """The op's rule's answer (None for an op without rule, recorded in ``missing``) and the --assume key used."""
     if node.op in assume:
@@ -222,7 +239,7 @@ def bound_node(
         missing.setdefault(node.op, []).append(node.name)
         return None, None
     try:
-        context = RuleContext(node, graph, inputs_l, device, bound_subgraph, run_graph)
+        context = RuleContext(node, graph, inputs_l, device, bound_subgraph, run_graph, ranges=ranges)
         if cache is not None:
             return cache.bound(context, op), None
         return op.lipschitz(context), None

@@ -297,6 +297,12 @@ def _growth_text(comparison: Comparison) -> str:
     return f"{grew} ({format_number(comparison.baseline)} -> {format_number(comparison.current)})"
 
 
+def _domain(report: dict[str, Any]) -> str:
+    """Where a report's bound holds (reports written before domains existed are global)."""
+    domain = report.get("domain")
+    return str(domain.get("text", "all inputs")) if isinstance(domain, dict) else "all inputs"
+
+
 def _compare(report: dict[str, Any], baseline: Baseline, allowed: float, result: GateResult) -> None:
     old = baseline.data
     if old.get("model") != report.get("model"):
@@ -314,6 +320,15 @@ def _compare(report: dict[str, Any], baseline: Baseline, allowed: float, result:
                 f"{_shapes(old.get('input_shapes'))}, this report for {_shapes(report.get('input_shapes'))}",
             )
         )
+    if _domain(old) != _domain(report):
+        result.warnings.append(
+            Finding(
+                "baseline_mismatch",
+                f"the baseline {baseline.path} bounds the constant on {_domain(old)}, this report on "
+                f"{_domain(report)}: not compared",
+            )
+        )
+        return
     limit_text = f"more than the allowed {format_percent(allowed)} (max-increase)"
     network = Comparison(None, _bound(old.get("upper_bound")), _bound(report.get("upper_bound")))
     result.comparisons.append(network)

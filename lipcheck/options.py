@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from lipcheck.errors import InputShapeError, LipcheckError
 
 if TYPE_CHECKING:
+    from lipcheck.domain import Domain
     from lipcheck.gate import Baseline, GateOptions
     from lipcheck.lower import LowerSettings
 
@@ -295,6 +296,35 @@ def input_range(value: Any, what: str) -> tuple[float, float]:
     return parse_input_range(text, f"{what} {text!r}:" if is_flag(what) else f"{what}:")
 
 
+def numbers(value: Any, what: str, positive: bool = False) -> tuple[float, ...]:
+    """'0.485,0.456,0.406' or a list of numbers: finite (and > 0 with ``positive``)."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    try:
+        found = tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} {value!r}: expected comma-separated numbers") from None
+    if not found or not all(math.isfinite(v) and (v > 0 or not positive) for v in found):
+        raise ConfigError(f"{what} {value!r}: expected finite{' positive' if positive else ''} numbers")
+    return found
+
+
+def positive_number(value: Any, what: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} {value!r}: expected a number") from None
+    if not (math.isfinite(number) and number > 0):
+        raise ConfigError(f"{what} {value!r}: expected a finite number > 0")
+    return number
+
+
+def norm_name(value: Any, what: str) -> str:
+    text = str(value).lower().removeprefix("l")
+    if text in ("2", "inf", "infinity"):
+        return "inf" if text.startswith("inf") else "2"
+    raise ConfigError(f"{what} {value!r}: expected 2 or inf")
+
+
 def is_flag(what: str) -> bool:
     """Errors about a flag name it with the value given; errors about a file key name the key's place."""
     return what.startswith("-")
@@ -525,8 +555,68 @@ class Settings:
         parse=input_range,
         commands=("report",),
         implies="search_lower",
-        help="The input domain is the box [LO, HI] in every entry (e.g. 0,1 for images): the lower-bound search "
-        "stays in it, so the lower bound holds for the constant on that domain. Implies --lower.",
+        help="The input domain is the box [LO, HI] in every entry (e.g. 0,1 for images): the upper bound holds on "
+        "it (and is finite for gating, attention and products, which have no global bound), and the lower-bound "
+        "search stays in it. The report names the domain. Implies --lower.",
+    )
+    normalize_mean: tuple[float, ...] | None = option(
+        None,
+        flag="--normalize-mean",
+        metavar="M1,M2,..",
+        parse=lambda value, what: numbers(value, what),
+        commands=("report",),
+        help="The model's input is (x - mean) / std per channel for x in the --input-range box (default 0,1): "
+        "the domain is that box's image. Give with --normalize-std.",
+    )
+    normalize_std: tuple[float, ...] | None = option(
+        None,
+        flag="--normalize-std",
+        metavar="S1,S2,..",
+        parse=lambda value, what: numbers(value, what, positive=True),
+        commands=("report",),
+        help="Per-channel standard deviations of the input normalisation (see --normalize-mean).",
+    )
+    around: Path | None = option(
+        None,
+        flag="--around",
+        parse=path,
+        metavar="FILE",
+        cli_type=Path,
+        commands=("report",),
+        toml=None,
+        help="Local bounds: a certified Lipschitz bound on the ball of --radius around each sample of FILE (.npy, "
+        ".npz or .pt; one sample per row), their maximum as the report's bound, and with --lower the largest "
+        "Jacobian norm found in each ball.",
+    )
+    radius: float | None = option(
+        None,
+        flag="--radius",
+        metavar="R",
+        parse=lambda value, what: positive_number(value, what),
+        cli_type=float,
+        commands=("report",),
+        toml=None,
+        help="The radius of the balls of --around.",
+    )
+    norm: str = option(
+        "2",
+        flag="--norm",
+        metavar="2|inf",
+        parse=lambda value, what: norm_name(value, what),
+        commands=("report",),
+        toml=None,
+        help="The norm of the balls of --around: 2 (default) or inf (the box of half-width R).",
+    )
+    labels: Path | None = option(
+        None,
+        flag="--labels",
+        parse=path,
+        metavar="FILE",
+        cli_type=Path,
+        commands=("report",),
+        toml=None,
+        help="Labels of the --around samples (.npy of integers; an .npz's 'y' works too): each correctly classified "
+        "sample's certified robust radius min(R, margin / (sqrt(2) L)) and the certified accuracy.",
     )
     inputs: Path | None = option(
         None,
@@ -549,6 +639,21 @@ class Settings:
         from lipcheck.lower import LowerSettings
 
         return LowerSettings(budget=self.lower_budget, seed=self.seed, inputs=self.inputs, input_range=self.input_range)
+
+    def domain(self) -> Domain | None:
+        """The input domain these options give (None: a global bound); ConfigError for options that do not fit."""
+        from lipcheck.domain import Domain
+
+        if (self.around is None) != (self.radius is None):
+            raise ConfigError("--around and --radius go together: give both (or neither)")
+        if self.labels is not None and self.around is None:
+            raise ConfigError("--labels needs --around (the samples they label)")
+        if (self.normalize_mean is None) != (self.normalize_std is None):
+            raise ConfigError("--normalize-mean and --normalize-std go together: give both (or neither)")
+        if self.input_range is None and self.normalize_mean is None and self.around is None:
+            return None
+        low, high = self.input_range or ((0.0, 1.0) if self.normalize_mean is not None else (-math.inf, math.inf))
+        return Domain(low=(low,), high=(high,), mean=self.normalize_mean, std=self.normalize_std)
 
     def gate_options(self, baseline: Baseline | None = None) -> GateOptions:
         """The gate's options: the fields marked ``gate``, and the loaded baseline."""

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from lipcheck.compose import Composition, ProgressCallback, UnboundedReason, compose
+from lipcheck.domain import Domain
 from lipcheck.errors import LipcheckError
 from lipcheck.frontends import load_model
 from lipcheck.graph import Graph
@@ -48,6 +50,7 @@ class Certificate:
     graph: Graph
     product: Composition
     refinement: Refinement
+    domain: Domain | None = None
 
     @property
     def composition(self) -> Composition:
@@ -68,19 +71,42 @@ def certify(
     cache: LayerCache | None = None,
     fold_batchnorms: bool = True,
     copy: bool = False,
+    domain: Domain | None = None,
 ) -> Certificate:
     """Prepare, compose and refine ``graph`` (a copy of it with ``copy``: the caller's graph stays as loaded).
 
     ``method``: best (default), product, folded, combettes-pesquet, eclipse-fast, frequency-cp, block-sdp, lipsdp or all
     (``lipcheck.refine``). ``cache``: per-layer results reused across runs (``lipcheck.cache``);
     ``progress``: told which layer comes next. ``fold_batchnorms=False`` keeps BatchNorms as layers.
+    ``domain``: the bound holds for inputs in it (``lipcheck.domain``), through the value ranges of every node.
     """
     working = graph.copy() if copy else graph
     prepare(working, fold_batchnorms=fold_batchnorms)
-    rule_cache: dict = {}
-    product = compose(working, assume=assume, device=device, progress=progress, cache=cache, rule_cache=rule_cache)
-    refined = refine(working, product, Method(method).value, assume=assume, device=device, cache=rule_cache)
-    return Certificate(working, product, refined)
+    return certify_prepared(working, method, assume, device, progress, cache, domain)
+
+
+def certify_prepared(
+    graph: Graph,
+    method: str = "best",
+    assume: dict[str, float] | None = None,
+    device: torch.device | str = "cpu",
+    progress: ProgressCallback | None = None,
+    cache: LayerCache | None = None,
+    domain: Domain | None = None,
+    rule_cache: dict | None = None,
+) -> Certificate:
+    """``certify`` after ``prepare`` (``rule_cache`` keeps the domain-free rules' answers between calls)."""
+    from lipcheck.ranges import value_ranges
+
+    ranges = value_ranges(graph, domain.input_ranges(graph)) if domain is not None else None
+    rule_cache = {} if rule_cache is None else rule_cache
+    product = compose(
+        graph, assume=assume, device=device, progress=progress, cache=cache, rule_cache=rule_cache, ranges=ranges
+    )
+    refined = refine(
+        graph, product, Method(method).value, assume=assume, device=device, cache=rule_cache, ranges=ranges
+    )
+    return Certificate(graph, product, refined, domain)
 
 
 def analyse(
@@ -94,6 +120,8 @@ def analyse(
     cache: str | os.PathLike[str] | LayerCache | None = None,
     progress: ProgressCallback | None = None,
     method: str = "best",
+    domain: Domain | None = None,
+    around: Around | None = None,
 ) -> Report:
     """Load a model file and compute its certified Lipschitz report (the library entry point).
 
@@ -103,15 +131,18 @@ def analyse(
     and the bracket. ``max_memory``: bytes of memory to stay within (weights are then read a layer at
     a time); ``cache``: a folder (or ``LayerCache``) of per-layer results reused across runs;
     ``progress``: see ``compose``. ``method``: see ``certify``; the report's ``upper_bound`` is the
-    smallest certified bound computed.
+    smallest certified bound computed. ``domain``: the bound holds for inputs there (``lipcheck.domain``);
+    ``around``: local bounds on balls around samples (``lipcheck.local``), inside ``domain`` when given.
     """
     torch_device = resolve_device(device)
     layer_cache = _layer_cache(cache)
     graph = load_model(path, input_shapes, torch_options, max_memory=max_memory)
     if not isinstance(graph, Graph):
         return weights_report(graph, torch_device)
+    if around is not None:
+        return _local_report(Path(path).name, graph, around, domain or Domain(), method, assume, torch_device, lower)
     loaded = graph.copy() if lower else None
-    found = certify(graph, method, assume, torch_device, progress, layer_cache)
+    found = certify(graph, method, assume, torch_device, progress, layer_cache, domain=domain)
     report = _report(Path(path).name, found, torch_device)
     if loaded is not None:
         from lipcheck.lower import LowerSettings, lower_bound
@@ -124,10 +155,72 @@ def analyse(
     return report
 
 
+@dataclass(frozen=True)
+class Around:
+    """--around: samples (a file, or an array [N, ...]), the balls' radius and norm, labels (file or array)."""
+
+    samples: str | os.PathLike[str] | np.ndarray
+    radius: float
+    norm: str = "2"
+    labels: str | os.PathLike[str] | np.ndarray | None = None
+
+
+def _local_report(
+    model: str,
+    graph: Graph,
+    around: Around,
+    domain: Domain,
+    method: str,
+    assume: dict[str, float] | None,
+    device: torch.device,
+    lower: bool | LowerSettings,
+) -> Report:
+    """The report of --around: the largest local bound as the bound, the worst sample's layers, and per sample
+    the bound, the lower bound (with ``lower``) and the robust radius (with labels)."""
+    from lipcheck.local import LocalError, load_labels, load_samples, run_local
+
+    variables = [name for name in graph.inputs if not graph.is_discrete(name)]
+    if len(variables) != 1:
+        raise LocalError(f"--around needs a model with one float input; this one has {len(variables)}")
+    shape = graph.shape(variables[0])
+    if shape is None or any(not isinstance(d, int) for d in shape):
+        raise LocalError("--around needs the input's full shape; give --input-shape")
+    full = tuple(int(d) for d in shape)  # type: ignore[arg-type]
+    if isinstance(around.samples, np.ndarray):
+        samples, inner = np.asarray(around.samples, dtype=np.float64).reshape(-1, *full[1:]), None
+    else:
+        samples, inner = load_samples(around.samples, full)
+    labels = inner
+    if isinstance(around.labels, np.ndarray):
+        labels = np.asarray(around.labels).reshape(-1).astype(np.int64)
+    elif around.labels is not None:
+        labels = load_labels(around.labels, samples.shape[0])
+    loaded = graph.copy()
+    prepare(graph)
+    rule_cache: dict = {}
+
+    def bound(ball: Domain) -> Certificate:
+        return certify_prepared(graph, method, assume, device, domain=ball, rule_cache=rule_cache)
+
+    tries = None if not lower else 4
+    local, worst = run_local(graph, loaded, samples, domain, around.radius, around.norm, bound, labels, tries)
+    report = _report(model, worst, device)
+    report.upper_bound = local.max
+    report.domain = {**domain.around(samples[0], around.radius, around.norm).to_dict(), "samples": len(samples)}
+    report.local = local.to_dict()
+    lowers = [s.lower for s in local.samples if s.lower is not None]
+    report.lower_bound = max(lowers) if lowers else None
+    return report
+
+
 def analyse_with(path: str | os.PathLike[str], settings: Settings, progress: ProgressCallback | None = None) -> Report:
     """``analyse`` with the options of one run (``lipcheck.options.Settings``: flags and configuration)."""
     from lipcheck.frontends.torch_frontend import TorchOptions
 
+    around = None
+    if settings.around is not None and settings.radius is not None:
+        around = Around(settings.around, settings.radius, settings.norm, settings.labels)
+    domain = settings.domain()
     return analyse(
         path,
         input_shapes=list(settings.input_shape),
@@ -139,6 +232,8 @@ def analyse_with(path: str | os.PathLike[str], settings: Settings, progress: Pro
         cache=settings.cache,
         progress=progress,
         method=Method(settings.method).value,
+        domain=domain,
+        around=around,
     )
 
 
@@ -152,7 +247,9 @@ def _layer_cache(cache: str | os.PathLike[str] | LayerCache | None) -> LayerCach
 
 def _report(model: str, found: Certificate, device: torch.device) -> Report:
     composition = found.composition
+    domain = None if found.domain is None else found.domain.to_dict()
     return Report(
+        domain=domain,
         model=model,
         upper_bound=composition.upper_bound,
         layers=composition.layers,

@@ -38,13 +38,16 @@ def verdict(report: Report) -> Text:
         )
     if not report.bounded:
         names = ", ".join(f"{r.node} ({r.op}: {r.reason})" for r in report.unbounded_reasons)
-        return Text.assemble(("Not globally Lipschitz", "bold red"), f": {names}")
+        where = "Not globally Lipschitz" if report.domain_text is None else f"Not Lipschitz on {report.domain_text}"
+        return Text.assemble((where, "bold red"), f": {names}")
     text = Text.assemble(
         (
             "Certified upper bound" if report.certified else "Upper bound",
             "bold green" if report.certified else "bold yellow",
         ),
-        " on the l2 Lipschitz constant: ",
+        " on the l2 Lipschitz constant"
+        + ("" if report.domain_text is None else f" on {report.domain_text} (not global)")
+        + ": ",
         (format_number(report.upper_bound), "bold"),
     )
     if report.assumptions:

@@ -43,6 +43,7 @@ class UnboundedReason:
 
 
 SCHEMA = "lipcheck.report/1"
+GLOBAL_DOMAIN = {"kind": "global", "text": "all inputs"}
 NO_ARCHITECTURE = "no architecture"
 
 
@@ -64,6 +65,13 @@ class Report:
     method_bounds: dict[str, float | None] = field(default_factory=dict)
     chains: list[Any] = field(default_factory=list)
     regions: list[Any] = field(default_factory=list)  # regions and residual blocks (frequency-cp, block-sdp)
+    domain: dict[str, Any] | None = None  # where the bound holds (lipcheck.domain.Domain.to_dict); None: everywhere
+    local: dict[str, Any] | None = None  # --around: the bound on each sample's ball (lipcheck.local)
+
+    @property
+    def domain_text(self) -> str | None:
+        """'inputs in [0, 1]', 'l2 ball of radius 0.1 around each sample'; None for a global bound."""
+        return None if self.domain is None else str(self.domain.get("text"))
 
     @property
     def bounded(self) -> bool:
@@ -97,6 +105,8 @@ class Report:
             "method_bounds": dict(self.method_bounds),
             "chains": [_chain_dict(chain) for chain in self.chains],
             "regions": [_region_dict(region) for region in self.regions],
+            "domain": self.domain if self.domain is not None else GLOBAL_DOMAIN,
+            **({"local": self.local} if self.local is not None else {}),
             **self._lower_fields(),
         }
 

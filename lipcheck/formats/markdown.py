@@ -97,7 +97,9 @@ def _verdict_sentence(report: Report) -> str:
     )
     if report.bounded:
         label = "Certified upper bound" if report.certified else "Upper bound"
-        line = f"{label} on the l2 Lipschitz constant: **{format_number(report.upper_bound)}** (input {code(shapes)})"
+        where = "" if report.domain_text is None else f" on {text(report.domain_text)} (not global)"
+        bound = format_number(report.upper_bound)
+        line = f"{label} on the l2 Lipschitz constant{where}: **{bound}** (input {code(shapes)})"
         if report.assumptions:
             listed = ", ".join(f"{op}={value:g}" for op, value in report.assumptions.items())
             line += f"; not certified: assumes {text(listed)}"
@@ -110,7 +112,8 @@ def _verdict_sentence(report: Report) -> str:
             "Each row is one weight tensor's certified norm."
         )
     nodes = ", ".join(f"{code(r.node)} ({text(r.op)}: {text(r.reason)})" for r in report.unbounded_reasons)
-    return f"**Not globally Lipschitz**: {nodes}."
+    where = "Not globally Lipschitz" if report.domain_text is None else f"Not Lipschitz on {text(report.domain_text)}"
+    return f"**{where}**: {nodes}."
 
 
 def _layer_table(report: Report, gate: GateResult | None) -> list[str]:

@@ -33,6 +33,7 @@ from lipcheck.ops import (  # noqa: F401  (registration)
 from lipcheck.ops.base import (
     AffineContext,
     EvalContext,
+    Interval,
     LocalBound,
     NotFoldable,
     Op,
@@ -54,6 +55,7 @@ from lipcheck.ops.base import (
 __all__ = [
     "AffineContext",
     "EvalContext",
+    "Interval",
     "LocalBound",
     "NotFoldable",
     "Op",

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from lipcheck.graph import Graph, Node
 from lipcheck.ops.base import (
     EvalContext,
+    Interval,
     LocalBound,
     Op,
     RuleContext,
@@ -36,6 +37,10 @@ GELU_TANH_MAX_SLOPE = 1.128994  # tanh approximation, at x ~ 1.4185
 ERF_MAX_SLOPE = 2.0 / math.sqrt(math.pi) * (1 + 1e-15)
 SELU_ALPHA = 1.6732632423543772
 SELU_GAMMA = 1.0507009873554805
+SILU_MINIMISER = -1.2784645  # where x sigmoid(x) is smallest
+GELU_MINIMISER = -0.7517916  # erf form (the tanh form's is within 1e-3: covered by UNIMODAL_MARGIN)
+MISH_MINIMISER = -1.1924  # x tanh(softplus(x))
+UNIMODAL_MARGIN = 1e-5  # f(x* + d) - f(x*) ~ f''/2 d^2: below 1e-6 for |d| <= 1e-3 here
 RECOGNITION_MARGIN = 1e-4  # covers the tiny mismatch between a file's constants and the reference function
 
 
@@ -54,8 +59,15 @@ class Activation(Op):
     method: ClassVar[str] = "max |f'| = 1"
     exact_constant: ClassVar[bool] = True
     quotients: ClassVar[tuple[float, float] | None] = None  # the slope interval, when it is constant
+    uses_ranges = True
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        x = ctx.input_range(0)
+        units = None if x is None else self.slope_on(ctx.node, ctx.graph, x)
+        if units is not None and units[0].numel():
+            largest = float(torch.maximum(units[0].abs(), units[1].abs()).max())
+            if largest < self.constant:
+                return LocalBound(largest, "max |f'| on the input's range")
         return LocalBound(self.constant, self.method, exact=self.exact_constant)
 
     def slope(self, node: Node, graph: Graph) -> Slope | None:
@@ -78,7 +90,11 @@ class Relu(Activation):
     """max(x, 0): slope in [0, 1]."""
 
     quotients = (0.0, 1.0)
-    piecewise_linear = kinked = decomposes_activations = positive_part = True
+    piecewise_linear = kinked = decomposes_activations = positive_part = monotone = True
+
+    def slope_on(self, node: Node, graph: Graph, x: Interval) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """1 where the input is never negative, 0 where it is never positive, [0, 1] elsewhere."""
+        return (x.lo >= 0).to(torch.float64), (x.hi > 0).to(torch.float64)
 
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
         return relu(ctx, x)
@@ -90,7 +106,11 @@ class Tanh(Activation):
 
     function = staticmethod(torch.tanh)
     quotients = (0.0, 1.0)
-    decomposes_activations = True
+    decomposes_activations = monotone = True
+
+    def slope_on(self, node: Node, graph: Graph, x: Interval) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """tanh' = 1 - tanh^2 decreases with |x|."""
+        return _outward_slopes(1 - torch.tanh(x.magnitude).square(), 1 - torch.tanh(x.smallest_magnitude).square())
 
 
 @register
@@ -99,6 +119,7 @@ class Softsign(Activation):
 
     function = staticmethod(lambda x: x / (1 + x.abs()))
     quotients = (0.0, 1.0)
+    monotone = True
 
 
 @register
@@ -107,6 +128,7 @@ class Softplus(Activation):
 
     function = staticmethod(lambda x: F.softplus(x, threshold=30.0))
     quotients = (0.0, 1.0)
+    monotone = True
     decomposes_activations = True
 
 
@@ -130,6 +152,7 @@ class Atan(Activation):
 
     function = staticmethod(torch.atan)
     quotients = (0.0, 1.0)
+    monotone = True
 
 
 @register
@@ -138,6 +161,7 @@ class Asinh(Activation):
 
     function = staticmethod(torch.asinh)
     quotients = (0.0, 1.0)
+    monotone = True
 
 
 @register
@@ -146,6 +170,7 @@ class Celu(Activation):
 
     attributes = {"alpha": 1.0}
     quotients = (0.0, 1.0)
+    monotone = True
 
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
         alpha = float(ctx.attrs["alpha"])
@@ -156,7 +181,7 @@ class Celu(Activation):
 class Clip(Op):
     """Clamp to constant bounds: 1. Bounds computed from the input move every entry they clamp."""
 
-    piecewise_linear = True
+    piecewise_linear = monotone = True
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
         if not (ctx.is_variable(1) or ctx.is_variable(2)):
@@ -198,7 +223,15 @@ class Sigmoid(Activation):
 
     function = staticmethod(torch.sigmoid)
     constant, method, quotients = 0.25, "max |f'| = 1/4", (0.0, 0.25)
-    decomposes_activations = True
+    decomposes_activations = monotone = True
+
+    def slope_on(self, node: Node, graph: Graph, x: Interval) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """sigmoid' = s (1 - s) decreases with |x|."""
+
+        def derivative(t: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(t) * torch.sigmoid(-t)
+
+        return _outward_slopes(derivative(x.magnitude), derivative(x.smallest_magnitude))
 
 
 @register
@@ -214,6 +247,17 @@ class LeakyRelu(Op):
     def slope(self, node: Node, graph: Graph) -> Slope | None:
         alpha = float(node_attrs(node)["alpha"])
         return Slope(min(alpha, 1.0), max(alpha, 1.0))
+
+    def is_monotone(self, node: Node) -> bool:
+        return float(node_attrs(node)["alpha"]) >= 0
+
+    def slope_on(self, node: Node, graph: Graph, x: Interval) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """1 where the input is never negative, alpha where it is never positive, both ends elsewhere."""
+        alpha = float(node_attrs(node)["alpha"])
+        one, leak = torch.ones_like(x.lo), torch.full_like(x.lo, alpha)
+        at_lo = torch.where(x.lo >= 0, one, leak)
+        at_hi = torch.where(x.hi > 0, one, leak)
+        return torch.minimum(at_lo, at_hi), torch.maximum(at_lo, at_hi)
 
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
         alpha = float(ctx.attrs["alpha"])
@@ -260,6 +304,9 @@ class Elu(Op):
         alpha = float(node_attrs(node)["alpha"])
         return Slope(0.0, max(1.0, alpha)) if alpha >= 0 else None
 
+    def is_monotone(self, node: Node) -> bool:
+        return float(node_attrs(node)["alpha"]) >= 0
+
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
         return torch.where(x > 0, x, float(ctx.attrs["alpha"]) * torch.expm1(torch.clamp_max(x, 0)))
 
@@ -279,6 +326,9 @@ class Selu(Op):
         alpha, gamma = float(attrs["alpha"]), float(attrs["gamma"])
         return Slope(0.0, gamma * max(1.0, alpha) * (1 + 1e-15)) if alpha >= 0 and gamma >= 0 else None
 
+    def is_monotone(self, node: Node) -> bool:
+        return float(node_attrs(node)["alpha"]) >= 0
+
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
         alpha, gamma = float(ctx.attrs["alpha"]), float(ctx.attrs["gamma"])
         return gamma * torch.where(x > 0, x, alpha * torch.expm1(torch.clamp_max(x, 0)))
@@ -289,7 +339,7 @@ class HardSigmoid(Op):
     """|alpha| (ONNX default alpha = 0.2; PyTorch exports 1/6)."""
 
     attributes = {"alpha": 0.2, "beta": 0.5}
-    piecewise_linear = decomposes_activations = True
+    piecewise_linear = decomposes_activations = monotone = True  # increasing or decreasing with alpha's sign
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
         return _exact(abs(float(ctx.attrs["alpha"])), "|alpha|")
@@ -316,6 +366,9 @@ class HardSwish(Activation):
     function = staticmethod(lambda x: x * torch.clamp(x / 6 + 0.5, 0, 1))
     constant, method = x_times_hard_sigmoid_slope(1 / 6, 0.5), "max |f'| = 3/2"
 
+    def value_range(self, ctx: RuleContext, *ranges: Interval | None) -> Interval | None:
+        return unimodal_range(self.function, ranges[0], -1.5)
+
 
 @register
 class Gelu(Op):
@@ -337,6 +390,10 @@ class Gelu(Op):
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(x, approximate="tanh" if str(ctx.attrs["approximate"]) == "tanh" else "none")
 
+    def value_range(self, ctx: RuleContext, *ranges: Interval | None) -> Interval | None:
+        approximate = "tanh" if str(ctx.attrs["approximate"]) == "tanh" else "none"
+        return unimodal_range(lambda x: F.gelu(x, approximate=approximate), ranges[0], GELU_MINIMISER)
+
 
 @register
 class Mish(Activation):
@@ -344,6 +401,9 @@ class Mish(Activation):
 
     function = staticmethod(lambda x: x * torch.tanh(F.softplus(x, threshold=30.0)))
     constant, method, exact_constant = MISH_MAX_SLOPE, "max |f'|", False
+
+    def value_range(self, ctx: RuleContext, *ranges: Interval | None) -> Interval | None:
+        return unimodal_range(self.function, ranges[0], MISH_MINIMISER)
 
 
 @register
@@ -353,6 +413,9 @@ class SiLU(Activation):
     function = staticmethod(lambda x: x * torch.sigmoid(x))
     constant, method, exact_constant = SILU_MAX_SLOPE, "SiLU: max |f'|", False
     quotients = (1.0 - SILU_MAX_SLOPE, SILU_MAX_SLOPE)  # f'(x) + f'(-x) = 1
+
+    def value_range(self, ctx: RuleContext, *ranges: Interval | None) -> Interval | None:
+        return unimodal_range(self.function, ranges[0], SILU_MINIMISER)
 
 
 @register
@@ -379,6 +442,12 @@ class Swish(Op):
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
         return swish(x, float(ctx.attrs["alpha"]))
 
+    def value_range(self, ctx: RuleContext, *ranges: Interval | None) -> Interval | None:
+        alpha = float(ctx.attrs["alpha"])
+        if alpha <= 0:
+            return None
+        return unimodal_range(lambda x: swish(x, alpha), ranges[0], SILU_MINIMISER / alpha)
+
 
 def swish(x: torch.Tensor, alpha: float) -> torch.Tensor:
     """x sigmoid(alpha x)."""
@@ -396,7 +465,7 @@ class Erf(Activation):
 
     function = staticmethod(torch.erf)
     constant, method = ERF_MAX_SLOPE, "max |f'| = 2/sqrt(pi)"
-    decomposes_activations = True
+    decomposes_activations = monotone = True
 
 
 @register
@@ -407,6 +476,9 @@ class ThresholdedRelu(Op):
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
         return unbounded("thresholded ReLU is discontinuous")
+
+    def is_monotone(self, node: Node) -> bool:
+        return float(node_attrs(node)["alpha"]) >= 0
 
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
         return torch.where(x > float(ctx.attrs["alpha"]), x, torch.zeros_like(x))
@@ -470,6 +542,22 @@ class Softmax(Op):
 
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
         return _softmax_axis(ctx, x, torch.softmax)
+
+    def value_range(self, ctx: RuleContext, *ranges: Interval | None) -> Interval | None:
+        """p_i is increasing in x_i and decreasing in the others: p_i >= e^lo_i / (e^lo_i + sum_j!=i e^hi_j)."""
+        x = ranges[0]
+        if x is None or x.exact or ctx.attrs.get("coerce_2d"):
+            return None
+        axis = axis_index(int(ctx.attrs["axis"]), x.lo.dim())
+        top = x.hi.amax(dim=axis, keepdim=True)
+        e_lo, e_hi = torch.exp(x.lo - top), torch.exp(x.hi - top)
+        total_lo, total_hi = e_lo.sum(dim=axis, keepdim=True), e_hi.sum(dim=axis, keepdim=True)
+        slack = 4 * (x.lo.shape[axis] + 2) * 2.0**-53
+        others_hi = (total_hi - e_hi) * (1 + slack) + slack * total_hi
+        others_lo = ((total_lo - e_lo) * (1 - slack) - slack * total_lo).clamp_min(0)
+        low = e_lo / (e_lo + others_hi) * (1 - slack)
+        high = (e_hi / (e_hi + others_lo) * (1 + slack)).clamp_max(1.0)
+        return Interval(low, high)
 
 
 @register
@@ -577,3 +665,23 @@ class Recognised(Op):
 
     def display_name(self, node: Node) -> str:
         return str(node.attrs.get("activation", node.op))
+
+
+def _outward_slopes(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slope bounds computed in float64, pushed out by a few ulps."""
+    return low * (1 - 2.0**-45), high * (1 + 2.0**-45)
+
+
+def unimodal_range(
+    function: Callable[[torch.Tensor], torch.Tensor], x: Interval | None, minimiser: float
+) -> Interval | None:
+    """{f(y) : y in x} for f decreasing then increasing around ``minimiser`` (SiLU, GELU, Mish, HardSwish):
+    the largest value at an end, the smallest at the end or the minimiser, whichever the interval holds."""
+    if x is None or x.exact or not x.lo.is_floating_point():
+        return None
+    at_lo, at_hi = function(x.lo), function(x.hi)
+    nearest = torch.minimum(torch.maximum(torch.full_like(x.lo, minimiser), x.lo), x.hi)
+    low = torch.minimum(torch.minimum(at_lo, at_hi), function(nearest) - UNIMODAL_MARGIN)
+    high = torch.maximum(at_lo, at_hi)
+    tiny = 2.0**-45
+    return Interval(low - tiny * low.abs() - 1e-300, high + tiny * high.abs() + 1e-300)

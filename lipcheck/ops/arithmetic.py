@@ -17,6 +17,7 @@ from lipcheck.graph import Graph, Node
 from lipcheck.ops.base import (
     AffineContext,
     EvalContext,
+    Interval,
     LocalBound,
     NotFoldable,
     Op,
@@ -82,6 +83,8 @@ class Branches(Op):
 class Variadic(Branches):
     """Reduces its operands pairwise with ``function``."""
 
+    monotone = True
+
     @staticmethod
     def function(a: torch.Tensor, b: torch.Tensor, /) -> torch.Tensor:
         raise NotImplementedError
@@ -95,7 +98,7 @@ class Variadic(Branches):
 class Add(Branches):
     """a + b: L_a + L_b; a bias when b is constant."""
 
-    decomposes_activations = True
+    decomposes_activations = monotone = True
     join_signs = (1.0, 1.0)
 
     def channel_scale(self, node: Node, graph: Graph) -> np.ndarray | None:
@@ -115,6 +118,12 @@ class Sub(Branches):
 
     decomposes_activations = True
     join_signs = (1.0, -1.0)
+
+    def value_range(self, ctx: RuleContext, *ranges: Interval | None) -> Interval | None:
+        a, b = ranges
+        if a is None or b is None or a.exact and b.exact:
+            return None
+        return widen(a.lo - b.hi, a.hi - b.lo)
 
     def channel_scale(self, node: Node, graph: Graph) -> np.ndarray | None:
         return _shift_scale(node, graph, -1.0)
@@ -208,10 +217,12 @@ class Mul(Op):
     piecewise_linear = decomposes_activations = True
     recognition_root = True  # where an exporter's decomposition of an activation ends (x * sigmoid(x))
 
+    uses_ranges = True
+
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
         variables = ctx.variable_inputs()
         if len(variables) == 2:
-            return unbounded(PRODUCT_REASON)
+            return product_on_ranges(ctx, ctx.input_range(0), ctx.input_range(1)) or unbounded(PRODUCT_REASON)
         (var,) = variables
         factor = ctx.const(1 - var)
         if factor is None:
@@ -224,6 +235,12 @@ class Mul(Op):
 
     def evaluate(self, ctx: EvalContext, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.mul(*same_float(a, b))
+
+    def value_range(self, ctx: RuleContext, *ranges: Interval | None) -> Interval | None:
+        a, b = ranges
+        if a is None or b is None or a.exact and b.exact:
+            return None
+        return interval_product(a, b)
 
     def channel_scale(self, node: Node, graph: Graph) -> np.ndarray | None:
         variables = variable_inputs(node, graph)
@@ -243,9 +260,15 @@ class Div(Op):
     piecewise_linear = decomposes_activations = True
     recognition_root = True
 
+    uses_ranges = True
+
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
         if ctx.is_variable(1):
-            return unbounded("division by an activation (not globally Lipschitz)")
+            found = None
+            denominator, numerator = ctx.input_range(1), ctx.input_range(0)
+            if denominator is not None and numerator is not None:
+                found = product_on_ranges(ctx, numerator, reciprocal_range(denominator), reciprocal_slope(denominator))
+            return found or unbounded("division by an activation (not globally Lipschitz)")
         divisor = ctx.const(1)
         if divisor is None:
             return unbounded("divided by a value lipschitz cannot know before running", "unknown factor")
@@ -263,6 +286,13 @@ class Div(Op):
             return torch.div(a, b, rounding_mode="trunc")
         return torch.div(*same_float(a, b))
 
+    def value_range(self, ctx: RuleContext, *ranges: Interval | None) -> Interval | None:
+        a, b = ranges
+        if a is None or b is None or a.exact and b.exact or not a.lo.is_floating_point():
+            return None
+        inverse = reciprocal_range(b)
+        return None if inverse is None else interval_product(a, inverse)
+
     def affine(self, ctx: AffineContext, x: torch.Tensor) -> torch.Tensor:
         t = _constant_operand(ctx)
         if ctx.variable != 0 or bool((t == 0).any()):
@@ -274,17 +304,27 @@ class Div(Op):
 class Pow(Op):
     """x^p: not globally Lipschitz for p != 0, 1."""
 
-    decomposes_activations = True
+    decomposes_activations = uses_ranges = True
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
-        exponent = ctx.const(1)
-        if exponent is not None and np.asarray(exponent).size == 1:
-            p = float(np.asarray(exponent).reshape(-1)[0])
-            if p == 1.0:
-                return LocalBound(1.0, "x^1", exact=True)
-            if p == 0.0:
-                return LocalBound(0.0, "x^0 is constant", exact=True)
+        p = _scalar_exponent(ctx)
+        if p == 1.0:
+            return LocalBound(1.0, "x^1", exact=True)
+        if p == 0.0:
+            return LocalBound(0.0, "x^0 is constant", exact=True)
+        x = ctx.input_range(0)
+        if p is not None and x is not None and not ctx.is_variable(1):
+            slope = power_slope(x, p)
+            if slope is not None:
+                return LocalBound(slope, "max |p x^(p-1)| on the input's range")
         return unbounded("x^p is not globally Lipschitz for p != 0, 1")
+
+    def value_range(self, ctx: RuleContext, *ranges: Interval | None) -> Interval | None:
+        p = _scalar_exponent(ctx)
+        x = ranges[0]
+        if p is None or x is None or x.exact or not x.lo.is_floating_point():
+            return None
+        return power_range(x, p)
 
     def evaluate(self, ctx: EvalContext, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if a.is_floating_point():
@@ -296,7 +336,7 @@ class Pow(Op):
 class Neg(Op):
     """-x: an isometry."""
 
-    piecewise_linear = decomposes_activations = negates = True
+    piecewise_linear = decomposes_activations = negates = monotone = True
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
         return LocalBound(1.0, "isometry", exact=True)
@@ -314,8 +354,109 @@ class Abs(Op):
 
     piecewise_linear = decomposes_activations = True
 
+    def value_range(self, ctx: RuleContext, *ranges: Interval | None) -> Interval | None:
+        (x,) = ranges
+        return None if x is None or x.exact else Interval(x.smallest_magnitude, x.magnitude)
+
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
         return LocalBound(1.0, "1-Lipschitz", exact=True)
 
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:
         return torch.abs(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# On an input domain: ranges of products and quotients, and their local constants
+
+
+def widen(low: torch.Tensor, high: torch.Tensor) -> Interval:
+    """[low, high] computed in float64, widened by a few ulps so that it holds the exact interval."""
+    tiny = torch.finfo(torch.float64).tiny
+    margin = 2.0**-46
+    return Interval(low - margin * low.abs() - tiny, high + margin * high.abs() + tiny)
+
+
+def interval_product(a: Interval, b: Interval) -> Interval:
+    """{x y : x in a, y in b}, entrywise (broadcasting like the op)."""
+    ends = [a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi]
+    stacked = torch.stack(torch.broadcast_tensors(*ends))
+    return widen(stacked.min(dim=0).values, stacked.max(dim=0).values)
+
+
+def reciprocal_range(b: Interval) -> Interval | None:
+    """{1 / y : y in b} when no entry's interval holds 0."""
+    if not b.lo.is_floating_point() or not bool(((b.lo > 0) | (b.hi < 0)).all()):
+        return None
+    return widen(1.0 / b.hi, 1.0 / b.lo)
+
+
+def reciprocal_slope(b: Interval) -> float:
+    """max |d(1/y)/dy| = 1 / min y^2 on b (which excludes 0)."""
+    return float((1.0 / b.smallest_magnitude.square()).max()) * (1 + 2.0**-40)
+
+
+def copy_gain(operand: torch.Tensor, other_magnitude: torch.Tensor, out_shape: tuple[int, ...]) -> float:
+    """sup ||bcast(d) * m|| / ||d|| over perturbations d of ``operand``'s entries, m the other operand's
+    magnitudes: each entry of d meets every m it is broadcast against, so the gain is the largest
+    sqrt(sum of m^2 over an entry's copies)."""
+    squares = other_magnitude.square().broadcast_to(out_shape)
+    rank = len(out_shape)
+    shape = (1,) * (rank - operand.dim()) + tuple(operand.shape)
+    axes = tuple(i for i in range(rank) if shape[i] == 1 and out_shape[i] != 1)
+    summed = squares.sum(dim=axes, keepdim=True) if axes else squares
+    return math.sqrt(float(summed.max())) * (1 + 2.0**-40) if summed.numel() else 0.0
+
+
+def product_on_ranges(
+    ctx: RuleContext, a: Interval | None, b: Interval | None, b_slope: float = 1.0
+) -> LocalBound | None:
+    """a * g(b) on a domain, where g has slope at most ``b_slope`` (1: g(b) = b; 1/min b^2: g(b) = 1/b):
+    f(a, b) - f(a', b') = (a - a') g(b) + a' (g(b) - g(b')), so L <= G_a L_a + G_b b_slope L_b with
+    G_a the gain of a's perturbations against |g(b)| and G_b that of b's against |a|."""
+    if a is None or b is None or not a.lo.is_floating_point() or not b.lo.is_floating_point():
+        return None
+    out = torch.broadcast_shapes(tuple(a.lo.shape), tuple(b.lo.shape))
+    gain_a = copy_gain(a.lo, b.magnitude, out)
+    gain_b = copy_gain(b.lo, a.magnitude, out) * b_slope
+    lip_a = ctx.input_lipschitz[0] if ctx.is_variable(0) else 0.0
+    lip_b = ctx.input_lipschitz[1] if ctx.is_variable(1) else 0.0
+    together = math.hypot(gain_a, gain_b)
+    if not math.isfinite(together):
+        return None
+    return LocalBound(
+        together, "product on the input domain's ranges", output_lipschitz=gain_a * lip_a + gain_b * lip_b
+    )
+
+
+def _scalar_exponent(ctx: RuleContext) -> float | None:
+    exponent = ctx.const(1)
+    if exponent is None or np.asarray(exponent).size != 1:
+        return None
+    return float(np.asarray(exponent, dtype=np.float64).reshape(-1)[0])
+
+
+def power_range(x: Interval, p: float) -> Interval | None:
+    """{y^p : y in x}: through |y| for even integers, monotone for odd ones and on y >= 0 otherwise."""
+    if p == int(p) and int(p) % 2 == 0:
+        low, high = x.smallest_magnitude, x.magnitude
+    elif p == int(p) or bool((x.lo >= 0).all()):
+        low, high = x.lo, x.hi
+    else:
+        return None
+    if p < 0 and not bool((x.smallest_magnitude > 0).all()):
+        return None  # 0 in the interval: y^p unbounded near it
+    ends = torch.stack([low.pow(p), high.pow(p)])
+    if not bool(torch.isfinite(ends).all()):
+        return None
+    return widen(ends.min(dim=0).values, ends.max(dim=0).values)
+
+
+def power_slope(x: Interval, p: float) -> float | None:
+    """max |p y^(p-1)| on x (at the largest |y| for p >= 1, at the smallest for p < 1)."""
+    if p != int(p) and not bool((x.lo >= 0).all()):
+        return None
+    magnitude = x.magnitude if p >= 1 else x.smallest_magnitude
+    if p < 1 and not bool((magnitude > 0).all()):
+        return None
+    value = float((abs(p) * magnitude.pow(p - 1)).max())
+    return value * (1 + 2.0**-40) if math.isfinite(value) else None

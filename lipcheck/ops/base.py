@@ -26,7 +26,7 @@ Analyses never test op names: they ask the op (``get(node.op)``) for a facet.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -112,6 +112,40 @@ class Slope:
     @property
     def radius(self) -> float:
         return (self.high - self.low) / 2
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Every entry of a value lies in [lo, hi] on the input domain (float64 tensors of the value's shape, or
+    broadcastable to it; integer tensors for values known exactly, such as shapes)."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+    @property
+    def exact(self) -> bool:
+        """One value, known exactly (a constant, or a shape computed from shapes)."""
+        return self.lo is self.hi or (not self.lo.is_floating_point() and torch.equal(self.lo, self.hi))
+
+    @property
+    def centre(self) -> torch.Tensor:
+        return (self.lo + self.hi) / 2
+
+    @property
+    def radius(self) -> torch.Tensor:
+        return (self.hi - self.lo) / 2
+
+    @property
+    def magnitude(self) -> torch.Tensor:
+        """The largest |value| per entry."""
+        return torch.maximum(self.lo.abs(), self.hi.abs())
+
+    @property
+    def smallest_magnitude(self) -> torch.Tensor:
+        """The smallest |value| per entry (0 where the interval holds 0)."""
+        return torch.where(
+            (self.lo <= 0) & (self.hi >= 0), torch.zeros_like(self.lo), torch.minimum(self.lo.abs(), self.hi.abs())
+        )
 
 
 @dataclass(frozen=True)
@@ -202,10 +236,17 @@ class RuleContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     bound_subgraph: BoundSubgraph = _no_subgraphs
     run_subgraph: RunSubgraph = _no_subgraphs  # the interpreter, for a rule that runs part of a subgraph
+    ranges: Sequence[Interval | None] | None = None  # the inputs' value ranges on an input domain (lipcheck.ranges)
 
     @property
     def attrs(self) -> Attributes:
         return node_attrs(self.node)
+
+    def input_range(self, index: int) -> Interval | None:
+        """Input ``index``'s value range on the input domain (None: global analysis, or not known)."""
+        if self.ranges is None or index >= len(self.ranges):
+            return None
+        return self.ranges[index]
 
     def const(self, index: int) -> np.ndarray | None:
         """The value of input ``index`` when it is known before the network runs (never one holding NaN)."""
@@ -436,6 +477,8 @@ class Op:
     positive_part: ClassVar[bool] = False  # max(x, 0) elementwise
     negates: ClassVar[bool] = False  # -x elementwise
     rearranges: ClassVar[bool] = False  # moves the entries of its first input, each once, unchanged (Reshape)
+    monotone: ClassVar[bool] = False  # non-decreasing in every input, entry by entry (ReLU, Add, MaxPool, Reshape)
+    uses_ranges: ClassVar[bool] = False  # its rule reads its inputs' value ranges when there is a domain
 
     @property
     def summary(self) -> str:
@@ -497,7 +540,18 @@ class Op:
         return None
 
     def value_range(self, ctx: RuleContext, *ranges: Any) -> Any:
-        """The range of the outputs from the inputs' ranges: None (unknown) until the op has a range rule."""
+        """The outputs' ranges (an Interval, or a tuple of them) from the inputs' (``lipcheck.ranges``); None: the
+        walk's generic rules apply (exact inputs, ``is_monotone``, ``affine``)."""
+        return None
+
+    def is_monotone(self, node: Node) -> bool:
+        """Non-decreasing in every input, entry by entry (or, with one input, monotone either way): the range of
+        the outputs is the outputs at the inputs' low ends and at their high ends."""
+        return self.monotone
+
+    def slope_on(self, node: Node, graph: Graph, x: Interval) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For an elementwise activation whose input lies in ``x``: per entry, bounds [low, high] on its difference
+        quotients there (ReLU: 1 where the input is never negative); None: the global ``slope`` only."""
         return None
 
     def display_name(self, node: Node) -> str:

@@ -14,8 +14,8 @@ from typing import ClassVar
 import torch
 
 from lipcheck.graph import Graph, Node
-from lipcheck.ops.arithmetic import same_float
-from lipcheck.ops.base import EvalContext, LocalBound, Op, RuleContext, register, unbounded
+from lipcheck.ops.arithmetic import reciprocal_range, same_float, widen
+from lipcheck.ops.base import EvalContext, Interval, LocalBound, Op, RuleContext, register, unbounded
 
 
 class Unary(Op):
@@ -30,12 +30,30 @@ class Unary(Op):
 
 
 class NotLipschitz(Unary):
-    """An elementwise function with no global Lipschitz constant (``reason`` says why)."""
+    """An elementwise function with no global Lipschitz constant (``reason`` says why).
+
+    On an input domain its constant is the largest |f'| on its input's range: ``largest_slope`` gives it per
+    entry (NaN or inf where the range reaches a point of unbounded slope)."""
 
     reason: ClassVar[str]
+    uses_ranges = True
+
+    @staticmethod
+    def largest_slope(x: Interval, /) -> torch.Tensor | None:
+        return None
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        x = ctx.input_range(0)
+        slopes = None if x is None or not x.lo.is_floating_point() else self.largest_slope(x)
+        if slopes is not None and slopes.numel() and bool(torch.isfinite(slopes).all()):
+            # |f'| computed in float64 within a few ulps; 2^-40 covers it
+            return LocalBound(float(slopes.max()) * (1 + 2.0**-40), "max |f'| on the input's range")
         return unbounded(self.reason)
+
+
+def _inside(condition: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` where ``condition`` holds, inf elsewhere (a slope without a bound)."""
+    return torch.where(condition, value, torch.full_like(value, math.inf))
 
 
 @register
@@ -43,7 +61,8 @@ class Exp(NotLipschitz):
     """e^x: unbounded slope."""
 
     function, reason = staticmethod(torch.exp), "exp has unbounded slope"
-    decomposes_activations = True
+    decomposes_activations = monotone = True
+    largest_slope = staticmethod(lambda x: torch.exp(x.hi))
 
 
 @register
@@ -51,6 +70,8 @@ class Log(NotLipschitz):
     """log x: unbounded slope near 0."""
 
     function, reason = staticmethod(torch.log), "log has unbounded slope near 0"
+    monotone = True
+    largest_slope = staticmethod(lambda x: _inside(x.lo > 0, 1.0 / x.lo.clamp_min(1e-300)))
 
 
 @register
@@ -58,7 +79,8 @@ class Sqrt(NotLipschitz):
     """sqrt x: unbounded slope near 0."""
 
     function, reason = staticmethod(torch.sqrt), "sqrt has unbounded slope near 0"
-    decomposes_activations = True
+    decomposes_activations = monotone = True
+    largest_slope = staticmethod(lambda x: _inside(x.lo > 0, 0.5 / x.lo.clamp_min(1e-300).sqrt()))
 
 
 @register
@@ -66,6 +88,11 @@ class Reciprocal(NotLipschitz):
     """1/x: unbounded slope near 0."""
 
     function, reason = staticmethod(torch.reciprocal), "1/x has unbounded slope near 0"
+    largest_slope = staticmethod(lambda x: 1.0 / x.smallest_magnitude.square())
+
+    def value_range(self, ctx: RuleContext, *ranges: Interval | None) -> Interval | None:
+        (x,) = ranges
+        return None if x is None or x.exact or not x.lo.is_floating_point() else reciprocal_range(x)
 
 
 @register
@@ -73,6 +100,7 @@ class Tan(NotLipschitz):
     """tan: unbounded slope."""
 
     function, reason = staticmethod(torch.tan), "tan has unbounded slope"
+    largest_slope = staticmethod(lambda x: _inside(x.magnitude < 1.5, 1.0 / torch.cos(x.magnitude).square()))
 
 
 @register
@@ -80,6 +108,8 @@ class Asin(NotLipschitz):
     """arcsin: slope 1 / sqrt(1 - x^2), unbounded near +-1."""
 
     function, reason = staticmethod(torch.asin), "arcsin has unbounded slope near +-1"
+    monotone = True
+    largest_slope = staticmethod(lambda x: _inside(x.magnitude < 1, (1 - x.magnitude.square()).clamp_min(0).rsqrt()))
 
 
 @register
@@ -87,6 +117,8 @@ class Acos(NotLipschitz):
     """arccos: slope -1 / sqrt(1 - x^2), unbounded near +-1."""
 
     function, reason = staticmethod(torch.acos), "arccos has unbounded slope near +-1"
+    monotone = True
+    largest_slope = staticmethod(lambda x: _inside(x.magnitude < 1, (1 - x.magnitude.square()).clamp_min(0).rsqrt()))
 
 
 @register
@@ -94,6 +126,8 @@ class Atanh(NotLipschitz):
     """artanh: slope 1 / (1 - x^2), unbounded near +-1."""
 
     function, reason = staticmethod(torch.atanh), "artanh has unbounded slope near +-1"
+    monotone = True
+    largest_slope = staticmethod(lambda x: _inside(x.magnitude < 1, 1.0 / (1 - x.magnitude.square()).clamp_min(1e-300)))
 
 
 @register
@@ -101,6 +135,8 @@ class Acosh(NotLipschitz):
     """arcosh: slope 1 / sqrt(x^2 - 1), unbounded near 1."""
 
     function, reason = staticmethod(torch.acosh), "arcosh has unbounded slope near 1"
+    monotone = True
+    largest_slope = staticmethod(lambda x: _inside(x.lo > 1, (x.lo.square() - 1).clamp_min(1e-300).rsqrt()))
 
 
 @register
@@ -108,6 +144,8 @@ class Sinh(NotLipschitz):
     """sinh: unbounded slope."""
 
     function, reason = staticmethod(torch.sinh), "sinh has unbounded slope"
+    monotone = True
+    largest_slope = staticmethod(lambda x: torch.cosh(x.magnitude))
 
 
 @register
@@ -115,6 +153,13 @@ class Cosh(NotLipschitz):
     """cosh: unbounded slope."""
 
     function, reason = staticmethod(torch.cosh), "cosh has unbounded slope"
+    largest_slope = staticmethod(lambda x: torch.sinh(x.magnitude))
+
+    def value_range(self, ctx: RuleContext, *ranges: Interval | None) -> Interval | None:
+        (x,) = ranges
+        if x is None or x.exact or not x.lo.is_floating_point():
+            return None
+        return widen(torch.cosh(x.smallest_magnitude), torch.cosh(x.magnitude))
 
 
 @register
@@ -122,6 +167,7 @@ class Sign(NotLipschitz):
     """sign: discontinuous."""
 
     function, reason = staticmethod(torch.sign), "sign is discontinuous"
+    monotone = True
     decomposes_activations = True
 
 
@@ -130,6 +176,7 @@ class Floor(NotLipschitz):
     """floor: discontinuous."""
 
     function, reason = staticmethod(torch.floor), "floor is discontinuous"
+    monotone = True
 
 
 @register
@@ -137,6 +184,7 @@ class Ceil(NotLipschitz):
     """ceil: discontinuous."""
 
     function, reason = staticmethod(torch.ceil), "ceil is discontinuous"
+    monotone = True
 
 
 @register
@@ -144,6 +192,7 @@ class Round(NotLipschitz):
     """round: discontinuous."""
 
     function, reason = staticmethod(torch.round), "round is discontinuous"
+    monotone = True
 
 
 @register

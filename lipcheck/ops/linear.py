@@ -10,10 +10,11 @@ import numpy as np
 import torch
 
 from lipcheck.graph import Graph, Node
-from lipcheck.ops.arithmetic import PRODUCT_REASON, same_float
+from lipcheck.ops.arithmetic import PRODUCT_REASON, copy_gain, same_float
 from lipcheck.ops.base import (
     AffineContext,
     EvalContext,
+    Interval,
     LocalBound,
     NotFoldable,
     Op,
@@ -26,6 +27,7 @@ from lipcheck.ops.base import (
     variable_inputs,
 )
 from lipcheck.spectral import dense_sigma_max
+from lipcheck.spectral.dense import batched_sigma_max_upper
 
 
 def folded_note(node: Node) -> str:
@@ -179,11 +181,12 @@ def layer_parameters(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray |
 class MatMul(Op):
     """X @ W or W @ X with a constant W: sigma_max(W) (max over a batch of matrices)."""
 
-    piecewise_linear = True
+    piecewise_linear = uses_ranges = True
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
         if ctx.is_variable(0) and ctx.is_variable(1):
-            return unbounded("matrix product of two activations, as in attention (not globally Lipschitz)")
+            found = matmul_on_ranges(ctx, ctx.input_range(0), ctx.input_range(1))
+            return found or unbounded("matrix product of two activations, as in attention (not globally Lipschitz)")
         weight_index = 1 if ctx.is_variable(0) else 0
         if ctx.const(weight_index) is None:
             return unbounded("weight is computed from the input", "unknown weight")
@@ -203,6 +206,19 @@ class MatMul(Op):
     def evaluate(self, ctx: EvalContext, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.matmul(*same_float(a, b))
 
+    def value_range(self, ctx: RuleContext, *ranges: Interval | None) -> Interval | None:
+        """Centre and radius: A B in Ac Bc +- (|Ac| Br + Ar |Bc| + Ar Br), plus rounding."""
+        a, b = ranges
+        if a is None or b is None or a.exact and b.exact or a.lo.dim() < 2 or b.lo.dim() < 2:
+            return None
+        if not a.lo.is_floating_point() or not b.lo.is_floating_point():
+            return None
+        centre = a.centre @ b.centre
+        radius = a.centre.abs() @ b.radius + a.radius @ b.centre.abs() + a.radius @ b.radius
+        scale = a.magnitude @ b.magnitude
+        slack = 2 * (a.lo.shape[-1] + 4) * 2.0**-53 * scale
+        return Interval(centre - radius - slack, centre + radius + slack)
+
     def affine(self, ctx: AffineContext, x: torch.Tensor) -> torch.Tensor:
         w = ctx.const(1 - ctx.variable)
         if w is None or w.ndim != 2:
@@ -219,6 +235,28 @@ class MatMul(Op):
 
     def weight_input(self, node: Node, graph: Graph) -> int | None:
         return _constant_operand_index(node, graph)
+
+
+def matmul_on_ranges(ctx: RuleContext, a: Interval | None, b: Interval | None) -> LocalBound | None:
+    """A B on a domain: d(AB) = dA B + A' dB, and per matrix of a batch ||dA_k B_k|| <= ||dA_k|| ||B_k||_2 with
+    ||B_k||_2 <= sigma_max(|B_k|), |B_k| the entries' largest magnitudes; a matrix broadcast over a batch meets
+    every partner it is multiplied with (``copy_gain`` over the batch axes)."""
+    if a is None or b is None or a.lo.dim() < 2 or b.lo.dim() < 2:
+        return None
+    if not a.lo.is_floating_point() or not b.lo.is_floating_point():
+        return None
+    norms_a = batched_sigma_max_upper(a.magnitude)
+    norms_b = batched_sigma_max_upper(b.magnitude)
+    batch = torch.broadcast_shapes(tuple(norms_a.shape), tuple(norms_b.shape))
+    gain_a = copy_gain(norms_a, norms_b, batch)
+    gain_b = copy_gain(norms_b, norms_a, batch)
+    together = math.hypot(gain_a, gain_b)
+    if not math.isfinite(together):
+        return None
+    lip_a, lip_b = ctx.input_lipschitz[0], ctx.input_lipschitz[1]
+    return LocalBound(
+        together, "matrix product on the input domain's ranges", output_lipschitz=gain_a * lip_a + gain_b * lip_b
+    )
 
 
 @register

@@ -14,6 +14,7 @@ from lipcheck.graph import Graph, Node
 from lipcheck.ops.base import (
     AffineContext,
     EvalContext,
+    Interval,
     LocalBound,
     NotFoldable,
     Op,
@@ -141,6 +142,11 @@ class StandardisedScale(Op):
             f"{what} / sqrt(eps) = {gamma:.6g} / sqrt({epsilon:.3g}): the slope at a constant {self.group} "
             "(large because eps is small)"
         )
+        variance = self.smallest_variance(ctx)
+        if variance is not None and variance > 0:
+            value = gamma / math.sqrt(variance + epsilon) * (1 + 1e-12)
+            method = f"{what} / sqrt(var_min + eps), var_min = {variance:.3g} on the input's range"
+            exact = False
         if not ctx.is_variable(2):
             return LocalBound(value, method, exact=exact)
         factor = ctx.broadcast_factor(2)
@@ -153,6 +159,10 @@ class StandardisedScale(Op):
         """(the norm of the scale acting on a centred group, whether it is exact, what it is)."""
         return _max_abs(ctx.const(1)), False, "max|scale|"
 
+    def smallest_variance(self, ctx: RuleContext) -> float | None:
+        """A lower bound on every group's variance over the input's range (None: no domain, or not known)."""
+        return None
+
 
 def _max_abs(scale: Any) -> float:
     return float(np.abs(np.asarray(scale, dtype=np.float64)).max(initial=0.0)) if scale is not None else 1.0
@@ -164,6 +174,30 @@ class LayerNormalization(StandardisedScale):
 
     attributes = {**EPSILON, "axis": -1}
     group = "row"
+    uses_ranges = True
+
+    def smallest_variance(self, ctx: RuleContext) -> float | None:
+        x = ctx.input_range(0)
+        if x is None or not x.lo.is_floating_point() or x.lo.dim() == 0:
+            return None
+        axis = axis_index(int(ctx.attrs["axis"]), x.lo.dim())
+        width = math.prod(x.lo.shape[axis:])
+        return smallest_mean_square_deviation(x.lo.reshape(-1, width), x.hi.reshape(-1, width))
+
+    def value_range(self, ctx: RuleContext, *ranges: Interval | None) -> Interval | tuple[Interval | None, ...] | None:
+        """A standardised row of d entries sums to 0 with norm < sqrt(d): each entry within sqrt(d - 1)."""
+        x = ranges[0]
+        if x is None or x.exact or ctx.is_variable(1) or ctx.is_variable(2):
+            return None
+        axis = axis_index(int(ctx.attrs["axis"]), x.lo.dim())
+        reach = math.sqrt(max(math.prod(x.lo.shape[axis:]) - 1, 0))
+        scale = ctx.const(1)
+        bias = ctx.const(2)
+        gamma = torch.ones(()) if scale is None else torch.as_tensor(np.asarray(scale, np.float64)).abs()
+        beta = torch.zeros(()) if bias is None else torch.as_tensor(np.asarray(bias, np.float64))
+        spread = (gamma * reach).broadcast_to(x.lo.shape) * (1 + 2.0**-40)
+        low, high = beta - spread, beta + spread
+        return (Interval(low - 1e-300, high + 1e-300), None, None)
 
     def scale_norm(self, ctx: RuleContext) -> tuple[float, bool, str]:
         """||diag(scale) P|| exactly (P the centring projection) for rows up to EXACT_ROW entries."""
@@ -326,3 +360,31 @@ class LRN(Op):
         alpha, beta, bias = (float(ctx.attrs[k]) for k in ("alpha", "beta", "bias"))
         size = int(ctx.attrs["size"])
         return x / (bias + alpha / size * lrn_window_sum(x * x, size)).pow(beta)
+
+
+def smallest_mean_square_deviation(low: torch.Tensor, high: torch.Tensor, steps: int = 64) -> float:
+    """A certified lower bound on min over rows and over y in [low, high] of mean_i (y_i - mean(y))^2.
+
+    min_y var(y) = min_mu g(mu), g(mu) = mean_i dist(mu, [low_i, high_i])^2, convex in mu. Bisection on the sign of
+    g' brackets the minimiser; convexity gives g(mu*) >= g(mu) - |g'(mu)| * (bracket width) at the last mu.
+    """
+    left, right = low.min(dim=1).values, high.max(dim=1).values
+    for _ in range(steps):
+        mid = (left + right) / 2
+        rising = _deviation_slope(low, high, mid) > 0
+        right = torch.where(rising, mid, right)
+        left = torch.where(rising, left, mid)
+    mid = (left + right) / 2
+    value = _deviation(low, high, mid) - _deviation_slope(low, high, mid).abs() * (right - left)
+    lowest = float(value.min()) if value.numel() else 0.0
+    return max(lowest * (1 - 2.0**-40) - 1e-300, 0.0)
+
+
+def _deviation(low: torch.Tensor, high: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    m = mu[:, None]
+    return ((low - m).clamp_min(0) + (m - high).clamp_min(0)).square().mean(dim=1)
+
+
+def _deviation_slope(low: torch.Tensor, high: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    m = mu[:, None]
+    return 2 * ((m - high).clamp_min(0) - (low - m).clamp_min(0)).mean(dim=1)

@@ -103,6 +103,8 @@ class Pool(Op):
 class MaxPool(Pool):
     """sqrt(most windows sharing one input) = sqrt(prod ceil(k/s)) without dilation."""
 
+    monotone = True
+
     piecewise_linear = True
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
@@ -198,6 +200,8 @@ def window_sums(
 class AveragePool(Pool):
     """Linear: exact norm of the (separable) pooling matrix when sizes are known; else a Schur bound."""
 
+    monotone = True
+
     attributes = {**POOL_ATTRIBUTES, "count_include_pad": 0}
     piecewise_linear = True
 
@@ -265,6 +269,8 @@ def _global_count(shape: Shape | None) -> int | None:
 class GlobalAveragePool(Op):
     """Mean over H*W entries: 1/sqrt(H*W) (1 when the size is unknown)."""
 
+    monotone = True
+
     piecewise_linear = True
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
@@ -292,6 +298,8 @@ def mean_rounding_terms(node: Node, graph: Graph) -> int:
 @register
 class GlobalMaxPool(Op):
     """Max over each channel's entries: 1."""
+
+    monotone = True
 
     piecewise_linear = True
 

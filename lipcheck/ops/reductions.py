@@ -76,6 +76,8 @@ class Reduce(Op):
 class ReduceMean(Reduce):
     """Mean of n entries: 1/sqrt(n) (<= 1 when n is unknown)."""
 
+    monotone = True
+
     function = staticmethod(lambda x, a, k: x.mean(dim=a, keepdim=k))
     piecewise_linear = True
 
@@ -106,6 +108,8 @@ class ReduceMean(Reduce):
 @register
 class ReduceSum(Reduce):
     """Sum of n entries: sqrt(n)."""
+
+    monotone = True
 
     function = staticmethod(lambda x, a, k: x.sum(dim=a, keepdim=k))
     piecewise_linear = True
@@ -147,6 +151,8 @@ def _extreme(x: torch.Tensor, axes: tuple[int, ...], keepdims: bool, largest: bo
 
 class Extreme(DisjointGroups):
     """The largest (or smallest) entry of each group: one entry of the sorted group."""
+
+    monotone = True
 
     largest: ClassVar[bool]
     piecewise_linear = True
@@ -240,6 +246,8 @@ class ReduceLogSumExp(DisjointGroups):
     """log sum exp: its gradient is a softmax p, ||p||_2 <= 1 (approached when one entry dominates); groups
     are disjoint, so 1."""
 
+    monotone = True
+
     function = staticmethod(lambda x, a, k: torch.logsumexp(x, dim=a, keepdim=k))
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
@@ -267,6 +275,8 @@ class CumSum(Op):
     (exclusive: L_{n-1} bordered by zeros, so ||L_{n-1}||); lines are independent, so the norm is that of
     one line (``running_sum_norm``). An axis known only at run time: the largest over the axes.
     """
+
+    monotone = True
 
     attributes = {"exclusive": 0, "reverse": 0}
     piecewise_linear = True

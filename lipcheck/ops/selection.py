@@ -38,6 +38,8 @@ from lipcheck.ops.spatial import pad_spatial, padded_indices
 class Selection(Op):
     """Selects entries, each at most once: <= 1."""
 
+    monotone = True
+
     piecewise_linear = True
     moves_entries = True
 
@@ -189,6 +191,8 @@ def _identity_channels(node: Node, graph: Graph) -> np.ndarray | None:
 class Concat(Op):
     """Concatenated branches: sqrt(sum of L_i^2)."""
 
+    monotone = True
+
     attributes = {"axis": 0}
     piecewise_linear = True
     moves_entries = True
@@ -214,6 +218,8 @@ class Concat(Op):
 @register
 class Gather(Op):
     """Constant indices: sqrt(most copies of one entry)."""
+
+    monotone = True
 
     attributes = {"axis": 0}
     piecewise_linear = True
@@ -257,6 +263,8 @@ class Gather(Op):
 class Copies(Op):
     """Copies entries r times: sqrt(r)."""
 
+    monotone = True
+
     piecewise_linear = True
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
@@ -297,6 +305,8 @@ class Tile(Copies):
 @register
 class Pad(Op):
     """Zero padding: 1. Edge/reflect/wrap padding copies entries: sqrt(most copies of one entry)."""
+
+    monotone = True
 
     attributes = {"mode": "constant"}
     piecewise_linear = True
@@ -397,6 +407,8 @@ def _kept_by_triangle(rows: int, columns: int, k: int, upper: bool) -> bool:
 class Trilu(Op):
     """Keeps a triangle of the last two axes, zeroes the rest: a 0/1 mask, 1 (0 when nothing is kept)."""
 
+    monotone = True
+
     attributes = {"upper": 1}
     piecewise_linear = True
 
@@ -426,6 +438,8 @@ def _center_window(size: int, target: int) -> tuple[int, int, int]:
 @register
 class CenterCropPad(Op):
     """Crops or zero-pads the listed axes around their centres: each entry kept at most once, 1."""
+
+    monotone = True
 
     piecewise_linear = True
 
@@ -458,6 +472,8 @@ SORTED_TOP_K = "sorting is 1-Lipschitz in l2 (rearrangement inequality); the top
 @register
 class TopK(Op):
     """The k largest (or smallest) values along an axis, sorted: 1. Its indices output is a step function."""
+
+    monotone = True
 
     attributes = {"axis": -1, "largest": 1, "sorted": 1}
     piecewise_linear = True

@@ -55,6 +55,8 @@ def ints(value: torch.Tensor | Any) -> list[int]:
 class Rearrangement(Op):
     """Rearranges entries without copying: an isometry (1)."""
 
+    monotone = True
+
     piecewise_linear = rearranges = True
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
@@ -212,6 +214,8 @@ class SpaceToDepth(Rearrangement):
 class ShapeOnly(Op):
     """Depends on the input's shape, never on its values: 0 (left when a dimension is unknown)."""
 
+    monotone = True
+
     piecewise_linear = True
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
@@ -249,6 +253,8 @@ def _cast_bound(target: str | None) -> LocalBound:
 class Cast(Op):
     """Among float, float16, double, bfloat16: 1. To integers, bool, float8 or float4: a step function."""
 
+    monotone = True
+
     piecewise_linear = True
 
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
@@ -267,6 +273,8 @@ class Cast(Op):
 @register
 class CastLike(Op):
     """A cast to the type of a second input: 1 to a float type, not continuous to an integer type."""
+
+    monotone = True
 
     piecewise_linear = True
 

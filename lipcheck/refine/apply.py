@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from lipcheck.compose import Composition, Refinements, compose
 from lipcheck.graph import Graph
+from lipcheck.ops import Interval
 from lipcheck.refine.affine import CertifiedMatrix, segment_operator
 from lipcheck.refine.blocks import block_bound
 from lipcheck.refine.bounds import combettes_pesquet_bound, eclipse_fast_bound, folded_bound
@@ -138,10 +139,12 @@ def refine(
     cache: dict | None = None,
     max_dim: int = MAX_DIM,
     max_entries: int = MAX_ENTRIES,
+    ranges: Mapping[str, Interval] | None = None,
 ) -> Refinement:
     """Bound every chain of ``graph`` with the chosen methods and re-walk the graph with them.
 
     ``product`` is the plain composition of the same graph (its per-node bounds give each chain's product).
+    ``ranges``: the values' ranges on an input domain (``lipcheck.ranges``), read by the rules as in ``product``.
     """
     methods = methods_for(choice)
     if not methods or not product.bounded:
@@ -156,7 +159,7 @@ def refine(
             seconds[method] = sum(r.seconds for r in regions if r.method == method)
 
     def walk(refinements: Refinements) -> Composition:
-        return compose(graph, assume=assume, device=device, refinements=refinements, rule_cache=cache)
+        return compose(graph, assume=assume, device=device, refinements=refinements, rule_cache=cache, ranges=ranges)
 
     method_bounds: dict[str, float | None] = {PRODUCT: product.upper_bound}
     compositions: dict[str, Composition] = {PRODUCT: product}
