@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -112,6 +113,84 @@ class Slope:
     @property
     def radius(self) -> float:
         return (self.high - self.low) / 2
+
+
+def _rounded(values: list[Fraction], up: bool) -> np.ndarray:
+    """Exact rationals to float64, each rounded up (or down) to a float on that side of it."""
+    result = np.array([float(v) for v in values], dtype=np.float64)
+    for k, v in enumerate(values):
+        if (Fraction(result[k]) < v) if up else (Fraction(result[k]) > v):
+            result[k] = np.nextafter(result[k], np.inf if up else -np.inf)
+    return result
+
+
+@dataclass(frozen=True, eq=False)
+class UnitSlopes:
+    """Per-unit slope intervals of an elementwise activation: unit j's difference quotients lie in
+    [low[j], high[j]]. Local analyses know them (on an input box a ReLU that is always active has [1, 1],
+    one always inactive [0, 0]); the chain bounds then use a diagonal interval per layer, not one scalar.
+
+    ``low`` and ``high`` are float64 arrays of the activation output's one-sample shape (or flat); units are
+    numbered in C order, the order of the rows and columns of the chain's folded matrices.
+    """
+
+    low: np.ndarray
+    high: np.ndarray
+
+    def __post_init__(self) -> None:
+        low = np.ascontiguousarray(self.low, dtype=np.float64).reshape(-1)
+        high = np.ascontiguousarray(self.high, dtype=np.float64).reshape(-1)
+        if low.shape != high.shape or not (np.isfinite(low).all() and np.isfinite(high).all()):
+            raise ValueError("UnitSlopes: low and high must be finite arrays of one size")
+        if (low > high).any():
+            raise ValueError("UnitSlopes: some low > high")
+        object.__setattr__(self, "low", low)
+        object.__setattr__(self, "high", high)
+
+    @property
+    def size(self) -> int:
+        return int(self.low.size)
+
+    @property
+    def lipschitz(self) -> np.ndarray:
+        return np.maximum(np.abs(self.low), np.abs(self.high))
+
+    @property
+    def mid(self) -> np.ndarray:
+        """A float near each unit's centre; ``radius`` is computed from it so that [mid - r, mid + r] covers."""
+        return self.low / 2 + self.high / 2
+
+    @property
+    def radius(self) -> np.ndarray:
+        """Certified: r >= max(high - mid, mid - low) exactly (computed in rationals, rounded up), so
+        [mid - r, mid + r] covers [low, high]; r = 0 exactly where low == high (a stable unit)."""
+        mid = self.mid
+        triples = zip(self.low, self.high, mid, strict=True)
+        return _rounded([max(Fraction(h) - Fraction(c), Fraction(c) - Fraction(lo)) for lo, h, c in triples], up=True)
+
+    def quadratic(self) -> tuple[np.ndarray, np.ndarray]:
+        """(m, p) with -s^2 + 2 m s - p >= 0 for every s in [low, high], per unit: the slope constraint
+        (z - low y)(high y - z) >= 0 of LipSDP and ECLipsE in float form. A concave quadratic is >= 0 on an
+        interval iff it is at both ends, so m = mid and p <= min(low (2m - low), high (2m - high)) (exact
+        rationals, rounded down) suffice; p = low * high when no rounding occurs."""
+        mid = self.mid
+        products = [
+            min(Fraction(lo) * (2 * Fraction(c) - Fraction(lo)), Fraction(h) * (2 * Fraction(c) - Fraction(h)))
+            for lo, h, c in zip(self.low, self.high, mid, strict=True)
+        ]
+        return mid, _rounded(products, up=False)
+
+    def within(self, slope: Slope) -> UnitSlopes:
+        """The intersection with the op's own interval (both hold for every unit, so both may be used)."""
+        low, high = np.maximum(self.low, slope.low), np.minimum(self.high, slope.high)
+        if (low > high).any():
+            raise ValueError(f"UnitSlopes outside the activation's slope [{slope.low}, {slope.high}]")
+        return UnitSlopes(low, high)
+
+    @staticmethod
+    def of(slope: Slope, size: int) -> UnitSlopes:
+        """A scalar slope repeated over ``size`` units."""
+        return UnitSlopes(np.full(size, slope.low), np.full(size, slope.high))
 
 
 @dataclass(frozen=True)

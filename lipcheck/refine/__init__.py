@@ -2,7 +2,7 @@
 (Combettes & Pesquet 2020, ECLipsE-Fast 2024, LipSDP-neuron 2019) over linear layers separated by
 slope-restricted activations, applied wherever the graph has such a chain."""
 
-from lipcheck.ops import Slope
+from lipcheck.ops import Slope, UnitSlopes
 from lipcheck.refine.apply import (
     CHAIN_METHODS,
     CHEAP_METHODS,
@@ -22,6 +22,7 @@ __all__ = [
     "ChainResult",
     "Refinement",
     "Slope",
+    "UnitSlopes",
     "activation_slope",
     "find_chains",
     "methods_for",

@@ -126,6 +126,20 @@ class CertifiedMatrix:
         bound = (self.bound @ other.bound) * (1 + rounding)
         return CertifiedMatrix(self.matrix @ other.matrix, bound, gamma * (1 + rounding))
 
+    def scaled(self, left: torch.Tensor | None = None, right: torch.Tensor | None = None) -> CertifiedMatrix:
+        """diag(left) M diag(right), still certified: each entry takes at most two more roundings, so
+        |fl(L M R) - L M R| <= 2.02 u |L||M||R| <= 2.02 u (1 + gamma) |L| bound |R|; with
+        |L M_exact R - L M R| <= gamma |L| bound |R| the new gamma is gamma + 2.02 u (1 + gamma) over the new
+        bound |L| bound |R| (itself rounded up, and still >= |L M_exact R|)."""
+        matrix, bound, count = self.matrix, self.bound, 0
+        if left is not None:
+            matrix, bound, count = left[:, None] * matrix, left.abs()[:, None] * bound, count + 1
+        if right is not None:
+            matrix, bound, count = matrix * right[None, :], bound * right.abs()[None, :], count + 1
+        rounding = 1.01 * count * UNIT_ROUNDOFF
+        gamma = (self.gamma + rounding * (1 + self.gamma)) * (1 + rounding)
+        return CertifiedMatrix(matrix, bound * (1 + 2 * rounding), gamma)
+
     @staticmethod
     def identity(n: int) -> CertifiedMatrix:
         eye = torch.eye(n, dtype=torch.float64)

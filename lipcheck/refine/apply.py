@@ -12,7 +12,7 @@ import torch
 
 from lipcheck.compose import Composition, Refinements, compose
 from lipcheck.graph import Graph
-from lipcheck.ops import Interval
+from lipcheck.ops import Interval, Slope, UnitSlopes
 from lipcheck.refine.affine import CertifiedMatrix, segment_operator
 from lipcheck.refine.blocks import block_bound
 from lipcheck.refine.bounds import combettes_pesquet_bound, eclipse_fast_bound, folded_bound
@@ -102,22 +102,31 @@ def chain_operators(chain: Chain, graph: Graph) -> list[CertifiedMatrix]:
     return [segment_operator(segment, graph) for segment in chain.segments]
 
 
-def bound_chain(weights: list[CertifiedMatrix], chain: Chain, methods: tuple[str, ...]) -> ChainResult:
+def bound_chain(
+    weights: list[CertifiedMatrix],
+    chain: Chain,
+    methods: tuple[str, ...],
+    slopes: list[Slope | UnitSlopes] | None = None,
+) -> ChainResult:
     """Every requested method's certified bound on one chain (None where a method does not apply), each the
-    smaller of its value on the chain's matrices and on their rescaled form (``lipcheck.refine.rescale``)."""
+    smaller of its value on the chain's matrices and on their rescaled form (``lipcheck.refine.rescale``: a
+    diagonal commutes with per-unit slopes too). ``slopes``: the chain's own scalar slopes unless given; with
+    per-unit slopes every method but the fold also takes its scalar-slope value (per-unit ECLipsE, LipSDP and
+    Combettes-Pesquet are not always below it), so a chain's bound never grows with ``UnitSlopes``."""
+    choices = [chain.slopes] if slopes is None or slopes == chain.slopes else [slopes, chain.slopes]
     result = ChainResult(chain, math.inf)
     rescaled = balanced(weights) if len(weights) > 1 else None
     forms = [weights] if rescaled is None else [weights, rescaled]
     for method in methods:
         started = time.perf_counter()
-        values = [value for form in forms if (value := _method_bound(method, form, chain)) is not None]
+        pairs = [(form, s) for s in (choices[:1] if method == FOLDED else choices) for form in forms]
+        values = [value for form, s in pairs if (value := _method_bound(method, form, s)) is not None]
         result.bounds[method] = min(values) if values else None
         result.seconds[method] = time.perf_counter() - started
     return result
 
 
-def _method_bound(method: str, weights: list[CertifiedMatrix], chain: Chain) -> float | None:
-    slopes = chain.slopes
+def _method_bound(method: str, weights: list[CertifiedMatrix], slopes: list[Slope | UnitSlopes]) -> float | None:
     if method == FOLDED:
         return folded_bound(weights, slopes)
     if len(weights) < 2:
@@ -139,12 +148,17 @@ def refine(
     cache: dict | None = None,
     max_dim: int = MAX_DIM,
     max_entries: int = MAX_ENTRIES,
+    unit_slopes: Mapping[str, UnitSlopes] | None = None,
     ranges: Mapping[str, Interval] | None = None,
 ) -> Refinement:
     """Bound every chain of ``graph`` with the chosen methods and re-walk the graph with them.
 
     ``product`` is the plain composition of the same graph (its per-node bounds give each chain's product).
     ``ranges``: the values' ranges on an input domain (``lipcheck.ranges``), read by the rules as in ``product``.
+    ``unit_slopes``: per-unit slope intervals by activation node name (e.g. from value ranges on an input
+    box: a local bound); the dense chain methods use them in place of the node's scalar slope. The region
+    methods (frequency-cp, block-sdp) keep the scalar slopes, which hold on every domain. A name that is no
+    activation inside a dense chain is not used; a size that does not match its activation is a ValueError.
     """
     methods = methods_for(choice)
     if not methods or not product.bounded:
@@ -152,7 +166,11 @@ def refine(
     cache = {} if cache is None else cache
     seconds = {method: 0.0 for method in methods}
     chain_methods = tuple(method for method in methods if method not in REGION_METHODS)
-    results = _bound_chains(graph, product, chain_methods, max_dim, max_entries, seconds) if chain_methods else []
+    results = (
+        _bound_chains(graph, product, chain_methods, max_dim, max_entries, seconds, unit_slopes)
+        if chain_methods
+        else []
+    )
     regions = bound_regions(graph, methods)
     for method in REGION_METHODS:
         if method in methods:
@@ -191,6 +209,7 @@ def _bound_chains(
     max_dim: int,
     max_entries: int,
     seconds: dict[str, float],
+    unit_slopes: Mapping[str, UnitSlopes] | None = None,
 ) -> list[ChainResult]:
     """Every dense chain bounded by every method (``seconds`` gets each method's time, folding included)."""
     local = {layer.name: layer.lipschitz for layer in product.layers}
@@ -205,7 +224,7 @@ def _bound_chains(
             continue
         fold_time = time.perf_counter() - started
         with single_thread():
-            result = bound_chain(weights, chain, methods)
+            result = bound_chain(weights, chain, methods, chain.unit_slopes(graph, unit_slopes))
         result.product = math.prod(local.get(node.name, math.inf) for node in chain.nodes)
         for method in methods:
             seconds[method] += result.seconds.get(method, 0.0) + fold_time

@@ -11,11 +11,12 @@ the block's input to the Add), so the refined bound replaces the product whereve
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from lipcheck import ops
 from lipcheck.graph import Graph, Node
-from lipcheck.ops import Slope, variable_inputs
+from lipcheck.ops import Slope, UnitSlopes, variable_inputs
 from lipcheck.refine.affine import full_shape, is_foldable
 
 # default limits: a folded segment is an explicit n_out x n_in float64 matrix
@@ -53,6 +54,22 @@ class Chain:
     @property
     def slopes(self) -> list[Slope]:
         return [slope for _, slope in self.activations]
+
+    def unit_slopes(self, graph: Graph, known: Mapping[str, UnitSlopes] | None) -> list[Slope | UnitSlopes]:
+        """Each activation's slope: the node's ``known`` per-unit intervals (by node name), intersected with
+        its op's scalar slope, where given; the scalar slope elsewhere. ValueError when a size does not match
+        the activation's output (its one-sample size: the chain's matrices number units in C order)."""
+        slopes: list[Slope | UnitSlopes] = []
+        for node, slope in self.activations:
+            units = (known or {}).get(node.name)
+            if units is None:
+                slopes.append(slope)
+                continue
+            shape = full_shape(graph, node.outputs[0])
+            if shape is None or units.size != math.prod(shape[1:]):
+                raise ValueError(f"unit slopes for {node.name}: {units.size} units, output shape {shape}")
+            slopes.append(units.within(slope))
+        return slopes
 
     def worth_refining(self) -> bool:
         """A chain of one linear node gains nothing over that node's own bound."""

@@ -13,6 +13,10 @@ answers only to its tolerance, so its rho is not yet a bound. We ask it for F >=
 feasible point), keep the returned T (clipped at 0), inflate rho, and accept rho only when the assembled
 F, in float64, has a rigorously nonnegative smallest eigenvalue (``min_eigenvalue_lower``: eigvalsh with
 backward-error and assembly-rounding margins). The certified value is sqrt of that verified rho.
+
+Per-unit slopes (``UnitSlopes``): neuron j of layer i has its own constraint -z^2 + 2 m_ij y z - p_ij y^2 >= 0
+(``UnitSlopes.quadratic``), so p_i T_i and m_i T_i become diag(p_i) T_i and diag(m_i) T_i: the same
+S-procedure, one multiplier per neuron as before.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lipcheck.ops import Slope
+from lipcheck.ops import Slope, UnitSlopes
 from lipcheck.refine.affine import CertifiedMatrix
 from lipcheck.refine.bounds import min_eigenvalue_lower
 from lipcheck.spectral.dense import UNIT_ROUNDOFF
@@ -47,8 +51,26 @@ class LipSDPResult:
     solver: str
 
 
+Coefficient = float | torch.Tensor  # a scalar slope's (int or float), or per neuron
+
+
+def coefficients(slope: Slope | UnitSlopes) -> tuple[Coefficient, Coefficient]:
+    """(p, m) of the slope constraint: floats for a scalar slope, per-neuron vectors for ``UnitSlopes``."""
+    if isinstance(slope, Slope):
+        return slope.low * slope.high, slope.mid
+    mid, p = slope.quadratic()
+    return torch.from_numpy(p), torch.from_numpy(mid)
+
+
+def _weighted(coefficient: Coefficient, t: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """coefficient * diag(t) as (scalar, vector): a scalar stays outside (the scalar code's own rounding)."""
+    if not isinstance(coefficient, torch.Tensor):
+        return coefficient, t
+    return 1.0, coefficient * t
+
+
 def lmi_matrix(
-    weights: list[torch.Tensor], slopes: list[Slope], multipliers: list[torch.Tensor], rho: float
+    weights: list[torch.Tensor], slopes: list[Slope | UnitSlopes], multipliers: list[torch.Tensor], rho: float
 ) -> torch.Tensor:
     """F(rho, T) assembled in float64 (see the module docstring)."""
     sizes = [weights[0].shape[1]] + [w.shape[0] for w in weights[:-1]]
@@ -59,10 +81,10 @@ def lmi_matrix(
     for i, (w, slope, t) in enumerate(zip(weights[:-1], slopes, multipliers, strict=True)):
         lo, hi = int(offsets[i]), int(offsets[i + 1])
         nxt = int(offsets[i + 2])
-        p, mid = slope.low * slope.high, slope.mid
-        f[lo:hi, lo:hi] += p * (w.T @ (t[:, None] * w))
-        f[lo:hi, hi:nxt] = -mid * (w.T * t[None, :])
-        f[hi:nxt, lo:hi] = -mid * (t[:, None] * w)
+        (p, pt), (mid, mt) = (_weighted(c, t) for c in coefficients(slope))
+        f[lo:hi, lo:hi] += p * (w.T @ (pt[:, None] * w))
+        f[lo:hi, hi:nxt] = -mid * (w.T * mt[None, :])
+        f[hi:nxt, lo:hi] = -mid * (mt[:, None] * w)
         f[hi:nxt, hi:nxt] += torch.diag(t)
     last = weights[-1]
     lo = int(offsets[-2])
@@ -71,18 +93,21 @@ def lmi_matrix(
 
 
 def _assembly_error(
-    weights: list[CertifiedMatrix], slopes: list[Slope], multipliers: list[torch.Tensor], rho: float
+    weights: list[CertifiedMatrix], slopes: list[Slope | UnitSlopes], multipliers: list[torch.Tensor], rho: float
 ) -> float:
     """Frobenius bound on F(exact W) - computed F: weight errors (gamma) and the rounding of each product."""
     error = 4 * UNIT_ROUNDOFF * rho * math.sqrt(weights[0].shape[1])
     for w, slope, t in zip(weights[:-1], slopes, multipliers, strict=True):
         g, b = w.gamma, w.bound
         k = w.shape[0] + 4
-        p, mid = abs(slope.low * slope.high), abs(slope.mid)
-        quad = float(torch.linalg.matrix_norm(b.T @ (t[:, None] * b), ord="fro"))
+        # |p| |t| and |m| |t| (a vector coefficient folded into t: its product rounds once more, inside k's +4)
+        (p, pt), (mid, mt) = (
+            _weighted(c.abs() if isinstance(c, torch.Tensor) else abs(c), t) for c in coefficients(slope)
+        )
+        quad = float(torch.linalg.matrix_norm(b.T @ (pt[:, None] * b), ord="fro"))
         error += p * ((2 * g + g * g) * (1 + 1e-10) + 2.0 * k * UNIT_ROUNDOFF) * quad
         error += (
-            math.sqrt(2.0) * mid * (g + 4 * UNIT_ROUNDOFF) * float(torch.linalg.matrix_norm(t[:, None] * b, ord="fro"))
+            math.sqrt(2.0) * mid * (g + 4 * UNIT_ROUNDOFF) * float(torch.linalg.matrix_norm(mt[:, None] * b, ord="fro"))
         )
         error += 4 * UNIT_ROUNDOFF * float(t.abs().sum())
     last = weights[-1]
@@ -99,7 +124,7 @@ def fits(weights: list[CertifiedMatrix]) -> bool:
     return side <= MAX_SIZE and coefficients <= MAX_COEFFICIENTS
 
 
-def lipsdp_bound(weights: list[CertifiedMatrix], slopes: list[Slope]) -> LipSDPResult | None:
+def lipsdp_bound(weights: list[CertifiedMatrix], slopes: list[Slope | UnitSlopes]) -> LipSDPResult | None:
     """Solve LipSDP-neuron and certify it; None when cvxpy is missing, the chain is too large or not verified."""
     if not available() or len(weights) < 2 or not fits(weights):
         return None
@@ -133,7 +158,7 @@ def lipsdp_bound(weights: list[CertifiedMatrix], slopes: list[Slope]) -> LipSDPR
     return None
 
 
-def _solve(scaled: list[np.ndarray], slopes: list[Slope]) -> tuple[list[np.ndarray], float, str] | None:
+def _solve(scaled: list[np.ndarray], slopes: list[Slope | UnitSlopes]) -> tuple[list[np.ndarray], float, str] | None:
     """The solver's multipliers T_i and rho for the scaled weights (None when no solver succeeds)."""
     import cvxpy as cp
 
@@ -144,12 +169,18 @@ def _solve(scaled: list[np.ndarray], slopes: list[Slope]) -> tuple[list[np.ndarr
     blocks: list[list] = [[np.zeros((sizes[i], sizes[j])) for j in range(len(sizes))] for i in range(len(sizes))]
     blocks[0][0] = rho * np.eye(n0)
     for i, (w, slope, t) in enumerate(zip(scaled[:-1], slopes, ts, strict=True)):
-        p, mid = slope.low * slope.high, slope.mid
+        p, mid = coefficients(slope)
         diag_t = cp.diag(t)
-        if p != 0.0:
-            blocks[i][i] = blocks[i][i] + p * (w.T @ diag_t @ w)
-        blocks[i][i + 1] = -mid * (w.T @ diag_t)
-        blocks[i + 1][i] = -mid * (diag_t @ w)
+        if isinstance(slope, Slope):  # the scalar form, as before
+            if p != 0.0:
+                blocks[i][i] = blocks[i][i] + p * (w.T @ diag_t @ w)
+            blocks[i][i + 1] = -mid * (w.T @ diag_t)
+            blocks[i + 1][i] = -mid * (diag_t @ w)
+        else:
+            diag_pt, diag_mt = (cp.diag(cp.multiply(c.numpy(), t)) for c in (p, mid))  # type: ignore[union-attr]
+            blocks[i][i] = blocks[i][i] + w.T @ diag_pt @ w
+            blocks[i][i + 1] = -(w.T @ diag_mt)
+            blocks[i + 1][i] = -(diag_mt @ w)
         blocks[i + 1][i + 1] = diag_t
     last = scaled[-1]
     blocks[-1][-1] = blocks[-1][-1] - last.T @ last
