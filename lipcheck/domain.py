@@ -90,6 +90,15 @@ class Domain:
             found[name] = self.interval(tuple(int(d) for d in shape))  # type: ignore[arg-type]
         return found
 
+    def balls(self, graph: Graph) -> dict[str, tuple[torch.Tensor, float]]:
+        """The inputs in an l2 ball, by name: (centre of the input's shape, radius); none for a box."""
+        if self.radius is None or self.centre is None or self.norm != "2":
+            return {}
+        found = {}
+        for name, interval in self.input_ranges(graph).items():
+            found[name] = (torch.as_tensor(self.centre, dtype=torch.float64).reshape(interval.lo.shape), self.radius)
+        return found
+
     def interval(self, shape: tuple[int, ...]) -> Interval:
         """The box of one input of ``shape`` (its first axis the batch, of size 1)."""
         low, high = self._channels(self.low, shape), self._channels(self.high, shape)

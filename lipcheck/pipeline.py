@@ -9,7 +9,7 @@ it, adds the empirical lower bound when asked, and returns the ``Report``.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +22,7 @@ from lipcheck.domain import Domain
 from lipcheck.errors import LipcheckError
 from lipcheck.frontends import load_model
 from lipcheck.graph import Graph
+from lipcheck.ops import Interval, UnitSlopes
 from lipcheck.options import Device, Method, Settings
 from lipcheck.passes import prepare
 from lipcheck.refine import Refinement, refine
@@ -98,15 +99,41 @@ def certify_prepared(
     """``certify`` after ``prepare`` (``rule_cache`` keeps the domain-free rules' answers between calls)."""
     from lipcheck.ranges import value_ranges
 
-    ranges = value_ranges(graph, domain.input_ranges(graph)) if domain is not None else None
+    ranges = value_ranges(graph, domain.input_ranges(graph), domain.balls(graph)) if domain is not None else None
     rule_cache = {} if rule_cache is None else rule_cache
     product = compose(
         graph, assume=assume, device=device, progress=progress, cache=cache, rule_cache=rule_cache, ranges=ranges
     )
+    slopes = unit_slopes(graph, ranges) if ranges else None
     refined = refine(
-        graph, product, Method(method).value, assume=assume, device=device, cache=rule_cache, ranges=ranges
+        graph,
+        product,
+        Method(method).value,
+        assume=assume,
+        device=device,
+        cache=rule_cache,
+        unit_slopes=slopes,
+        ranges=ranges,
     )
     return Certificate(graph, product, refined, domain)
+
+
+def unit_slopes(graph: Graph, ranges: Mapping[str, Interval]) -> dict[str, UnitSlopes]:
+    """Per-unit slope intervals of the activations whose input ranges are known (ReLU: exactly 1 or 0 where
+    the range shows it always active or inactive), for the chain bounds."""
+    from lipcheck import ops
+
+    found: dict[str, UnitSlopes] = {}
+    for node in graph.nodes:
+        op = ops.get(node.op)
+        x = ranges.get(node.inputs[0]) if node.inputs and node.inputs[0] else None
+        if op is None or x is None or not x.lo.is_floating_point():
+            continue
+        bounds = op.slope_on(node, graph, x)
+        if bounds is not None:
+            low, high = (b.broadcast_to(x.lo.shape).reshape(-1).numpy() for b in bounds)
+            found[node.name] = UnitSlopes(low, high)
+    return found
 
 
 def analyse(

@@ -33,17 +33,23 @@ from lipcheck.walk import walk
 Ranges = dict[str, Interval]
 
 
-def value_ranges(graph: Graph, inputs: Mapping[str, Interval]) -> Ranges:
-    """An interval for every value reachable from ``inputs`` that some rule covers (see the module doc)."""
-    walker = _RangeWalk(graph)
+def value_ranges(
+    graph: Graph, inputs: Mapping[str, Interval], balls: Mapping[str, tuple[torch.Tensor, float]] | None = None
+) -> Ranges:
+    """An interval for every value reachable from ``inputs`` that some rule covers (see the module doc).
+
+    ``balls``: inputs that lie in an l2 ball (centre, radius) as well as in their box: a linear layer reading one
+    maps it into A c + b +- R ||row_i(A)||, often far tighter than the box's |A| r."""
+    walker = _RangeWalk(graph, dict(balls or {}))
     env: dict[str, Interval | None] = dict(inputs)
     walk(graph.nodes, env, walker.step, read=walker.constant)
     return {name: value for name, value in env.items() if value is not None}
 
 
 class _RangeWalk:
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, balls: dict[str, tuple[torch.Tensor, float]]):
         self.graph = graph
+        self.balls = balls
 
     def constant(self, name: str) -> Interval | None:
         value = self.graph.constants.get(name)
@@ -63,6 +69,9 @@ class _RangeWalk:
             found = None
         if found is None:
             return [None] * count
+        found = tuple(found)
+        if found and found[0] is not None and node.inputs and node.inputs[0] in self.balls:
+            found = (_ball_image(node, self.graph, found[0], *self.balls[node.inputs[0]]), *found[1:])
         return list(found) + [None] * (count - len(found))
 
 
@@ -124,6 +133,29 @@ def _affine_range(node: Node, graph: Graph, inputs: list[Interval | None]) -> In
     scale = apply_node(node, graph, centre.abs() + radius, "abs") + out_centre.abs()
     slack = 2 * (terms + 2) * UNIT_ROUNDOFF * scale
     return Interval(out_centre - out_radius - slack, out_centre + out_radius + slack)
+
+
+BALL_MAX_INPUTS = 4096  # the rows' norms come from the layer applied to the input's basis
+
+
+def _ball_image(node: Node, graph: Graph, found: Interval, centre: torch.Tensor, radius: float) -> Interval:
+    """``found`` cut to A c + b +- R ||row_i(A)|| when the node is a linear layer of the ball's input."""
+    op = ops.get(node.op)
+    if op is None or not op.has_affine or variable_inputs(node, graph) != [0] or centre.numel() > BALL_MAX_INPUTS:
+        return found
+    try:
+        basis = torch.eye(centre.numel(), dtype=torch.float64).reshape(-1, *centre.shape[1:])
+        columns = apply_node(node, graph, basis, "linear")
+        middle = apply_node(node, graph, centre.reshape(1, *centre.shape[1:]), "affine")
+    except (NotFoldable, RuntimeError, ValueError):
+        return found
+    rows = columns.square().sum(dim=0, keepdim=True).sqrt()
+    terms = centre.numel() + op.rounding_terms(node, graph) + 2
+    slack = 2 * terms * UNIT_ROUNDOFF * (apply_node(node, graph, centre.abs(), "abs") + middle.abs() + radius * rows)
+    reach = radius * rows * (1 + 2 * terms * UNIT_ROUNDOFF) + slack
+    low = torch.maximum(found.lo, (middle - reach).reshape(found.lo.shape))
+    high = torch.minimum(found.hi, (middle + reach).reshape(found.hi.shape))
+    return Interval(low, high)
 
 
 def box(shape: tuple[int, ...], low: Any, high: Any) -> Interval:
