@@ -109,6 +109,8 @@ def _widened(low: torch.Tensor, high: torch.Tensor) -> Interval | None:
     that moved (a step function of the input: no interval of ours describes it)."""
     if not low.is_floating_point():
         return Interval(low, low) if torch.equal(low, high) else None
+    if bool(torch.isnan(low).any() | torch.isnan(high).any()):
+        return None  # an end outside the function's domain (sqrt or log of a range reaching below 0)
     return outward(torch.minimum(low, high), torch.maximum(low, high))
 
 

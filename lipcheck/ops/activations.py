@@ -623,6 +623,14 @@ KNOWN_ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], float
     "HardSwish (alpha 0.2)": (_sigmoid_like(0.2), 1.5),
 }
 SELF_GATED = ("SiLU", "GELU")  # x s(x) with s(x) + s(-x) = 1: f'(x) + f'(-x) = 1
+RECOGNISED_MINIMISERS = {  # where each known activation is smallest (for ``unimodal_range``)
+    "SiLU": SILU_MINIMISER,
+    "GELU": GELU_MINIMISER,
+    "GELU (tanh)": GELU_MINIMISER,  # within 1e-3 of the tanh form's: UNIMODAL_MARGIN covers it
+    "Mish": MISH_MINIMISER,
+    "HardSwish": -1.5,  # x (x/6 + 1/2): slope x/3 + 1/2
+    "HardSwish (alpha 0.2)": -1.25,  # x (0.2 x + 1/2): slope 0.4 x + 1/2
+}
 
 
 @register
@@ -654,6 +662,19 @@ class Recognised(Op):
             return None
         bound = self.bound(node)
         return Slope(scale - bound, bound)
+
+    def value_range(self, ctx: RuleContext, *ranges: Interval | None) -> Interval | None:
+        """scale * f on the input's range, f decreasing then increasing (``unimodal_range``), widened by the
+        recognition margin: the file's primitives match scale * f within 2e-6 (max(1, |f|)) on the pass's grid."""
+        name, scale = str(ctx.attrs["activation"]), float(ctx.attrs["scale"])
+        minimiser = RECOGNISED_MINIMISERS.get(name)
+        found = None if minimiser is None else unimodal_range(KNOWN_ACTIVATIONS[name][0], ranges[0], minimiser)
+        if found is None:
+            return None
+        ends = torch.stack([scale * found.lo, scale * found.hi])
+        low, high = ends.min(dim=0).values, ends.max(dim=0).values
+        slack = RECOGNITION_MARGIN * abs(scale) * torch.maximum(torch.maximum(low.abs(), high.abs()), torch.ones(()))
+        return Interval(low - slack, high + slack)
 
     def check(self, node: Node) -> None:
         if node.attrs.get("activation") not in KNOWN_ACTIVATIONS:

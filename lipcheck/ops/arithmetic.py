@@ -240,6 +240,8 @@ class Mul(Op):
         a, b = ranges
         if a is None or b is None or a.exact and b.exact:
             return None
+        if ctx.node.inputs[0] == ctx.node.inputs[1] and a.lo.is_floating_point():
+            return power_range(a, 2.0)  # x * x: a square, never negative (the interval product would allow lo * hi)
         return interval_product(a, b)
 
     def channel_scale(self, node: Node, graph: Graph) -> np.ndarray | None:
