@@ -97,9 +97,7 @@ def certify_prepared(
     rule_cache: dict | None = None,
 ) -> Certificate:
     """``certify`` after ``prepare`` (``rule_cache`` keeps the domain-free rules' answers between calls)."""
-    from lipcheck.ranges import value_ranges
-
-    ranges = value_ranges(graph, domain.input_ranges(graph), domain.balls(graph)) if domain is not None else None
+    ranges = domain_ranges(graph, domain) if domain is not None else None
     rule_cache = {} if rule_cache is None else rule_cache
     product = compose(
         graph, assume=assume, device=device, progress=progress, cache=cache, rule_cache=rule_cache, ranges=ranges
@@ -116,6 +114,20 @@ def certify_prepared(
         ranges=ranges,
     )
     return Certificate(graph, product, refined, domain)
+
+
+def domain_ranges(graph: Graph, domain: Domain) -> dict[str, Interval]:
+    """Every value's range on ``domain``; on an l2 ball, tightened along the dense chains that read the input."""
+    from lipcheck.ranges import value_ranges
+    from lipcheck.refine.ball_ranges import tightened_ranges
+
+    inputs, balls = domain.input_ranges(graph), domain.balls(graph)
+    ranges = value_ranges(graph, inputs, balls)
+    if len(balls) != 1:
+        return ranges
+    ((name, (centre, radius)),) = balls.items()
+    known = tightened_ranges(graph, ranges, centre, name, radius)
+    return value_ranges(graph, inputs, balls, known) if known else ranges
 
 
 def unit_slopes(graph: Graph, ranges: Mapping[str, Interval]) -> dict[str, UnitSlopes]:

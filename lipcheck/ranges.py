@@ -34,22 +34,27 @@ Ranges = dict[str, Interval]
 
 
 def value_ranges(
-    graph: Graph, inputs: Mapping[str, Interval], balls: Mapping[str, tuple[torch.Tensor, float]] | None = None
+    graph: Graph,
+    inputs: Mapping[str, Interval],
+    balls: Mapping[str, tuple[torch.Tensor, float]] | None = None,
+    known: Mapping[str, Interval] | None = None,
 ) -> Ranges:
     """An interval for every value reachable from ``inputs`` that some rule covers (see the module doc).
 
     ``balls``: inputs that lie in an l2 ball (centre, radius) as well as in their box: a linear layer reading one
-    maps it into A c + b +- R ||row_i(A)||, often far tighter than the box's |A| r."""
-    walker = _RangeWalk(graph, dict(balls or {}))
+    maps it into A c + b +- R ||row_i(A)||, often far tighter than the box's |A| r. ``known``: intervals proven
+    otherwise (``lipcheck.refine.ball_ranges``): each value's interval is cut to them."""
+    walker = _RangeWalk(graph, dict(balls or {}), dict(known or {}))
     env: dict[str, Interval | None] = dict(inputs)
     walk(graph.nodes, env, walker.step, read=walker.constant)
     return {name: value for name, value in env.items() if value is not None}
 
 
 class _RangeWalk:
-    def __init__(self, graph: Graph, balls: dict[str, tuple[torch.Tensor, float]]):
+    def __init__(self, graph: Graph, balls: dict[str, tuple[torch.Tensor, float]], known: dict[str, Interval]):
         self.graph = graph
         self.balls = balls
+        self.known = known
 
     def constant(self, name: str) -> Interval | None:
         value = self.graph.constants.get(name)
@@ -72,7 +77,14 @@ class _RangeWalk:
         found = tuple(found)
         if found and found[0] is not None and node.inputs and node.inputs[0] in self.balls:
             found = (_ball_image(node, self.graph, found[0], *self.balls[node.inputs[0]]), *found[1:])
-        return list(found) + [None] * (count - len(found))
+        cut = [self._cut(name, value) for name, value in zip(node.outputs, found, strict=False)]
+        return cut + [None] * (count - len(cut))
+
+    def _cut(self, name: str, value: Interval | None) -> Interval | None:
+        other = self.known.get(name)
+        if value is None or other is None:
+            return value if value is not None else other
+        return Interval(torch.maximum(value.lo, other.lo), torch.minimum(value.hi, other.hi))
 
 
 def _node_range(op: ops.Op, node: Node, graph: Graph, inputs: list[Interval | None]) -> tuple[Interval | None, ...]:
