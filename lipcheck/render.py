@@ -202,6 +202,57 @@ def lower_text(report: Report) -> Text | None:
     return text
 
 
+LOCAL_ROWS = 25  # samples listed in the table of --around (the JSON has them all)
+
+
+def local_table(local: dict) -> Table:
+    """One row per sample of --around: its certified bound, the lower bound in its ball, the robust radius."""
+    labelled = any(sample["label"] is not None for sample in local["samples"])
+    table = Table(
+        box=None, title=f"Local bounds: l{local['norm']} balls of radius {local['radius']:g}", title_justify="left"
+    )
+    for column in (
+        "sample",
+        "upper",
+        "lower",
+        "upper/lower",
+        *(("label", "pred.", "margin", "robust radius") if labelled else ()),
+    ):
+        table.add_column(column, justify="right")
+    for sample in local["samples"][:LOCAL_ROWS]:
+        upper, lower = sample["upper"], sample["lower"]
+        ratio = format_number(upper / lower) if upper is not None and lower else "-"
+        row = [str(sample["index"]), _number_or_dash(upper), _number_or_dash(lower), ratio]
+        if labelled:
+            row += [str(sample["label"]), str(sample["predicted"]), _number_or_dash(sample["margin"])]
+            row.append(_number_or_dash(sample["certified_radius"]))
+        table.add_row(*row)
+    if len(local["samples"]) > LOCAL_ROWS:
+        table.add_row(
+            f"... {len(local['samples']) - LOCAL_ROWS} more (all in --format json)", *[""] * (len(table.columns) - 1)
+        )
+    return table
+
+
+def local_summary(local: dict) -> Text:
+    uppers = sorted(s["upper"] for s in local["samples"] if s["upper"] is not None)
+    text = Text.assemble(
+        ("Local bounds", "bold"), f" on {len(local['samples'])} balls: max {_number_or_dash(local['max'])}"
+    )
+    if uppers:
+        text.append(f", median {format_number(uppers[len(uppers) // 2])}")
+    text.append(f"; {local['seconds_per_sample']:.2f} s per sample", style="dim")
+    accuracy = local.get("certified_accuracy")
+    if accuracy:
+        listed = ", ".join(f"{item['accuracy']:.0%} at {item['radius']:g}" for item in accuracy)
+        text.append(f"\nCertified accuracy: {listed} (clean {local['clean_accuracy']:.0%})")
+    return text
+
+
+def _number_or_dash(value: float | None) -> str:
+    return "-" if value is None else format_number(value)
+
+
 def print_report(report: Report, console: Console) -> None:
     shapes = ", ".join(f"{name} {format_shape(shape)}" for name, shape in report.input_shapes.items()) or "unknown"
     console.print(
@@ -212,6 +263,9 @@ def print_report(report: Report, console: Console) -> None:
     lower = lower_text(report)
     if lower is not None:
         console.print(lower)
+    if report.local is not None:
+        console.print(local_table(report.local))
+        console.print(local_summary(report.local))
     size_free = sum(1 for layer in report.layers if any(m in layer.method for m in SIZE_FREE_METHODS))
     if size_free and report.scope == "network":
         console.print(

@@ -23,6 +23,9 @@ Models (all in eval mode, input "input", output "output", dim 0 = "batch"):
 * digits_cnn.onnx     Conv(1->8)-ReLU-Conv(8->16)-ReLU-AvgPool(2)-Flatten-Linear(256,10) trained on the
                       digits as 1x8x8 images; TorchScript exporter, opset 17
 
+* digits_test.npz     x: the first 20 held-out digits [20, 64] (pixels / 16, float32), y: their labels;
+                      samples for ``--around`` (they fit digits_mlp's [1, 64] and digits_cnn's [1, 1, 8, 8])
+
 The digits models need scikit-learn to build (``pip install -e ".[samples]"``), not to use.
 
 PyTorch files (same networks and weights; see README.md for the command that reads each):
@@ -579,10 +582,22 @@ def build() -> dict[str, tuple[str, float | None]]:
     return results
 
 
+def build_digits_samples(count: int = 20) -> dict[str, tuple[str, float | None]]:
+    """digits_test.npz: held-out samples and labels for ``lipcheck report --around``."""
+    _, _, x, y = load_digits_split()
+    buffer = io.BytesIO()
+    np.savez(buffer, x=x[:count].numpy().astype(np.float32), y=y[:count].numpy().astype(np.int64))
+    path = OUT_DIR / "digits_test.npz"
+    if not path.exists() or path.read_bytes() != buffer.getvalue():
+        path.write_bytes(buffer.getvalue())
+    return {path.name: (hashlib.sha256(path.read_bytes()).hexdigest(), None)}
+
+
 def main() -> int:
     os.chdir(OUT_DIR)
     results = build()
     results.update(build_torch())
+    results.update(build_digits_samples())
     total = 0
     for name, (digest, err) in results.items():
         size = (OUT_DIR / name).stat().st_size
