@@ -678,3 +678,40 @@ def test_check_against_a_baseline_on_another_domain_is_not_compared(tmp_path: Pa
     assert result.returncode == 0, result.stdout + result.stderr
     assert "not compared" in result.stdout + result.stderr
     assert "inputs in [0, 1]" in result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Every ONNX sample model on a box: the domain bound holds every quotient and is at most the global bound
+
+SAMPLE_BOXES = {
+    "mlp.onnx": (-1.0, 1.0),
+    "cnn_bn.onnx": (0.0, 1.0),
+    "resnet_small.onnx": (0.0, 1.0),
+    "gated.onnx": (-1.0, 1.0),
+    "digits_mlp.onnx": (0.0, 1.0),
+    "digits_cnn.onnx": (0.0, 1.0),
+}
+
+
+@pytest.mark.parametrize("model", sorted(SAMPLE_BOXES))
+def test_sample_models_on_a_box(model: str) -> None:
+    low, high = SAMPLE_BOXES[model]
+    loaded = load_model(SAMPLES / model)
+    assert isinstance(loaded, Graph)
+    shape = tuple(int(d) for d in loaded.shape(loaded.inputs[0]))  # type: ignore[union-attr]
+    everywhere = certify(loaded, copy=True).upper_bound
+    upper = certify(loaded, domain=Domain(low=(low,), high=(high,)), copy=True).upper_bound
+    assert upper is not None and math.isfinite(upper)
+    if everywhere is not None:
+        assert upper <= everywhere * (1 + RELATIVE)
+    rng = rng_for(f"sample box {model}")
+    span = high - low
+
+    def draw() -> torch.Tensor:
+        return torch.from_numpy(low + span * rng.random(shape))
+
+    lo, hi = torch.full(shape, low, dtype=torch.float64), torch.full(shape, high, dtype=torch.float64)
+    measured = largest_quotient(
+        interpret(loaded, torch.float64), draw, clamp_to(lo, hi), rng, pairs=20, jacobians=4, steps=15
+    )
+    assert 0 < measured <= upper * (1 + RELATIVE), f"{model}: bound {upper!r} < quotient {measured!r}"
