@@ -184,9 +184,9 @@ def _top_direction(function: Any, point: torch.Tensor, generator: torch.Generato
     v = torch.randn(point.shape, generator=generator, dtype=torch.float64)
     v = v / v.norm()
     for _ in range(steps):
-        _, jv = torch.func.jvp(function, (point,), (v,))
-        _, pullback = torch.func.vjp(function, point)
-        (w,) = pullback(jv)
+        jv = torch.func.jvp(function, (point,), (v,))[1]
+        pullback = torch.func.vjp(function, point)[1]
+        w = pullback(jv)[0]
         size = w.norm()
         if not size > 0:
             break
@@ -251,7 +251,8 @@ def run_local(
             with torch.no_grad():
                 logits = function(centre)
             entry.label = int(labels[index])
-            entry.predicted, entry.margin = margin_of(logits, entry.label)
+            output = logits if isinstance(logits, torch.Tensor) else logits[0]
+            entry.predicted, entry.margin = margin_of(output, entry.label)
             correct = entry.predicted == entry.label and entry.margin > 0
             entry.certified_radius = 0.0 if not correct else _robust_radius(entry.margin, upper, radius)
         entry.seconds = time.perf_counter() - started

@@ -113,7 +113,8 @@ def bound_chain(
     diagonal commutes with per-unit slopes too). ``slopes``: the chain's own scalar slopes unless given; with
     per-unit slopes every method but the fold also takes its scalar-slope value (per-unit ECLipsE, LipSDP and
     Combettes-Pesquet are not always below it), so a chain's bound never grows with ``UnitSlopes``."""
-    choices = [chain.slopes] if slopes is None or slopes == chain.slopes else [slopes, chain.slopes]
+    own: list[Slope | UnitSlopes] = list(chain.slopes)
+    choices = [own] if slopes is None or slopes == own else [slopes, own]
     result = ChainResult(chain, math.inf)
     rescaled = balanced(weights) if len(weights) > 1 else None
     forms = [weights] if rescaled is None else [weights, rescaled]

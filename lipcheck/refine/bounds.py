@@ -81,7 +81,7 @@ def combettes_pesquet_bound(weights: list[CertifiedMatrix], slopes: list[AnySlop
     assert len(slopes) == m - 1
     if any_units(slopes):
         return unit_combettes_pesquet_bound(weights, as_units(weights, slopes))
-    return _scalar_split_sum(partial_product_norms(weights), slopes)
+    return _scalar_split_sum(partial_product_norms(weights), slopes)  # type: ignore[arg-type]
 
 
 def _scalar_split_sum(norms: dict[tuple[int, int], float], slopes: list[Slope]) -> float:
