@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lipcheck.errors import LipcheckError
 from lipcheck.graph import Graph
 from lipcheck.ops.base import Interval
 
@@ -57,6 +58,17 @@ class Domain:
         if self.mean is not None and self.std is not None:
             text += f" normalised by mean {_numbers(self.mean)}, std {_numbers(self.std)}"
         return text
+
+    def inner_box(self) -> tuple[float, float]:
+        """[lo, hi] inside every channel's box (normalised): a lower bound searched there holds for the domain."""
+        shape = (1, max(len(self.low), len(self.high), len(self.mean or ()), len(self.std or ())))
+        if shape[1] == 1:
+            shape = (1,)
+        box = self.interval(shape)
+        low, high = float(box.lo.max()), float(box.hi.min())
+        if not low < high:
+            raise DomainError(f"the channels' boxes of {self.box_text()} have no common part for --lower to search in")
+        return low, high
 
     def text(self) -> str:
         """How the report names the domain."""
@@ -122,7 +134,7 @@ class Domain:
         return tensor.reshape(1, -1, *([1] * (len(shape) - 2)))
 
 
-class DomainError(ValueError):
+class DomainError(LipcheckError):
     """A domain that does not fit the model's inputs."""
 
 

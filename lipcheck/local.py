@@ -67,20 +67,18 @@ class LocalResult:
         uppers = [s.upper for s in self.samples]
         return None if not uppers or any(u is None for u in uppers) else max(uppers)  # type: ignore[type-var]
 
-    def certified_accuracy(self) -> list[dict[str, float]] | None:
+    def certified_accuracy(self, radii: tuple[float, ...] | None = None) -> list[dict[str, float]] | None:
+        """The share of labelled samples certified robust at each radius (default R/4, R/2, R)."""
         labelled = [s for s in self.samples if s.label is not None]
         if not labelled:
             return None
+        chosen = radii or tuple(self.radius * fraction for fraction in ACCURACY_FRACTIONS)
         return [
-            {
-                "radius": self.radius * fraction,
-                "accuracy": sum((s.certified_radius or 0.0) >= self.radius * fraction for s in labelled)
-                / len(labelled),
-            }
-            for fraction in ACCURACY_FRACTIONS
+            {"radius": r, "accuracy": sum((s.certified_radius or 0.0) >= r for s in labelled) / len(labelled)}
+            for r in chosen
         ]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, radii: tuple[float, ...] | None = None) -> dict[str, Any]:
         seconds = [s.seconds for s in self.samples]
         labelled = [s for s in self.samples if s.label is not None]
         return {
@@ -90,7 +88,7 @@ class LocalResult:
             "seconds_per_sample": sum(seconds) / len(seconds) if seconds else 0.0,
             "samples": [s.to_dict() for s in self.samples],
             "clean_accuracy": sum(s.predicted == s.label for s in labelled) / len(labelled) if labelled else None,
-            "certified_accuracy": self.certified_accuracy(),
+            "certified_accuracy": self.certified_accuracy(radii),
         }
 
 

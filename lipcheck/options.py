@@ -607,6 +607,16 @@ class Settings:
         toml=None,
         help="The norm of the balls of --around: 2 (default) or inf (the box of half-width R).",
     )
+    accuracy_radii: tuple[float, ...] | None = option(
+        None,
+        flag="--accuracy-radii",
+        metavar="R1,R2,..",
+        parse=lambda value, what: numbers(value, what, positive=True),
+        commands=("report",),
+        toml=None,
+        help="With --labels: the radii (each at most --radius) at which the certified accuracy is printed "
+        "(default R/4, R/2, R).",
+    )
     labels: Path | None = option(
         None,
         flag="--labels",
@@ -638,7 +648,11 @@ class Settings:
             return None
         from lipcheck.lower import LowerSettings
 
-        return LowerSettings(budget=self.lower_budget, seed=self.seed, inputs=self.inputs, input_range=self.input_range)
+        box = self.input_range
+        domain = self.domain()
+        if domain is not None and domain.mean is not None:
+            box = domain.inner_box()  # the search's box is one interval for every entry: the channels' common part
+        return LowerSettings(budget=self.lower_budget, seed=self.seed, inputs=self.inputs, input_range=box)
 
     def domain(self) -> Domain | None:
         """The input domain these options give (None: a global bound); ConfigError for options that do not fit."""
@@ -646,6 +660,10 @@ class Settings:
 
         if (self.around is None) != (self.radius is None):
             raise ConfigError("--around and --radius go together: give both (or neither)")
+        if self.accuracy_radii is not None and (self.radius is None or max(self.accuracy_radii) > self.radius):
+            raise ConfigError(
+                "--accuracy-radii: each radius must be at most --radius (a ball's bound says nothing beyond)"
+            )
         if self.labels is not None and self.around is None:
             raise ConfigError("--labels needs --around (the samples they label)")
         if (self.normalize_mean is None) != (self.normalize_std is None):

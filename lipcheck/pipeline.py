@@ -205,6 +205,7 @@ class Around:
     radius: float
     norm: str = "2"
     labels: str | os.PathLike[str] | np.ndarray | None = None
+    accuracy_radii: tuple[float, ...] | None = None  # default: R/4, R/2, R
 
 
 def _local_report(
@@ -259,7 +260,7 @@ def _local_report(
     report = _report(model, worst, device)
     report.upper_bound = local.max
     report.domain = {**domain.around(samples[0], around.radius, around.norm).to_dict(), "samples": len(samples)}
-    report.local = local.to_dict()
+    report.local = local.to_dict(around.accuracy_radii)
     lowers = [s.lower for s in local.samples if s.lower is not None]
     report.lower_bound = max(lowers) if lowers else None
     return report
@@ -271,7 +272,7 @@ def analyse_with(path: str | os.PathLike[str], settings: Settings, progress: Pro
 
     around = None
     if settings.around is not None and settings.radius is not None:
-        around = Around(settings.around, settings.radius, settings.norm, settings.labels)
+        around = Around(settings.around, settings.radius, settings.norm, settings.labels, settings.accuracy_radii)
     domain = settings.domain()
     return analyse(
         path,

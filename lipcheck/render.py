@@ -255,8 +255,11 @@ def _number_or_dash(value: float | None) -> str:
 
 def print_report(report: Report, console: Console) -> None:
     shapes = ", ".join(f"{name} {format_shape(shape)}" for name, shape in report.input_shapes.items()) or "unknown"
+    where = "" if report.domain_text is None else f"; domain: {report.domain_text}"
     console.print(
-        Text.assemble(("lipcheck report ", "bold"), report.model, f"  (input: {shapes}; device: {report.device})")
+        Text.assemble(
+            ("lipcheck report ", "bold"), report.model, f"  (input: {shapes}; device: {report.device}{where})"
+        )
     )
     console.print(build_table(report, console.width))
     console.print(verdict(report))

@@ -22,6 +22,17 @@ def _private_config_home(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 @pytest.fixture
+def one_thread() -> Any:
+    """Small dense eigenproblems are much faster on one thread on a shared machine (``usefixtures``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def samples() -> Path:
     return SAMPLES
 

@@ -41,12 +41,7 @@ from tests.onnx_builders import node, rng_for
 RELATIVE = 1e-9  # bounds are compared with quotients computed in float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

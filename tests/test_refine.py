@@ -39,13 +39,7 @@ from tests.onnx_builders import Runner, model, node, ort_jacobian, rng_for, save
 RELU = Slope(0.0, 1.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small dense eigenproblems are much faster on one thread on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def exact(matrix: np.ndarray) -> CertifiedMatrix:

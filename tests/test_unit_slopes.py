@@ -25,22 +25,13 @@ from lipcheck.refine.affine import CertifiedMatrix
 from lipcheck.refine.bounds import combettes_pesquet_bound, eclipse_fast_bound, folded_bound
 from lipcheck.refine.lipsdp import available, lipsdp_bound
 from tests.onnx_builders import model, node, rng_for, save
+from tests.test_refine import exact
 
 RELU = Slope(0.0, 1.0)
 KINDS = ((1.0, 1.0), (0.0, 0.0), (0.0, 1.0), (0.3, 0.7))  # active, inactive, unknown, a narrower one
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def exact(matrix: np.ndarray) -> CertifiedMatrix:
-    t = torch.from_numpy(np.asarray(matrix, dtype=np.float64))
-    return CertifiedMatrix(t, t.abs(), 0.0)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_net(rng: np.random.Generator, sizes: list[int]) -> list[np.ndarray]:
