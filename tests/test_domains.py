@@ -710,3 +710,38 @@ def test_sample_models_on_a_box(model: str) -> None:
         interpret(loaded, torch.float64), draw, clamp_to(lo, hi), rng, pairs=20, jacobians=4, steps=15
     )
     assert 0 < measured <= upper * (1 + RELATIVE), f"{model}: bound {upper!r} < quotient {measured!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Normalisation, labels and robust radii
+
+
+def test_normalisation_box_is_the_image_of_the_raw_box() -> None:
+    domain = Domain(low=(0.0,), high=(1.0,), mean=(0.5, 0.25), std=(0.5, 0.25))
+    box = domain.interval((1, 2, 3, 3))
+    assert torch.allclose(box.lo[0, :, 0, 0], torch.tensor([-1.0, -1.0], dtype=torch.float64))
+    assert torch.allclose(box.hi[0, :, 0, 0], torch.tensor([1.0, 3.0], dtype=torch.float64))
+    assert bool((box.lo <= torch.tensor([-1.0, -1.0]).reshape(1, 2, 1, 1)).all())  # pushed outward, never in
+    low, high = domain.inner_box()
+    assert low <= -1.0 + 1e-12 and high >= 1.0 - 1e-12 and high < 1.0 + 1e-9  # the channels' common part
+
+
+def test_robust_radius_and_certified_accuracy_follow_the_margin() -> None:
+    data = np.load(SAMPLES / "digits_test.npz")
+    x, y = data["x"][:6], data["y"][:6]
+    radius = 0.1
+    report = analyse(SAMPLES / "digits_mlp.onnx", device="cpu", around=Around(x, radius, "2", y, (0.02, radius)))
+    function = interpret(load_model(SAMPLES / "digits_mlp.onnx"), torch.float64)  # type: ignore[arg-type]
+    samples = report.local["samples"]
+    for row, sample, label in zip(samples, x, y, strict=True):
+        logits = function(torch.from_numpy(sample.astype(np.float64)).reshape(1, 64)).reshape(-1)
+        others = torch.cat([logits[:label], logits[label + 1 :]])
+        margin = float(logits[label] - others.max())
+        assert row["margin"] == pytest.approx(margin, rel=1e-9)
+        expected = min(radius, margin / (math.sqrt(2) * row["upper"])) if margin > 0 else 0.0
+        assert row["certified_radius"] == pytest.approx(expected, rel=1e-12)
+    accuracy = report.local["certified_accuracy"]
+    assert [item["radius"] for item in accuracy] == [0.02, radius]
+    for item in accuracy:
+        share = sum(row["certified_radius"] >= item["radius"] for row in samples) / len(samples)
+        assert item["accuracy"] == share

@@ -53,8 +53,9 @@ def test_every_sample_model_is_covered() -> None:
     assert shipped == {case.partition("+")[0] for case in CASES}
 
 
-# LipSDP (and 'all', which includes it) take 15 s a model: their goldens run with -m slow, outside the CI budget
-SLOW_METHODS = ("lipsdp", "all")
+# LipSDP (and 'all', which includes it) take 15 s a model, and 'best' computes every cheap method (its golden holds
+# their network bounds in method_bounds): the single-method goldens run with -m slow, outside the CI budget
+SLOW_METHODS = ("folded", "combettes-pesquet", "eclipse-fast", "lipsdp", "all")
 
 
 @pytest.mark.parametrize(
