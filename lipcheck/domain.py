@@ -130,7 +130,10 @@ class Domain:
         if tensor.numel() == 1:
             return tensor.reshape(())
         if len(shape) < 2 or shape[1] != tensor.numel():
-            raise DomainError(f"{tensor.numel()} per-channel values for an input of shape {list(shape)}")
+            raise DomainError(
+                f"{tensor.numel()} per-channel values (--channel-range, --normalize-mean/--normalize-std) "
+                f"for an input of shape {list(shape)}"
+            )
         return tensor.reshape(1, -1, *([1] * (len(shape) - 2)))
 
 

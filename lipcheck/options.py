@@ -308,6 +308,22 @@ def numbers(value: Any, what: str, positive: bool = False) -> tuple[float, ...]:
     return found
 
 
+def channel_ranges(value: Any, what: str) -> tuple[tuple[float, float], ...]:
+    """'0:1,0:1,-1:1' or [[0, 1], [0, 1], [-1, 1]]: finite LO < HI per channel."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    found = []
+    for item in items:
+        pair = item if isinstance(item, list) else str(item).split(":")
+        try:
+            low, high = (float(v) for v in pair)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{what} {value!r}: expected LO:HI per channel, comma-separated") from None
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ConfigError(f"{what} {value!r}: each channel needs finite LO < HI")
+        found.append((low, high))
+    return tuple(found)
+
+
 def positive_number(value: Any, what: str) -> float:
     try:
         number = float(value)
@@ -559,6 +575,16 @@ class Settings:
         "it (and is finite for gating, attention and products, which have no global bound), and the lower-bound "
         "search stays in it. The report names the domain. Implies --lower.",
     )
+    channel_range: tuple[tuple[float, float], ...] | None = option(
+        None,
+        flag="--channel-range",
+        metavar="LO:HI,LO:HI,..",
+        parse=lambda value, what: channel_ranges(value, what),
+        commands=("report",),
+        implies="search_lower",
+        help="Like --input-range, one box per channel (axis 1): '0:1,0:1,-1:1'. With --lower the search stays in "
+        "the channels' common part. Implies --lower.",
+    )
     normalize_mean: tuple[float, ...] | None = option(
         None,
         flag="--normalize-mean",
@@ -650,7 +676,7 @@ class Settings:
 
         box = self.input_range
         domain = self.domain()
-        if domain is not None and domain.mean is not None:
+        if domain is not None and (domain.mean is not None or self.channel_range is not None):
             box = domain.inner_box()  # the search's box is one interval for every entry: the channels' common part
         return LowerSettings(budget=self.lower_budget, seed=self.seed, inputs=self.inputs, input_range=box)
 
@@ -668,8 +694,18 @@ class Settings:
             raise ConfigError("--labels needs --around (the samples they label)")
         if (self.normalize_mean is None) != (self.normalize_std is None):
             raise ConfigError("--normalize-mean and --normalize-std go together: give both (or neither)")
-        if self.input_range is None and self.normalize_mean is None and self.around is None:
+        if self.input_range is not None and self.channel_range is not None:
+            raise ConfigError("--input-range and --channel-range: give one of them")
+        if (
+            self.input_range is None
+            and self.channel_range is None
+            and self.normalize_mean is None
+            and self.around is None
+        ):
             return None
+        if self.channel_range is not None:
+            lows, highs = tuple(lo for lo, _ in self.channel_range), tuple(hi for _, hi in self.channel_range)
+            return Domain(low=lows, high=highs, mean=self.normalize_mean, std=self.normalize_std)
         low, high = self.input_range or ((0.0, 1.0) if self.normalize_mean is not None else (-math.inf, math.inf))
         return Domain(low=(low,), high=(high,), mean=self.normalize_mean, std=self.normalize_std)
 

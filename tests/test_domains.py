@@ -745,3 +745,16 @@ def test_robust_radius_and_certified_accuracy_follow_the_margin() -> None:
     for item in accuracy:
         share = sum(row["certified_radius"] >= item["radius"] for row in samples) / len(samples)
         assert item["accuracy"] == share
+
+
+def test_cli_channel_range_is_a_per_channel_box(tmp_path: Path) -> None:
+    result = cli(
+        "report", str(SAMPLES / "cnn_bn.onnx"), "--device", "cpu", "-f", "json", "--channel-range", "0:1,0:1,-1:1"
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["domain"]["kind"] == "box" and data["domain"]["input_range"] == [[0.0, 0.0, -1.0], [1.0, 1.0, 1.0]]
+    assert data["lower_bound_search"]["input_range"] == [0.0, 1.0]  # the channels' common part
+    assert 0 < data["lower_bound"] <= data["upper_bound"]
+    wrong = cli("report", str(SAMPLES / "cnn_bn.onnx"), "--channel-range", "0:1,0:1")
+    assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1 and "per-channel" in wrong.stderr
