@@ -61,10 +61,8 @@ class Domain:
 
     def inner_box(self) -> tuple[float, float]:
         """[lo, hi] inside every channel's box (normalised): a lower bound searched there holds for the domain."""
-        shape = (1, max(len(self.low), len(self.high), len(self.mean or ()), len(self.std or ())))
-        if shape[1] == 1:
-            shape = (1,)
-        box = self.interval(shape)
+        channels = max(len(self.low), len(self.high), len(self.mean or ()), len(self.std or ()))
+        box = self.interval((1, channels) if channels > 1 else (1,))
         low, high = float(box.lo.max()), float(box.hi.min())
         if not low < high:
             raise DomainError(f"the channels' boxes of {self.box_text()} have no common part for --lower to search in")
