@@ -132,9 +132,10 @@ def bound_sentence(run: ModelRun) -> str:
     assert report is not None
     if report.scope == "weights":
         return "no network bound (weights only; pass --model)"
+    where = "" if report.domain_text is None else f" on {report.domain_text}"
     if not report.bounded:
-        return "not globally Lipschitz"
-    text = f"{'certified ' if report.certified else ''}upper bound {format_number(report.upper_bound)}"
+        return "not globally Lipschitz" if not where else f"not Lipschitz{where}"
+    text = f"{'certified ' if report.certified else ''}upper bound {format_number(report.upper_bound)}{where}"
     if report.assumptions:
         listed = ", ".join(f"{op}={value:g}" for op, value in report.assumptions.items())
         text += f" (not certified: assumes {listed})"
