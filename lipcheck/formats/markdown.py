@@ -56,6 +56,22 @@ def _gate_sentence(gate: GateResult) -> str:
     return f"{verdict}: " + "; ".join(parts)
 
 
+def _local_sentence(local: dict) -> str:
+    """--around: how many balls, the largest and median bound, the lower bounds and the certified accuracy."""
+    uppers = sorted(row["upper"] for row in local["samples"] if row["upper"] is not None)
+    lowers = [row["lower"] for row in local["samples"] if row["lower"] is not None]
+    line = f"Local bounds on {len(local['samples'])} l{local['norm']} balls of radius {local['radius']:g}: max "
+    line += f"**{format_number(local['max'])}**" if local["max"] is not None else "none"
+    if uppers:
+        line += f", median {format_number(uppers[len(uppers) // 2])}"
+    if lowers:
+        line += f"; largest quotient found in a ball {format_number(max(lowers))}"
+    if local.get("certified_accuracy"):
+        listed = ", ".join(f"{item['accuracy']:.0%} at {item['radius']:g}" for item in local["certified_accuracy"])
+        line += f"; certified accuracy {listed}"
+    return line + "."
+
+
 def _lower_sentence(report) -> str:
     """The lower bound and the bracket (--lower)."""
     lower = report.lower
@@ -79,6 +95,8 @@ def _model_section(run: ModelRun, heading: str) -> list[str]:
     lines += [_verdict_sentence(report), ""]
     if report.lower is not None:
         lines += [_lower_sentence(report), ""]
+    if report.local is not None:
+        lines += [_local_sentence(report.local), ""]
     gate = run.gate
     if gate is not None and gate.options.active:
         lines += [_gate_sentence(gate), ""]
