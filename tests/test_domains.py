@@ -254,6 +254,7 @@ def cases() -> dict[str, tuple[Callable[[np.random.Generator], tuple[list, tuple
         "MatMul": (matmul, "any"),
         "Softmax": (softmax, "any"),
         "LayerNormalization": (layernorm, "any"),
+        "LayerNormalization on a narrow box": (layernorm, "narrow"),  # the variance bounded away from 0
         "Gelu": (unary("Gelu", (1, 6)), "any"),
         "Gelu-tanh": (unary("Gelu", (1, 6), approximate="tanh"), "any"),
         "Gelu-erf": (gelu_erf, "any"),
@@ -268,8 +269,12 @@ RECOGNISED = {"SiLU": "SiLU", "Gelu-erf": "GELU"}  # the activation the pass rec
 
 
 def random_box(rng: np.random.Generator, shape: tuple[int, ...], sign: str) -> Interval:
-    """A box of random ends per entry: crossing 0 or not ('any'), inside (0.1, 3) or inside (-3, -0.1)."""
-    if sign == "any":
+    """A box of random ends per entry: crossing 0 or not ('any'), inside (0.1, 3) or inside (-3, -0.1), or
+    narrow (widths up to 0.05)."""
+    if sign == "narrow":
+        low = rng.uniform(-3, 3, shape)
+        high = low + rng.uniform(0.001, 0.05, shape)
+    elif sign == "any":
         low = rng.uniform(-3, 1.5, shape)
         high = low + rng.uniform(0.05, 2.5, shape)
     else:

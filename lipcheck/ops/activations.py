@@ -537,7 +537,18 @@ class Softmax(Op):
 
     attributes = {"axis": -1}
 
+    uses_ranges = True
+
     def lipschitz(self, ctx: RuleContext) -> LocalBound:
+        """On a domain: the Gershgorin radius 2 p_i (1 - p_i) with p_i in the output's range (softmax is applied
+        group by group, so the largest over all entries bounds the block-diagonal Jacobian)."""
+        x = ctx.input_range(0)
+        p = None if x is None else self.value_range(ctx, x)
+        if p is not None:
+            nearest_half = torch.minimum(torch.maximum(torch.full_like(p.lo, 0.5), p.lo), p.hi)
+            value = float((2 * nearest_half * (1 - nearest_half)).max()) * (1 + 2.0**-40)
+            if value < 0.5:
+                return LocalBound(value, "Jacobian norm <= 2 max p(1 - p) on the output's range")
         return LocalBound(0.5, "Jacobian norm <= 1/2")
 
     def evaluate(self, ctx: EvalContext, x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from lipcheck.graph import Graph, Node
+from lipcheck.ops.arithmetic import interval_product, widen
 from lipcheck.ops.base import (
     AffineContext,
     EvalContext,
@@ -190,14 +191,20 @@ class LayerNormalization(StandardisedScale):
         if x is None or x.exact or ctx.is_variable(1) or ctx.is_variable(2):
             return None
         axis = axis_index(int(ctx.attrs["axis"]), x.lo.dim())
-        reach = math.sqrt(max(math.prod(x.lo.shape[axis:]) - 1, 0))
-        scale = ctx.const(1)
-        bias = ctx.const(2)
-        gamma = torch.ones(()) if scale is None else torch.as_tensor(np.asarray(scale, np.float64)).abs()
-        beta = torch.zeros(()) if bias is None else torch.as_tensor(np.asarray(bias, np.float64))
-        spread = (gamma * reach).broadcast_to(x.lo.shape) * (1 + 2.0**-40)
-        low, high = beta - spread, beta + spread
-        return (Interval(low - 1e-300, high + 1e-300), None, None)
+        width = math.prod(x.lo.shape[axis:])
+        reach = math.sqrt(max(width - 1, 0)) * (1 + 2.0**-40)
+        standard = standardised_range(x.lo.reshape(-1, width), x.hi.reshape(-1, width), float(ctx.attrs["epsilon"]))
+        z = Interval(
+            standard.lo.clamp_min(-reach).reshape(x.lo.shape), standard.hi.clamp_max(reach).reshape(x.lo.shape)
+        )
+        scale, bias = ctx.const(1), ctx.const(2)
+        if scale is not None:
+            gamma = torch.as_tensor(np.asarray(scale, np.float64))
+            z = interval_product(z, Interval(gamma, gamma))
+        if bias is not None:
+            beta = torch.as_tensor(np.asarray(bias, np.float64))
+            z = widen(z.lo + beta, z.hi + beta)
+        return (z, None, None)
 
     def scale_norm(self, ctx: RuleContext) -> tuple[float, bool, str]:
         """||diag(scale) P|| exactly (P the centring projection) for rows up to EXACT_ROW entries."""
@@ -362,8 +369,27 @@ class LRN(Op):
         return x / (bias + alpha / size * lrn_window_sum(x * x, size)).pow(beta)
 
 
+def standardised_range(low: torch.Tensor, high: torch.Tensor, epsilon: float) -> Interval:
+    """(y - mean(y)) / sqrt(var(y) + eps) per row [rows, d] for y in [low, high]: the centred entry's interval
+    over the interval of 1 / sqrt(var + eps), var between the rows' smallest and largest variance on the box."""
+    rounding = (low.shape[1] + 2) * 2.0**-52  # a float64 mean of d terms is within d u of their magnitudes' mean
+    mean_low = low.mean(dim=1, keepdim=True) - rounding * low.abs().mean(dim=1, keepdim=True) - 1e-300
+    mean_high = high.mean(dim=1, keepdim=True) + rounding * high.abs().mean(dim=1, keepdim=True) + 1e-300
+    centred = widen(low - mean_high, high - mean_low)
+    largest = torch.maximum(centred.lo.square(), centred.hi.square()).mean(dim=1, keepdim=True) * (1 + 2.0**-40)
+    smallest = _row_smallest_deviation(low, high).unsqueeze(1)
+    inverse = Interval((largest + epsilon).rsqrt() * (1 - 2.0**-40), (smallest + epsilon).rsqrt() * (1 + 2.0**-40))
+    return interval_product(centred, inverse)
+
+
 def smallest_mean_square_deviation(low: torch.Tensor, high: torch.Tensor, steps: int = 64) -> float:
-    """A certified lower bound on min over rows and over y in [low, high] of mean_i (y_i - mean(y))^2.
+    """A certified lower bound on min over rows and over y in [low, high] of mean_i (y_i - mean(y))^2."""
+    value = _row_smallest_deviation(low, high, steps)
+    return float(value.min()) if value.numel() else 0.0
+
+
+def _row_smallest_deviation(low: torch.Tensor, high: torch.Tensor, steps: int = 64) -> torch.Tensor:
+    """Per row, a certified lower bound on min over y in [low, high] of mean_i (y_i - mean(y))^2.
 
     min_y var(y) = min_mu g(mu), g(mu) = mean_i dist(mu, [low_i, high_i])^2, convex in mu. Bisection on the sign of
     g' brackets the minimiser; convexity gives g(mu*) >= g(mu) - |g'(mu)| * (bracket width) at the last mu.
@@ -376,8 +402,7 @@ def smallest_mean_square_deviation(low: torch.Tensor, high: torch.Tensor, steps:
         left = torch.where(rising, left, mid)
     mid = (left + right) / 2
     value = _deviation(low, high, mid) - _deviation_slope(low, high, mid).abs() * (right - left)
-    lowest = float(value.min()) if value.numel() else 0.0
-    return max(lowest * (1 - 2.0**-40) - 1e-300, 0.0)
+    return (value * (1 - 2.0**-40) - 1e-300).clamp_min(0.0)
 
 
 def _deviation(low: torch.Tensor, high: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
