@@ -33,7 +33,7 @@ def test_table_golden(model: str) -> None:
     check_golden(model.replace(".onnx", ".table.txt"), result.stdout)
 
 
-@pytest.mark.parametrize("model", ["cnn_bn.onnx", "resnet_small.onnx"])
+@pytest.mark.parametrize("model", ["cnn_bn.onnx", pytest.param("resnet_small.onnx", marks=pytest.mark.slow)])
 def test_table_at_80_columns(model: str) -> None:
     """Narrow terminals: one line of numbers per layer, the method on lines of its own under it, names broken
     only at a separator, nothing wider than the screen."""

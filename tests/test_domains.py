@@ -641,7 +641,7 @@ def test_cli_input_range_gives_a_box_domain_and_a_finite_bound_for_gated() -> No
 
 
 def test_cli_verdict_names_the_domain() -> None:
-    result = cli("report", str(SAMPLES / "mlp.onnx"), "--device", "cpu", "--input-range", "0,1")
+    result = cli("report", str(SAMPLES / "mlp.onnx"), "--device", "cpu", "--input-range", "0,1", "--lower-budget", "16")
     assert result.returncode == 0, result.stderr
     verdicts = [line for line in result.stdout.splitlines() if "on inputs in [0, 1] (not global)" in line]
     assert len(verdicts) == 1, result.stdout

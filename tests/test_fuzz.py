@@ -113,6 +113,7 @@ def test_mutated_models_end_cleanly_in_process(tmp_path: Path, monkeypatch: pyte
     assert [f for f in failures if f] == []
 
 
+@pytest.mark.slow  # the in-process run covers the same mutations; this one adds the subprocess's exit codes
 def test_mutated_models_end_cleanly_through_the_cli(tmp_path: Path) -> None:
     """A few cases as users and CI run lipcheck (`python -m lipcheck`), warnings and all."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
