@@ -92,6 +92,7 @@ def test_other_checkpoint_keys_and_prefixes_are_kept(tmp_path: Path) -> None:
     )  # no --fold-bn: BN untouched
 
 
+@pytest.mark.slow  # 20 s: every output loaded by torch and onnxruntime alone
 def test_outputs_load_without_lipcheck(tmp_path: Path) -> None:
     """Plain torch / onnxruntime in a fresh interpreter that never imports lipcheck."""
     outs = {}
@@ -139,7 +140,8 @@ def test_clip_only_shrinks(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "budget"), [("resnet_small.onnx", 2.0), ("cnn_bn.onnx", 1.0), ("digits_cnn.onnx", 10.0)]
+    ("name", "budget"),
+    [("resnet_small.onnx", 2.0), ("cnn_bn.onnx", 1.0), pytest.param("digits_cnn.onnx", 10.0, marks=pytest.mark.slow)],
 )
 def test_lipschitz_budget_is_met_and_tight(name: str, budget: float, tmp_path: Path) -> None:
     """The search uses the bound the report gives (the best certified method), so the budget is used up: with

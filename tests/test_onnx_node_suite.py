@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 
 from benchmarks import onnx_node_suite as suite
 
-pytestmark = pytest.mark.onnx_node_suite
+pytestmark = [pytest.mark.onnx_node_suite, pytest.mark.slow]  # 25 s: the peer suite runs with -m slow
 
 # `python benchmarks/onnx_node_suite.py --sample 40 --seed 14 --list` with onnx 1.23.2, frozen here so that
 # collecting this module costs nothing; a name a later onnx lacks is skipped.
