@@ -39,6 +39,7 @@ from tests.conftest import ROOT, SAMPLES
 from tests.onnx_builders import node, rng_for
 
 RELATIVE = 1e-9  # bounds are compared with quotients computed in float64
+SLOW = pytest.mark.slow  # the digits CNN's extra cases (4-7 s each) run with -m slow
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -589,8 +590,14 @@ def global_bounds() -> dict[str, float]:
     return found
 
 
-@pytest.mark.parametrize("radius", [0.01, 0.1, 1.0])
-@pytest.mark.parametrize("model", sorted(DIGITS))
+@pytest.mark.parametrize(
+    ("model", "radius"),
+    [
+        (model, radius) if model != "digits_cnn.onnx" or radius == 0.01 else pytest.param(model, radius, marks=SLOW)
+        for model in sorted(DIGITS)
+        for radius in (0.01, 0.1, 1.0)
+    ],
+)
 def test_local_bounds_hold_in_their_balls(model: str, radius: float, global_bounds: dict[str, float]) -> None:
     shape, count = DIGITS[model]
     samples = digits(count).reshape(count, *shape[1:])
@@ -693,7 +700,9 @@ SAMPLE_BOXES = {
 }
 
 
-@pytest.mark.parametrize("model", sorted(SAMPLE_BOXES))
+@pytest.mark.parametrize(
+    "model", [m if m != "digits_cnn.onnx" else pytest.param(m, marks=SLOW) for m in sorted(SAMPLE_BOXES)]
+)
 def test_sample_models_on_a_box(model: str) -> None:
     low, high = SAMPLE_BOXES[model]
     loaded = load_model(SAMPLES / model)
