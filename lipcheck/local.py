@@ -216,7 +216,6 @@ def margin_of(logits: torch.Tensor, label: int) -> tuple[int, float]:
 
 
 def run_local(
-    prepared: Graph,
     loaded: Graph,
     samples: np.ndarray,
     domain: Domain,

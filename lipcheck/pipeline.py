@@ -256,7 +256,7 @@ def _local_report(
         return found
 
     tries = None if not lower else 4
-    local, worst = run_local(graph, loaded, samples, domain, around.radius, around.norm, bound, labels, tries)
+    local, worst = run_local(loaded, samples, domain, around.radius, around.norm, bound, labels, tries)
     report = _report(model, worst, device)
     report.upper_bound = local.max
     report.domain = {**domain.around(samples[0], around.radius, around.norm).to_dict(), "samples": len(samples)}

@@ -25,7 +25,7 @@ import torch
 from lipcheck import ops
 from lipcheck.graph import Graph, Node
 from lipcheck.ops import EvalContext, NotFoldable, RuleContext, UnsupportedVariant
-from lipcheck.ops.base import Interval, constant_tensor, variable_inputs
+from lipcheck.ops.base import Interval, constant_tensor, variable_inputs, widen
 from lipcheck.refine.affine import apply_node
 from lipcheck.spectral.dense import UNIT_ROUNDOFF
 from lipcheck.walk import walk
@@ -123,13 +123,7 @@ def _widened(low: torch.Tensor, high: torch.Tensor) -> Interval | None:
         return Interval(low, low) if torch.equal(low, high) else None
     if bool(torch.isnan(low).any() | torch.isnan(high).any()):
         return None  # an end outside the function's domain (sqrt or log of a range reaching below 0)
-    return outward(torch.minimum(low, high), torch.maximum(low, high))
-
-
-def outward(low: torch.Tensor, high: torch.Tensor, relative: float = 64 * UNIT_ROUNDOFF) -> Interval:
-    """The interval widened by ``relative`` of each end's magnitude (and the smallest normal number)."""
-    tiny = torch.finfo(torch.float64).tiny
-    return Interval(low - relative * low.abs() - tiny, high + relative * high.abs() + tiny)
+    return widen(torch.minimum(low, high), torch.maximum(low, high))
 
 
 def _affine_range(node: Node, graph: Graph, inputs: list[Interval | None]) -> Interval | None:

@@ -28,6 +28,7 @@ from lipcheck.ops.base import (
     node_attrs,
     register,
     unbounded,
+    widen,
 )
 
 SILU_MAX_SLOPE = 1.099840  # at x ~ 2.3994: sigmoid(x) * (1 + x * (1 - sigmoid(x)))
@@ -715,5 +716,4 @@ def unimodal_range(
     nearest = torch.minimum(torch.maximum(torch.full_like(x.lo, minimiser), x.lo), x.hi)
     low = torch.minimum(torch.minimum(at_lo, at_hi), function(nearest) - UNIMODAL_MARGIN)
     high = torch.maximum(at_lo, at_hi)
-    tiny = 2.0**-45
-    return Interval(low - tiny * low.abs() - 1e-300, high + tiny * high.abs() + 1e-300)
+    return widen(low, high)

@@ -25,6 +25,7 @@ from lipcheck.ops.base import (
     register,
     unbounded,
     variable_inputs,
+    widen,
 )
 
 PRODUCT_REASON = "product of two activations (not globally Lipschitz)"
@@ -369,13 +370,6 @@ class Abs(Op):
 
 # ---------------------------------------------------------------------------------------------
 # On an input domain: ranges of products and quotients, and their local constants
-
-
-def widen(low: torch.Tensor, high: torch.Tensor) -> Interval:
-    """[low, high] computed in float64, widened by a few ulps so that it holds the exact interval."""
-    tiny = torch.finfo(torch.float64).tiny
-    margin = 2.0**-46
-    return Interval(low - margin * low.abs() - tiny, high + margin * high.abs() + tiny)
 
 
 def interval_product(a: Interval, b: Interval) -> Interval:

@@ -227,6 +227,13 @@ class Interval:
         )
 
 
+def widen(low: torch.Tensor, high: torch.Tensor) -> Interval:
+    """[low, high] computed in float64, widened by a few ulps so that it holds the exact interval."""
+    tiny = torch.finfo(torch.float64).tiny
+    margin = 2.0**-46
+    return Interval(low - margin * low.abs() - tiny, high + margin * high.abs() + tiny)
+
+
 @dataclass(frozen=True)
 class ShiftInvariant:
     """A node that is a convolution: y[i] = sum_t K_t x[s i + t d - p] + bias, i in [0, n_out).

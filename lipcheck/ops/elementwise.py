@@ -14,8 +14,8 @@ from typing import ClassVar
 import torch
 
 from lipcheck.graph import Graph, Node
-from lipcheck.ops.arithmetic import reciprocal_range, same_float, widen
-from lipcheck.ops.base import EvalContext, Interval, LocalBound, Op, RuleContext, register, unbounded
+from lipcheck.ops.arithmetic import reciprocal_range, same_float
+from lipcheck.ops.base import EvalContext, Interval, LocalBound, Op, RuleContext, register, unbounded, widen
 
 
 class Unary(Op):

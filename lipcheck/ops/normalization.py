@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from lipcheck.graph import Graph, Node
-from lipcheck.ops.arithmetic import interval_product, widen
+from lipcheck.ops.arithmetic import interval_product
 from lipcheck.ops.base import (
     AffineContext,
     EvalContext,
@@ -25,6 +25,7 @@ from lipcheck.ops.base import (
     node_attrs,
     register,
     unbounded,
+    widen,
 )
 from lipcheck.spectral import dense_sigma_max
 
